@@ -1,0 +1,235 @@
+"""The ``pancseg`` command line: parse, load the config, call one stage, print a summary.
+
+Heavy libraries (torch, nnU-Net) are imported inside the stages so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from pancreas_cli import __version__
+from pancreas_cli.config import CONFIG_TEMPLATE, Config, load_config
+from pancreas_cli.console import output
+from pancreas_cli.exceptions import ConfigError, OutputExistsError, PancsegError
+
+app = typer.Typer(
+    name="pancseg",
+    help="Pancreas and lesion segmentation with lesion subtype classification on nnU-Net v2.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_CONFIG = Path("pancseg.yaml")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config (default: ./pancseg.yaml).", show_default=False),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key, e.g. --set train.epochs=50 (repeatable).", show_default=False),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def handle_errors(func: F) -> F:
+    """Turn pancseg errors into one message on stderr and their exit code (tracebacks with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PancsegError as exc:
+            if output.debug:
+                output.err.print(traceback.format_exc(), markup=False)
+            output.error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _config(path: Path | None, overrides: list[str] | None, **flags: Any) -> Config:
+    if path is None:
+        if not DEFAULT_CONFIG.is_file():
+            raise ConfigError(["no config given: pass -c CONFIG, or create pancseg.yaml with `pancseg init`"])
+        path = DEFAULT_CONFIG
+    return load_config(path, overrides or [], flags)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pancseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More diagnostics.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only results and errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+) -> None:
+    """Pancreas CT: prepare, clean, preprocess, train and predict with nnU-Net v2."""
+    output.verbosity = -1 if quiet else (1 if verbose else 0)
+    output.debug = debug
+
+
+@app.command()
+@handle_errors
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the starter config.")] = DEFAULT_CONFIG,
+) -> None:
+    """Write a commented starter config (never overwrites)."""
+    if path.exists():
+        raise OutputExistsError(f"{path} already exists; pick another path or edit it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(CONFIG_TEMPLATE.read_text(encoding="utf-8"), encoding="utf-8")
+    output.result(f"wrote {path}; edit dataset.source, then run `pancseg prepare -c {path}`")
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3:
+        raise typer.BadParameter(f"expected Z,Y,X like 32,64,64, got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+@app.command()
+@handle_errors
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the dataset into.")],
+    cases: Annotated[int, typer.Option("--cases", "-n", min=1, help="Number of cases.")] = 12,
+    shape: Annotated[str, typer.Option(help="Volume shape Z,Y,X.")] = "32,64,64",
+    layout: Annotated[str, typer.Option(help="quiz or seed.")] = "quiz",
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 0,
+    quirks: Annotated[bool, typer.Option("--quirks", help="Plant real-data problems for `clean`.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty folder.")] = False,
+) -> None:
+    """Write a tiny deterministic synthetic pancreas CT dataset."""
+    from pancreas_cli.synth import synthesize
+
+    if layout not in ("quiz", "seed"):
+        raise typer.BadParameter(f"must be quiz or seed, got {layout!r}", param_hint="--layout")
+    result = synthesize(
+        out_dir, cases=cases, shape=_shape(shape), layout=layout, seed=seed, quirks=quirks, force=force  # type: ignore[arg-type]
+    )
+    for quirk in result.quirks:
+        output.detail(f"quirk: {quirk}")
+    splits = {s: sum(c.split == s for c in result.cases) for s in ("train", "validation", "test")}
+    output.result(
+        f"wrote {len(result.cases)} synthetic cases ({splits['train']} train, {splits['validation']} validation, "
+        f"{splits['test']} test; layout {layout}) to {out_dir}"
+        + (f"; planted {len(result.quirks)} quirks" if quirks else "")
+    )
+
+
+@app.command()
+@handle_errors
+def prepare(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a different existing dataset.")] = False,
+    json_: JsonOption = False,
+) -> None:
+    """Build the nnU-Net raw dataset (imagesTr, labelsTr, dataset.json, splits, subtypes)."""
+    from pancreas_cli.prepare import prepare as run_prepare
+
+    result = run_prepare(_config(config, set_), force=force)
+    if json_:
+        output.json(result.to_dict())
+        return
+    state = "up to date" if result.up_to_date else "prepared"
+    counts = result.subtype_counts
+    output.result(
+        f"{state}: {result.dataset_dir} — {result.count('train')} train, {result.count('validation')} validation, "
+        f"{result.count('test')} test; subtypes 0/1/2: {counts[0]}/{counts[1]}/{counts[2]}; "
+        f"{result.folds} folds" + (" (fold 0 = official validation split)" if result.official_split else "")
+    )
+
+
+@app.command()
+@handle_errors
+def clean(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    check: Annotated[bool, typer.Option("--check", help="Change nothing; exit 1 if anything needs fixing.")] = False,
+    json_: JsonOption = False,
+) -> None:
+    """Audit every prepared case and fix what is safe to fix (originals are kept)."""
+    from pancreas_cli.clean import clean as run_clean
+
+    result = run_clean(_config(config, set_), check=check)
+    if json_:
+        output.json(result.to_dict())
+    else:
+        rows = [(f.severity, f.case, f.problem, f.detail, f.action) for f in result.findings]
+        if rows:
+            output.table("clean findings", ["severity", "case", "problem", "detail", "action"], rows)
+        output.result(result.summary())
+    if result.errors or (check and result.fixable):
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def preprocess(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-run even if up to date.")] = False,
+    json_: JsonOption = False,
+) -> None:
+    """Fingerprint, plan (ResEnc-M) and preprocess with nnU-Net, with its integrity check."""
+    from pancreas_cli.preprocess import preprocess as run_preprocess
+
+    output.info("running nnU-Net fingerprinting, planning and preprocessing ...")
+    result = run_preprocess(_config(config, set_), force=force)
+    if json_:
+        output.json(result.to_dict())
+        return
+    rows = [(p.configuration, p.patch_size, p.spacing, p.batch_size, f"{p.n_parameters:,}") for p in result.plans]
+    output.table(f"{result.plans_identifier}", ["configuration", "patch size", "spacing (mm)", "batch", "parameters"], rows)
+    output.result(("up to date: " if result.up_to_date else "preprocessed: ") + str(result.output_dir))
+    output.info(f"nnU-Net log: {result.log_file}")
+
+
+@app.command()
+@handle_errors
+def doctor(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    json_: JsonOption = False,
+) -> None:
+    """Check the environment (Python, torch, nnU-Net, CUDA, disk, shared memory) and the config."""
+    from pancreas_cli.doctor import doctor as run_doctor
+
+    report = run_doctor(config if config is not None or DEFAULT_CONFIG.is_file() else None, set_ or [])
+    if json_:
+        output.json(report.to_dict())
+    else:
+        output.table("pancseg doctor", ["check", "status", "detail"], [(c.name, c.status, c.detail) for c in report.checks])
+    if report.blocking:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

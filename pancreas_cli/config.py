@@ -1,0 +1,278 @@
+"""The pancseg configuration: pydantic models, layering and friendly validation errors.
+
+Layering: defaults < YAML file < ``--set a.b=c`` overrides < explicit command-line flags.
+Relative paths resolve against the config file's folder (the working directory without one).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from pancreas_cli.exceptions import ConfigError
+
+CONFIG_TEMPLATE = Path(__file__).with_name("config_template.yaml")
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
+    """Resolve a relative path against the config file's folder (passed in the validation context)."""
+    if value is None:
+        return None
+    value = value.expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not value.is_absolute() and base is not None:
+        value = Path(base) / value
+    return value.absolute()
+
+
+class DatasetConfig(_Section):
+    id: int = Field(1, ge=1, le=999, description="nnU-Net dataset id (DatasetXXX)")
+    name: str = Field("PancreasCancer", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    source: Path = Path("./data")
+    layout: Literal["quiz", "seed", "manifest"] = "quiz"
+    subtypes_csv: Path | None = None
+    manifest: Path | None = None
+    region_based: bool = False
+    split_seed: int = 12345
+    num_folds: int = Field(5, ge=2, le=10)
+
+    _resolve_paths = field_validator("source", "subtypes_csv", "manifest")(_resolve)
+
+    @model_validator(mode="after")
+    def _layout_inputs(self) -> DatasetConfig:
+        if self.layout == "manifest":
+            if self.manifest is None:
+                raise ValueError("dataset.manifest: layout 'manifest' needs a CSV case_id,image,mask,subtype,split")
+            if not self.manifest.is_file():
+                raise ValueError(f"dataset.manifest: file not found: {self.manifest}")
+        elif not self.source.is_dir():
+            raise ValueError(f"dataset.source: folder not found: {self.source}")
+        if self.layout == "seed":
+            if self.subtypes_csv is None:
+                raise ValueError("dataset.subtypes_csv: layout 'seed' needs a CSV case_id,subtype")
+            if not self.subtypes_csv.is_file():
+                raise ValueError(f"dataset.subtypes_csv: file not found: {self.subtypes_csv}")
+        return self
+
+    @property
+    def folder_name(self) -> str:
+        """nnU-Net's folder name, e.g. ``Dataset001_PancreasCancer``."""
+        return f"Dataset{self.id:03d}_{self.name}"
+
+
+class CleanConfig(_Section):
+    label_tolerance: float = Field(1e-3, gt=0, lt=0.5)
+    label_map: dict[int, int] = Field(default_factory=dict)
+    unknown_labels: Literal["error", "background"] = "error"
+    spacing_tolerance: float = Field(1e-3, ge=0)
+    origin_tolerance_mm: float = Field(1e-2, ge=0)
+    direction_tolerance: float = Field(1e-3, ge=0)
+    hu_range: tuple[float, float] = (-1100.0, 4000.0)
+
+    @field_validator("label_map")
+    @classmethod
+    def _targets_are_labels(cls, value: dict[int, int]) -> dict[int, int]:
+        bad = sorted({v for v in value.values() if v not in (0, 1, 2)})
+        if bad:
+            raise ValueError(f"targets must be 0, 1 or 2, got {bad}")
+        return value
+
+
+class PlanConfig(_Section):
+    preset: Literal["default", "smoke"] = "default"
+    planner: str = "nnUNetPlannerResEncM"
+    num_processes: int = Field(2, ge=1, le=64)
+
+    @property
+    def configuration(self) -> str:
+        """The nnU-Net configuration that the preset trains."""
+        return "3d_smoke" if self.preset == "smoke" else "3d_fullres"
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(1000, gt=0)
+    iterations_per_epoch: int = Field(250, gt=0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    da_workers: int | None = Field(None, ge=0, le=64)
+    compile: bool = False
+
+
+class Config(_Section):
+    project_dir: Path = Path("./pancseg_work")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    _resolve_paths = field_validator("project_dir")(_resolve)
+
+    _config_path: Path | None = PrivateAttr(None)
+
+    @property
+    def config_path(self) -> Path | None:
+        """The YAML file this configuration was loaded from, if any."""
+        return self._config_path
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.project_dir / "nnUNet_raw"
+
+    @property
+    def preprocessed_dir(self) -> Path:
+        return self.project_dir / "nnUNet_preprocessed"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.project_dir / "nnUNet_results"
+
+    @property
+    def dataset_raw_dir(self) -> Path:
+        return self.raw_dir / self.dataset.folder_name
+
+    @property
+    def dataset_preprocessed_dir(self) -> Path:
+        return self.preprocessed_dir / self.dataset.folder_name
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and layering
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], c); the value is parsed as a YAML scalar or list."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError([f"--set {text!r}: expected dotted.key=value, e.g. train.epochs=50"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"--set {text!r}: value is not valid YAML ({exc.problem})"]) from exc
+    return key.split("."), value
+
+
+def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([f"config file not found: {path} (create one with `pancseg init {path}`)"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"], str(path)) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(["the file must hold a mapping of keys (project_dir:, dataset:, ...)"], str(path))
+    return data
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    flags: dict[str, Any] | None = None,
+) -> Config:
+    """Load, layer and validate the configuration.
+
+    ``flags`` maps dotted keys to values from explicit command-line options; ``None`` values are
+    ignored so that an option the user did not give does not override the file.
+    """
+    data: dict[str, Any] = _read_yaml(path) if path is not None else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_dotted(data, keys, value)
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted.split("."), value)
+    base_dir = path.absolute().parent if path is not None else Path.cwd()
+    try:
+        config = Config.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc), str(path) if path else None) from exc
+    config._config_path = path.absolute() if path is not None else None
+    return config
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the section that holds ``loc``'s last key."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One ``dotted.path: message`` line per problem, in words a user can act on."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc)
+        kind, ctx = err["type"], err.get("ctx", {})
+        if kind == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            msg = f"unknown key{hint}"
+        elif kind == "greater_than":
+            msg = f"must be > {ctx['gt']}"
+        elif kind == "greater_than_equal":
+            msg = f"must be >= {ctx['ge']}"
+        elif kind == "less_than":
+            msg = f"must be < {ctx['lt']}"
+        elif kind == "less_than_equal":
+            msg = f"must be <= {ctx['le']}"
+        elif kind == "literal_error":
+            msg = f"must be one of {ctx['expected']}, got {err['input']!r}"
+        elif kind == "string_pattern_mismatch":
+            msg = f"invalid value {err['input']!r}"
+        elif kind == "value_error":
+            text = str(ctx.get("error", err["msg"]))
+            if re.match(r"^[a-z_]+(\.[a-z_]+)+: ", text):  # model-level checks name their own field
+                lines.append(text)
+                continue
+            msg = text
+        else:
+            msg = err["msg"][0].lower() + err["msg"][1:]
+            if "input" in err and kind not in ("missing",) and not isinstance(err["input"], dict):
+                msg += f", got {err['input']!r}"
+        lines.append(f"{path}: {msg}" if path else msg)
+    return lines
+
+
+def dump_config(config: Config) -> str:
+    """The effective configuration as YAML (for provenance and ``--json`` output)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,49 @@
+"""Typed errors. Library code raises these; only the CLI turns them into messages and exit codes."""
+
+from __future__ import annotations
+
+
+class PancsegError(Exception):
+    """Base class of every user-facing pancseg error (exit code 1).
+
+    The message says what is wrong, with which file, and how to fix it.
+    """
+
+    exit_code = 1
+
+
+class ConfigError(PancsegError):
+    """The configuration file or an override is invalid.
+
+    ``problems`` holds one ``dotted.path: message`` line per bad field.
+    """
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"invalid configuration{where}:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class DataError(PancsegError):
+    """The user's data is missing, unreadable or inconsistent."""
+
+
+class SynthError(PancsegError):
+    """Synthetic data generation was asked for something impossible."""
+
+
+class PrepareError(DataError):
+    """The raw dataset cannot be turned into an nnU-Net dataset."""
+
+
+class CleanError(DataError):
+    """Cleaning found problems it cannot fix."""
+
+
+class PreprocessError(PancsegError):
+    """nnU-Net fingerprinting, planning or preprocessing failed."""
+
+
+class OutputExistsError(PancsegError):
+    """An output exists and differs from what would be written; ``--force`` replaces it."""

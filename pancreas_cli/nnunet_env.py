@@ -1,0 +1,48 @@
+"""The one place that tells nnU-Net where its folders are and how many processes to use.
+
+nnU-Net reads ``nnUNet_def_n_proc`` once, when ``nnunetv2`` is first imported, so this must run
+before any nnU-Net import. Every stage calls it first; users never set these variables by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pancreas_cli.config import Config
+
+
+def nnunet_environment(config: Config, *, device_type: str | None = None) -> dict[str, str]:
+    """The environment variables nnU-Net needs for ``config``.
+
+    ``device_type`` ("cpu", "cuda", "mps") picks the data-augmentation worker default: CPU runs and the
+    smoke preset use none (workers would compete with the network for the few cores).
+    """
+    if config.train.da_workers is not None:
+        da_workers = config.train.da_workers
+    elif config.plan.preset == "smoke" or device_type in ("cpu", "mps"):
+        da_workers = 0
+    else:
+        da_workers = min(12, os.cpu_count() or 1)
+    return {
+        "nnUNet_raw": str(config.raw_dir),
+        "nnUNet_preprocessed": str(config.preprocessed_dir),
+        "nnUNet_results": str(config.results_dir),
+        "nnUNet_def_n_proc": str(config.plan.num_processes),
+        "nnUNet_n_proc_DA": str(da_workers),
+        "nnUNet_compile": "true" if config.train.compile else "false",
+    }
+
+
+def setup_nnunet_env(config: Config, *, device_type: str | None = None) -> dict[str, str]:
+    """Export :func:`nnunet_environment` into ``os.environ`` and create the three folders."""
+    env = nnunet_environment(config, device_type=device_type)
+    os.environ.update(env)
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.makedirs(env[key], exist_ok=True)
+    return env
+
+
+def nnunet_imported() -> bool:
+    """Whether nnU-Net was already imported (then ``nnUNet_def_n_proc`` changes come too late)."""
+    return "nnunetv2" in sys.modules

@@ -1,0 +1,443 @@
+"""``pancseg prepare``: turn the user's raw dataset into an nnU-Net v2 raw dataset.
+
+The source is never modified: files are hard-linked (or copied) and converted to ``.nii.gz`` where
+needed. The dataset is built in a temporary folder and renamed into place, so an interrupted run
+leaves nothing half-written. A record of the source (``pancseg_prepare.json``) makes re-runs
+idempotent and lets a changed source be detected.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pancreas_cli.config import Config, DatasetConfig
+from pancreas_cli.exceptions import DataError, OutputExistsError, PrepareError
+from pancreas_cli.imageio import image_extension, image_stem, link_or_copy, read_image, write_image, write_text
+
+Split = Literal["train", "validation", "test"]
+RECORD_NAME = "pancseg_prepare.json"
+SUBTYPES = (0, 1, 2)
+_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class SourceCase:
+    """One case as found in the user's source."""
+
+    case_id: str
+    split: Split
+    image: Path
+    mask: Path | None = None
+    subtype: int | None = None
+
+
+@dataclass
+class PrepareResult:
+    dataset_dir: Path
+    cases: list[SourceCase]
+    up_to_date: bool = False
+    converted: int = 0
+    folds: int = 0
+    official_split: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def count(self, split: Split) -> int:
+        return sum(c.split == split for c in self.cases)
+
+    @property
+    def subtype_counts(self) -> dict[int, int]:
+        counts = Counter(c.subtype for c in self.cases if c.split != "test" and c.subtype is not None)
+        return {k: counts.get(k, 0) for k in SUBTYPES}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset_dir": str(self.dataset_dir),
+            "up_to_date": self.up_to_date,
+            "train": self.count("train"),
+            "validation": self.count("validation"),
+            "test": self.count("test"),
+            "subtypes": self.subtype_counts,
+            "converted": self.converted,
+            "folds": self.folds,
+            "official_split": self.official_split,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Discovering cases in the three layouts
+
+
+def _parse_subtype(value: object, where: str) -> int:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = float("nan")
+    if number not in SUBTYPES:
+        raise PrepareError(f"{where}: unknown subtype {value!r}; subtypes must be 0, 1 or 2")
+    return int(number)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and image_extension(p) and not p.name.startswith("."))
+
+
+def _strip_channel(stem: str) -> str:
+    return stem[:-5] if stem.endswith("_0000") else stem
+
+
+def _quiz_cases(source: Path) -> list[SourceCase]:
+    """``train|validation/subtypeK/quiz_K_NNN(_0000).nii.gz`` and ``test/quiz_NNN_0000.nii.gz``."""
+    cases: list[SourceCase] = []
+    for split in ("train", "validation"):
+        split_dir = source / split
+        if not split_dir.is_dir():
+            continue
+        stray = _images_in(split_dir)
+        if stray:
+            raise PrepareError(
+                f"{stray[0]}: image outside a subtype folder; quiz layout expects "
+                f"{split}/subtype0|subtype1|subtype2/<case>.nii.gz"
+            )
+        for sub_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            match = re.fullmatch(r"subtype(\d+)", sub_dir.name)
+            if not match:
+                raise PrepareError(f"{sub_dir}: unexpected folder; quiz layout expects subtype0, subtype1, subtype2")
+            subtype = _parse_subtype(match.group(1), str(sub_dir))
+            files = _images_in(sub_dir)
+            images = {_strip_channel(image_stem(p)): p for p in files if image_stem(p).endswith("_0000")}
+            masks = {image_stem(p): p for p in files if not image_stem(p).endswith("_0000")}
+            for case_id, mask in masks.items():
+                if case_id not in images:
+                    raise PrepareError(
+                        f"{mask}: mask without image; expected {sub_dir / (case_id + '_0000.nii.gz')}"
+                    )
+                cases.append(SourceCase(case_id, split, images[case_id], mask, subtype))  # type: ignore[arg-type]
+            for case_id, image in images.items():
+                if case_id not in masks:
+                    raise PrepareError(f"{image}: image without mask; expected {sub_dir / (case_id + '.nii.gz')}")
+    test_dir = source / "test"
+    if test_dir.is_dir():
+        cases += [SourceCase(_strip_channel(image_stem(p)), "test", p) for p in _images_in(test_dir)]
+    if not any(c.split != "test" for c in cases) and not (source / "train").is_dir():
+        raise PrepareError(
+            f"{source}: no train/ folder; the quiz layout is train|validation/subtypeK/<case>.nii.gz "
+            "with <case>_0000.nii.gz images (set dataset.layout for other layouts)"
+        )
+    return cases
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise PrepareError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(required)}")
+            return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise PrepareError(f"{path}: cannot read CSV ({exc})") from exc
+
+
+def _seed_cases(source: Path, subtypes_csv: Path) -> list[SourceCase]:
+    """``imagesTr/img_NNN``, ``labelsTr/mask_NNN``, ``imagesTs/``; subtypes from a CSV."""
+    images_dir, labels_dir = source / "imagesTr", source / "labelsTr"
+    for folder in (images_dir, labels_dir):
+        if not folder.is_dir():
+            raise PrepareError(f"{folder}: folder not found; the seed layout needs imagesTr/ and labelsTr/")
+    subtypes: dict[str, int] = {}
+    for row in _read_csv(subtypes_csv, ("case_id", "subtype")):
+        if row["case_id"]:
+            subtypes[row["case_id"]] = _parse_subtype(row["subtype"], f"{subtypes_csv}, case {row['case_id']}")
+
+    def mask_key(stem: str) -> str:
+        return "img" + stem[4:] if stem.startswith("mask") else stem
+
+    masks = {mask_key(image_stem(p)): p for p in _images_in(labels_dir)}
+    cases: list[SourceCase] = []
+    for image in _images_in(images_dir):
+        case_id = _strip_channel(image_stem(image))
+        mask = masks.pop(case_id, None)
+        if mask is None:
+            raise PrepareError(f"{image}: image without mask; expected {labels_dir}/mask{case_id[3:]}.nii.gz")
+        subtype = subtypes.get(case_id, subtypes.get(image_stem(mask)))
+        if subtype is None:
+            raise PrepareError(f"{subtypes_csv}: no subtype for case {case_id}; add a row '{case_id},<0|1|2>'")
+        cases.append(SourceCase(case_id, "train", image, mask, subtype))
+    if masks:
+        orphan = next(iter(masks.values()))
+        raise PrepareError(f"{orphan}: mask without image in {images_dir}")
+    if (source / "imagesTs").is_dir():
+        cases += [SourceCase(_strip_channel(image_stem(p)), "test", p) for p in _images_in(source / "imagesTs")]
+    return cases
+
+
+def _manifest_cases(manifest: Path) -> list[SourceCase]:
+    """CSV ``case_id,image,mask,subtype,split``; relative paths are relative to the CSV."""
+    cases: list[SourceCase] = []
+    for line, row in enumerate(_read_csv(manifest, ("case_id", "image", "mask", "subtype", "split")), start=2):
+        where = f"{manifest}, line {line}"
+        split = row["split"].lower()
+        if split not in ("train", "validation", "test"):
+            raise PrepareError(f"{where}: split must be train, validation or test, got {row['split']!r}")
+        if not row["image"]:
+            raise PrepareError(f"{where}: no image path")
+        image = (manifest.parent / row["image"]).absolute()
+        mask = (manifest.parent / row["mask"]).absolute() if row["mask"] else None
+        for path in (image, mask):
+            if path is not None and not path.is_file():
+                raise PrepareError(f"{where}: file not found: {path}")
+            if path is not None and not image_extension(path):
+                raise PrepareError(f"{where}: {path.name} is not a .nii.gz, .nii, .nrrd or .mha file")
+        if split == "test":
+            cases.append(SourceCase(row["case_id"], "test", image, mask, None))
+            continue
+        if mask is None:
+            raise PrepareError(f"{where}: {split} case {row['case_id']} needs a mask")
+        cases.append(SourceCase(row["case_id"], split, image, mask, _parse_subtype(row["subtype"], where)))  # type: ignore[arg-type]
+    return cases
+
+
+def discover_cases(dataset: DatasetConfig) -> list[SourceCase]:
+    """Find every case of the configured layout and check ids, pairs and subtypes."""
+    if dataset.layout == "manifest":
+        assert dataset.manifest is not None  # guaranteed by config validation
+        cases = _manifest_cases(dataset.manifest)
+        where = dataset.manifest
+    elif dataset.layout == "seed":
+        assert dataset.subtypes_csv is not None  # guaranteed by config validation
+        cases = _seed_cases(dataset.source, dataset.subtypes_csv)
+        where = dataset.source
+    else:
+        cases = _quiz_cases(dataset.source)
+        where = dataset.source
+    if not cases:
+        raise PrepareError(f"{where}: no cases found for layout '{dataset.layout}'")
+    seen: dict[str, SourceCase] = {}
+    for case in cases:
+        if not _CASE_ID.match(case.case_id):
+            raise PrepareError(
+                f"{case.image}: case id {case.case_id!r} has characters nnU-Net cannot use; "
+                "rename it to letters, digits, '_', '-' or '.'"
+            )
+        if case.case_id in seen:
+            raise PrepareError(
+                f"duplicate case id {case.case_id!r}: {seen[case.case_id].image} and {case.image}; case ids must be unique"
+            )
+        seen[case.case_id] = case
+    if sum(c.split != "test" for c in cases) < 2:
+        raise PrepareError(f"{where}: at least 2 labelled (train/validation) cases are needed, found fewer")
+    return cases
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+def make_splits(cases: list[SourceCase], num_folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """nnU-Net's ``splits_final.json``.
+
+    With validation cases, fold 0 is exactly the official train/validation split; the other folds
+    are folds 1.. of a subtype-stratified k-fold over all labelled cases. Without them, all folds are
+    stratified. Stratification shuffles each subtype with ``seed`` and deals it round robin.
+    """
+    import numpy as np
+
+    labelled = sorted((c for c in cases if c.split != "test"), key=lambda c: c.case_id)
+    k = min(num_folds, len(labelled))
+    rng = np.random.default_rng(seed)
+    fold_of: dict[str, int] = {}
+    offset = 0
+    for subtype in SUBTYPES:
+        ids = [c.case_id for c in labelled if c.subtype == subtype]
+        for i, idx in enumerate(rng.permutation(len(ids))):
+            fold_of[ids[idx]] = (i + offset) % k
+        offset += len(ids)  # keeps fold sizes balanced across subtypes
+    all_ids = [c.case_id for c in labelled]
+    splits = [
+        {"train": [i for i in all_ids if fold_of[i] != f], "val": [i for i in all_ids if fold_of[i] == f]}
+        for f in range(k)
+    ]
+    validation = [c.case_id for c in labelled if c.split == "validation"]
+    if validation:
+        splits[0] = {"train": [c.case_id for c in labelled if c.split == "train"], "val": validation}
+    return splits
+
+
+# --------------------------------------------------------------------------------------------
+# Building the nnU-Net dataset
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _record(config: Config, cases: list[SourceCase]) -> dict[str, Any]:
+    ds = config.dataset
+    return {
+        "format": 1,
+        "layout": ds.layout,
+        "source": str(ds.manifest if ds.layout == "manifest" else ds.source),
+        "region_based": ds.region_based,
+        "num_folds": ds.num_folds,
+        "split_seed": ds.split_seed,
+        "cases": [
+            {
+                "case_id": c.case_id,
+                "split": c.split,
+                "subtype": c.subtype,
+                "image": _file_record(c.image),
+                "mask": _file_record(c.mask) if c.mask else None,
+            }
+            for c in cases
+        ],
+    }
+
+
+def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    old_cases = {c["case_id"]: c for c in old.get("cases", [])}
+    new_cases = {c["case_id"]: c for c in new["cases"]}
+    parts = []
+    for key in ("layout", "source", "region_based", "num_folds", "split_seed"):
+        if old.get(key) != new[key]:
+            parts.append(f"{key} {old.get(key)!r} -> {new[key]!r}")
+    added, removed = new_cases.keys() - old_cases.keys(), old_cases.keys() - new_cases.keys()
+    changed = [k for k in new_cases.keys() & old_cases.keys() if new_cases[k] != old_cases[k]]
+    for label, ids in (("added", added), ("removed", removed), ("changed", changed)):
+        if ids:
+            parts.append(f"{len(ids)} case(s) {label} (e.g. {sorted(ids)[0]})")
+    return "; ".join(parts) or "contents differ"
+
+
+def dataset_json(config: Config, num_training: int) -> dict[str, Any]:
+    """nnU-Net v2's ``dataset.json`` for labels or regions."""
+    data: dict[str, Any] = {
+        "name": config.dataset.name,
+        "description": "Pancreas and lesion segmentation with lesion subtype (prepared by pancseg)",
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, "pancreas": 1, "lesion": 2},
+        "numTraining": num_training,
+        "file_ending": ".nii.gz",
+    }
+    if config.dataset.region_based:
+        data["labels"] = {"background": 0, "pancreas": [1, 2], "lesion": 2}
+        data["regions_class_order"] = [1, 2]
+    return data
+
+
+def _place(src: Path, dst: Path) -> bool:
+    """Link/copy ``.nii.gz`` sources, convert other formats. Returns True when converted."""
+    if image_extension(src) == ".nii.gz":
+        link_or_copy(src, dst)
+        return False
+    try:
+        write_image(read_image(src), dst)
+    except DataError as exc:
+        raise PrepareError(str(exc)) from exc
+    return True
+
+
+def _existing_datasets_with_id(raw_dir: Path, dataset_id: int) -> list[Path]:
+    if not raw_dir.is_dir():
+        return []
+    return sorted(p for p in raw_dir.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir())
+
+
+def prepare(config: Config, *, force: bool = False) -> PrepareResult:
+    """Build ``project_dir/nnUNet_raw/DatasetXXX_Name`` from the configured source."""
+    cases = discover_cases(config.dataset)
+    target = config.dataset_raw_dir
+    record = _record(config, cases)
+
+    others = [p for p in _existing_datasets_with_id(config.raw_dir, config.dataset.id) if p != target]
+    if others and not force:
+        raise OutputExistsError(
+            f"{others[0]} already uses dataset id {config.dataset.id}; choose another dataset.id "
+            "or pass --force to replace it"
+        )
+    if target.exists():
+        old = _load_record(target)
+        if old == record and not force and _complete(target, cases):
+            splits = json.loads((target / "splits_final.json").read_text())
+            return PrepareResult(target, cases, up_to_date=True, folds=len(splits),
+                                 official_split=any(c.split == "validation" for c in cases))
+        if not force:
+            why = _describe_difference(old, record) if old else "it was not made by pancseg prepare"
+            raise OutputExistsError(
+                f"{target} exists and differs from the source ({why}); pass --force to rebuild it "
+                "(cleaning will have to be re-run)"
+            )
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    converted = 0
+    for case in cases:
+        if case.split == "test":
+            converted += _place(case.image, tmp / "imagesTs" / f"{case.case_id}_0000.nii.gz")
+            continue
+        assert case.mask is not None  # discover_cases guarantees labelled cases have masks
+        converted += _place(case.image, tmp / "imagesTr" / f"{case.case_id}_0000.nii.gz")
+        converted += _place(case.mask, tmp / "labelsTr" / f"{case.case_id}.nii.gz")
+    (tmp / "imagesTs").mkdir(parents=True, exist_ok=True)
+
+    labelled = sorted((c for c in cases if c.split != "test"), key=lambda c: c.case_id)
+    splits = make_splits(cases, config.dataset.num_folds, config.dataset.split_seed)
+    write_text(json.dumps(dataset_json(config, len(labelled)), indent=2), tmp / "dataset.json")
+    write_text(json.dumps(splits, indent=2), tmp / "splits_final.json")
+    write_text(
+        "case_id,subtype\n" + "".join(f"{c.case_id},{c.subtype}\n" for c in labelled), tmp / "subtypes.csv"
+    )
+    write_text(json.dumps(record, indent=2), tmp / RECORD_NAME)
+
+    for other in others:
+        shutil.rmtree(other)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return PrepareResult(
+        target,
+        cases,
+        converted=converted,
+        folds=len(splits),
+        official_split=any(c.split == "validation" for c in cases),
+    )
+
+
+def _complete(dataset_dir: Path, cases: list[SourceCase]) -> bool:
+    """Whether every file a prepared dataset should hold is there."""
+    expected = [dataset_dir / n for n in ("dataset.json", "splits_final.json", "subtypes.csv")]
+    for c in cases:
+        if c.split == "test":
+            expected.append(dataset_dir / "imagesTs" / f"{c.case_id}_0000.nii.gz")
+        else:
+            expected += [dataset_dir / "imagesTr" / f"{c.case_id}_0000.nii.gz", dataset_dir / "labelsTr" / f"{c.case_id}.nii.gz"]
+    return all(p.is_file() for p in expected)
+
+
+def _load_record(dataset_dir: Path) -> dict[str, Any] | None:
+    path = dataset_dir / RECORD_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_subtypes(dataset_dir: Path) -> dict[str, int]:
+    """``subtypes.csv`` of a prepared dataset as ``{case_id: subtype}``."""
+    path = dataset_dir / "subtypes.csv"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run `pancseg prepare` first")
+    return {row["case_id"]: int(row["subtype"]) for row in _read_csv(path, ("case_id", "subtype"))}
+

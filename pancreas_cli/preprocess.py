@@ -1,0 +1,211 @@
+"""``pancseg preprocess``: nnU-Net v2 fingerprinting, planning and preprocessing through its API.
+
+Always runs nnU-Net's dataset integrity check and always recomputes the fingerprint, so plans never
+go stale after the raw data changed. A state file records what the raw data looked like, so an
+unchanged dataset is not preprocessed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pancreas_cli.config import Config
+from pancreas_cli.exceptions import PreprocessError
+from pancreas_cli.imageio import write_text
+from pancreas_cli.logcapture import redirect_output, tail
+from pancreas_cli.nnunet_env import setup_nnunet_env
+
+STATE_NAME = "pancseg_preprocess.json"
+SMOKE_CONFIGURATION = "3d_smoke"
+#: The smoke network: 4 stages, one block each, small features, batch 2, patch at most this (z, y, x).
+SMOKE_FEATURES = (8, 16, 32, 64)
+SMOKE_MAX_PATCH = (32, 64, 64)
+SMOKE_BATCH = 2
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    configuration: str
+    patch_size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    batch_size: int
+    n_parameters: int
+    network: str
+
+
+@dataclass
+class PreprocessResult:
+    plans_identifier: str
+    output_dir: Path
+    log_file: Path
+    plans: list[PlanSummary] = field(default_factory=list)
+    up_to_date: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plans_identifier": self.plans_identifier,
+            "output_dir": str(self.output_dir),
+            "log_file": str(self.log_file),
+            "up_to_date": self.up_to_date,
+            "seconds": round(self.seconds, 1),
+            "plans": [asdict(p) for p in self.plans],
+        }
+
+
+def raw_state(config: Config) -> str:
+    """A digest of everything preprocessing depends on: raw files (size, mtime) and plan settings."""
+    dataset = config.dataset_raw_dir
+    digest = hashlib.sha256()
+    digest.update(json.dumps(config.plan.model_dump(mode="json"), sort_keys=True).encode())
+    files = [dataset / "dataset.json", dataset / "splits_final.json"]
+    files += sorted((dataset / "imagesTr").glob("*.nii.gz")) + sorted((dataset / "labelsTr").glob("*.nii.gz"))
+    for path in files:
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(dataset)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def add_smoke_configuration(plans: dict[str, Any]) -> dict[str, Any]:
+    """Add the tiny CPU configuration ``3d_smoke`` (inherits 3d_fullres's data and spacing)."""
+    full = plans["configurations"]["3d_fullres"]
+    arch = full["architecture"]
+    kwargs = dict(arch["arch_kwargs"])
+    n = min(len(SMOKE_FEATURES), kwargs["n_stages"])
+    strides = kwargs["strides"][:n]
+    divisor = [1] * len(full["patch_size"])
+    for stride in strides:
+        divisor = [d * s for d, s in zip(divisor, stride)]
+    patch = [max(d, min(p, cap) // d * d) for p, cap, d in zip(full["patch_size"], SMOKE_MAX_PATCH, divisor)]
+    kwargs.update(
+        n_stages=n,
+        features_per_stage=list(SMOKE_FEATURES[:n]),
+        kernel_sizes=kwargs["kernel_sizes"][:n],
+        strides=strides,
+        n_conv_per_stage_decoder=[1] * (n - 1),
+    )
+    blocks_key = "n_blocks_per_stage" if "n_blocks_per_stage" in kwargs else "n_conv_per_stage"
+    kwargs[blocks_key] = [1] * n
+    plans["configurations"][SMOKE_CONFIGURATION] = {
+        "inherits_from": "3d_fullres",
+        "batch_size": SMOKE_BATCH,
+        "patch_size": patch,
+        "architecture": {**arch, "arch_kwargs": kwargs},
+    }
+    return plans
+
+
+def _summaries(plans_file: Path, dataset_json: dict[str, Any], configurations: tuple[str, ...]) -> list[PlanSummary]:
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(str(plans_file))
+    heads = manager.get_label_manager(dataset_json).num_segmentation_heads
+    out = []
+    for name in configurations:
+        cm = manager.get_configuration(name)
+        network = get_network_from_plans(
+            cm.network_arch_class_name, cm.network_arch_init_kwargs, cm.network_arch_init_kwargs_req_import,
+            1, heads, allow_init=False, deep_supervision=True,
+        )
+        out.append(
+            PlanSummary(
+                configuration=name,
+                patch_size=tuple(int(p) for p in cm.patch_size),
+                spacing=tuple(round(float(s), 4) for s in cm.spacing),
+                batch_size=int(cm.batch_size),
+                n_parameters=sum(p.numel() for p in network.parameters()),
+                network=cm.network_arch_class_name.rsplit(".", 1)[-1],
+            )
+        )
+    return out
+
+
+def _explain_failure(exc: BaseException, log_file: Path, dataset_dir: Path) -> str:
+    """One message naming the case(s) nnU-Net complained about, instead of 'check the output above'."""
+    lines = tail(log_file, 200)
+    case_ids = {p.name[: -len(".nii.gz")] for p in (dataset_dir / "labelsTr").glob("*.nii.gz")}
+    problems = [line.strip() for line in lines if re.match(r"^(Error|Warning|WARNING)\b", line.strip())]
+    named = sorted({c for c in case_ids for line in lines if re.search(rf"\b{re.escape(c)}(_0000)?\.nii\.gz", line)})
+    reason = problems[0] if problems else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    where = f" for case {', '.join(named[:5])}" if named else ""
+    if problems or named:
+        fix = "run `pancseg clean` (it repairs or names most data problems), then preprocess again"
+    else:
+        fix = "this does not look like a data problem; re-run with --debug for the traceback"
+    return f"nnU-Net preprocessing failed{where}: {reason}\n  fix: {fix}\n  full nnU-Net output: {log_file}"
+
+
+def preprocess(config: Config, *, force: bool = False) -> PreprocessResult:
+    """Fingerprint, plan with ``config.plan.planner`` and preprocess the configuration to train."""
+    dataset_dir = config.dataset_raw_dir
+    if not (dataset_dir / "dataset.json").is_file():
+        raise PreprocessError(f"{dataset_dir}: no prepared dataset; run `pancseg prepare` (and `pancseg clean`) first")
+    out_dir = config.dataset_preprocessed_dir
+    log_file = config.project_dir / "logs" / "preprocess.log"
+    state_file = out_dir / STATE_NAME
+    state = raw_state(config)
+    configuration = config.plan.configuration
+
+    if not force and state_file.is_file():
+        saved = json.loads(state_file.read_text(encoding="utf-8"))
+        plans_file = out_dir / f"{saved['plans_identifier']}.json"
+        if saved.get("state") == state and plans_file.is_file() and (out_dir / saved["data_identifier"]).is_dir():
+            setup_nnunet_env(config)
+            dataset_json = json.loads((dataset_dir / "dataset.json").read_text(encoding="utf-8"))
+            return PreprocessResult(
+                saved["plans_identifier"], out_dir, log_file,
+                _summaries(plans_file, dataset_json, (configuration,)), up_to_date=True,
+            )
+
+    setup_nnunet_env(config)
+    log_file.unlink(missing_ok=True)
+    state_file.unlink(missing_ok=True)
+    # nnU-Net copies labels into gt_segmentations only when newer: stale ones must go.
+    shutil.rmtree(out_dir / "gt_segmentations", ignore_errors=True)
+    start = time.perf_counter()
+    ds_id = config.dataset.id
+    n = config.plan.num_processes
+    try:
+        with redirect_output(log_file):
+            from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+                extract_fingerprints,
+                plan_experiments,
+                preprocess as nnunet_preprocess,
+            )
+
+            extract_fingerprints([ds_id], num_processes=n, check_dataset_integrity=True, clean=True,
+                                 verbose=False, show_progress_bar=False)
+            # The planner calls torch.set_num_threads(nnUNet_n_proc_DA), which rejects 0.
+            os.environ["nnUNet_n_proc_DA"] = str(max(1, int(os.environ["nnUNet_n_proc_DA"])))
+            plans_identifier = plan_experiments([ds_id], config.plan.planner)
+            plans_file = out_dir / f"{plans_identifier}.json"
+            if configuration == SMOKE_CONFIGURATION:
+                plans = add_smoke_configuration(json.loads(plans_file.read_text(encoding="utf-8")))
+                write_text(json.dumps(plans, indent=4), plans_file)
+            nnunet_preprocess([ds_id], plans_identifier, configurations=(configuration,), num_processes=(n,),
+                              verbose=False, show_progress_bar=False)
+    except (AssertionError, RuntimeError, ValueError, OSError, KeyError, IndexError) as exc:
+        raise PreprocessError(_explain_failure(exc, log_file, dataset_dir)) from exc
+
+    dataset_json = json.loads((dataset_dir / "dataset.json").read_text(encoding="utf-8"))
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
+    data_identifier = plans["configurations"]["3d_fullres"]["data_identifier"]
+    write_text(
+        json.dumps({"state": state, "plans_identifier": plans_identifier, "configuration": configuration,
+                    "data_identifier": data_identifier}, indent=2),
+        state_file,
+    )
+    return PreprocessResult(
+        plans_identifier, out_dir, log_file, _summaries(plans_file, dataset_json, (configuration,)),
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,408 @@
+"""Tiny deterministic synthetic pancreas CT datasets.
+
+The real data (CT, pancreas + lesion masks, three lesion subtypes) cannot be shipped, so
+demos and tests run the whole pipeline on look-alikes written in the real layouts. The
+phantom is defined in voxel space relative to the grid, so it scales with ``shape``;
+``spacing`` is only written into the files. With ``quirks`` the known defects of the
+real files are planted, so the cleaning stage has real work to do.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from pancreas_cli.exceptions import SynthError
+from pancreas_cli.imageio import write_image, write_text
+
+#: Smallest axis length: below it the organs no longer fit the field of view.
+MIN_AXIS = 16
+#: Label values of the real quiz masks, which are stored as float32 (index = label).
+FLOAT_LABELS: tuple[float, float, float] = (0.0, 1.0000152587890625, 2.000030517578125)
+#: How far (mm, along x) a quirky mask's origin is from its image's origin.
+ORIGIN_OFFSET_MM = 1e-4
+#: Range of HU values a CT file may hold (12-bit CT plus the -1024 floor).
+HU_MIN, HU_MAX = -1024, 3071
+#: Fewest lesion voxels a case may have, so every case has something to find and classify.
+MIN_LESION_VOXELS = 8
+
+Layout = Literal["quiz", "seed"]
+LAYOUTS: tuple[str, ...] = ("quiz", "seed")
+SUBTYPES: tuple[int, ...] = (0, 1, 2)
+
+#: Files an earlier run may have left, as (path glob, exact name pattern); ``force`` removes
+#: them so a smaller or other-layout rerun does not leave stale cases behind.
+_OWN_FILES: tuple[tuple[str, str], ...] = (
+    ("train/subtype*/quiz_*", r"quiz_\d+_\d+(_0000)?\.nii\.gz"),
+    ("validation/subtype*/quiz_*", r"quiz_\d+_\d+(_0000)?\.nii\.gz"),
+    ("test/quiz_*", r"quiz_\d+_0000\.nii\.gz"),
+    ("test_ground_truth/*", r"(quiz|img)_\d+\.nii\.gz|subtypes\.csv"),
+    ("imagesTr/img_*", r"img_\d+\.nii\.gz"),
+    ("labelsTr/mask_*", r"mask_\d+\.nii\.gz"),
+    ("imagesTs/img_*", r"img_\d+\.nii\.gz"),
+    ("subtypes.csv", r"subtypes\.csv"),
+)
+
+
+@dataclass(frozen=True)
+class SynthCase:
+    """One written case; a test case's ``mask`` is its ground truth in ``test_ground_truth/``."""
+
+    case_id: str
+    split: str
+    subtype: int
+    image: Path
+    mask: Path
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    """What :func:`synthesize` wrote, and which quirks it planted where (one line each)."""
+
+    out_dir: Path
+    layout: str
+    cases: list[SynthCase]
+    quirks: list[str]
+
+
+@dataclass(frozen=True)
+class _LesionLook:
+    """Appearance of one subtype; the ranges overlap so classifying is learnable but not trivial."""
+
+    radius: tuple[float, float]  # mean, sd, as a fraction of the local pancreas radius
+    hu: tuple[float, float]  # mean, sd of the lesion's attenuation
+    noise_factor: float  # scales the image noise inside the lesion (< 1: smooth)
+    texture: tuple[float, float]  # range of the sd (HU) of extra blotchy texture
+
+
+_LOOKS: dict[int, _LesionLook] = {
+    0: _LesionLook(radius=(0.75, 0.15), hu=(50.0, 10.0), noise_factor=1.0, texture=(0.0, 8.0)),
+    1: _LesionLook(radius=(1.25, 0.2), hu=(12.0, 8.0), noise_factor=0.5, texture=(0.0, 0.0)),
+    2: _LesionLook(radius=(1.0, 0.2), hu=(125.0, 20.0), noise_factor=1.0, texture=(25.0, 40.0)),
+}
+
+
+@dataclass(frozen=True)
+class _Tube:
+    """Pancreas: a tube whose centre-line runs along x (head to tail), arching in y and rising in z.
+
+    Cross-sections are taken per x column with rounded ends, which keeps the mask a cheap
+    broadcast instead of a distance transform.
+    """
+
+    x_head: float
+    x_tail: float
+    y_mid: float
+    drift: float
+    bend: float
+    z_mid: float
+    rise: float
+    radius: float
+    z_ratio: float
+
+    def centre(self, t: np.ndarray | float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(z, y, x) of the centre-line at ``t`` in [0, 1] (0 = head)."""
+        t = np.asarray(t, dtype=np.float32)
+        x = self.x_head + t * (self.x_tail - self.x_head)
+        y = self.y_mid + self.drift * (t - 0.5) + self.bend * (1.0 - (2.0 * t - 1.0) ** 2)
+        z = self.z_mid + self.rise * (t - 0.5)
+        return z, y, x
+
+    def radii(self, t: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        """(z, in-plane) radius at ``t``: the head is thicker than the tail, as in real anatomy."""
+        r = self.radius * (1.15 - 0.3 * np.asarray(t, dtype=np.float32))
+        return np.maximum(1.25, r * self.z_ratio), r
+
+    def mask(self, zz: np.ndarray, yy: np.ndarray, xx: np.ndarray, grow: float = 0.0) -> np.ndarray:
+        """Voxels inside the tube, every radius widened by ``grow`` voxels."""
+        t = np.clip((xx - self.x_head) / (self.x_tail - self.x_head), 0.0, 1.0)
+        zc, yc, xc = self.centre(t)
+        rz, r = self.radii(t)
+        d = ((zz - zc) / (rz + grow)) ** 2 + ((yy - yc) / (r + grow)) ** 2
+        return d + ((xx - xc) / (r + grow)) ** 2 <= 1.0
+
+
+def synthesize(
+    out_dir: Path,
+    *,
+    cases: int,
+    shape: tuple[int, int, int] = (32, 64, 64),
+    layout: Layout = "quiz",
+    seed: int = 0,
+    quirks: bool = False,
+    spacing: tuple[float, float, float] = (2.0, 0.75, 0.75),
+    force: bool = False,
+) -> SynthResult:
+    """Write ``cases`` synthetic CT cases in ``layout`` under ``out_dir`` and say what was written.
+
+    ``shape`` and ``spacing`` are (Z, Y, X). Same arguments give identical files. Cases are
+    split 70/10/20 % into train/validation/test like the real data (at least one validation
+    and one test case from 3 cases on, every subtype in train from 5 on); subtypes go round
+    robin. ``force`` writes into a non-empty ``out_dir``, first removing files named like
+    synth's own (an earlier run's cases) but nothing else.
+    """
+    _check_arguments(cases, shape, layout, seed, spacing)
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir, force)
+    n_train, n_val, n_test = _split_sizes(cases)
+    n_labelled = n_train + n_val
+    # Centred in x and y with the slices below 0, like scanner patient coordinates.
+    origin = (-shape[2] * spacing[2] / 2, -shape[1] * spacing[1] / 2, -float(shape[0] * spacing[0]))
+    written: list[SynthCase] = []
+    planted: list[str] = []
+    test_rows: list[str] = []
+    labelled_rows: list[str] = []
+    for index in range(cases):
+        subtype = SUBTYPES[index % len(SUBTYPES)]
+        split = "train" if index < n_train else "validation" if index < n_labelled else "test"
+        case = _case_paths(out_dir, layout, split, subtype, index + 1)
+        case_quirks = _quirks_of(index, n_labelled) if quirks else set()
+        ct, labels = _render_case(np.random.default_rng([seed, index]), shape, subtype)
+        _write_case(case, ct, labels, case_quirks, origin, spacing)
+        planted += [f"{case.case_id}: {_QUIRK_TEXT[q]}" for q in sorted(case_quirks)]
+        (test_rows if split == "test" else labelled_rows).append(f"{case.case_id},{subtype}\n")
+        written.append(case)
+    if layout == "seed" and labelled_rows:
+        write_text("case_id,subtype\n" + "".join(labelled_rows), out_dir / "subtypes.csv")
+    if test_rows:
+        csv = out_dir / "test_ground_truth" / "subtypes.csv"
+        write_text("case_id,subtype\n" + "".join(test_rows), csv)
+    return SynthResult(out_dir=out_dir, layout=layout, cases=written, quirks=planted)
+
+
+def _check_arguments(
+    cases: int,
+    shape: tuple[int, int, int],
+    layout: str,
+    seed: int,
+    spacing: tuple[float, float, float],
+) -> None:
+    """Reject arguments that cannot make a dataset, before anything is written."""
+    if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
+        raise SynthError(f"cases must be a whole number >= 1, got {cases!r}")
+    if len(shape) != 3 or any(isinstance(n, bool) or not isinstance(n, int) for n in shape):
+        raise SynthError(f"shape must be three whole numbers (Z, Y, X), got {shape!r}")
+    if min(shape) < MIN_AXIS:
+        raise SynthError(
+            f"shape {tuple(shape)} is too small: every axis needs at least {MIN_AXIS} voxels"
+        )
+    if layout not in LAYOUTS:
+        raise SynthError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise SynthError(f"seed must be a whole number >= 0, got {seed!r}")
+    if len(spacing) != 3 or not all(float(s) > 0 for s in spacing):
+        raise SynthError(f"spacing must be three positive numbers (Z, Y, X) in mm, got {spacing!r}")
+
+
+def _prepare_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse to mix into someone's folder unless forced; when forced, drop stale synth files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SynthError(f"{out_dir} exists and is not a folder; pick another output folder")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not force:
+        raise SynthError(
+            f"{out_dir} exists and is not empty; pass --force to write over it "
+            "or pick an empty folder"
+        )
+    for path_glob, pattern in _OWN_FILES:
+        for path in out_dir.glob(path_glob):
+            if path.is_file() and re.fullmatch(pattern, path.name):
+                path.unlink()
+
+
+def _split_sizes(cases: int) -> tuple[int, int, int]:
+    """(train, validation, test) counts in the real dataset's 252/36/72 proportions."""
+    if cases < 3:
+        return cases, 0, 0
+    n_test = max(1, int(cases * 0.2 + 0.5))
+    n_val = max(1, int(cases * 0.1 + 0.5))
+    return cases - n_val - n_test, n_val, n_test
+
+
+def _case_paths(out_dir: Path, layout: str, split: str, subtype: int, number: int) -> SynthCase:
+    """Where a case goes: the real quiz layout, or the older Colab pipeline's seed layout."""
+    nnn = f"{number:03d}"
+    truth = out_dir / "test_ground_truth"
+    if layout == "seed":
+        case_id = f"img_{nnn}"
+        if split == "test":
+            return SynthCase(case_id, "test", subtype, out_dir / "imagesTs" / f"{case_id}.nii.gz",
+                             truth / f"{case_id}.nii.gz")
+        return SynthCase(case_id, "train", subtype, out_dir / "imagesTr" / f"{case_id}.nii.gz",
+                         out_dir / "labelsTr" / f"mask_{nnn}.nii.gz")
+    if split == "test":
+        case_id = f"quiz_{nnn}"
+        return SynthCase(case_id, split, subtype, out_dir / "test" / f"{case_id}_0000.nii.gz",
+                         truth / f"{case_id}.nii.gz")
+    case_id = f"quiz_{subtype}_{nnn}"
+    folder = out_dir / split / f"subtype{subtype}"
+    return SynthCase(case_id, split, subtype, folder / f"{case_id}_0000.nii.gz",
+                     folder / f"{case_id}.nii.gz")
+
+
+_QUIRK_TEXT: dict[str, str] = {
+    "float": f"float mask ({FLOAT_LABELS[1]!r})",
+    "int32": "CT stored as int32",
+    "origin": f"mask origin off by {ORIGIN_OFFSET_MM:g} mm in x",
+}
+
+
+def _quirks_of(index: int, n_labelled: int) -> set[str]:
+    """Quirks planted on case ``index``: float masks on most labelled cases, the rest on some.
+
+    The pattern repeats every 4 labelled cases, so from 3 cases on each quirk appears and
+    some cases stay clean. Test cases only get int32 CT: the real test set has no masks.
+    """
+    if index >= n_labelled:
+        return {"int32"} if (index - n_labelled) % 3 == 1 else set()
+    return [{"float", "origin"}, {"float", "int32"}, set(), {"float"}][index % 4]
+
+
+def _write_case(
+    case: SynthCase,
+    ct: np.ndarray,
+    labels: np.ndarray,
+    quirks: set[str],
+    origin: tuple[float, float, float],
+    spacing: tuple[float, float, float],
+) -> None:
+    """Write CT and mask with the case's quirks applied to the stored types and geometry."""
+    import SimpleITK as sitk
+
+    if "float" in quirks:
+        mask_array = np.asarray(FLOAT_LABELS, dtype=np.float32)[labels]
+    else:
+        mask_array = labels
+    mask_origin = (origin[0] + ORIGIN_OFFSET_MM, *origin[1:]) if "origin" in quirks else origin
+    image = sitk.GetImageFromArray(ct.astype(np.int32) if "int32" in quirks else ct)
+    mask = sitk.GetImageFromArray(mask_array)
+    for img, org in ((image, origin), (mask, mask_origin)):
+        img.SetSpacing(tuple(float(s) for s in reversed(spacing)))
+        img.SetOrigin(org)
+    write_image(image, case.image)
+    write_image(mask, case.mask)
+
+
+def _render_case(
+    rng: np.random.Generator, shape: tuple[int, int, int], subtype: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One case as (int16 HU, uint8 labels), both (Z, Y, X).
+
+    Axial slices show a body ellipse (fat rim, soft tissue, liver, aorta, spine) with the
+    pancreas across its middle; label 1 is pancreas, 2 the lesion.
+    """
+    nz, ny, nx = shape
+    zz = np.arange(nz, dtype=np.float32)[:, None, None]
+    yy = np.arange(ny, dtype=np.float32)[None, :, None]
+    xx = np.arange(nx, dtype=np.float32)[None, None, :]
+
+    # Body: anterior is small y, posterior (spine) large y; slightly narrower at the z ends.
+    cy = ny / 2 + rng.uniform(-0.03, 0.03) * ny
+    cx = nx / 2 + rng.uniform(-0.03, 0.03) * nx
+    ay = rng.uniform(0.36, 0.42) * ny
+    ax = rng.uniform(0.42, 0.47) * nx
+    taper = 1.0 - 0.06 * ((zz - nz / 2) / (nz / 2)) ** 2
+    rho = np.sqrt(((yy - cy) / ay) ** 2 + ((xx - cx) / ax) ** 2) / taper
+    inner = rho <= 1.0 - rng.uniform(0.08, 0.14)
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[rho <= 1.0] = -100.0
+    hu[inner] = rng.uniform(35.0, 45.0)
+
+    def column(y: float, x: float, ry: float, rx: float) -> np.ndarray:
+        """An elliptic cylinder along z, clipped to the body's soft tissue."""
+        return (((yy - y) / ry) ** 2 + ((xx - x) / rx) ** 2 <= 1.0) & inner
+
+    # Distractors: liver (upper slices) and enhancing kidneys, aorta and spine.
+    liver = column(cy - 0.1 * ay, cx - 0.6 * ax, 0.55 * ay, 0.35 * ax)
+    hu[liver & (zz >= rng.uniform(0.2, 0.4) * nz)] = rng.uniform(60.0, 75.0)
+    kidneys = column(cy + 0.4 * ay, cx - 0.5 * ax, 0.16 * ay, 0.12 * ax)
+    kidneys |= column(cy + 0.4 * ay, cx + 0.5 * ax, 0.16 * ay, 0.12 * ax)
+    hu[kidneys & (zz < rng.uniform(0.6, 0.8) * nz)] = rng.uniform(140.0, 180.0)
+    hu[column(cy + 0.38 * ay, cx + 0.1 * ax, 0.09 * ay, 0.09 * ay)] = rng.uniform(150.0, 200.0)
+    hu[column(cy + 0.68 * ay, cx, 0.17 * ay, 0.2 * ay)] = rng.uniform(650.0, 750.0)
+
+    scale = min(ny, nx) / 64
+    tube = _Tube(
+        x_head=cx - rng.uniform(0.45, 0.55) * ax,
+        x_tail=cx + rng.uniform(0.4, 0.55) * ax,
+        y_mid=cy - rng.uniform(0.0, 0.12) * ay,
+        drift=rng.uniform(-0.12, 0.12) * ay,
+        bend=rng.uniform(-0.2, 0.2) * ay,
+        z_mid=nz / 2 + rng.uniform(-0.05, 0.05) * nz,
+        rise=rng.uniform(0.3, 0.45) * nz,
+        radius=max(2.0, rng.uniform(3.0, 5.0) * scale),
+        z_ratio=2 * nz / min(ny, nx),
+    )
+    pancreas = tube.mask(zz, yy, xx)
+    lesion, look = _lesion(rng, tube, zz, yy, xx, subtype)
+    hu[pancreas] = rng.uniform(110.0, 140.0)
+    hu[lesion] = rng.normal(*look.hu)
+
+    # Partial volume, then correlated CT noise; the lesion gets its subtype's texture.
+    hu = _blur(hu, 0.6)
+    noise = _unit_noise(rng, shape, 0.6) * rng.uniform(15.0, 20.0)
+    noise[lesion] *= look.noise_factor
+    hu += noise + lesion * (_unit_noise(rng, shape, 1.0) * rng.uniform(*look.texture))
+    ct = np.rint(np.clip(hu, HU_MIN, HU_MAX)).astype(np.int16)
+
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[pancreas] = 1
+    labels[lesion] = 2
+    return ct, labels
+
+
+def _lesion(
+    rng: np.random.Generator,
+    tube: _Tube,
+    zz: np.ndarray,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    subtype: int,
+) -> tuple[np.ndarray, _LesionLook]:
+    """Lesion mask: an ellipsoid on the pancreas, clipped to the pancreas widened by a voxel.
+
+    The clipping keeps the lesion attached; its size grows until it has enough voxels.
+    """
+    look = _LOOKS[subtype]
+    t = rng.uniform(0.2, 0.8)
+    zc, yc, xc = tube.centre(t)
+    rz, r = (float(v) for v in tube.radii(t))
+    zc = zc + rng.uniform(-0.3, 0.3) * rz
+    yc = yc + rng.uniform(-0.3, 0.3) * r
+    radius = float(np.clip(rng.normal(*look.radius), 0.3, 2.0)) * r
+    elong = rng.uniform(1.0, 1.4)
+    host = tube.mask(zz, yy, xx, grow=1.0)
+    while True:
+        ry = max(1.5, radius)
+        zr = max(1.0, ry * rz / r)
+        d = ((zz - zc) / zr) ** 2 + ((yy - yc) / ry) ** 2 + ((xx - xc) / (ry * elong)) ** 2
+        lesion = (d <= 1.0) & host
+        if lesion.sum() >= MIN_LESION_VOXELS:
+            return lesion, look
+        radius = ry + 0.5
+
+
+def _unit_noise(rng: np.random.Generator, shape: tuple[int, int, int], sigma: float) -> np.ndarray:
+    """Spatially correlated Gaussian noise with unit sd: CT noise is not white."""
+    noise = _blur(rng.standard_normal(shape, dtype=np.float32), sigma)
+    return noise / noise.std()
+
+
+def _blur(volume: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur (sigma in voxels, edges repeated), numpy only."""
+    radius = max(1, round(3 * sigma))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).tolist()
+    out = volume.astype(np.float32)
+    for axis in range(out.ndim):
+        pad = [(0, 0)] * out.ndim
+        pad[axis] = (radius, radius)
+        padded = np.moveaxis(np.pad(out, pad, mode="edge"), axis, 0)
+        n = out.shape[axis]
+        out = np.moveaxis(sum(w * padded[i : i + n] for i, w in enumerate(kernel)), 0, axis)
+    return np.ascontiguousarray(out, dtype=np.float32)
