@@ -220,6 +220,8 @@ def nsd(
     p, r = _as_pair(pred, ref)
     if tolerance_mm < 0:
         raise ValueError(f"tolerance_mm must be >= 0, got {tolerance_mm}")
+    if definition not in ("border_voxel", "surface_area"):
+        raise ValueError(f"unknown NSD definition {definition!r}; use 'border_voxel' or 'surface_area'")
     if not p.any() and not r.any():
         return 1.0
     if not p.any() or not r.any():
@@ -228,18 +230,16 @@ def nsd(
         d_pred, d_ref = _border_voxel_distances(p, r, spacing)  # type: ignore[misc]
         within = int((d_pred <= tolerance_mm).sum()) + int((d_ref <= tolerance_mm).sum())
         return within / (d_pred.size + d_ref.size)
-    if definition == "surface_area":
-        if p.ndim != 3:
-            raise ValueError("the surface_area definition needs 3D masks")
-        s = _spacing(spacing, 3)
-        area = _surfel_area_table(s)
-        cp, cr = _crop(p, r, margin=1)  # type: ignore[misc]
-        (ip, kp), (ir, kr) = _surfels(cp), _surfels(cr)
-        d_pred, d_ref = _nearest(ip * s, ir * s), _nearest(ir * s, ip * s)
-        a_pred, a_ref = area[kp], area[kr]
-        within = a_pred[d_pred <= tolerance_mm].sum() + a_ref[d_ref <= tolerance_mm].sum()
-        return float(within / (a_pred.sum() + a_ref.sum()))
-    raise ValueError(f"unknown NSD definition {definition!r}; use 'border_voxel' or 'surface_area'")
+    if p.ndim != 3:
+        raise ValueError("the surface_area definition needs 3D masks")
+    s = _spacing(spacing, 3)
+    area = _surfel_area_table(s)
+    cp, cr = _crop(p, r, margin=1)  # type: ignore[misc]
+    (ip, kp), (ir, kr) = _surfels(cp), _surfels(cr)
+    d_pred, d_ref = _nearest(ip * s, ir * s), _nearest(ir * s, ip * s)
+    a_pred, a_ref = area[kp], area[kr]
+    within = a_pred[d_pred <= tolerance_mm].sum() + a_ref[d_ref <= tolerance_mm].sum()
+    return float(within / (a_pred.sum() + a_ref.sum()))
 
 
 def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:

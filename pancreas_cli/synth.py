@@ -34,8 +34,11 @@ Layout = Literal["quiz", "seed"]
 LAYOUTS: tuple[str, ...] = ("quiz", "seed")
 SUBTYPES: tuple[int, ...] = (0, 1, 2)
 
+#: Marks a folder synth wrote, so ``force`` only ever deletes in synth's own folders.
+MARKER = ".pancseg_synth"
+
 #: Files an earlier run may have left, as (path glob, exact name pattern); ``force`` removes
-#: them so a smaller or other-layout rerun does not leave stale cases behind.
+#: them from a folder with :data:`MARKER` so a smaller or other-layout rerun leaves no stale cases.
 _OWN_FILES: tuple[tuple[str, str], ...] = (
     ("train/subtype*/quiz_*", r"quiz_\d+_\d+(_0000)?\.nii\.gz"),
     ("validation/subtype*/quiz_*", r"quiz_\d+_\d+(_0000)?\.nii\.gz"),
@@ -148,7 +151,9 @@ def synthesize(
     _check_arguments(cases, shape, layout, seed, spacing)
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, force)
-    n_train, n_val, n_test = _split_sizes(cases)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("written by pancseg synth\n", encoding="utf-8")
+    n_train, n_val, _ = _split_sizes(cases)
     n_labelled = n_train + n_val
     # Centred in x and y with the slices below 0, like scanner patient coordinates.
     origin = (-shape[2] * spacing[2] / 2, -shape[1] * spacing[1] / 2, -float(shape[0] * spacing[0]))
@@ -199,7 +204,11 @@ def _check_arguments(
 
 
 def _prepare_out_dir(out_dir: Path, force: bool) -> None:
-    """Refuse to mix into someone's folder unless forced; when forced, drop stale synth files."""
+    """Refuse to mix into someone's folder unless forced; when forced, drop stale synth files.
+
+    Files are deleted only in a folder that synth made (it holds :data:`MARKER`): a real dataset
+    that ``--force`` points at by mistake loses nothing.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise SynthError(f"{out_dir} exists and is not a folder; pick another output folder")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
@@ -209,6 +218,8 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> None:
             f"{out_dir} exists and is not empty; pass --force to write over it "
             "or pick an empty folder"
         )
+    if not (out_dir / MARKER).is_file():
+        return
     for path_glob, pattern in _OWN_FILES:
         for path in out_dir.glob(path_glob):
             if path.is_file() and re.fullmatch(pattern, path.name):
@@ -293,7 +304,7 @@ def _render_case(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One case as (int16 HU, uint8 labels), both (Z, Y, X).
 
-    Axial slices show a body ellipse (fat rim, soft tissue, liver, aorta, spine) with the
+    Axial slices show a body ellipse (fat rim, soft tissue, liver, kidneys, aorta, spine) with the
     pancreas across its middle; label 1 is pancreas, 2 the lesion.
     """
     nz, ny, nx = shape

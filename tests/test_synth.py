@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from pancreas_cli.exceptions import SynthError
-from pancreas_cli.synth import FLOAT_LABELS, ORIGIN_OFFSET_MM, SynthResult, synthesize
+from pancreas_cli.synth import FLOAT_LABELS, MARKER, ORIGIN_OFFSET_MM, SynthResult, synthesize
 
 TINY = (16, 32, 32)
 
@@ -19,7 +19,7 @@ def _array(path: Path) -> np.ndarray:
 
 
 def _files(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MARKER}
 
 
 def _split_counts(result: SynthResult) -> tuple[int, int, int]:
@@ -266,6 +266,14 @@ def test_non_empty_out_dir_needs_force(tmp_path: Path) -> None:
     # The earlier run's extra cases are gone; files synth does not own stay.
     assert _files(tmp_path) == _relative(result) | {"test_ground_truth/subtypes.csv", "notes.txt"}
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_force_never_deletes_in_a_folder_synth_did_not_make(tmp_path: Path) -> None:
+    real = tmp_path / "train" / "subtype0" / "quiz_0_999.nii.gz"
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"a real case")
+    synthesize(tmp_path, cases=3, shape=TINY, force=True)
+    assert real.read_bytes() == b"a real case"
 
 
 def test_out_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:

@@ -1,0 +1,122 @@
+"""``pancseg doctor``: is this machine and config ready to train?"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from pancreas_cli.config import load_config
+from pancreas_cli.exceptions import ConfigError
+
+Status = Literal["ok", "warning", "blocking", "info"]
+MIN_FREE_DISK_GB = 10.0
+MIN_SHM_GB = 1.0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+
+
+@dataclass
+class DoctorReport:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def blocking(self) -> list[Check]:
+        return [c for c in self.checks if c.status == "blocking"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": not self.blocking, "checks": [asdict(c) for c in self.checks]}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1024**3:.1f} GiB"
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def pick_device(requested: str) -> tuple[str | None, str]:
+    """The torch device that ``requested`` resolves to here (None if unavailable) and a description."""
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            requested = "cuda:0"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            requested = "mps"
+        else:
+            return None, "no GPU found (training needs train.device: cpu, which is slow)"
+    if requested.startswith("cuda"):
+        index = int(requested.split(":")[1]) if ":" in requested else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            return None, f"{requested} requested but {torch.cuda.device_count()} CUDA device(s) available"
+        props = torch.cuda.get_device_properties(index)
+        return f"cuda:{index}", f"cuda:{index}: {props.name}, {_gb(props.total_memory)}"
+    if requested == "mps":
+        ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        return ("mps", "Apple MPS") if ok else (None, "mps requested but not available")
+    return "cpu", f"cpu ({platform.processor() or platform.machine()}); training will be slow"
+
+
+def doctor(config_path: Path | None = None, overrides: list[str] | None = None) -> DoctorReport:
+    """Collect versions, device, disk and shared memory, and validate the config."""
+    report = DoctorReport()
+    add = report.checks.append
+    add(Check("python", "ok" if sys.version_info >= (3, 10) else "blocking", platform.python_version()))
+
+    config = None
+    if config_path is not None:
+        try:
+            config = load_config(config_path, overrides or [])
+            add(Check("config", "ok", f"{config_path} is valid"))
+        except ConfigError as exc:
+            add(Check("config", "blocking", "; ".join(exc.problems)))
+
+    nnunet = _version("nnunetv2")
+    nnunet_ok = nnunet is not None and nnunet.startswith("2.8.")
+    add(Check("nnunetv2", "ok" if nnunet_ok else "blocking", nnunet or "not installed (pip install 'nnunetv2>=2.8.1,<2.9')"))
+    try:
+        import torch
+    except ImportError as exc:
+        add(Check("torch", "blocking", f"cannot import torch ({exc})"))
+        torch = None
+    if torch is not None:
+        add(Check("torch", "ok", torch.__version__))
+        cuda = torch.version.cuda or "none (CPU build)"
+        add(Check("cuda", "info", f"CUDA {cuda}; available: {torch.cuda.is_available()}"))
+        requested = config.train.device if config else "auto"
+        device, detail = pick_device(requested)
+        if device is None:
+            # Without a config nothing asked for a GPU yet: inform, do not block.
+            add(Check("device", "blocking" if config else "warning", f"{requested}: {detail}"))
+        else:
+            add(Check("device", "ok", f"{requested} -> {detail}"))
+
+    where = _existing_parent(config.project_dir if config else Path.cwd())
+    free = shutil.disk_usage(where).free
+    add(Check("disk", "ok" if free / 1024**3 >= MIN_FREE_DISK_GB else "blocking", f"{_gb(free)} free under {where}"))
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        shm_free = shutil.disk_usage(shm).free
+        status: Status = "ok" if shm_free / 1024**3 >= MIN_SHM_GB else "warning"
+        add(Check("shared memory", status, f"{_gb(shm_free)} free in /dev/shm (data-loader workers need it)"))
+    return report

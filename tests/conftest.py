@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny NIfTI cases written on the fly, the real-data folder, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from typer.testing import CliRunner
+
+REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+SPACING_XYZ = (0.75, 0.75, 2.0)
+
+
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pin the console width so assertions on messages do not depend on line wrapping."""
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def realdata() -> Path:
+    if not REALDATA.is_dir():
+        pytest.fail(f"real data not found at {REALDATA}: CI lays shared/ beside the clone")
+    return REALDATA
+
+
+def ct_volume(shape: tuple[int, int, int] = (8, 16, 16), seed: int = 0) -> np.ndarray:
+    """A small CT-like int16 volume: air around a soft-tissue block."""
+    rng = np.random.default_rng(seed)
+    vol = np.full(shape, -1000, dtype=np.int16)
+    vol[:, 2:-2, 2:-2] = 40 + rng.normal(0, 10, size=(shape[0], shape[1] - 4, shape[2] - 4)).astype(np.int16)
+    return vol
+
+
+def label_volume(shape: tuple[int, int, int] = (8, 16, 16), lesion: bool = True) -> np.ndarray:
+    lab = np.zeros(shape, dtype=np.uint8)
+    lab[2:6, 5:11, 4:12] = 1
+    if lesion:
+        lab[3:5, 7:9, 6:8] = 2
+    return lab
+
+
+def write(array: np.ndarray, path: Path, spacing: tuple[float, ...] = SPACING_XYZ,
+          origin: tuple[float, ...] = (0.0, 0.0, 0.0)) -> Path:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def make_quiz(root: Path, per_subtype: int = 2, validation: int = 1, test: int = 2) -> Path:
+    """A minimal quiz-layout dataset: ``per_subtype`` train and ``validation`` validation cases per subtype."""
+    n = 0
+    for split, count in (("train", per_subtype), ("validation", validation)):
+        for subtype in range(3):
+            for _ in range(count):
+                n += 1
+                case = f"quiz_{subtype}_{n:03d}"
+                folder = root / split / f"subtype{subtype}"
+                write(ct_volume(seed=n), folder / f"{case}_0000.nii.gz")
+                write(label_volume(), folder / f"{case}.nii.gz")
+    for i in range(test):
+        write(ct_volume(seed=100 + i), root / "test" / f"quiz_{i + 1:03d}_0000.nii.gz")
+    return root
+
+
+def write_config(folder: Path, text: str) -> Path:
+    path = folder / "pancseg.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes (to prove a source folder is unchanged)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def quiz_project(tmp_path: Path) -> Path:
+    """A quiz dataset under tmp/data and a config tmp/pancseg.yaml pointing at it."""
+    make_quiz(tmp_path / "data")
+    write_config(tmp_path, "project_dir: ./work\ndataset:\n  source: ./data\nplan:\n  preset: smoke\n")
+    return tmp_path
+
+
+@pytest.fixture
+def in_dir(tmp_path: Path):
+    """Run the test with ``tmp_path`` as the working directory."""
+    old = Path.cwd()
+    os.chdir(tmp_path)
+    yield tmp_path
+    os.chdir(old)
