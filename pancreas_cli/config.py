@@ -29,9 +29,13 @@ CONFIG_TEMPLATE = Path(__file__).with_name("config_template.yaml")
 
 
 class _Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are re-validated on assignment."""
+    """Base of every config section: unknown keys are errors, values are re-validated on assignment.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Defaults are validated too, so default paths are resolved like given ones and absent sections
+    (``{}``) are built with the same validation context.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
 
 
 def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
@@ -87,7 +91,7 @@ class CleanConfig(_Section):
     spacing_tolerance: float = Field(1e-3, ge=0)
     origin_tolerance_mm: float = Field(1e-2, ge=0)
     direction_tolerance: float = Field(1e-3, ge=0)
-    hu_range: tuple[float, float] = (-1100.0, 4000.0)
+    hu_range: tuple[float, float] = (-3100.0, 16000.0)
 
     @field_validator("label_map")
     @classmethod
@@ -119,10 +123,10 @@ class TrainConfig(_Section):
 
 class Config(_Section):
     project_dir: Path = Path("./pancseg_work")
-    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
-    clean: CleanConfig = Field(default_factory=CleanConfig)
-    plan: PlanConfig = Field(default_factory=PlanConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    dataset: DatasetConfig = Field(default_factory=dict)  # type: ignore[arg-type]
+    clean: CleanConfig = Field(default_factory=dict)  # type: ignore[arg-type]
+    plan: PlanConfig = Field(default_factory=dict)  # type: ignore[arg-type]
+    train: TrainConfig = Field(default_factory=dict)  # type: ignore[arg-type]
 
     _resolve_paths = field_validator("project_dir")(_resolve)
 

@@ -363,13 +363,17 @@ def prepare(config: Config, *, force: bool = False) -> PrepareResult:
             f"{others[0]} already uses dataset id {config.dataset.id}; choose another dataset.id "
             "or pass --force to replace it"
         )
+    notes: list[str] = []
     if target.exists():
         old = _load_record(target)
         if old == record and not force and _complete(target, cases):
             splits = json.loads((target / "splits_final.json").read_text())
             return PrepareResult(target, cases, up_to_date=True, folds=len(splits),
                                  official_split=any(c.split == "validation" for c in cases))
-        if not force:
+        if old == record and not force:
+            # Same source, but prepared files are missing: rebuilding loses nothing of the user's.
+            notes.append(f"{target} was incomplete and has been rebuilt; re-run `pancseg clean`")
+        elif not force:
             why = _describe_difference(old, record) if old else "it was not made by pancseg prepare"
             raise OutputExistsError(
                 f"{target} exists and differs from the source ({why}); pass --force to rebuild it "
@@ -409,6 +413,7 @@ def prepare(config: Config, *, force: bool = False) -> PrepareResult:
         converted=converted,
         folds=len(splits),
         official_split=any(c.split == "validation" for c in cases),
+        notes=notes,
     )
 
 

@@ -1,0 +1,122 @@
+"""The command line: global options, exit codes and error messages (CliRunner)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from conftest import write_config
+from pancreas_cli import __version__
+from pancreas_cli.cli import app
+from pancreas_cli.config import CONFIG_TEMPLATE
+
+
+def test_version(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"pancseg {__version__}"
+
+
+def test_python_m_entry_point() -> None:
+    done = subprocess.run([sys.executable, "-m", "pancreas_cli", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"pancseg {__version__}"
+
+
+def test_help_lists_commands_without_importing_torch_or_nnunet() -> None:
+    code = (
+        "import sys; from typer.testing import CliRunner; from pancreas_cli.cli import app;"
+        "r = CliRunner().invoke(app, ['--help']); print(r.exit_code);"
+        "print(r.output); print('HEAVY', [m for m in ('torch', 'nnunetv2', 'SimpleITK') if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"COLUMNS": "200", "PATH": ""})
+    assert done.stdout.startswith("0\n")
+    for command in ("init", "synth", "prepare", "clean", "preprocess", "doctor"):
+        assert command in done.stdout
+    assert "HEAVY []" in done.stdout
+
+
+def test_unknown_command_and_option_are_usage_errors(runner: CliRunner) -> None:
+    assert runner.invoke(app, ["fly"]).exit_code == 2
+    assert runner.invoke(app, ["prepare", "--bogus"]).exit_code == 2
+
+
+def test_init_writes_template_and_refuses_to_overwrite(runner: CliRunner, tmp_path: Path) -> None:
+    target = tmp_path / "cfg" / "pancseg.yaml"
+    result = runner.invoke(app, ["init", str(target)])
+    assert result.exit_code == 0 and target.read_text() == CONFIG_TEMPLATE.read_text()
+    target.write_text("mine")
+    again = runner.invoke(app, ["init", str(target)])
+    assert again.exit_code == 1 and "already exists" in again.stderr
+    assert target.read_text() == "mine"
+
+
+def test_no_config_is_a_clear_error(runner: CliRunner, in_dir: Path) -> None:
+    result = runner.invoke(app, ["prepare"])
+    assert result.exit_code == 1
+    assert "no config given" in result.stderr and "pancseg init" in result.stderr
+
+
+def test_default_config_file_is_used(runner: CliRunner, in_dir: Path) -> None:
+    write_config(in_dir, "dataset:\n  source: ./missing\n")
+    result = runner.invoke(app, ["prepare"])
+    assert result.exit_code == 1 and "dataset.source: folder not found" in result.stderr
+
+
+def test_bad_config_one_line_per_field_no_traceback(runner: CliRunner, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    cfg = write_config(tmp_path, "train:\n  epocs: 3\n  epochs: -1\n")
+    result = runner.invoke(app, ["prepare", "-c", str(cfg)])
+    assert result.exit_code == 1
+    assert "train.epocs: unknown key (did you mean 'epochs'?)" in result.stderr
+    assert "train.epochs: must be > 0" in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_set_override_error_and_debug_traceback(runner: CliRunner, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    cfg = write_config(tmp_path, "")
+    result = runner.invoke(app, ["clean", "-c", str(cfg), "--set", "dataset.id=0"])
+    assert result.exit_code == 1 and "dataset.id: must be >= 1" in result.stderr
+    debug = runner.invoke(app, ["--debug", "clean", "-c", str(cfg), "--set", "dataset.id=0"])
+    assert debug.exit_code == 1 and "Traceback" in debug.stderr
+
+
+def test_synth_cli(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "syn"
+    result = runner.invoke(app, ["synth", str(out), "--cases", "3", "--shape", "16,32,32", "--quirks"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 3 synthetic cases" in result.stdout and "quirks" in result.stdout
+    assert (out / "test").is_dir()
+    again = runner.invoke(app, ["synth", str(out), "--cases", "3", "--shape", "16,32,32"])
+    assert again.exit_code == 1 and "--force" in again.stderr
+
+
+def test_synth_usage_errors(runner: CliRunner, tmp_path: Path) -> None:
+    assert runner.invoke(app, ["synth", str(tmp_path / "a"), "--shape", "16,32"]).exit_code == 2
+    assert runner.invoke(app, ["synth", str(tmp_path / "a"), "--layout", "zip"]).exit_code == 2
+    assert runner.invoke(app, ["synth", str(tmp_path / "a"), "--cases", "0"]).exit_code == 2
+    small = runner.invoke(app, ["synth", str(tmp_path / "a"), "--shape", "4,4,4"])
+    assert small.exit_code == 1 and "error:" in small.stderr
+
+
+def test_doctor_json_and_blocking_device(runner: CliRunner, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    cfg = write_config(tmp_path, "train:\n  device: cuda:7\n")
+    result = runner.invoke(app, ["doctor", "-c", str(cfg), "--json"])
+    report = json.loads(result.stdout)
+    device = next(c for c in report["checks"] if c["name"] == "device")
+    assert device["status"] == "blocking" and result.exit_code == 1 and report["ok"] is False
+    cpu = runner.invoke(app, ["doctor", "-c", str(cfg), "--set", "train.device=cpu", "--json"])
+    checks = {c["name"]: c for c in json.loads(cpu.stdout)["checks"]}
+    assert checks["config"]["status"] == "ok" and checks["device"]["status"] == "ok"
+    assert checks["nnunetv2"]["detail"].startswith("2.8.")
+    assert cpu.exit_code == (0 if all(c["status"] != "blocking" for c in checks.values()) else 1)
+
+
+def test_doctor_reports_invalid_config(runner: CliRunner, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, "dataset:\n  source: ./nope\n")
+    result = runner.invoke(app, ["doctor", "-c", str(cfg)])
+    assert result.exit_code == 1 and "dataset.source: folder not found" in result.stdout
