@@ -160,7 +160,7 @@ def _interpolated_mask(image: Path, mask: Path) -> None:
 
 
 def _ct_4d(image: Path, mask: Path) -> None:
-    sitk.WriteImage(sitk.GetImageFromArray(np.stack([_ct(1), _ct(2)])), str(image))
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([_ct(1), _ct(2)]), isVector=False), str(image))
 
 
 def _truncated_ct(image: Path, mask: Path) -> None:
