@@ -20,7 +20,7 @@ import numpy as np
 
 from pancreas_cli.config import CleanConfig, Config
 from pancreas_cli.exceptions import CleanError, DataError
-from pancreas_cli.imageio import image_extension, read_image, write_image, write_text
+from pancreas_cli.imageio import read_image, scan_nifti, write_image, write_text
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -122,60 +122,12 @@ class _CaseAudit:
             self.findings[i] = Finding(f.severity, f.case, f.problem, f.detail, action, pending=pending)
 
 
-_NIFTI_FLOATS = {16: np.dtype("float32"), 64: np.dtype("float64")}
-
-
-def _scan_nifti(path: Path) -> int:
-    """Read a NIfTI-1 file to its end and return its number of NaN/Inf voxels.
-
-    SimpleITK cannot be trusted with either: its NIfTI reader (nifti1_io) reads a truncated
-    ``.nii.gz`` without complaint, with garbage in place of the missing voxels, and silently turns
-    NaN/Inf voxels into 0. Raises :class:`DataError` for a damaged or truncated file.
-    """
-    import gzip
-    import struct
-    import zlib
-
-    if image_extension(path) not in (".nii.gz", ".nii"):
-        return 0
-    opener = gzip.open if image_extension(path) == ".nii.gz" else open
-    expected = got = bad = 0
-    try:
-        with opener(path, "rb") as fh:
-            header = fh.read(348)
-            endian = next((e for e in "<>" if len(header) == 348 and struct.unpack(e + "i", header[:4])[0] == 348), None)
-            dtype = None
-            if endian is not None:  # NIfTI-1 (other files: only the stream is checked)
-                dims = struct.unpack(endian + "8h", header[40:56])
-                datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
-                expected = int(np.prod([max(d, 1) for d in dims[1 : min(max(dims[0], 0), 7) + 1]])) * (bitpix // 8)
-                fh.read(max(int(struct.unpack(endian + "f", header[108:112])[0]) - 348, 0))
-                if datatype in _NIFTI_FLOATS:
-                    dtype = _NIFTI_FLOATS[datatype].newbyteorder(endian)
-            rest = b""
-            while chunk := fh.read(1 << 24):
-                if dtype is not None and got < expected:
-                    data = rest + chunk[: expected - got]
-                    usable = len(data) - len(data) % dtype.itemsize
-                    bad += int((~np.isfinite(np.frombuffer(data[:usable], dtype))).sum())
-                    rest = data[usable:]
-                got += len(chunk)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: cannot read image ({exc}); the file may be truncated or damaged") from exc
-    if got < expected:
-        raise DataError(
-            f"{path}: cannot read image (truncated: {got} of {expected} bytes of voxel data); "
-            "the file may be truncated or damaged"
-        )
-    return bad
-
-
 def _audit_image(audit: _CaseAudit, path: Path, hu_range: tuple[float, float]) -> sitk.Image | None:
     """Checks shared by training and test images. Returns the image when it is usable."""
     import SimpleITK as sitk
 
     try:
-        nonfinite = _scan_nifti(path)
+        nonfinite = scan_nifti(path)
         image = read_image(path)
     except DataError as exc:
         audit.error("unreadable image", str(exc), "replace the file in the source")
@@ -221,7 +173,7 @@ def _audit_mask(audit: _CaseAudit, path: Path, image: sitk.Image, cfg: CleanConf
     import SimpleITK as sitk
 
     try:
-        nonfinite = _scan_nifti(path)
+        nonfinite = scan_nifti(path)
         mask = read_image(path)
     except DataError as exc:
         audit.error("unreadable mask", str(exc), "replace the file in the source")

@@ -153,6 +153,8 @@ def prepare(
     if json_:
         output.json(result.to_dict())
         return
+    for note in result.notes:
+        output.warn(note)
     state = "up to date" if result.up_to_date else "prepared"
     counts = result.subtype_counts
     output.result(

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pancreas_cli.exceptions import DataError
 
 if TYPE_CHECKING:
@@ -33,12 +35,18 @@ def image_stem(path: Path | str) -> str:
     return name[: -len(ext)] if ext else Path(name).stem
 
 
-def read_image(path: Path) -> sitk.Image:
-    """Read an image, turning SimpleITK's errors into a :class:`DataError` naming the file."""
+def read_image(path: Path, *, verify: bool = False) -> sitk.Image:
+    """Read an image, turning SimpleITK's errors into a :class:`DataError` naming the file.
+
+    ``verify`` first runs :func:`scan_nifti` (NIfTI only), which SimpleITK's reader needs for
+    truncated files and NaN/Inf voxels; any non-finite voxel is then an error.
+    """
     import SimpleITK as sitk
 
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    if verify and (bad := scan_nifti(path)):
+        raise DataError(f"{path}: {bad} NaN/Inf voxels; replace them in the source (e.g. with -1024 for CT)")
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -46,6 +54,55 @@ def read_image(path: Path) -> sitk.Image:
         raise DataError(
             f"{path}: cannot read image ({first}); the file may be truncated or not an image"
         ) from exc
+
+
+_NIFTI_FLOATS = {16: np.dtype("float32"), 64: np.dtype("float64")}
+
+
+def scan_nifti(path: Path) -> int:
+    """Read a NIfTI-1 file to its end and return its number of NaN/Inf voxels.
+
+    SimpleITK cannot be trusted with either: its NIfTI reader (nifti1_io) reads a truncated
+    ``.nii.gz`` without complaint, with garbage in place of the missing voxels, and silently turns
+    NaN/Inf voxels into 0. Raises :class:`DataError` for a damaged or truncated file.
+    """
+    import gzip
+    import struct
+    import zlib
+
+    if image_extension(path) not in (".nii.gz", ".nii"):
+        return 0
+    opener = gzip.open if image_extension(path) == ".nii.gz" else open
+    expected = got = bad = 0
+    try:
+        with opener(path, "rb") as fh:
+            header = fh.read(348)
+            endians = [e for e in "<>" if len(header) == 348 and struct.unpack(e + "i", header[:4])[0] == 348]
+            endian = endians[0] if endians else None
+            dtype = None
+            if endian is not None:  # NIfTI-1 (other files: only the stream is checked)
+                dims = struct.unpack(endian + "8h", header[40:56])
+                datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+                expected = int(np.prod([max(d, 1) for d in dims[1 : min(max(dims[0], 0), 7) + 1]])) * (bitpix // 8)
+                fh.read(max(int(struct.unpack(endian + "f", header[108:112])[0]) - 348, 0))
+                if datatype in _NIFTI_FLOATS:
+                    dtype = _NIFTI_FLOATS[datatype].newbyteorder(endian)
+            rest = b""
+            while chunk := fh.read(1 << 24):
+                if dtype is not None and got < expected:
+                    data = rest + chunk[: expected - got]
+                    usable = len(data) - len(data) % dtype.itemsize
+                    bad += int((~np.isfinite(np.frombuffer(data[:usable], dtype))).sum())
+                    rest = data[usable:]
+                got += len(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read image ({exc}); the file may be truncated or damaged") from exc
+    if got < expected:
+        raise DataError(
+            f"{path}: cannot read image (truncated: {got} of {expected} bytes of voxel data); "
+            "the file may be truncated or damaged"
+        )
+    return bad
 
 
 def atomic_target(path: Path) -> Path:

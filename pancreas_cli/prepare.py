@@ -111,6 +111,10 @@ def _quiz_cases(source: Path) -> list[SourceCase]:
                 raise PrepareError(f"{sub_dir}: unexpected folder; quiz layout expects subtype0, subtype1, subtype2")
             subtype = _parse_subtype(match.group(1), str(sub_dir))
             files = _images_in(sub_dir)
+            stems = Counter(image_stem(p) for p in files)
+            twice = sorted(s for s, n in stems.items() if n > 1)
+            if twice:
+                raise PrepareError(f"{sub_dir}: {twice[0]} exists in several formats; keep one file per case")
             images = {_strip_channel(image_stem(p)): p for p in files if image_stem(p).endswith("_0000")}
             masks = {image_stem(p): p for p in files if not image_stem(p).endswith("_0000")}
             for case_id, mask in masks.items():
@@ -339,7 +343,7 @@ def _place(src: Path, dst: Path) -> bool:
         link_or_copy(src, dst)
         return False
     try:
-        write_image(read_image(src), dst)
+        write_image(read_image(src, verify=True), dst)
     except DataError as exc:
         raise PrepareError(str(exc)) from exc
     return True

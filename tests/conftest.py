@@ -37,6 +37,7 @@ def ct_volume(shape: tuple[int, int, int] = (8, 16, 16), seed: int = 0) -> np.nd
     rng = np.random.default_rng(seed)
     vol = np.full(shape, -1000, dtype=np.int16)
     vol[:, 2:-2, 2:-2] = 40 + rng.normal(0, 10, size=(shape[0], shape[1] - 4, shape[2] - 4)).astype(np.int16)
+    vol[:, -3, 3] = 700  # a bone-like column, so the range looks like CT
     return vol
 
 

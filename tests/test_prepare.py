@@ -17,6 +17,7 @@ from conftest import ct_volume, label_volume, make_quiz, snapshot, write, write_
 from pancreas_cli.cli import app
 from pancreas_cli.config import Config, load_config
 from pancreas_cli.exceptions import OutputExistsError, PrepareError
+from pancreas_cli.imageio import write_image
 from pancreas_cli.prepare import RECORD_NAME, SourceCase, make_splits, prepare
 
 DATASET = "Dataset001_PancreasCancer"
@@ -479,8 +480,6 @@ def test_source_is_never_modified(quiz_project: Path) -> None:
     assert prepared.read_bytes() == src.read_bytes()
     if prepared.stat().st_ino == src.stat().st_ino:
         assert src.stat().st_nlink >= 2
-    from pancreas_cli.imageio import write_image
-
     write_image(sitk.GetImageFromArray(np.zeros((8, 16, 16), np.uint8)), prepared)
     assert snapshot(source) == before
 
