@@ -209,6 +209,54 @@ def preprocess(
     output.info(f"nnU-Net log: {result.log_file}")
 
 
+def _folds(values: list[str] | None, num_folds: int) -> list[int]:
+    if not values:
+        return [0]
+    if values == ["all"]:
+        return list(range(num_folds))
+    try:
+        folds = [int(v) for v in values]
+    except ValueError:
+        raise typer.BadParameter(f"folds are numbers or 'all', got {values}", param_hint="--fold") from None
+    bad = [f for f in folds if not 0 <= f < num_folds]
+    if bad:
+        raise typer.BadParameter(f"fold {bad[0]} outside 0..{num_folds - 1}", param_hint="--fold")
+    return folds
+
+
+@app.command()
+@handle_errors
+def train(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    fold: Annotated[list[str] | None, typer.Option("--fold", "-f", help="Fold (repeatable) or 'all'. Default 0.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Discard an existing training of the fold.")] = False,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    task: Annotated[str | None, typer.Option(help="multitask or segmentation (stock nnU-Net).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Number of epochs (overrides train.epochs).")] = None,
+    num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="GPUs for nnU-Net's DDP training.")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Train the multi-task model (or stock nnU-Net) with nnU-Net v2's machinery."""
+    from pancreas_cli.progress import EpochPrinter
+    from pancreas_cli.train import train as run_train
+
+    cfg = _config(config, set_, **{"train.device": device, "train.task": task, "train.epochs": epochs,
+                                   "train.num_gpus": num_gpus})
+    if cfg.train.device == "cpu":
+        output.warn("training on the CPU is very slow; use it for smoke runs only")
+    result = run_train(cfg, folds=_folds(fold, cfg.dataset.num_folds), resume=resume, force=force,
+                       reporter=EpochPrinter(quiet=output.verbosity < 0))
+    if json_:
+        output.json(result.to_dict())
+        return
+    rows = [(f.fold, f.epochs_done, f.last.get("dice_pancreas", ""), f.last.get("dice_lesion", ""),
+             f.last.get("val_macro_f1", ""), f"{f.seconds:.0f}s", str(f.output_folder)) for f in result.folds]
+    output.table(f"{result.trainer} on {result.device}",
+                 ["fold", "epochs", "dice pancreas", "dice lesion", "macro-F1", "time", "folder"], rows)
+
+
 @app.command()
 @handle_errors
 def doctor(

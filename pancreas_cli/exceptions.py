@@ -47,3 +47,13 @@ class PreprocessError(PancsegError):
 
 class OutputExistsError(PancsegError):
     """An output exists and differs from what would be written; ``--force`` replaces it."""
+
+
+class TrainError(PancsegError):
+    """Training cannot start or failed."""
+
+
+class TrainingInterrupted(PancsegError):
+    """Training was stopped by the user (Ctrl-C) after saving a checkpoint."""
+
+    exit_code = 130

@@ -9,7 +9,12 @@ from __future__ import annotations
 import os
 import sys
 
+from pathlib import Path
+
 from pancreas_cli.config import Config
+
+#: The folder to put in ``nnUNet_extTrainer`` so that nnU-Net's own commands find pancseg's trainers.
+TRAINER_DIR = Path(__file__).with_name("nnunet_ext")
 
 
 def nnunet_environment(config: Config, *, device_type: str | None = None) -> dict[str, str]:
@@ -24,6 +29,7 @@ def nnunet_environment(config: Config, *, device_type: str | None = None) -> dic
         da_workers = 0
     else:
         da_workers = min(12, os.cpu_count() or 1)
+    wandb = config.train.wandb
     return {
         "nnUNet_raw": str(config.raw_dir),
         "nnUNet_preprocessed": str(config.preprocessed_dir),
@@ -31,7 +37,16 @@ def nnunet_environment(config: Config, *, device_type: str | None = None) -> dic
         "nnUNet_def_n_proc": str(config.plan.num_processes),
         "nnUNet_n_proc_DA": str(da_workers),
         "nnUNet_compile": "true" if config.train.compile else "false",
+        "nnUNet_extTrainer": os.pathsep.join(dict.fromkeys([str(TRAINER_DIR), *_user_ext_trainers()])),
+        "nnUNet_wandb_enabled": "1" if wandb.enabled else "0",
+        "nnUNet_wandb_project": wandb.project,
+        "nnUNet_wandb_mode": wandb.mode,
     }
+
+
+def _user_ext_trainers() -> list[str]:
+    """Trainer folders the user already gave nnU-Net (kept after pancseg's own)."""
+    return [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p and p != str(TRAINER_DIR)]
 
 
 def setup_nnunet_env(config: Config, *, device_type: str | None = None) -> dict[str, str]:

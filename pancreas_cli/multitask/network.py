@@ -1,0 +1,182 @@
+"""A segmentation network from nnU-Net's plans with a classification head on its encoder.
+
+The encoder runs once per forward pass and feeds both nnU-Net's decoder and the head. ``forward``
+returns only what nnU-Net expects (segmentation logits, or the deep-supervision list), so nnU-Net's
+predictor, validation and checkpoints keep working. The class logits of the same pass come from
+:meth:`MultiTaskNet.forward_multitask`, from ``forward`` while ``return_class_logits`` is set (the
+trainer's steps, which must call the possibly DDP-wrapped module itself), or are appended to
+``class_logits_sink`` when that is a list (tile-wise aggregation in sliding-window inference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Pooling = Literal["mean", "attention"]
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """The classification head, stored in the plans so inference rebuilds the same network.
+
+    ``stages`` index encoder stages (0 = full resolution); negative values count from the
+    bottleneck. Shallow stages carry subtype texture, so the default mixes shallow and deep ones.
+    ``pooling="attention"`` adds lesion- and pancreas-weighted averages (weights = the decoder's
+    probabilities) to the plain global average, so a small lesion is not diluted by the patch.
+    """
+
+    stages: tuple[int, ...] = (1, 2, -1)
+    pooling: Pooling = "attention"
+    hidden: int = 128
+    dropout: float = 0.3
+    num_classes: int = 3
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> HeadSettings:
+        data = dict(data or {})
+        if "stages" in data:
+            data["stages"] = tuple(int(s) for s in data["stages"])
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "stages": list(self.stages)}
+
+
+def _weighted_mean(features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Average ``features`` (B,C,*S) over space with ``weights`` (B,1,*S')."""
+    if weights.shape[2:] != features.shape[2:]:
+        weights = F.adaptive_avg_pool3d(weights, features.shape[2:]) if weights.ndim == 5 else F.adaptive_avg_pool2d(
+            weights, features.shape[2:]
+        )
+    dims = tuple(range(2, features.ndim))
+    return (features * weights).sum(dims) / (weights.sum(dims) + eps)
+
+
+class ClassificationHead(nn.Module):
+    """Pooled features of several encoder stages -> MLP with dropout -> class logits."""
+
+    def __init__(self, stage_channels: list[int], settings: HeadSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        poolings = 3 if settings.pooling == "attention" else 1
+        in_features = sum(stage_channels) * poolings
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(in_features),
+            nn.Dropout(settings.dropout),
+            nn.Linear(in_features, settings.hidden),
+            nn.GELU(),
+            nn.Dropout(settings.dropout),
+            nn.Linear(settings.hidden, settings.num_classes),
+        )
+
+    def forward(self, features: list[torch.Tensor], attention: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        pooled = []
+        for f in features:
+            pooled.append(f.mean(dim=tuple(range(2, f.ndim))))
+            if self.settings.pooling == "attention":
+                if attention is None:
+                    raise ValueError("attention pooling needs the segmentation probabilities")
+                pooled += [_weighted_mean(f, w) for w in attention]
+        return self.mlp(torch.cat(pooled, dim=1))
+
+
+class MultiTaskNet(nn.Module):
+    """nnU-Net's encoder-decoder (``encoder``/``decoder`` kept as attributes) plus a subtype head.
+
+    ``regions``: the decoder predicts sigmoid regions (pancreas=[1,2], lesion=[2]) instead of
+    softmax labels; this decides how the attention weights are read from its output.
+    """
+
+    def __init__(self, seg_network: nn.Module, settings: HeadSettings, regions: bool = False) -> None:
+        super().__init__()
+        self.encoder = seg_network.encoder
+        self.decoder = seg_network.decoder
+        self.settings = settings
+        self.regions = regions
+        channels = list(self.encoder.output_channels)
+        n = len(channels)
+        self.stage_indices = sorted({s % n for s in settings.stages})
+        if any(not -n <= s < n for s in settings.stages):
+            raise ValueError(f"head stages {settings.stages} out of range for {n} encoder stages")
+        self.head = ClassificationHead([channels[i] for i in self.stage_indices], settings)
+        self.return_class_logits = False
+        self.class_logits_sink: list[torch.Tensor] | None = None
+        self._initialize = getattr(seg_network, "initialize", None)
+
+    def initialize(self, module: nn.Module) -> None:
+        """nnU-Net's weight init for the segmentation parts (``network.apply(network.initialize)``)."""
+        if self._initialize is not None:
+            self._initialize(module)
+
+    def _attention(self, seg_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lesion, pancreas) probabilities, detached: the class loss must not reshape the masks."""
+        return structure_probabilities(seg_logits.detach(), self.regions)
+
+    def forward_multitask(self, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """Segmentation output (as ``forward``) and class logits from one encoder pass."""
+        skips = self.encoder(x)
+        seg = self.decoder(skips)
+        full_res = seg[0] if isinstance(seg, (list, tuple)) else seg
+        attention = self._attention(full_res) if self.settings.pooling == "attention" else None
+        logits = self.head([skips[i] for i in self.stage_indices], attention)
+        return seg, logits
+
+    def forward(self, x: torch.Tensor) -> Any:
+        seg, logits = self.forward_multitask(x)
+        if self.return_class_logits:
+            return seg, logits
+        if self.class_logits_sink is not None:
+            self.class_logits_sink.append(logits.detach())
+        return seg
+
+
+def structure_probabilities(seg_logits: torch.Tensor, regions: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lesion, whole pancreas) probability maps (B,1,*S) from segmentation logits."""
+    logits = seg_logits.float()
+    if regions:
+        probs = torch.sigmoid(logits)
+        return probs[:, 1:2], probs[:, 0:1]
+    probs = torch.softmax(logits, dim=1)
+    return probs[:, 2:3], probs[:, 1:3].sum(1, keepdim=True)
+
+
+def tile_weights(seg_logits: torch.Tensor, regions: bool) -> torch.Tensor:
+    """How much a tile's class logits count when a case's tiles are aggregated, per batch item.
+
+    The subtype is a property of the lesion: tiles count by their predicted lesion fraction, plus a
+    tenth of their pancreas fraction (so a case whose lesion is missed still gets a vote from its
+    pancreas), plus a tiny floor so that a case without either still averages all tiles.
+    """
+    lesion, pancreas = structure_probabilities(seg_logits, regions)
+    dims = tuple(range(1, lesion.ndim))
+    return lesion.mean(dims) + 0.1 * pancreas.mean(dims) + 1e-6
+
+
+def build_multitask_network(
+    plans_manager: Any,
+    configuration_manager: Any,
+    num_input_channels: int,
+    num_output_channels: int,
+    enable_deep_supervision: bool = True,
+) -> MultiTaskNet:
+    """Build the plans' architecture and wrap it; head settings come from the configuration's
+    ``pancseg_head`` entry (written by the trainer, so the predictor rebuilds the same head)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    seg = get_network_from_plans(
+        configuration_manager.network_arch_class_name,
+        configuration_manager.network_arch_init_kwargs,
+        configuration_manager.network_arch_init_kwargs_req_import,
+        num_input_channels,
+        num_output_channels,
+        allow_init=True,
+        deep_supervision=enable_deep_supervision,
+    )
+    settings = HeadSettings.from_dict(configuration_manager.configuration.get("pancseg_head"))
+    # Labels need background + pancreas + lesion outputs; regions (pancreas=[1,2], lesion=[2]) two.
+    return MultiTaskNet(seg, settings, regions=num_output_channels == 2)

@@ -1,0 +1,64 @@
+"""nnU-Net's sliding-window predictor, also aggregating the subtype logits of the same passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from torch._dynamo import OptimizedModule
+
+from pancreas_cli.multitask.network import MultiTaskNet, tile_weights
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The plain module behind DDP and torch.compile wrappers."""
+    network = getattr(network, "module", network)
+    return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+
+class MultiTaskPredictor(nnUNetPredictor):
+    """Predicts segmentations as nnU-Net does and, from the same forward passes, a subtype per case.
+
+    Class probabilities are averaged over test-time mirrors per tile, then over tiles weighted by
+    :func:`~pancreas_cli.multitask.network.tile_weights`. ``case_class_probabilities`` holds one
+    vector per call of :meth:`predict_sliding_window_return_logits`, in call order.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.case_class_probabilities: list[np.ndarray] = []
+        self._weighted_sum: torch.Tensor | None = None
+        self._weight_total: torch.Tensor | None = None
+
+    def _multitask_net(self) -> MultiTaskNet:
+        net = unwrap(self.network)
+        if not isinstance(net, MultiTaskNet):
+            raise TypeError(f"MultiTaskPredictor needs a MultiTaskNet, got {type(net).__name__}")
+        return net
+
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        net = self._multitask_net()
+        net.class_logits_sink = []
+        try:
+            prediction = super()._internal_maybe_mirror_and_predict(x)
+            logits = net.class_logits_sink
+        finally:
+            net.class_logits_sink = None
+        probs = torch.stack([torch.softmax(item.float(), dim=1) for item in logits]).mean(0)  # (B, K)
+        weights = tile_weights(prediction, net.regions)  # (B,)
+        contribution = (weights[:, None] * probs).sum(0)
+        if self._weighted_sum is None or self._weight_total is None:
+            self._weighted_sum, self._weight_total = contribution, weights.sum()
+        else:
+            self._weighted_sum = self._weighted_sum + contribution
+            self._weight_total = self._weight_total + weights.sum()
+        return prediction
+
+    def _internal_predict_sliding_window_return_logits(self, data, slicers, do_on_device: bool = True):  # type: ignore[no-untyped-def]
+        # Reset here, not in the public method: nnU-Net retries this on CPU after running out of memory.
+        self._weighted_sum = self._weight_total = None
+        logits = super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
+        if self._weighted_sum is None or self._weight_total is None:
+            raise RuntimeError("no tile was predicted")
+        self.case_class_probabilities.append((self._weighted_sum / self._weight_total).float().cpu().numpy())
+        return logits

@@ -1,0 +1,484 @@
+"""pancseg's nnU-Net v2 trainers.
+
+``nnUNetTrainerPancseg`` is nnU-Net's default trainer with pancseg's run settings (epochs,
+iterations, learning rate, batch size, checkpoint interval), whole-pancreas and lesion pseudo-Dice,
+and ``metrics.csv``. ``nnUNetTrainerMultiTask`` adds the lesion-subtype head: a few overridden
+hooks, nnU-Net's loop, data loading, checkpoints and validation unchanged.
+
+Both are found by nnU-Net's own commands when ``nnUNet_extTrainer`` points at
+``pancreas_cli/nnunet_ext`` (see README).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from time import time
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast, nn
+
+from pancreas_cli.exceptions import DataError
+from pancreas_cli.imageio import write_text
+from pancreas_cli.metrics import classification_metrics
+from pancreas_cli.multitask.network import HeadSettings, MultiTaskNet, build_multitask_network, tile_weights
+from pancreas_cli.multitask.predictor import MultiTaskPredictor, unwrap
+from pancreas_cli.multitask.settings import TrainingSettings, read_settings
+
+SUBTYPES = (0, 1, 2)
+METRICS_NAME = "metrics.csv"
+METRICS_COLUMNS = (
+    "epoch", "train_loss", "seg_loss", "cls_loss", "cls_lambda", "val_loss", "val_cls_loss",
+    "dice_pancreas", "dice_lesion", "ema_pseudo_dice", "val_accuracy", "val_macro_f1", "val_cases",
+    "criterion", "best", "lr", "epoch_time_s",
+)
+# Values the base logger must accept (it only takes registered keys, one value per epoch).
+_LOG_KEYS = ("pancseg_dice_pancreas", "pancseg_dice_lesion", "pancseg_criterion")
+_MT_LOG_KEYS = ("pancseg_seg_loss", "pancseg_cls_loss", "pancseg_val_cls_loss", "pancseg_val_accuracy",
+                "pancseg_val_macro_f1", "pancseg_val_cases")
+
+
+def _dice(tp: float, fp: float, fn: float) -> float:
+    denominator = 2 * tp + fp + fn
+    return float(2 * tp / denominator) if denominator > 0 else float("nan")
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+class nnUNetTrainerPancseg(nnUNetTrainer):
+    """nnU-Net's trainer with pancseg's settings, structure pseudo-Dice and ``metrics.csv``."""
+
+    #: Called after every epoch with that epoch's metrics row (pancseg's progress display).
+    epoch_callback: ClassVar[Callable[[dict[str, Any]], None] | None] = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        base = os.environ.get("nnUNet_preprocessed")
+        self.pancseg_settings = read_settings(Path(base) / plans["dataset_name"]) if base else TrainingSettings()
+        self._prepare_plans(plans, configuration)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        settings = self.pancseg_settings
+        self.num_epochs = settings.epochs
+        self.num_iterations_per_epoch = settings.iterations_per_epoch
+        self.num_val_iterations_per_epoch = settings.val_iterations
+        self.initial_lr = settings.initial_lr
+        self.save_every = settings.save_every
+        self._register_log_keys(_LOG_KEYS)
+
+    def _prepare_plans(self, plans: dict, configuration: str) -> None:
+        """Adjust the plans before nnU-Net reads them (they are copied into the results folder)."""
+        if self.pancseg_settings.batch_size is not None:
+            plans["configurations"][configuration]["batch_size"] = self.pancseg_settings.batch_size
+
+    def _register_log_keys(self, keys: tuple[str, ...]) -> None:
+        store = self.logger.local_logger.my_fantastic_logging
+        for key in keys:
+            store.setdefault(key, [])
+
+    @property
+    def _regions(self) -> bool:
+        return bool(self.label_manager.has_regions)
+
+    # ---------------------------------------------------------------- forward and steps
+
+    def _forward(self, data: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+        """Segmentation output and class logits (None for plain segmentation)."""
+        return self.network(data), None
+
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, Any]:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        if isinstance(target, list):
+            target = [t.to(self.device, non_blocking=True) for t in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+        return data, target
+
+    def _autocast(self) -> Any:
+        # As nnU-Net: autocast only on CUDA (slow on CPU, unsupported on MPS).
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's per-class counts plus whole-pancreas and lesion counts (and class outputs)."""
+        data, target = self._to_device(batch)
+        with self._autocast():
+            seg, logits = self._forward(data)
+            loss = self.loss(seg, target)
+        output = seg[0] if self.enable_deep_supervision else seg
+        target = target[0] if self.enable_deep_supervision else target
+        axes = [0] + list(range(2, output.ndim))
+        if self._regions:
+            onehot = (torch.sigmoid(output) > 0.5).long()
+            structures_pred = [onehot[:, 0], onehot[:, 1]]
+            structures_true = [target[:, 0] > 0, target[:, 1] > 0]
+        else:
+            labels = output.argmax(1)
+            onehot = torch.zeros(output.shape, device=output.device, dtype=torch.float16)
+            onehot.scatter_(1, labels[:, None], 1)
+            structures_pred = [labels > 0, labels == 2]
+            structures_true = [target[:, 0] > 0, target[:, 0] == 2]
+        tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target, axes=axes)
+        tp, fp, fn = (t.detach().cpu().numpy() for t in (tp, fp, fn))
+        if not self._regions:  # drop the background
+            tp, fp, fn = tp[1:], fp[1:], fn[1:]
+        counts = np.array(
+            [[(p & t).sum().item(), (p & ~t).sum().item(), (~p & t).sum().item()]
+             for p, t in ((p.bool(), t.bool()) for p, t in zip(structures_pred, structures_true))],
+            dtype=np.float64,
+        )
+        result = {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn,
+                  "structure_counts": counts}
+        result.update(self._validation_classification(output, logits, batch["keys"]))
+        return result
+
+    def _validation_classification(self, seg: torch.Tensor, logits: torch.Tensor | None, keys: Any) -> dict:
+        return {}
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
+        super().on_validation_epoch_end(val_outputs)
+        counts = np.sum([o["structure_counts"] for o in val_outputs], axis=0)
+        if self.is_ddp:
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, counts)
+            counts = np.sum(gathered, axis=0)
+        self.logger.log("pancseg_dice_pancreas", _dice(*counts[0]), self.current_epoch)
+        self.logger.log("pancseg_dice_lesion", _dice(*counts[1]), self.current_epoch)
+
+    # ---------------------------------------------------------------- selection, metrics.csv
+
+    def _selection_value(self) -> float:
+        """This epoch's raw value of the checkpoint-selection criterion."""
+        return float(self.logger.get_value("mean_fg_dice", step=-1))
+
+    def on_epoch_end(self) -> None:
+        """nnU-Net's epoch end, with pancseg's checkpoint selection and a metrics.csv row."""
+        epoch = self.current_epoch
+        log = self.logger
+        log.log("epoch_end_timestamps", time(), epoch)
+        raw = self._selection_value()
+        history = log.get_value("pancseg_criterion", step=None)
+        previous = history[epoch - 1] if epoch > 0 and len(history) >= epoch else None
+        alpha = self.pancseg_settings.ema_alpha
+        if np.isnan(raw):
+            criterion = previous if previous is not None else float("nan")
+        else:
+            criterion = raw if previous is None or np.isnan(previous) else alpha * previous + (1 - alpha) * raw
+        log.log("pancseg_criterion", criterion, epoch)
+        epoch_time = log.get_value("epoch_end_timestamps", step=-1) - log.get_value("epoch_start_timestamps", step=-1)
+        self.print_to_log_file("train_loss", np.round(log.get_value("train_losses", step=-1), decimals=4))
+        self.print_to_log_file("val_loss", np.round(log.get_value("val_losses", step=-1), decimals=4))
+        self.print_to_log_file("Pseudo dice", [np.round(i, decimals=4) for i in log.get_value("dice_per_class_or_region", step=-1)])
+        self.print_to_log_file(f"Epoch time: {np.round(epoch_time, decimals=2)} s")
+
+        if (epoch + 1) % self.save_every == 0 and epoch != self.num_epochs - 1:
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+        best = not np.isnan(criterion) and (self._best_ema is None or criterion > self._best_ema)
+        if best:
+            self._best_ema = criterion
+            self.print_to_log_file(f"New best {self.pancseg_settings.select_by} criterion: {np.round(criterion, 4)}")
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
+        if self.local_rank == 0:
+            log.plot_progress_png(self.output_folder)
+            row = self._metrics_row(epoch, criterion, best, epoch_time)
+            self._append_metrics(row)
+            if type(self).epoch_callback is not None:
+                type(self).epoch_callback(row)  # type: ignore[misc]
+        self.current_epoch += 1
+
+    def _metrics_row(self, epoch: int, criterion: float, best: bool, epoch_time: float) -> dict[str, Any]:
+        get = self.logger.get_value
+        return {
+            "epoch": epoch + 1,
+            "train_loss": float(get("train_losses", step=-1)),
+            "val_loss": float(get("val_losses", step=-1)),
+            "dice_pancreas": float(get("pancseg_dice_pancreas", step=-1)),
+            "dice_lesion": float(get("pancseg_dice_lesion", step=-1)),
+            "ema_pseudo_dice": float(get("ema_fg_dice", step=-1)),
+            "criterion": float(criterion),
+            "best": int(best),
+            "lr": float(get("lrs", step=-1)),
+            "epoch_time_s": float(epoch_time),
+            "total_epochs": self.num_epochs,
+        }
+
+    def _append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one row to metrics.csv (flushed per epoch, so it can be read while training runs).
+
+        On resume, rows of epochs that are being trained again are dropped first.
+        """
+        path = Path(self.output_folder) / METRICS_NAME
+        kept: list[str] = []
+        if path.is_file():
+            with path.open(newline="", encoding="utf-8") as fh:
+                kept = [line for line in fh.read().splitlines()[1:] if line and int(line.split(",")[0]) < row["epoch"]]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(METRICS_COLUMNS)
+        text = buffer.getvalue() + "".join(line + "\n" for line in kept)
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerow([_fmt(row.get(c)) for c in METRICS_COLUMNS])
+        write_text(text + buffer.getvalue(), path)
+
+
+class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
+    """Shared encoder, nnU-Net's segmentation decoder and a lesion-subtype classification head.
+
+    Loss = nnU-Net's Dice+CE (deep supervision) + lambda * cross-entropy on the case's subtype, which
+    comes from ``subtypes.csv`` through the batch's case keys.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._register_log_keys(_MT_LOG_KEYS)
+        self.subtypes: dict[str, int] = {}
+        self.cls_loss: nn.Module | None = None
+
+    def _prepare_plans(self, plans: dict, configuration: str) -> None:
+        super()._prepare_plans(plans, configuration)
+        head = HeadSettings.from_dict(self.pancseg_settings.head)
+        plans["configurations"][configuration]["pancseg_head"] = head.to_dict()
+
+    @staticmethod
+    def build_network_architecture(plans_manager: Any, configuration_manager: Any, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        return build_multitask_network(plans_manager, configuration_manager, num_input_channels,
+                                       num_output_channels, enable_deep_supervision)
+
+    # ---------------------------------------------------------------- labels and loss
+
+    @property
+    def subtypes_file(self) -> Path:
+        return Path(self.preprocessed_dataset_folder_base) / "subtypes.csv"
+
+    def load_subtypes(self) -> dict[str, int]:
+        path = self.subtypes_file
+        if not path.is_file():
+            raise DataError(f"{path}: not found; run `pancseg preprocess` (it copies subtypes.csv there)")
+        with path.open(newline="", encoding="utf-8") as fh:
+            return {row["case_id"]: int(row["subtype"]) for row in csv.DictReader(fh)}
+
+    def labels_for(self, keys: Any) -> torch.Tensor:
+        """Subtype labels of a batch's cases, looked up by case key."""
+        try:
+            labels = [self.subtypes[str(k)] for k in keys]
+        except KeyError as exc:
+            raise DataError(
+                f"case {exc.args[0]} has no subtype in {self.subtypes_file}; re-run `pancseg prepare` "
+                "and `pancseg preprocess`"
+            ) from None
+        return torch.as_tensor(labels, dtype=torch.long, device=self.device)
+
+    def class_weights(self, train_keys: list[str]) -> torch.Tensor | None:
+        """Class weights of the subtype loss: configured, none, or inverse frequency in this fold."""
+        spec = self.pancseg_settings.class_weights
+        if spec == "none":
+            return None
+        if isinstance(spec, list):
+            return torch.as_tensor(spec, dtype=torch.float32, device=self.device)
+        counts = Counter(self.subtypes[k] for k in train_keys)
+        n = sum(counts.values())
+        weights = [n / (len(SUBTYPES) * counts[c]) if counts[c] else 0.0 for c in SUBTYPES]
+        missing = [c for c in SUBTYPES if not counts[c]]
+        if missing:
+            self.print_to_log_file(f"WARNING: subtype(s) {missing} absent from the training cases of fold {self.fold}")
+        return torch.as_tensor(weights, dtype=torch.float32, device=self.device)
+
+    def cls_lambda(self) -> float:
+        """Weight of the subtype loss this epoch (linear warm-up)."""
+        settings = self.pancseg_settings
+        if settings.cls_warmup_epochs <= 0:
+            return settings.cls_weight
+        return settings.cls_weight * min(1.0, (self.current_epoch + 1) / settings.cls_warmup_epochs)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.subtypes = self.load_subtypes()
+        train_keys, val_keys = self.do_split()
+        unknown = sorted(k for k in [*train_keys, *val_keys] if k not in self.subtypes)
+        if unknown:
+            raise DataError(f"case {unknown[0]} has no subtype in {self.subtypes_file} ({len(unknown)} such cases)")
+        weights = self.class_weights(train_keys)
+        self.print_to_log_file(f"subtype loss: lambda {self.pancseg_settings.cls_weight}, class weights "
+                               f"{None if weights is None else weights.tolist()}")
+        self.cls_loss = nn.CrossEntropyLoss(weight=weights, label_smoothing=self.pancseg_settings.label_smoothing)
+        unwrap(self.network).return_class_logits = True
+
+    def _forward(self, data: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+        return self.network(data)
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = self._to_device(batch)
+        labels = self.labels_for(batch["keys"])
+        self.optimizer.zero_grad(set_to_none=True)
+        lam = self.cls_lambda()
+        with self._autocast():
+            seg, logits = self._forward(data)
+            seg_loss = self.loss(seg, target)
+            cls_loss = self.cls_loss(logits.float(), labels)  # type: ignore[misc]
+            loss = seg_loss + lam * cls_loss
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy(), "seg_loss": seg_loss.detach().cpu().numpy(),
+                "cls_loss": cls_loss.detach().cpu().numpy()}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        outputs = collate_outputs(train_outputs)
+        for key in ("seg_loss", "cls_loss"):
+            value = float(np.mean(outputs[key]))
+            if self.is_ddp:
+                gathered: list[Any] = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(gathered, value)
+                value = float(np.mean(gathered))
+            self.logger.log(f"pancseg_{key}", value, self.current_epoch)
+
+    # ---------------------------------------------------------------- validation
+
+    def _validation_classification(self, seg: torch.Tensor, logits: torch.Tensor | None, keys: Any) -> dict:
+        assert logits is not None  # the multi-task network always returns class logits here
+        labels = self.labels_for(keys)
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        return {
+            "cls_loss": loss.detach().cpu().numpy(),
+            "case_keys": [str(k) for k in keys],
+            "case_probs": torch.softmax(logits.float(), 1).cpu().numpy(),
+            "case_weights": tile_weights(seg, self._regions).float().cpu().numpy(),
+        }
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
+        super().on_validation_epoch_end(val_outputs)
+        keys = [k for o in val_outputs for k in o["case_keys"]]
+        probs = np.concatenate([o["case_probs"] for o in val_outputs])
+        weights = np.concatenate([o["case_weights"] for o in val_outputs])
+        cls_loss = float(np.mean([o["cls_loss"] for o in val_outputs]))
+        if self.is_ddp:
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, (keys, probs, weights, cls_loss))
+            keys = [k for g in gathered for k in g[0]]
+            probs = np.concatenate([g[1] for g in gathered])
+            weights = np.concatenate([g[2] for g in gathered])
+            cls_loss = float(np.mean([g[3] for g in gathered]))
+        # Case-level: patch probabilities weighted like inference tiles, then argmax per case.
+        sums: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(len(SUBTYPES)))
+        totals: dict[str, float] = defaultdict(float)
+        for key, p, w in zip(keys, probs, weights):
+            sums[key] += w * p
+            totals[key] += float(w)
+        cases = sorted(sums)
+        predicted = [int(np.argmax(sums[k] / totals[k])) for k in cases]
+        metrics = classification_metrics([self.subtypes[k] for k in cases], predicted, labels=SUBTYPES)
+        log = self.logger.log
+        log("pancseg_val_cls_loss", cls_loss, self.current_epoch)
+        log("pancseg_val_accuracy", metrics.accuracy, self.current_epoch)
+        log("pancseg_val_macro_f1", metrics.macro_f1, self.current_epoch)
+        log("pancseg_val_cases", len(cases), self.current_epoch)
+
+    def _selection_value(self) -> float:
+        get = self.logger.get_value
+        f1 = float(get("pancseg_val_macro_f1", step=-1))
+        select_by = self.pancseg_settings.select_by
+        if select_by == "classification":
+            return f1
+        if select_by == "segmentation":
+            return super()._selection_value()
+        return float(np.nanmean([get("pancseg_dice_pancreas", step=-1), f1]))
+
+    def _metrics_row(self, epoch: int, criterion: float, best: bool, epoch_time: float) -> dict[str, Any]:
+        row = super()._metrics_row(epoch, criterion, best, epoch_time)
+        get = self.logger.get_value
+        row.update(
+            seg_loss=float(get("pancseg_seg_loss", step=-1)),
+            cls_loss=float(get("pancseg_cls_loss", step=-1)),
+            cls_lambda=self.cls_lambda(),
+            val_cls_loss=float(get("pancseg_val_cls_loss", step=-1)),
+            val_accuracy=float(get("pancseg_val_accuracy", step=-1)),
+            val_macro_f1=float(get("pancseg_val_macro_f1", step=-1)),
+            val_cases=int(get("pancseg_val_cases", step=-1)),
+        )
+        return row
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """nnU-Net's validation (segmentations, summary.json) plus ``subtype_results.csv`` from the same passes."""
+        unwrap(self.network).return_class_logits = False
+        with _predictor_class(MultiTaskPredictor) as created:
+            super().perform_actual_validation(save_probabilities)
+        _, val_keys = self.do_split()
+        if self.is_ddp:
+            val_keys = val_keys[self.local_rank :: torch.distributed.get_world_size()]
+        keys = sorted(val_keys)  # nnU-Net's dataset sorts its identifiers: the prediction order
+        probs = created[0].case_class_probabilities if created else []
+        results = dict(zip(keys, probs))
+        if self.is_ddp:
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, results)
+            results = {k: v for g in gathered for k, v in g.items()}
+        if self.local_rank == 0:
+            self._write_subtype_results(results)
+        unwrap(self.network).return_class_logits = True
+
+    def _write_subtype_results(self, results: dict[str, np.ndarray]) -> None:
+        folder = Path(self.output_folder) / "validation"
+        cases = sorted(results)
+        predicted = {k: int(np.argmax(results[k])) for k in cases}
+        write_text("Names,Subtype\n" + "".join(f"{k}.nii.gz,{predicted[k]}\n" for k in cases),
+                   folder / "subtype_results.csv")
+        write_text("Names,p0,p1,p2\n" + "".join(f"{k}.nii.gz," + ",".join(f"{p:.6f}" for p in results[k]) + "\n"
+                                                for k in cases), folder / "subtype_probabilities.csv")
+        subtypes = self.subtypes or self.load_subtypes()
+        metrics = classification_metrics([subtypes[k] for k in cases], [predicted[k] for k in cases], labels=SUBTYPES)
+        summary = {"cases": len(cases), "accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1,
+                   "f1": metrics.f1, "confusion_matrix": metrics.confusion_matrix}
+        write_text(json.dumps(summary, indent=2), folder / "classification_summary.json")
+        self.print_to_log_file(f"Validation subtype accuracy {metrics.accuracy:.4f}, macro-F1 {metrics.macro_f1:.4f}",
+                               also_print_to_console=True)
+
+
+@contextmanager
+def _predictor_class(cls: type) -> Iterator[list[Any]]:
+    """Let nnU-Net's validation build ``cls`` instead of ``nnUNetPredictor``; yields the instances.
+
+    nnU-Net's ``perform_actual_validation`` creates its predictor by name inside the function; the
+    swap is the only way to get the class logits of its own forward passes without copying it.
+    """
+    created: list[Any] = []
+
+    class Recording(cls):  # type: ignore[valid-type,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    module = sys.modules[nnUNetTrainer.__module__]
+    original = module.nnUNetPredictor  # type: ignore[attr-defined]
+    module.nnUNetPredictor = Recording  # type: ignore[attr-defined]
+    try:
+        yield created
+    finally:
+        module.nnUNetPredictor = original  # type: ignore[attr-defined]

@@ -1,0 +1,67 @@
+"""One line per training epoch: rich on a terminal, plain text in Colab ``!`` cells, CI and pipes."""
+
+from __future__ import annotations
+
+from typing import Any, TextIO
+
+from rich.console import Console
+
+
+def _num(row: dict[str, Any], key: str, digits: int = 4) -> str:
+    value = row.get(key)
+    if value is None or value != value:  # NaN
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class EpochPrinter:
+    """Implements :class:`pancreas_cli.train.EpochReporter` for the CLI."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.console: Console | None = None
+        self.fold = 0
+        self.total = 0
+        self.first = 0
+        self.times: list[float] = []
+
+    def start_fold(self, fold: int, first_epoch: int, total_epochs: int, stream: TextIO) -> None:
+        self.console = Console(file=stream, highlight=False, soft_wrap=True)
+        self.fold, self.first, self.total, self.times = fold, first_epoch, total_epochs, []
+        if not self.quiet:
+            where = f"resuming at epoch {first_epoch + 1}" if first_epoch else "starting"
+            self.console.print(f"fold {fold}: {where}, {total_epochs} epochs", markup=False)
+
+    def line(self, row: dict[str, Any]) -> str:
+        """The text of one epoch's line."""
+        self.times.append(float(row["epoch_time_s"]))
+        remaining = max(0, self.total - int(row["epoch"]))
+        eta = _duration(sum(self.times) / len(self.times) * remaining)
+        parts = [
+            f"fold {self.fold} epoch {row['epoch']}/{self.total}",
+            f"loss {_num(row, 'train_loss')}",
+        ]
+        if row.get("cls_loss") is not None:
+            parts.append(f"cls {_num(row, 'cls_loss')}")
+        parts += [f"val {_num(row, 'val_loss')}", f"dice pancreas {_num(row, 'dice_pancreas', 3)}",
+                  f"lesion {_num(row, 'dice_lesion', 3)}"]
+        if row.get("val_macro_f1") is not None:
+            parts.append(f"F1 {_num(row, 'val_macro_f1', 3)}")
+        parts += [f"lr {row['lr']:.2e}", f"{row['epoch_time_s']:.1f}s", f"ETA {eta}"]
+        return " | ".join(parts) + (" *best*" if row.get("best") else "")
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        text = self.line(row)
+        if self.quiet or self.console is None:
+            return
+        if self.console.is_terminal:
+            self.console.print(text, style="bold green" if row.get("best") else None, markup=False)
+        else:
+            self.console.print(text, markup=False)

@@ -1,0 +1,290 @@
+"""``pancseg train``: train the multi-task model (or stock nnU-Net) on one or more folds.
+
+nnU-Net's trainer runs in this process (its prints go to ``project_dir/logs/train_fold<N>.log``);
+several GPUs go through nnU-Net's own DDP launcher. Resuming picks the newest checkpoint and may
+extend a finished run to more epochs.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+from pancreas_cli.config import Config
+from pancreas_cli.exceptions import PancsegError, TrainError, TrainingInterrupted
+from pancreas_cli.logcapture import redirect_output, tail
+from pancreas_cli.multitask.settings import TrainingSettings, write_settings
+from pancreas_cli.nnunet_env import setup_nnunet_env
+from pancreas_cli.preprocess import STATE_NAME
+
+if TYPE_CHECKING:
+    import torch
+
+TRAINERS = {"multitask": "nnUNetTrainerMultiTask", "segmentation": "nnUNetTrainerPancseg"}
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
+class EpochReporter(Protocol):
+    """Receives training progress; ``stream`` reaches the terminal while nnU-Net's output is logged."""
+
+    def start_fold(self, fold: int, first_epoch: int, total_epochs: int, stream: TextIO) -> None: ...
+
+    def epoch(self, row: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    output_folder: Path
+    log_file: Path
+    epochs_done: int = 0
+    resumed_from: int | None = None
+    last: dict[str, str] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fold": self.fold, "output_folder": str(self.output_folder), "log_file": str(self.log_file),
+            "epochs_done": self.epochs_done, "resumed_from": self.resumed_from, "last_epoch": self.last,
+            "validation": self.validation, "seconds": round(self.seconds, 1),
+        }
+
+
+@dataclass
+class TrainResult:
+    task: str
+    device: str
+    trainer: str
+    folds: list[FoldResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "device": self.device, "trainer": self.trainer,
+                "folds": [f.to_dict() for f in self.folds]}
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` picks a GPU (CUDA, then MPS); training on the CPU must be asked for explicitly."""
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        raise TrainError("no GPU found; training on the CPU is very slow: pass --device cpu to do it anyway")
+    if requested.startswith("cuda"):
+        index = int(requested.split(":")[1]) if ":" in requested else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise TrainError(f"{requested} requested but {torch.cuda.device_count()} CUDA device(s) are available; "
+                             "see `pancseg doctor`")
+        return torch.device("cuda", index)
+    if requested == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise TrainError("mps requested but not available on this machine")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def training_settings(config: Config) -> TrainingSettings:
+    t = config.train
+    return TrainingSettings(
+        epochs=t.epochs, iterations_per_epoch=t.iterations_per_epoch, val_iterations=t.val_iterations,
+        initial_lr=t.initial_lr, batch_size=t.batch_size, save_every=t.save_every, cls_weight=t.cls_weight,
+        cls_warmup_epochs=t.cls_warmup_epochs, class_weights=t.class_weights, label_smoothing=t.label_smoothing,
+        select_by=t.select_by,
+        head={"stages": t.head_stages, "pooling": t.head_pooling, "hidden": t.head_hidden, "dropout": t.head_dropout},
+    )
+
+
+def _preprocessed_state(config: Config) -> dict[str, Any]:
+    path = config.dataset_preprocessed_dir / STATE_NAME
+    if not path.is_file():
+        raise TrainError(f"{config.dataset_preprocessed_dir}: not preprocessed; run `pancseg preprocess` first")
+    state = json.loads(path.read_text(encoding="utf-8"))
+    if state["configuration"] != config.plan.configuration:
+        raise TrainError(
+            f"the data was preprocessed for {state['configuration']} but plan.preset asks for "
+            f"{config.plan.configuration}; re-run `pancseg preprocess` with the same preset"
+        )
+    return state
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The most recently written checkpoint (a resumed run's latest is newer than an older final)."""
+    found = [folder / name for name in CHECKPOINTS if (folder / name).is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False)["current_epoch"])
+
+
+def _stop_loaders(trainer: Any) -> None:
+    for loader in (trainer.dataloader_train, trainer.dataloader_val):
+        finish = getattr(loader, "_finish", None)
+        if finish is not None:
+            finish()
+
+
+def _explain_worker_death(trainer: Any, exc: RuntimeError) -> TrainError:
+    """nnU-Net only says its workers died: load one batch without workers to show the real error."""
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    try:
+        loader, _ = trainer.get_dataloaders()
+        next(loader)
+    except Exception as real:  # noqa: BLE001 - any error here is the one the user needs to see
+        return TrainError(f"data loading failed in nnU-Net's background workers: {type(real).__name__}: {real}")
+    return TrainError(f"nnU-Net's data-loader workers died ({exc}); a batch loads fine without workers, so "
+                      "the workers probably ran out of memory: lower train.da_workers or raise shared memory")
+
+
+def _fold_summary(output_folder: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    last: dict[str, str] = {}
+    metrics = output_folder / "metrics.csv"
+    if metrics.is_file():
+        with metrics.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        last = rows[-1] if rows else {}
+    validation: dict[str, Any] = {}
+    summary = output_folder / "validation" / "summary.json"
+    if summary.is_file():
+        data = json.loads(summary.read_text(encoding="utf-8"))
+        validation["dice_per_label"] = {k: v["Dice"] for k, v in data.get("mean", {}).items()}
+        validation["foreground_dice"] = data.get("foreground_mean", {}).get("Dice")
+    classification = output_folder / "validation" / "classification_summary.json"
+    if classification.is_file():
+        data = json.loads(classification.read_text(encoding="utf-8"))
+        validation.update(accuracy=data["accuracy"], macro_f1=data["macro_f1"])
+    return last, validation
+
+
+def train(
+    config: Config,
+    *,
+    folds: list[int],
+    resume: bool = False,
+    force: bool = False,
+    reporter: EpochReporter | None = None,
+) -> TrainResult:
+    """Train ``config.train.task`` on each fold with nnU-Net's machinery."""
+    if config.train.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        raise TrainError("train.wandb.enabled needs wandb: pip install 'pancseg[wandb]'")
+    state = _preprocessed_state(config)
+    device = resolve_device(config.train.device)
+    if config.train.num_gpus > 1 and device.type != "cuda":
+        raise TrainError("train.num_gpus > 1 needs CUDA GPUs")
+    setup_nnunet_env(config, device_type=device.type)
+    pre = config.dataset_preprocessed_dir
+    shutil.copyfile(config.dataset_raw_dir / "subtypes.csv", pre / "subtypes.csv")
+    write_settings(training_settings(config), pre)
+    trainer_name = TRAINERS[config.train.task]
+    result = TrainResult(config.train.task, str(device), trainer_name)
+    for fold in folds:
+        result.folds.append(
+            _train_fold(config, state, trainer_name, fold, device, resume=resume, force=force, reporter=reporter)
+        )
+    return result
+
+
+def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, fold: int, device: torch.device, *,
+                resume: bool, force: bool, reporter: EpochReporter | None) -> FoldResult:
+    output_folder = (config.results_dir / config.dataset.folder_name
+                     / f"{trainer_name}__{state['plans_identifier']}__{config.plan.configuration}" / f"fold_{fold}")
+    log_file = config.project_dir / "logs" / f"train_{config.train.task}_fold{fold}.log"
+    existing = newest_checkpoint(output_folder)
+    if existing is not None and not resume:
+        if not force:
+            raise TrainError(f"fold {fold} already has a training in {output_folder} (stopped after epoch "
+                             f"{_checkpoint_epoch(existing)}); pass --resume to continue it or --force to start over")
+        shutil.rmtree(output_folder)
+        existing = None
+    fold_result = FoldResult(fold, output_folder, log_file)
+    start = time.perf_counter()
+    if config.train.num_gpus > 1:
+        _train_ddp(config, state, trainer_name, fold, resume, log_file)
+    else:
+        _train_single(config, state, trainer_name, fold, device, existing if resume else None, log_file,
+                      reporter, fold_result)
+    fold_result.seconds = time.perf_counter() - start
+    fold_result.last, fold_result.validation = _fold_summary(output_folder)
+    fold_result.epochs_done = int(fold_result.last.get("epoch", 0) or 0)
+    return fold_result
+
+
+def _train_single(config: Config, state: dict[str, Any], trainer_name: str, fold: int, device: torch.device,
+                  checkpoint: Path | None, log_file: Path, reporter: EpochReporter | None,
+                  fold_result: FoldResult) -> None:
+    import torch
+
+    from pancreas_cli.multitask import trainer as trainers
+
+    trainer_class = getattr(trainers, trainer_name)
+    pre = config.dataset_preprocessed_dir
+    plans = json.loads((pre / f"{state['plans_identifier']}.json").read_text(encoding="utf-8"))
+    plans["continue_training"] = checkpoint is not None
+    dataset_json = json.loads((pre / "dataset.json").read_text(encoding="utf-8"))
+    with redirect_output(log_file) as terminal:
+        try:
+            trainer = trainer_class(plans=plans, configuration=config.plan.configuration, fold=fold,
+                                    dataset_json=dataset_json, device=device)
+            if checkpoint is not None:
+                trainer.load_checkpoint(str(checkpoint))
+                fold_result.resumed_from = trainer.current_epoch
+            if reporter is not None:
+                reporter.start_fold(fold, trainer.current_epoch, trainer.num_epochs, terminal)
+                trainer_class.epoch_callback = reporter.epoch
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = True
+            try:
+                trainer.run_training()
+            except KeyboardInterrupt:
+                _save_on_interrupt(trainer)
+                raise TrainingInterrupted(
+                    f"training of fold {fold} interrupted at epoch {trainer.current_epoch + 1}; a checkpoint was "
+                    f"saved: continue with `pancseg train --fold {fold} --resume`"
+                ) from None
+            except RuntimeError as exc:
+                if "background workers are no longer alive" in str(exc):
+                    raise _explain_worker_death(trainer, exc) from exc
+                raise
+            trainer.perform_actual_validation(False)
+        except PancsegError:
+            raise
+        except (RuntimeError, ValueError, OSError, AssertionError, KeyError) as exc:
+            lines = "\n".join(f"    {line}" for line in tail(log_file, 8))
+            raise TrainError(f"nnU-Net training failed: {type(exc).__name__}: {exc}\n  last log lines:\n{lines}\n"
+                             f"  full log: {log_file} (re-run with --debug for the traceback)") from exc
+        finally:
+            trainer_class.epoch_callback = None
+
+
+def _save_on_interrupt(trainer: Any) -> None:
+    """Save ``checkpoint_latest.pth`` so that --resume redoes the interrupted epoch."""
+    _stop_loaders(trainer)
+    if trainer.optimizer is None:
+        return  # interrupted before the first step: nothing worth saving
+    trainer.current_epoch -= 1  # save_checkpoint stores current_epoch + 1 as the epoch to resume at
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_latest.pth"))
+    trainer.current_epoch += 1
+
+
+def _train_ddp(config: Config, state: dict[str, Any], trainer_name: str, fold: int, resume: bool,
+               log_file: Path) -> None:
+    """Several GPUs: nnU-Net's own DDP launcher (one process per GPU, found by ``nnUNet_extTrainer``)."""
+    import torch
+    from nnunetv2.run.run_training import run_training
+
+    with redirect_output(log_file):
+        run_training(str(config.dataset.id), config.plan.configuration, fold, trainer_name,
+                     state["plans_identifier"], num_gpus=config.train.num_gpus, continue_training=resume,
+                     device=torch.device("cuda"))
