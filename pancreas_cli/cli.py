@@ -57,12 +57,15 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _config(path: Path | None, overrides: list[str] | None, **flags: Any) -> Config:
+def _config(path: Path | None, overrides: list[str] | None, *, check_source: bool = False, optional: bool = False,
+            **flags: Any) -> Config:
+    """The layered config; ``./pancseg.yaml`` when no path is given (defaults if ``optional``)."""
     if path is None:
-        if not DEFAULT_CONFIG.is_file():
+        if DEFAULT_CONFIG.is_file():
+            path = DEFAULT_CONFIG
+        elif not optional:
             raise ConfigError(["no config given: pass -c CONFIG, or create pancseg.yaml with `pancseg init`"])
-        path = DEFAULT_CONFIG
-    return load_config(path, overrides or [], flags)
+    return load_config(path, overrides or [], flags, check_source=check_source)
 
 
 def _version(value: bool) -> None:
@@ -149,7 +152,7 @@ def prepare(
     """Build the nnU-Net raw dataset (imagesTr, labelsTr, dataset.json, splits, subtypes)."""
     from pancreas_cli.prepare import prepare as run_prepare
 
-    result = run_prepare(_config(config, set_), force=force)
+    result = run_prepare(_config(config, set_, check_source=True), force=force)
     if json_:
         output.json(result.to_dict())
         return
@@ -255,6 +258,49 @@ def train(
              f.last.get("val_macro_f1", ""), f"{f.seconds:.0f}s", str(f.output_folder)) for f in result.folds]
     output.table(f"{result.trainer} on {result.device}",
                  ["fold", "epochs", "dice pancreas", "dice lesion", "macro-F1", "time", "folder"], rows)
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    pred: Annotated[Path, typer.Option("--pred", help="Folder of predicted masks (and subtype_results.csv).")],
+    gt: Annotated[Path, typer.Option("--gt", help="Folder of ground-truth masks.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    subtypes: Annotated[Path | None, typer.Option("--subtypes", help="True subtypes: CSV case_id,subtype or Names,Subtype.")] = None,
+    allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Count missing predictions as empty.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the metrics (default: --pred).")] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Dice, IoU, NSD, HD95, volumes and subtype metrics, with bootstrap CIs and target pass/fail."""
+    from pancreas_cli.evaluate import evaluate as run_evaluate
+
+    cfg = _config(config, set_, optional=True)
+    result = run_evaluate(cfg, pred_dir=pred, gt_dir=gt, subtypes_csv=subtypes, allow_missing=allow_missing,
+                          out_dir=out)
+    for note in result.notes:
+        output.warn(note)
+    if json_:
+        output.json(result.summary)
+        return
+    output.table("evaluation", ["metric", "mean", "median", "95% CI", "target", "pass"], _summary_rows(result.summary))
+    output.result(f"{len(result.cases)} cases; per case: {result.per_case_csv}; summary: {result.summary_json}")
+
+
+def _summary_rows(summary: dict[str, Any]) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    targets = summary["targets"]
+    for key, stats in summary["segmentation"].items():
+        ci = "" if stats["ci95_low"] is None else f"{stats['ci95_low']:.3f}-{stats['ci95_high']:.3f}"
+        target = targets.get(key)
+        rows.append((key, stats["mean"], stats["median"], ci, target["target"] if target else "",
+                     ("yes" if target["passed"] else "NO") if target else ""))
+    cls = summary["classification"]
+    if cls:
+        target = targets["macro_f1"]
+        rows.append(("macro_f1", cls["macro_f1"], "", "", target["target"], "yes" if target["passed"] else "NO"))
+        rows.append(("accuracy", cls["accuracy"], "", "", "", ""))
+    return rows
 
 
 @app.command()

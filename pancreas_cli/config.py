@@ -63,7 +63,9 @@ class DatasetConfig(_Section):
     _resolve_paths = field_validator("source", "subtypes_csv", "manifest")(_resolve)
 
     @model_validator(mode="after")
-    def _layout_inputs(self) -> DatasetConfig:
+    def _layout_inputs(self, info: ValidationInfo) -> DatasetConfig:
+        if not (info.context or {}).get("check_source", True):
+            return self  # stages after prepare never read the source
         if self.layout == "manifest":
             if self.manifest is None:
                 raise ValueError("dataset.manifest: layout 'manifest' needs a CSV case_id,image,mask,subtype,split")
@@ -150,12 +152,28 @@ class TrainConfig(_Section):
         return value
 
 
+class TargetsConfig(_Section):
+    dice_pancreas: float = Field(0.91, ge=0, le=1)
+    dice_lesion: float = Field(0.31, ge=0, le=1)
+    macro_f1: float = Field(0.70, ge=0, le=1)
+
+
+class EvaluateConfig(_Section):
+    nsd_tolerance_pancreas_mm: float = Field(5.0, gt=0)
+    nsd_tolerance_lesion_mm: float = Field(2.0, gt=0)
+    nsd_definition: Literal["border_voxel", "surface_area"] = "border_voxel"
+    bootstrap: int = Field(1000, ge=0)
+    num_workers: int = Field(2, ge=1, le=64)
+    targets: TargetsConfig = Field(default_factory=dict)  # type: ignore[arg-type]
+
+
 class Config(_Section):
     project_dir: Path = Path("./pancseg_work")
     dataset: DatasetConfig = Field(default_factory=dict)  # type: ignore[arg-type]
     clean: CleanConfig = Field(default_factory=dict)  # type: ignore[arg-type]
     plan: PlanConfig = Field(default_factory=dict)  # type: ignore[arg-type]
     train: TrainConfig = Field(default_factory=dict)  # type: ignore[arg-type]
+    evaluate: EvaluateConfig = Field(default_factory=dict)  # type: ignore[arg-type]
 
     _resolve_paths = field_validator("project_dir")(_resolve)
 
@@ -235,11 +253,14 @@ def load_config(
     path: Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     flags: dict[str, Any] | None = None,
+    *,
+    check_source: bool = True,
 ) -> Config:
     """Load, layer and validate the configuration.
 
     ``flags`` maps dotted keys to values from explicit command-line options; ``None`` values are
-    ignored so that an option the user did not give does not override the file.
+    ignored so that an option the user did not give does not override the file. ``check_source``
+    checks that the dataset's source files exist (only ``prepare`` and ``doctor`` need them).
     """
     data: dict[str, Any] = _read_yaml(path) if path is not None else {}
     for text in overrides:
@@ -250,7 +271,7 @@ def load_config(
             _set_dotted(data, dotted.split("."), value)
     base_dir = path.absolute().parent if path is not None else Path.cwd()
     try:
-        config = Config.model_validate(data, context={"base_dir": base_dir})
+        config = Config.model_validate(data, context={"base_dir": base_dir, "check_source": check_source})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc), str(path) if path else None) from exc
     config._config_path = path.absolute() if path is not None else None

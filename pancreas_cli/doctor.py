@@ -86,7 +86,7 @@ def doctor(config_path: Path | None = None, overrides: list[str] | None = None) 
     config = None
     if config_path is not None:
         try:
-            config = load_config(config_path, overrides or [])
+            config = load_config(config_path, overrides or [], check_source=True)
             add(Check("config", "ok", f"{config_path} is valid"))
         except ConfigError as exc:
             add(Check("config", "blocking", "; ".join(exc.problems)))

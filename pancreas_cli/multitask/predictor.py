@@ -20,8 +20,8 @@ class MultiTaskPredictor(nnUNetPredictor):
     """Predicts segmentations as nnU-Net does and, from the same forward passes, a subtype per case.
 
     Class probabilities are averaged over test-time mirrors per tile, then over tiles weighted by
-    :func:`~pancreas_cli.multitask.network.tile_weights`. ``case_class_probabilities`` holds one
-    vector per call of :meth:`predict_sliding_window_return_logits`, in call order.
+    :func:`~pancreas_cli.multitask.network.tile_weights`, then over the folds of an ensemble.
+    ``case_class_probabilities`` holds one vector per predicted case, in prediction order.
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -53,6 +53,15 @@ class MultiTaskPredictor(nnUNetPredictor):
             self._weighted_sum = self._weighted_sum + contribution
             self._weight_total = self._weight_total + weights.sum()
         return prediction
+
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """One case through every fold: nnU-Net averages the logits, this averages the fold probabilities."""
+        before = len(self.case_class_probabilities)
+        logits = super().predict_logits_from_preprocessed_data(data)
+        per_fold = self.case_class_probabilities[before:]
+        del self.case_class_probabilities[before:]
+        self.case_class_probabilities.append(np.mean(per_fold, axis=0))
+        return logits
 
     def _internal_predict_sliding_window_return_logits(self, data, slicers, do_on_device: bool = True):  # type: ignore[no-untyped-def]
         # Reset here, not in the public method: nnU-Net retries this on CPU after running out of memory.

@@ -1,0 +1,135 @@
+"""Learning check for the multi-task trainer (not part of CI).
+
+Synthesizes a dataset, runs prepare -> clean -> preprocess -> train (smoke preset, CPU by default),
+predicts the validation and test cases with the multi-task predictor and reports whole-pancreas Dice,
+lesion Dice and subtype macro-F1. Optionally times a training iteration of the multi-task trainer
+against the stock trainer on the same configuration (same run, alternating, medians).
+
+    python benchmarks/learning_check.py --workdir /tmp/lc --cases 60 --epochs 40 --iterations 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from pancreas_cli.clean import clean
+from pancreas_cli.config import load_config
+from pancreas_cli.metrics import classification_metrics, dice
+from pancreas_cli.prepare import prepare
+from pancreas_cli.preprocess import preprocess
+from pancreas_cli.synth import synthesize
+from pancreas_cli.train import train
+
+
+def _evaluate(config, fold_dir: Path, cases: list[tuple[str, Path, Path, int]], out: Path, device: str) -> dict:
+    import torch
+
+    from pancreas_cli.multitask.predictor import MultiTaskPredictor
+
+    out.mkdir(parents=True, exist_ok=True)
+    predictor = MultiTaskPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                   perform_everything_on_device=device != "cpu", device=torch.device(device),
+                                   allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(fold_dir.parent), use_folds=(0,),
+                                                   checkpoint_name="checkpoint_best.pth")
+    start = time.perf_counter()
+    predictor.predict_from_files_sequential([[str(c[1])] for c in cases], [str(out / c[0]) for c in cases],
+                                            save_probabilities=False, overwrite=True)
+    seconds = time.perf_counter() - start
+    whole, lesion, truth, predicted = [], [], [], []
+    for (case, _, mask, subtype), probs in zip(cases, predictor.case_class_probabilities):
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+        ref = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(mask)))).astype(np.uint8)
+        whole.append(dice(pred > 0, ref > 0))
+        lesion.append(dice(pred == 2, ref == 2))
+        truth.append(subtype)
+        predicted.append(int(np.argmax(probs)))
+    cls = classification_metrics(truth, predicted, labels=(0, 1, 2))
+    return {"cases": len(cases), "dice_pancreas": float(np.mean(whole)), "dice_lesion": float(np.mean(lesion)),
+            "accuracy": cls.accuracy, "macro_f1": cls.macro_f1, "confusion_matrix": cls.confusion_matrix,
+            "predict_seconds_per_case": seconds / len(cases)}
+
+
+def _epoch_times(fold_dir: Path) -> list[float]:
+    with (fold_dir / "metrics.csv").open(newline="") as fh:
+        return [float(r["epoch_time_s"]) for r in csv.DictReader(fh)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--cases", type=int, default=60)
+    parser.add_argument("--shape", default="32,64,64")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--iterations", type=int, default=25)
+    parser.add_argument("--val-iterations", type=int, default=4)
+    parser.add_argument("--pooling", choices=("attention", "mean"), default="attention")
+    parser.add_argument("--preset", choices=("smoke", "default"), default="smoke")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timing-repeats", type=int, default=0, help="alternating stock/multi-task timing runs")
+    parser.add_argument("--timing-iterations", type=int, default=20)
+    args = parser.parse_args()
+
+    work = args.workdir.absolute()
+    data = work / "data"
+    if not data.is_dir():
+        synthesize(data, cases=args.cases, shape=tuple(int(s) for s in args.shape.split(",")), seed=args.seed,
+                   quirks=True)
+    cfg_path = work / "pancseg.yaml"
+    cfg_path.write_text(
+        "project_dir: ./work\ndataset: {source: ./data}\n"
+        f"plan: {{preset: {args.preset}}}\n"
+        f"train: {{device: {args.device}, epochs: {args.epochs}, iterations_per_epoch: {args.iterations}, "
+        f"val_iterations: {args.val_iterations}, head_pooling: {args.pooling}, save_every: 10}}\n"
+    )
+    config = load_config(cfg_path)
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+    t0 = time.perf_counter()
+    prepare(config, force=True)
+    clean(config)
+    preprocess(config)
+    report["data_stages_seconds"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    result = train(config, folds=[0], force=True)
+    report["train_seconds"] = round(time.perf_counter() - t0, 1)
+    fold_dir = result.folds[0].output_folder
+    report["last_epoch"] = result.folds[0].last
+
+    raw = config.dataset_raw_dir
+    subtypes = {r["case_id"]: int(r["subtype"]) for r in csv.DictReader((raw / "subtypes.csv").open())}
+    splits = json.loads((raw / "splits_final.json").read_text())
+    cases = [(k, raw / "imagesTr" / f"{k}_0000.nii.gz", raw / "labelsTr" / f"{k}.nii.gz", subtypes[k])
+             for k in splits[0]["val"]]
+    truth_dir = data / "test_ground_truth"
+    test_subtypes = {r["case_id"]: int(r["subtype"]) for r in csv.DictReader((truth_dir / "subtypes.csv").open())}
+    cases += [(k, data / "test" / f"{k}_0000.nii.gz", truth_dir / f"{k}.nii.gz", s) for k, s in test_subtypes.items()]
+    report["evaluation"] = _evaluate(config, fold_dir, cases, work / "predictions", args.device)
+
+    if args.timing_repeats:
+        timing = {"segmentation": [], "multitask": []}
+        for _ in range(args.timing_repeats):
+            for task in ("segmentation", "multitask"):
+                cfg = load_config(cfg_path, [f"train.task={task}", "train.epochs=3",
+                                             f"train.iterations_per_epoch={args.timing_iterations}",
+                                             "train.val_iterations=1"])
+                run = train(cfg, folds=[1], force=True)
+                timing[task] += [t / args.timing_iterations for t in _epoch_times(run.folds[0].output_folder)[1:]]
+        stock, multi = statistics.median(timing["segmentation"]), statistics.median(timing["multitask"])
+        report["timing"] = {"seconds_per_iteration_stock": stock, "seconds_per_iteration_multitask": multi,
+                            "ratio": multi / stock, "samples": timing}
+    (work / "benchmark.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""``pancseg evaluate``: segmentation and subtype metrics of predictions against ground truth.
+
+Per case: whole pancreas (label > 0) and lesion (label 2) Dice, IoU, NSD, HD95 and volumes, plus
+the predicted and true subtype. Definitions follow Metrics Reloaded (see :mod:`pancreas_cli.metrics`).
+Empty masks: both empty -> Dice 1, NSD 1, HD95 0; one empty -> Dice 0, NSD 0, HD95 undefined (NaN
+per case; in aggregates it counts as the worst case, the diagonal of the image in mm).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pancreas_cli.config import Config, EvaluateConfig
+from pancreas_cli.exceptions import DataError
+from pancreas_cli.imageio import IMAGE_EXTENSIONS, image_extension, image_stem, write_text
+from pancreas_cli.metrics import bootstrap_ci, classification_metrics, dice, hd95, iou, load_mask_pair, nsd
+
+STRUCTURES = ("pancreas", "lesion")
+SEG_METRICS = ("dice", "iou", "nsd", "hd95")
+SUBTYPES = (0, 1, 2)
+
+
+@dataclass
+class CaseResult:
+    case: str
+    values: dict[str, float]  # e.g. dice_pancreas, hd95_lesion, volume_pred_lesion_ml
+    worst_hd95_mm: float  # image diagonal: HD95 of a case with one empty mask, in aggregates
+    subtype_true: int | None = None
+    subtype_pred: int | None = None
+    missing_prediction: bool = False
+
+
+@dataclass
+class EvaluationResult:
+    cases: list[CaseResult]
+    summary: dict[str, Any]
+    per_case_csv: Path
+    summary_json: Path
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(t["passed"] for t in self.summary["targets"].values() if t["passed"] is not None)
+
+
+def case_id_from_name(name: str) -> str:
+    """``quiz_037.nii.gz`` / ``quiz_037_0000.nii.gz`` / ``quiz_037`` -> ``quiz_037``."""
+    stem = image_stem(name) if image_extension(name) else name
+    return stem[:-5] if stem.endswith("_0000") else stem
+
+
+def read_subtype_csv(path: Path) -> dict[str, int]:
+    """Subtypes from ``Names,Subtype`` (pancseg predict's format) or ``case_id,subtype`` CSVs."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+    if not rows:
+        return {}
+    columns = {c.strip().lower(): c for c in rows[0]}
+    name_col = columns.get("names") or columns.get("case_id")
+    value_col = columns.get("subtype")
+    if name_col is None or value_col is None:
+        raise DataError(f"{path}: expected columns Names,Subtype or case_id,subtype, got {','.join(rows[0])}")
+    out: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            value = int(float(row[value_col]))
+        except (TypeError, ValueError):
+            raise DataError(f"{path}, line {line}: subtype {row[value_col]!r} is not a number") from None
+        if value not in SUBTYPES:
+            raise DataError(f"{path}, line {line}: subtype {value} is not 0, 1 or 2")
+        out[case_id_from_name(row[name_col].strip())] = value
+    return out
+
+
+def _masks(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and image_extension(path) and not path.name.startswith("."):
+            found.setdefault(case_id_from_name(path.name), path)
+    return found
+
+
+def evaluate_case(case: str, pred_path: Path | None, ref_path: Path, settings: EvaluateConfig) -> CaseResult:
+    """All segmentation metrics of one case (a missing prediction counts as empty)."""
+    import SimpleITK as sitk
+
+    from pancreas_cli.imageio import read_image
+
+    if pred_path is None:
+        ref_image = read_image(ref_path)
+        ref = sitk.GetArrayFromImage(ref_image)
+        pred = np.zeros_like(ref)
+        spacing = tuple(float(s) for s in reversed(ref_image.GetSpacing()))
+    else:
+        pred, ref, spacing = load_mask_pair(pred_path, ref_path)
+    pred, ref = np.rint(pred).astype(np.int16), np.rint(ref).astype(np.int16)  # float masks (1.0000152)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    values: dict[str, float] = {}
+    tolerances = {"pancreas": settings.nsd_tolerance_pancreas_mm, "lesion": settings.nsd_tolerance_lesion_mm}
+    for structure in STRUCTURES:
+        p, r = (pred > 0, ref > 0) if structure == "pancreas" else (pred == 2, ref == 2)
+        values[f"dice_{structure}"] = dice(p, r)
+        values[f"iou_{structure}"] = iou(p, r)
+        values[f"nsd_{structure}"] = nsd(p, r, spacing, tolerances[structure], definition=settings.nsd_definition)
+        values[f"hd95_{structure}"] = hd95(p, r, spacing) if p.any() or r.any() else 0.0
+        values[f"volume_pred_{structure}_ml"] = float(p.sum()) * voxel_ml
+        values[f"volume_ref_{structure}_ml"] = float(r.sum()) * voxel_ml
+    diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(ref.shape, spacing)))
+    return CaseResult(case, values, diagonal, missing_prediction=pred_path is None)
+
+
+def _aggregate(values: list[float], settings: EvaluateConfig) -> dict[str, float | None]:
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        return {"mean": None, "median": None, "ci95_low": None, "ci95_high": None}
+    stats: dict[str, float | None] = {"mean": float(array.mean()), "median": float(np.median(array))}
+    if settings.bootstrap and array.size > 1:
+        low, high = bootstrap_ci(array, n=settings.bootstrap)
+        stats.update(ci95_low=low, ci95_high=high)
+    else:
+        stats.update(ci95_low=None, ci95_high=None)
+    return stats
+
+
+def summarize(cases: list[CaseResult], settings: EvaluateConfig) -> dict[str, Any]:
+    """Means, medians and bootstrap CIs; HD95 of one-sided empty cases counts as the image diagonal."""
+    segmentation: dict[str, Any] = {}
+    for structure in STRUCTURES:
+        for metric in SEG_METRICS:
+            key = f"{metric}_{structure}"
+            values = [c.values[key] if not np.isnan(c.values[key]) else c.worst_hd95_mm for c in cases]
+            segmentation[key] = _aggregate(values, settings)
+            if metric == "hd95":
+                segmentation[key]["undefined_cases"] = sum(bool(np.isnan(c.values[key])) for c in cases)
+    summary: dict[str, Any] = {"cases": len(cases), "missing_predictions": sum(c.missing_prediction for c in cases),
+                               "nsd_definition": settings.nsd_definition, "segmentation": segmentation}
+    labelled = [c for c in cases if c.subtype_true is not None and c.subtype_pred is not None]
+    classification = None
+    if labelled:
+        m = classification_metrics([c.subtype_true for c in labelled], [c.subtype_pred for c in labelled],
+                                   labels=SUBTYPES)
+        classification = {"cases": len(labelled), "accuracy": m.accuracy, "macro_f1": m.macro_f1,
+                          "precision": m.precision, "recall": m.recall, "f1": m.f1,
+                          "confusion_matrix": m.confusion_matrix}
+    summary["classification"] = classification
+    targets = settings.targets
+    observed = {"dice_pancreas": segmentation["dice_pancreas"]["mean"],
+                "dice_lesion": segmentation["dice_lesion"]["mean"],
+                "macro_f1": classification["macro_f1"] if classification else None}
+    summary["targets"] = {
+        key: {"target": getattr(targets, key), "value": value,
+              "passed": None if value is None else bool(value >= getattr(targets, key))}
+        for key, value in observed.items()
+    }
+    return summary
+
+
+def _per_case_csv(cases: list[CaseResult]) -> str:
+    keys = [f"{m}_{s}" for s in STRUCTURES for m in SEG_METRICS]
+    keys += [f"volume_{w}_{s}_ml" for s in STRUCTURES for w in ("pred", "ref")]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case", *keys, "subtype_true", "subtype_pred", "missing_prediction"])
+    for c in cases:
+        writer.writerow([c.case, *(f"{c.values[k]:.6g}" for k in keys),
+                         "" if c.subtype_true is None else c.subtype_true,
+                         "" if c.subtype_pred is None else c.subtype_pred, int(c.missing_prediction)])
+    return buffer.getvalue()
+
+
+def evaluate(
+    config: Config,
+    *,
+    pred_dir: Path,
+    gt_dir: Path,
+    subtypes_csv: Path | None = None,
+    allow_missing: bool = False,
+    out_dir: Path | None = None,
+) -> EvaluationResult:
+    """Evaluate the masks (and ``subtype_results.csv``) in ``pred_dir`` against ``gt_dir``."""
+    settings = config.evaluate
+    refs = _masks(gt_dir)
+    if not refs:
+        raise DataError(f"{gt_dir}: no ground-truth masks ({', '.join(IMAGE_EXTENSIONS)})")
+    preds = _masks(pred_dir)
+    missing = sorted(set(refs) - set(preds))
+    if missing and not allow_missing:
+        raise DataError(f"{pred_dir}: no prediction for {len(missing)} ground-truth case(s), e.g. {missing[0]}; "
+                        "pass --allow-missing to count them as empty predictions")
+    notes = []
+    extra = sorted(set(preds) - set(refs))
+    if extra:
+        notes.append(f"{len(extra)} prediction(s) without ground truth ignored, e.g. {extra[0]}")
+    cases = sorted(refs)
+    with ThreadPoolExecutor(max_workers=settings.num_workers) as pool:
+        results = list(pool.map(lambda c: evaluate_case(c, preds.get(c), refs[c], settings), cases))
+
+    predicted_csv = pred_dir / "subtype_results.csv"
+    predicted = read_subtype_csv(predicted_csv) if predicted_csv.is_file() else {}
+    truth = read_subtype_csv(subtypes_csv) if subtypes_csv is not None else {}
+    if subtypes_csv is not None and not predicted:
+        notes.append(f"{predicted_csv} not found: no classification metrics")
+    for r in results:
+        r.subtype_true = truth.get(r.case)
+        r.subtype_pred = predicted.get(r.case, 0 if r.missing_prediction and r.case in truth else None)
+    unlabelled = [r.case for r in results if truth and r.subtype_true is None]
+    if unlabelled:
+        notes.append(f"{len(unlabelled)} case(s) have no true subtype in {subtypes_csv}, e.g. {unlabelled[0]}")
+    no_pred = [r.case for r in results if r.subtype_true is not None and r.subtype_pred is None]
+    if no_pred and predicted:
+        raise DataError(f"{predicted_csv}: no subtype for case {no_pred[0]} ({len(no_pred)} case(s))")
+
+    summary = summarize(results, settings)
+    summary["notes"] = notes
+    out = out_dir or pred_dir
+    per_case_csv, summary_json = out / "metrics_per_case.csv", out / "metrics_summary.json"
+    write_text(_per_case_csv(results), per_case_csv)
+    write_text(json.dumps(summary, indent=2), summary_json)
+    return EvaluationResult(results, summary, per_case_csv, summary_json, notes)
+
+
+

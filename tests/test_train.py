@@ -1,0 +1,159 @@
+"""``pancseg train`` end to end on the smoke preset (CPU), resume, and nnU-Net's own commands."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_config
+from pancreas_cli.cli import app
+from pancreas_cli.multitask.trainer import METRICS_COLUMNS
+from pancreas_cli.nnunet_env import TRAINER_DIR
+
+FAST = ["--set", "train.iterations_per_epoch=3", "--set", "train.val_iterations=2", "--set", "train.save_every=1"]
+FOLDER = "nnUNetTrainerMultiTask__nnUNetResEncUNetMPlans__3d_smoke"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic dataset, prepared, cleaned and preprocessed for the smoke preset (shared by the tests)."""
+    root = tmp_path_factory.mktemp("train")
+    runner = CliRunner()
+    assert runner.invoke(app, ["synth", str(root / "data"), "--cases", "10", "--shape", "24,48,48"]).exit_code == 0
+    cfg = write_config(root, "project_dir: ./work\ndataset: {source: ./data}\nplan: {preset: smoke}\n"
+                             "train: {device: cpu}\n")
+    for command in ("prepare", "clean", "preprocess"):
+        result = runner.invoke(app, [command, "-c", str(cfg)])
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def _rows(fold_dir: Path) -> list[dict[str, str]]:
+    with (fold_dir / "metrics.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_train_resume_and_nnunet_commands(project: Path, runner: CliRunner) -> None:
+    cfg = project / "pancseg.yaml"
+    fold_dir = project / "work" / "nnUNet_results" / "Dataset001_PancreasCancer" / FOLDER / "fold_0"
+
+    result = runner.invoke(app, ["train", "-c", str(cfg), "--fold", "0", "--epochs", "2", *FAST])
+    assert result.exit_code == 0, result.output
+    assert "fold 0 epoch 1/2" in result.stderr and "fold 0 epoch 2/2" in result.stderr
+    assert "dice pancreas" in result.stderr and "ETA" in result.stderr
+    for name in ("checkpoint_final.pth", "checkpoint_best.pth", "progress.png"):
+        assert (fold_dir / name).is_file(), name
+    rows = _rows(fold_dir)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert tuple(rows[0]) == METRICS_COLUMNS
+    assert all(rows[0][c] != "" for c in ("train_loss", "cls_loss", "val_macro_f1", "dice_pancreas", "lr"))
+    with (fold_dir / "validation" / "subtype_results.csv").open() as fh:
+        lines = fh.read().splitlines()
+    assert lines[0] == "Names,Subtype" and len(lines) == 2  # synth puts 1 of 10 cases in validation
+    name, subtype = lines[1].split(",")
+    assert name.endswith(".nii.gz") and not name.endswith("_0000.nii.gz") and subtype in {"0", "1", "2"}
+    probabilities = (fold_dir / "validation" / "subtype_probabilities.csv").read_text().splitlines()
+    assert probabilities[0] == "Names,p0,p1,p2"
+    assert abs(sum(float(p) for p in probabilities[1].split(",")[1:]) - 1) < 1e-4
+    assert (fold_dir / "validation" / f"{name}").is_file()  # nnU-Net's own validation segmentation
+
+    again = runner.invoke(app, ["train", "-c", str(cfg), "--epochs", "2", *FAST])
+    assert again.exit_code == 1 and "--resume" in again.stderr and "--force" in again.stderr
+
+    resumed = runner.invoke(app, ["train", "-c", str(cfg), "--resume", "--epochs", "3", "--json", *FAST])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming at epoch 3" in resumed.stderr and "fold 0 epoch 1/" not in resumed.stderr
+    data = json.loads(resumed.stdout)
+    assert data["folds"][0]["resumed_from"] == 2 and data["folds"][0]["epochs_done"] == 3
+    assert [r["epoch"] for r in _rows(fold_dir)] == ["1", "2", "3"]
+
+    # nnU-Net's own commands find the trainer through nnUNet_extTrainer and use pancseg's results.
+    env = {**os.environ, "nnUNet_extTrainer": str(TRAINER_DIR), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
+           "nnUNet_raw": str(project / "work" / "nnUNet_raw"),
+           "nnUNet_preprocessed": str(project / "work" / "nnUNet_preprocessed"),
+           "nnUNet_results": str(project / "work" / "nnUNet_results")}
+    bin_dir = Path(sys.executable).parent
+    val = subprocess.run([str(bin_dir / "nnUNetv2_train"), "1", "3d_smoke", "0", "-tr", "nnUNetTrainerMultiTask",
+                          "-p", "nnUNetResEncUNetMPlans", "-device", "cpu", "--val"],
+                         capture_output=True, text=True, env=env)
+    assert val.returncode == 0, val.stdout[-3000:] + val.stderr[-3000:]
+    assert "Using trainer 'nnUNetTrainerMultiTask'" in val.stdout
+    out = project / "nnunet_predict"
+    pred = subprocess.run([str(bin_dir / "nnUNetv2_predict"), "-i", str(project / "work" / "nnUNet_raw" /
+                           "Dataset001_PancreasCancer" / "imagesTs"), "-o", str(out), "-d", "1", "-c", "3d_smoke",
+                           "-p", "nnUNetResEncUNetMPlans", "-tr", "nnUNetTrainerMultiTask", "-f", "0", "-device",
+                           "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], capture_output=True, text=True, env=env)
+    assert pred.returncode == 0, pred.stdout[-3000:] + pred.stderr[-3000:]
+    assert len(list(out.glob("*.nii.gz"))) == 2
+
+
+@pytest.mark.slow
+def test_segmentation_task_uses_the_stock_trainer(project: Path, runner: CliRunner) -> None:
+    cfg = project / "pancseg.yaml"
+    result = runner.invoke(app, ["train", "-c", str(cfg), "--task", "segmentation", "--epochs", "1", "--json", *FAST])
+    assert result.exit_code == 0, result.output
+    fold = json.loads(result.stdout)["folds"][0]
+    assert "nnUNetTrainerPancseg__" in fold["output_folder"]
+    row = _rows(Path(fold["output_folder"]))[0]
+    assert row["cls_loss"] == "" and row["dice_pancreas"] != ""
+    assert not (Path(fold["output_folder"]) / "validation" / "subtype_results.csv").exists()
+
+
+def test_train_before_preprocess(runner: CliRunner, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    cfg = write_config(tmp_path, "project_dir: ./work\ntrain: {device: cpu}\n")
+    result = runner.invoke(app, ["train", "-c", str(cfg)])
+    assert result.exit_code == 1 and "run `pancseg preprocess` first" in result.stderr
+
+
+def test_auto_device_without_gpu_needs_explicit_cpu(runner: CliRunner, project: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: auto would pick it")
+    result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--device", "auto"])
+    assert result.exit_code == 1 and "--device cpu" in result.stderr
+    missing = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--device", "cuda:3"])
+    assert missing.exit_code == 1 and "cuda:3 requested" in missing.stderr
+
+
+def test_fold_arguments(runner: CliRunner, project: Path) -> None:
+    cfg = str(project / "pancseg.yaml")
+    assert runner.invoke(app, ["train", "-c", cfg, "--fold", "7"]).exit_code == 2
+    assert runner.invoke(app, ["train", "-c", cfg, "--fold", "x"]).exit_code == 2
+    bad_device = runner.invoke(app, ["train", "-c", cfg, "--device", "gpu"])
+    assert bad_device.exit_code == 1 and "train.device: invalid value 'gpu'" in bad_device.stderr
+
+
+def test_wandb_needs_the_extra(runner: CliRunner, project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--set", "train.wandb.enabled=true"])
+    assert result.exit_code == 1 and "pancseg[wandb]" in result.stderr
+
+
+@pytest.mark.slow
+def test_wandb_offline_logs_the_multitask_values(project: Path, runner: CliRunner,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = str(project / "pancseg.yaml")
+    result = runner.invoke(app, ["train", "-c", cfg, "--fold", "2", "--epochs", "1", "--force", "--json", *FAST,
+                                 "--set", "train.wandb.enabled=true", "--set", "train.wandb.mode=offline"])
+    assert result.exit_code == 0, result.output
+    folder = Path(json.loads(result.stdout)["folds"][0]["output_folder"])
+    records = list((folder / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert records, "no offline W&B run was written"
+    data = records[0].read_bytes()
+    for key in (b"pancseg_cls_loss", b"pancseg_val_macro_f1", b"pancseg_dice_pancreas", b"train_losses"):
+        assert key in data, key
