@@ -59,8 +59,10 @@ class DatasetConfig(_Section):
     region_based: bool = False
     split_seed: int = 12345
     num_folds: int = Field(5, ge=2, le=10)
+    test_labels: Path | None = None
+    test_subtypes_csv: Path | None = None
 
-    _resolve_paths = field_validator("source", "subtypes_csv", "manifest")(_resolve)
+    _resolve_paths = field_validator("source", "subtypes_csv", "manifest", "test_labels", "test_subtypes_csv")(_resolve)
 
     @model_validator(mode="after")
     def _layout_inputs(self, info: ValidationInfo) -> DatasetConfig:
@@ -152,6 +154,14 @@ class TrainConfig(_Section):
         return value
 
 
+class PredictConfig(_Section):
+    checkpoint: Literal["best", "final"] = "best"
+    folds: list[int] | None = None  # None: every trained fold (an ensemble)
+    tile_step_size: float = Field(0.5, gt=0, le=1)
+    mirroring: bool = True
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
 class TargetsConfig(_Section):
     dice_pancreas: float = Field(0.91, ge=0, le=1)
     dice_lesion: float = Field(0.31, ge=0, le=1)
@@ -173,6 +183,7 @@ class Config(_Section):
     clean: CleanConfig = Field(default_factory=dict)  # type: ignore[arg-type]
     plan: PlanConfig = Field(default_factory=dict)  # type: ignore[arg-type]
     train: TrainConfig = Field(default_factory=dict)  # type: ignore[arg-type]
+    predict: PredictConfig = Field(default_factory=dict)  # type: ignore[arg-type]
     evaluate: EvaluateConfig = Field(default_factory=dict)  # type: ignore[arg-type]
 
     _resolve_paths = field_validator("project_dir")(_resolve)

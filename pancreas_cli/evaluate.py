@@ -190,10 +190,19 @@ def evaluate(
     subtypes_csv: Path | None = None,
     allow_missing: bool = False,
     out_dir: Path | None = None,
+    cases: list[str] | None = None,
 ) -> EvaluationResult:
-    """Evaluate the masks (and ``subtype_results.csv``) in ``pred_dir`` against ``gt_dir``."""
+    """Evaluate the masks (and ``subtype_results.csv``) in ``pred_dir`` against ``gt_dir``.
+
+    ``cases`` restricts the evaluation to these ground-truth cases (e.g. one validation fold).
+    """
     settings = config.evaluate
     refs = _masks(gt_dir)
+    if cases is not None:
+        unknown = sorted(set(cases) - set(refs))
+        if unknown:
+            raise DataError(f"{gt_dir}: no ground truth for case {unknown[0]}")
+        refs = {c: refs[c] for c in cases}
     if not refs:
         raise DataError(f"{gt_dir}: no ground-truth masks ({', '.join(IMAGE_EXTENSIONS)})")
     preds = _masks(pred_dir)
@@ -205,9 +214,8 @@ def evaluate(
     extra = sorted(set(preds) - set(refs))
     if extra:
         notes.append(f"{len(extra)} prediction(s) without ground truth ignored, e.g. {extra[0]}")
-    cases = sorted(refs)
     with ThreadPoolExecutor(max_workers=settings.num_workers) as pool:
-        results = list(pool.map(lambda c: evaluate_case(c, preds.get(c), refs[c], settings), cases))
+        results = list(pool.map(lambda c: evaluate_case(c, preds.get(c), refs[c], settings), sorted(refs)))
 
     predicted_csv = pred_dir / "subtype_results.csv"
     predicted = read_subtype_csv(predicted_csv) if predicted_csv.is_file() else {}

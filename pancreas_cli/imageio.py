@@ -105,6 +105,22 @@ def scan_nifti(path: Path) -> int:
     return bad
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+#: Read once at import: os.umask can only be read by setting it, which is not thread-safe.
+_UMASK = _read_umask()
+
+
+def _publish(tmp: Path | str, path: Path) -> None:
+    """Rename a finished temporary file into place with ordinary permissions (mkstemp makes it 0600)."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, path)
+
+
 def atomic_target(path: Path) -> Path:
     """A temporary path in the same folder as ``path`` that keeps its extension."""
     ext = image_extension(path) or path.suffix
@@ -121,7 +137,7 @@ def write_image(image: sitk.Image, path: Path) -> None:
     tmp = atomic_target(path)
     try:
         sitk.WriteImage(image, str(tmp), useCompression=True)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -133,7 +149,7 @@ def write_text(text: str, path: Path) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
 

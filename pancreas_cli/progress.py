@@ -65,3 +65,40 @@ class EpochPrinter:
             self.console.print(text, style="bold green" if row.get("best") else None, markup=False)
         else:
             self.console.print(text, markup=False)
+
+
+class CasePrinter:
+    """Implements :class:`pancreas_cli.predict.CaseReporter`: a progress bar on a terminal, lines otherwise."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.console: Console | None = None
+        self.progress: Any = None
+        self.task: Any = None
+        self.total = 0
+
+    def start(self, total: int, stream: TextIO) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = Console(file=stream, highlight=False, soft_wrap=True)
+        self.total = total
+        if self.console.is_terminal and not self.quiet:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), console=self.console)
+            self.task = self.progress.add_task("predicting", total=total)
+            self.progress.start()
+
+    def case(self, outcome: Any, index: int) -> None:
+        if self.quiet or self.console is None:
+            return
+        detail = f"subtype {outcome.subtype}" if outcome.subtype is not None else ""
+        if outcome.status == "failed":
+            detail = f"FAILED: {outcome.error}"
+        text = f"[{index}/{self.total}] {outcome.case} {outcome.seconds:.1f}s {detail}".rstrip()
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False)
+            self.progress.update(self.task, advance=1, description=f"predicting ({outcome.seconds:.1f}s/case)")
+            if index == self.total:
+                self.progress.stop()
+        else:
+            self.console.print(text, markup=False)

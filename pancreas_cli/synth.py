@@ -328,13 +328,14 @@ def _render_case(
         """An elliptic cylinder along z, clipped to the body's soft tissue."""
         return (((yy - y) / ry) ** 2 + ((xx - x) / rx) ** 2 <= 1.0) & inner
 
-    # Distractors: liver (upper slices) and enhancing kidneys, aorta and spine.
+    # Distractors, as in a pancreatic-phase scan: liver (upper slices) darker than the enhancing
+    # pancreas, kidney cortex and aorta brighter than it, and the spine.
     liver = column(cy - 0.1 * ay, cx - 0.6 * ax, 0.55 * ay, 0.35 * ax)
     hu[liver & (zz >= rng.uniform(0.2, 0.4) * nz)] = rng.uniform(60.0, 75.0)
     kidneys = column(cy + 0.4 * ay, cx - 0.5 * ax, 0.16 * ay, 0.12 * ax)
     kidneys |= column(cy + 0.4 * ay, cx + 0.5 * ax, 0.16 * ay, 0.12 * ax)
-    hu[kidneys & (zz < rng.uniform(0.6, 0.8) * nz)] = rng.uniform(140.0, 180.0)
-    hu[column(cy + 0.38 * ay, cx + 0.1 * ax, 0.09 * ay, 0.09 * ay)] = rng.uniform(150.0, 200.0)
+    hu[kidneys & (zz < rng.uniform(0.6, 0.8) * nz)] = rng.uniform(190.0, 240.0)
+    hu[column(cy + 0.38 * ay, cx + 0.1 * ax, 0.09 * ay, 0.09 * ay)] = rng.uniform(240.0, 300.0)
     hu[column(cy + 0.68 * ay, cx, 0.17 * ay, 0.2 * ay)] = rng.uniform(650.0, 750.0)
 
     scale = min(ny, nx) / 64
@@ -346,7 +347,7 @@ def _render_case(
         bend=rng.uniform(-0.2, 0.2) * ay,
         z_mid=nz / 2 + rng.uniform(-0.05, 0.05) * nz,
         rise=rng.uniform(0.3, 0.45) * nz,
-        radius=max(2.0, rng.uniform(3.0, 5.0) * scale),
+        radius=max(2.0, rng.uniform(5.0, 7.0) * scale),
         z_ratio=2 * nz / min(ny, nx),
     )
     pancreas = tube.mask(zz, yy, xx)

@@ -1,0 +1,305 @@
+"""``pancseg predict``: masks and lesion subtypes for new CT scans with a trained model.
+
+The model is loaded once and cases stream through it. The subtype comes from the same forward
+passes as the segmentation (see :class:`~pancreas_cli.multitask.predictor.MultiTaskPredictor`).
+Every output is written under a temporary name and renamed; cases with outputs are skipped unless
+``overwrite``; the CSVs are rebuilt at the end from every case present, so an interrupted run just
+continues. A case that fails is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+from pancreas_cli.config import Config
+from pancreas_cli.exceptions import DataError, PancsegError
+from pancreas_cli.imageio import image_extension, image_stem, read_image, write_image, write_text
+from pancreas_cli.logcapture import redirect_output
+from pancreas_cli.nnunet_env import setup_nnunet_env
+from pancreas_cli.preprocess import STATE_NAME
+from pancreas_cli.train import TRAINERS
+
+if TYPE_CHECKING:
+    import torch
+
+SIDECAR_DIR = ".pancseg"  # per-case class probabilities, for rebuilding the CSVs
+
+
+class PredictError(PancsegError):
+    """The model or the input cannot be used for prediction."""
+
+
+class CaseReporter(Protocol):
+    """Receives per-case progress; ``stream`` reaches the terminal while nnU-Net's output is logged."""
+
+    def start(self, total: int, stream: TextIO) -> None: ...
+
+    def case(self, outcome: CaseOutcome, index: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class InputCase:
+    case: str
+    source: Path  # a file, or a DICOM series folder
+    dicom: bool = False
+
+
+@dataclass
+class CaseOutcome:
+    case: str
+    source: Path
+    status: str  # "predicted" | "skipped" | "failed"
+    seconds: float = 0.0
+    subtype: int | None = None
+    probabilities: list[float] | None = None
+    error: str | None = None
+
+
+@dataclass
+class PredictResult:
+    out_dir: Path
+    model_dir: Path
+    folds: list[int]
+    device: str
+    outcomes: list[CaseOutcome] = field(default_factory=list)
+    subtype_csv: Path | None = None
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def failed(self) -> list[CaseOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir), "model_dir": str(self.model_dir), "folds": self.folds,
+            "device": self.device, "predicted": self.count("predicted"), "skipped": self.count("skipped"),
+            "failed": [{"case": o.case, "source": str(o.source), "error": o.error} for o in self.failed],
+            "subtype_csv": str(self.subtype_csv) if self.subtype_csv else None,
+            "cases": [{"case": o.case, "status": o.status, "seconds": round(o.seconds, 2), "subtype": o.subtype,
+                       "probabilities": o.probabilities} for o in self.outcomes],
+        }
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    import SimpleITK as sitk
+
+    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def find_inputs(path: Path) -> list[InputCase]:
+    """Cases in a file, a folder of images (``_0000`` optional) or a DICOM series folder."""
+    if path.is_file():
+        if not image_extension(path):
+            raise PredictError(f"{path}: not a .nii.gz, .nii, .nrrd or .mha image")
+        return [InputCase(_case_name(path), path)]
+    if not path.is_dir():
+        raise PredictError(f"{path}: no such file or folder")
+    images = sorted(p for p in path.iterdir() if p.is_file() and image_extension(p) and not p.name.startswith("."))
+    if not images:
+        if _is_dicom_folder(path):
+            return [InputCase(path.name, path, dicom=True)]
+        raise PredictError(f"{path}: no images (.nii.gz, .nii, .nrrd, .mha) and no DICOM series found")
+    cases: dict[str, InputCase] = {}
+    for image in images:
+        case = _case_name(image)
+        if case in cases:
+            raise PredictError(f"{image} and {cases[case].source} would both be written as {case}.nii.gz")
+        cases[case] = InputCase(case, image)
+    return list(cases.values())
+
+
+def _case_name(path: Path) -> str:
+    stem = image_stem(path)
+    return stem[:-5] if stem.endswith("_0000") else stem
+
+
+def model_folder(config: Config) -> Path:
+    """The nnU-Net results folder of the configured task, plans and configuration."""
+    state_file = config.dataset_preprocessed_dir / STATE_NAME
+    if not state_file.is_file():
+        raise PredictError(f"{config.dataset_preprocessed_dir}: not preprocessed, so no model was trained here; "
+                           "run `pancseg preprocess` and `pancseg train` first")
+    plans = json.loads(state_file.read_text(encoding="utf-8"))["plans_identifier"]
+    name = f"{TRAINERS[config.train.task]}__{plans}__{config.plan.configuration}"
+    return config.results_dir / config.dataset.folder_name / name
+
+
+def _resolve_folds(model_dir: Path, requested: list[int] | None, checkpoint: str) -> list[int]:
+    available = sorted(int(p.name[5:]) for p in model_dir.glob("fold_*")
+                       if p.name[5:].isdigit() and (p / checkpoint).is_file())
+    if not available:
+        raise PredictError(f"{model_dir}: no fold has {checkpoint}; train first (`pancseg train --fold 0`)")
+    folds = requested or available
+    missing = [f for f in folds if f not in available]
+    if missing:
+        raise PredictError(f"fold {missing[0]} has no {checkpoint} in {model_dir}; trained folds: {available}")
+    return folds
+
+
+def _device(requested: str, warn: Callable[[str], None]) -> torch.device:
+    import torch
+
+    from pancreas_cli.exceptions import TrainError
+    from pancreas_cli.train import resolve_device
+
+    if requested == "auto":
+        try:
+            return resolve_device("auto")
+        except TrainError:
+            warn("no GPU found: predicting on the CPU (slow; --fast skips test-time mirroring)")
+            return torch.device("cpu")
+    try:
+        return resolve_device(requested)
+    except TrainError as exc:
+        raise PredictError(str(exc)) from exc
+
+
+def _load_input(case: InputCase, scratch: Path) -> Path:
+    """A 3D single-channel ``.nii.gz`` nnU-Net can read (converted if needed); DataError if unusable."""
+    import SimpleITK as sitk
+
+    if case.dicom:
+        reader = sitk.ImageSeriesReader()
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(case.source))
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(case.source), series[0]))
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise DataError(f"{case.source}: cannot read the DICOM series ({exc})") from exc
+    else:
+        image = read_image(case.source, verify=True)
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(f"{case.source}: expected a 3D single-channel CT, got {image.GetDimension()}D with "
+                        f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+    if not case.dicom and image_extension(case.source) == ".nii.gz":
+        return case.source
+    target = scratch / f"{case.case}_0000.nii.gz"
+    write_image(image, target)
+    return target
+
+
+def _write_csvs(out_dir: Path) -> Path:
+    """``subtype_results.csv`` and ``subtype_probabilities.csv`` from every case with a mask and probabilities."""
+    sidecars = out_dir / SIDECAR_DIR
+    rows = []
+    for path in sorted(sidecars.glob("*.json")):
+        case = path.stem
+        if (out_dir / f"{case}.nii.gz").is_file():
+            rows.append((case, json.loads(path.read_text(encoding="utf-8"))["probabilities"]))
+    results = out_dir / "subtype_results.csv"
+    write_text("Names,Subtype\n" + "".join(f"{c}.nii.gz,{max(range(3), key=lambda i: p[i])}\n" for c, p in rows),
+               results)
+    write_text("Names,p0,p1,p2\n" + "".join(f"{c}.nii.gz," + ",".join(f"{v:.6f}" for v in p) + "\n"
+                                            for c, p in rows), out_dir / "subtype_probabilities.csv")
+    return results
+
+
+def predict(
+    config: Config,
+    *,
+    input_path: Path,
+    out_dir: Path,
+    folds: list[int] | None = None,
+    checkpoint: str | None = None,
+    fast: bool = False,
+    overwrite: bool = False,
+    reporter: CaseReporter | None = None,
+    warn: Callable[[str], None] = lambda text: None,
+) -> PredictResult:
+    """Predict every case under ``input_path`` into ``out_dir``."""
+    settings = config.predict
+    checkpoint_name = f"checkpoint_{checkpoint or settings.checkpoint}.pth"
+    cases = find_inputs(input_path)
+    model_dir = model_folder(config)
+    folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name)
+    device = _device(settings.device, warn)
+    setup_nnunet_env(config, device_type=device.type)
+    multitask = config.train.task == "multitask"
+    result = PredictResult(out_dir, model_dir, folds, str(device))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SIDECAR_DIR).mkdir(exist_ok=True)
+    log_file = config.project_dir / "logs" / "predict.log"
+    todo = [c for c in cases if overwrite or not _done(out_dir, c.case, multitask)]
+    for case in cases:
+        if case not in todo:
+            result.outcomes.append(CaseOutcome(case.case, case.source, "skipped"))
+    if todo:
+        with redirect_output(log_file) as terminal, \
+                tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch") as scratch:
+            try:
+                predictor = _load_model(model_dir, folds, checkpoint_name, device, settings.tile_step_size,
+                                        settings.mirroring and not fast, multitask)
+            except (RuntimeError, ValueError, OSError, KeyError) as exc:
+                raise PredictError(f"cannot load the model in {model_dir}: {type(exc).__name__}: {exc}; "
+                                   f"nnU-Net log: {log_file}") from exc
+            if reporter is not None:
+                reporter.start(len(todo), terminal)
+            for index, case in enumerate(todo, start=1):
+                outcome = _predict_case(predictor, case, out_dir, Path(scratch), multitask)
+                result.outcomes.append(outcome)
+                if reporter is not None:
+                    reporter.case(outcome, index)
+    if multitask:
+        result.subtype_csv = _write_csvs(out_dir)
+    return result
+
+
+def _done(out_dir: Path, case: str, multitask: bool) -> bool:
+    return (out_dir / f"{case}.nii.gz").is_file() and (not multitask or (out_dir / SIDECAR_DIR / f"{case}.json").is_file())
+
+
+def _load_model(model_dir: Path, folds: list[int], checkpoint_name: str, device: torch.device, step: float,
+                mirroring: bool, multitask: bool) -> Any:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from pancreas_cli.multitask.predictor import MultiTaskPredictor
+
+    cls = MultiTaskPredictor if multitask else nnUNetPredictor
+    predictor = cls(tile_step_size=step, use_gaussian=True, use_mirroring=mirroring,
+                    perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
+                    allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=tuple(folds),
+                                                   checkpoint_name=checkpoint_name)
+    return predictor
+
+
+def _predict_case(predictor: Any, case: InputCase, out_dir: Path, scratch: Path, multitask: bool) -> CaseOutcome:
+    import torch
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+
+    start = time.perf_counter()
+    partial = out_dir / f".partial_{case.case}"
+    try:
+        image_file = _load_input(case, scratch)
+        preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+        data, _, properties = preprocessor.run_case([str(image_file)], None, predictor.plans_manager,
+                                                    predictor.configuration_manager, predictor.dataset_json)
+        logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+        export_prediction_from_logits(logits, properties, predictor.configuration_manager, predictor.plans_manager,
+                                      predictor.dataset_json, str(partial), False)
+        probabilities = None
+        if multitask:
+            probabilities = [float(p) for p in predictor.case_class_probabilities[-1]]
+            write_text(json.dumps({"case": case.case, "source": str(case.source), "probabilities": probabilities}),
+                       out_dir / SIDECAR_DIR / f"{case.case}.json")
+        os.replace(f"{partial}.nii.gz", out_dir / f"{case.case}.nii.gz")
+        subtype = None if probabilities is None else max(range(3), key=lambda i: probabilities[i])
+        return CaseOutcome(case.case, case.source, "predicted", time.perf_counter() - start, subtype, probabilities)
+    except (DataError, RuntimeError, ValueError, OSError) as exc:
+        return CaseOutcome(case.case, case.source, "failed", time.perf_counter() - start,
+                           error=f"{type(exc).__name__}: {exc}".strip().splitlines()[0])
+    finally:
+        Path(f"{partial}.nii.gz").unlink(missing_ok=True)
+        if scratch.is_dir():
+            for leftover in scratch.iterdir():
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()

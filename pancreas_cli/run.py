@@ -1,0 +1,115 @@
+"""``pancseg run``: the whole chain for one config, skipping what is up to date.
+
+prepare -> clean -> preprocess -> train -> predict (test images) -> evaluate -> report. Each stage
+is idempotent: unchanged data is not prepared or preprocessed again, a finished training is kept
+(an interrupted one resumes), predicted cases are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pancreas_cli.clean import clean
+from pancreas_cli.config import Config
+from pancreas_cli.evaluate import evaluate
+from pancreas_cli.exceptions import CleanError
+from pancreas_cli.predict import CaseReporter, model_folder, predict
+from pancreas_cli.prepare import prepare
+from pancreas_cli.preprocess import preprocess
+from pancreas_cli.report import ReportResult, report
+from pancreas_cli.train import EpochReporter, newest_checkpoint, train
+
+
+@dataclass
+class RunResult:
+    stages: list[tuple[str, str, float]] = field(default_factory=list)  # (stage, what happened, seconds)
+    report: ReportResult | None = None
+    predictions: Path | None = None
+
+
+def _finished(config: Config, fold: int) -> bool:
+    """The fold's training reached the configured number of epochs."""
+    fold_dir = model_folder(config) / f"fold_{fold}"
+    metrics = fold_dir / "metrics.csv"
+    if not (fold_dir / "checkpoint_final.pth").is_file() or not metrics.is_file():
+        return False
+    lines = metrics.read_text(encoding="utf-8").strip().splitlines()
+    return len(lines) > 1 and int(lines[-1].split(",")[0]) >= config.train.epochs
+
+
+def run(
+    config: Config,
+    *,
+    fold: int = 0,
+    on_stage: Callable[[str, str, float], None] = lambda stage, what, seconds: None,
+    epoch_reporter: EpochReporter | None = None,
+    case_reporter: CaseReporter | None = None,
+    warn: Callable[[str], None] = lambda text: None,
+) -> RunResult:
+    """Run every stage for ``config`` (training and evaluating ``fold``)."""
+    result = RunResult()
+
+    def stage(name: str, what: str, start: float) -> None:
+        seconds = time.perf_counter() - start
+        result.stages.append((name, what, seconds))
+        on_stage(name, what, seconds)
+
+    start = time.perf_counter()
+    prepared = prepare(config)
+    stage("prepare", "up to date" if prepared.up_to_date else f"{len(prepared.cases)} cases", start)
+
+    start = time.perf_counter()
+    cleaned = clean(config)
+    if cleaned.errors:
+        raise CleanError(f"{len(cleaned.errors)} data error(s) that clean cannot fix, e.g. "
+                         f"{cleaned.errors[0].case}: {cleaned.errors[0].problem} ({cleaned.errors[0].detail}); "
+                         f"see {cleaned.report}")
+    stage("clean", f"{len(cleaned.changed_files)} files fixed, {len(cleaned.warnings)} warnings", start)
+
+    start = time.perf_counter()
+    pre = preprocess(config)
+    stage("preprocess", "up to date" if pre.up_to_date else pre.plans[0].configuration, start)
+
+    start = time.perf_counter()
+    if _finished(config, fold):
+        stage("train", f"fold {fold} up to date", start)
+    else:
+        resume = newest_checkpoint(model_folder(config) / f"fold_{fold}") is not None
+        trained = train(config, folds=[fold], resume=resume, reporter=epoch_reporter)
+        stage("train", f"fold {fold}: {trained.folds[0].epochs_done} epochs", start)
+
+    raw = config.dataset_raw_dir
+    start = time.perf_counter()
+    test_images = raw / "imagesTs"
+    predictions = config.project_dir / "predictions" / "test"
+    if any(test_images.glob("*.nii.gz")):
+        predicted = predict(config, input_path=test_images, out_dir=predictions, folds=[fold],
+                            reporter=case_reporter, warn=warn)
+        result.predictions = predictions
+        stage("predict", f"{predicted.count('predicted')} predicted, {predicted.count('skipped')} up to date, "
+                         f"{len(predicted.failed)} failed", start)
+    else:
+        stage("predict", "no test images", start)
+
+    start = time.perf_counter()
+    if config.dataset.test_labels is not None and result.predictions is not None:
+        pred_dir, gt_dir, images = predictions, config.dataset.test_labels, test_images
+        subtypes = config.dataset.test_subtypes_csv
+        cases = None
+        label = "test"
+    else:  # the validation fold, predicted by nnU-Net's validation after training
+        pred_dir = model_folder(config) / f"fold_{fold}" / "validation"
+        gt_dir, images, subtypes = config.dataset_preprocessed_dir / "gt_segmentations", raw / "imagesTr", raw / "subtypes.csv"
+        cases = json.loads((raw / "splits_final.json").read_text(encoding="utf-8"))[fold]["val"]
+        label = f"validation fold {fold}"
+    evaluated = evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir, subtypes_csv=subtypes, cases=cases)
+    stage("evaluate", f"{label}: {len(evaluated.cases)} cases", start)
+
+    start = time.perf_counter()
+    result.report = report(config, fold=fold, pred_dir=pred_dir, gt_dir=gt_dir, images_dir=images)
+    stage("report", str(result.report.html), start)
+    return result

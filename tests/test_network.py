@@ -1,0 +1,445 @@
+"""Tests for pancreas_cli.multitask.network: networks built from plans-like dicts, no preprocessing."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch import nn
+
+from pancreas_cli.multitask.network import (
+    ClassificationHead,
+    HeadSettings,
+    MultiTaskNet,
+    build_multitask_network,
+    structure_probabilities,
+    tile_weights,
+)
+from pancreas_cli.preprocess import SMOKE_CONFIGURATION, add_smoke_configuration
+
+RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+# Small enough for the CPU, deep enough to have a real stride pattern: (1,1,1), (1,2,2), then 2s.
+PATCH = [16, 32, 32]
+FEATURES = [8, 16, 32, 64, 64]
+DATASET_JSON = {
+    "channel_names": {"0": "CT"},
+    "labels": {"background": 0, "pancreas": 1, "lesion": 2},
+    "numTraining": 4,
+    "file_ending": ".nii.gz",
+}
+
+
+def _resampling(is_seg: bool, order: int) -> dict[str, Any]:
+    return {"is_seg": is_seg, "order": order, "order_z": 0, "force_separate_z": None}
+
+
+def make_plans(
+    network: str = RESENC,
+    features: list[int] | None = None,
+    patch: list[int] | None = None,
+    head: dict[str, Any] | None = None,
+    smoke: bool = True,
+    batch_size: int = 2,
+) -> dict[str, Any]:
+    """A plans dict shaped like nnU-Net's (ResEnc M planner), with a tiny 3d_fullres network."""
+    features = list(features or FEATURES)
+    n = len(features)
+    strides = [[1, 1, 1], [1, 2, 2]] + [[2, 2, 2]] * (n - 2)
+    kernels = [[1, 3, 3]] + [[3, 3, 3]] * (n - 1)
+    kwargs: dict[str, Any] = {
+        "n_stages": n,
+        "features_per_stage": features,
+        "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": kernels,
+        "strides": strides,
+        "n_conv_per_stage_decoder": [1] * (n - 1),
+        "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
+    }
+    if network == RESENC:
+        kwargs["n_blocks_per_stage"] = [1, 2] + [2] * (n - 2)
+    else:
+        kwargs["n_conv_per_stage"] = [2] * n
+    fullres: dict[str, Any] = {
+        "data_identifier": "nnUNetPlans_3d_fullres",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": batch_size,
+        "patch_size": list(patch or PATCH),
+        "median_image_size_in_voxels": [32.0, 64.0, 64.0],
+        "spacing": [2.0, 0.75, 0.75],
+        "normalization_schemes": ["CTNormalization"],
+        "use_mask_for_norm": [False],
+        "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": _resampling(False, 3),
+        "resampling_fn_seg_kwargs": _resampling(True, 1),
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": _resampling(False, 1),
+        "architecture": {
+            "network_class_name": network,
+            "arch_kwargs": kwargs,
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+        },
+        "batch_dice": False,
+    }
+    if head is not None:
+        fullres["pancseg_head"] = head
+    plans: dict[str, Any] = {
+        "dataset_name": "Dataset001_PancreasCancer",
+        "plans_name": "nnUNetResEncUNetMPlans",
+        "original_median_spacing_after_transp": [2.0, 0.75, 0.75],
+        "original_median_shape_after_transp": [32, 64, 64],
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {"3d_fullres": fullres},
+        "experiment_planner_used": "nnUNetPlannerResEncM",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            "0": {"max": 256.0, "mean": 96.4, "median": 106.0, "min": -26.0, "percentile_00_5": -9.0,
+                  "percentile_99_5": 190.0, "std": 40.7}
+        },
+    }
+    if smoke:
+        add_smoke_configuration(plans)
+        if head is not None:
+            plans["configurations"][SMOKE_CONFIGURATION]["pancseg_head"] = head
+    return plans
+
+
+def make_net(
+    configuration: str = "3d_fullres",
+    outputs: int = 3,
+    deep_supervision: bool = True,
+    **plans_kwargs: Any,
+) -> tuple[MultiTaskNet, Any]:
+    manager = PlansManager(make_plans(**plans_kwargs))
+    cm = manager.get_configuration(configuration)
+    torch.manual_seed(0)
+    return build_multitask_network(manager, cm, 1, outputs, deep_supervision), cm
+
+
+def _strides(cm: Any) -> list[list[int]]:
+    return [list(s) for s in cm.network_arch_init_kwargs["strides"]]
+
+
+def _expected_ds_shapes(cm: Any, batch: int, channels: int) -> list[tuple[int, ...]]:
+    """Deep-supervision output shapes: full resolution, then each stage's resolution (bottleneck excluded)."""
+    shapes = []
+    size = list(cm.patch_size)
+    for stride in _strides(cm)[:-1]:
+        size = [s // st for s, st in zip(size, stride)]
+        shapes.append((batch, channels, *size))
+    return shapes
+
+
+def _decoder_only_params(net: MultiTaskNet) -> list[tuple[str, nn.Parameter]]:
+    """The decoder's own parameters: ``decoder.encoder`` is the shared encoder and must be excluded."""
+    encoder_ids = {id(p) for p in net.encoder.parameters()}
+    params = [(n, p) for n, p in net.decoder.named_parameters() if id(p) not in encoder_ids]
+    assert params, "the decoder has parameters of its own"
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions: one thread is fastest, and far faster on a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------------ forward and shapes
+
+CONFIGURATIONS = [
+    pytest.param({"configuration": SMOKE_CONFIGURATION}, id="smoke"),
+    pytest.param({"configuration": "3d_fullres"}, id="resenc-5-stage"),
+    pytest.param({"configuration": "3d_fullres", "network": PLAIN}, id="plain-5-stage"),
+]
+
+
+@pytest.mark.parametrize("spec", CONFIGURATIONS)
+def test_forward_multitask_shapes(spec: dict[str, Any]) -> None:
+    net, cm = make_net(**spec)
+    assert isinstance(net, MultiTaskNet) and not net.regions
+    n_stages = 4 if spec["configuration"] == SMOKE_CONFIGURATION else 5
+    assert len(net.encoder.output_channels) == n_stages
+    net.eval()
+    x = torch.randn(2, 1, *cm.patch_size)
+    with torch.no_grad():
+        seg, logits = net.forward_multitask(x)
+    assert isinstance(seg, list)
+    assert [tuple(s.shape) for s in seg] == _expected_ds_shapes(cm, 2, 3)
+    assert tuple(seg[0].shape) == (2, 3, *cm.patch_size)
+    assert tuple(logits.shape) == (2, 3)
+    assert torch.isfinite(logits).all()
+
+    # forward returns exactly the segmentation output of the same pass (what nnU-Net expects)
+    with torch.no_grad():
+        plain = net(x)
+    assert isinstance(plain, list) and len(plain) == len(seg)
+    for a, b in zip(plain, seg):
+        torch.testing.assert_close(a, b)
+
+    net.decoder.deep_supervision = False
+    with torch.no_grad():
+        single = net(x)
+        seg_single, logits_single = net.forward_multitask(x)
+    assert isinstance(single, torch.Tensor)
+    assert tuple(single.shape) == (2, 3, *cm.patch_size)
+    torch.testing.assert_close(single, seg[0])
+    torch.testing.assert_close(seg_single, seg[0])
+    torch.testing.assert_close(logits_single, logits)
+
+
+def test_return_class_logits_and_sink() -> None:
+    net, cm = make_net(configuration=SMOKE_CONFIGURATION, deep_supervision=False)
+    net.eval()
+    x = torch.randn(1, 1, *cm.patch_size)
+    with torch.no_grad():
+        seg_ref, logits_ref = net.forward_multitask(x)
+
+        net.return_class_logits = True
+        out = net(x)
+        assert isinstance(out, tuple) and len(out) == 2
+        torch.testing.assert_close(out[0], seg_ref)
+        torch.testing.assert_close(out[1], logits_ref)
+
+        net.return_class_logits = False
+        net.class_logits_sink = []
+        a = net(x)
+        b = net(torch.flip(x, (2,)))
+    assert isinstance(a, torch.Tensor)
+    torch.testing.assert_close(a, seg_ref)
+    assert len(net.class_logits_sink) == 2
+    torch.testing.assert_close(net.class_logits_sink[0], logits_ref)
+    assert not net.class_logits_sink[0].requires_grad
+
+    # no sink (the default): nothing is collected anywhere, output is the plain segmentation
+    net.class_logits_sink = None
+    with torch.no_grad():
+        assert isinstance(net(x), torch.Tensor)
+
+
+def test_regions_network() -> None:
+    net, cm = make_net(configuration=SMOKE_CONFIGURATION, outputs=2)
+    assert net.regions is True
+    net.eval()
+    x = torch.randn(2, 1, *cm.patch_size)
+    with torch.no_grad():
+        seg, logits = net.forward_multitask(x)
+    assert [tuple(s.shape) for s in seg] == _expected_ds_shapes(cm, 2, 2)
+    assert tuple(logits.shape) == (2, 3)
+
+
+# ------------------------------------------------------------------ gradients and passes
+
+
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+def test_class_loss_reaches_encoder_not_decoder(pooling: str) -> None:
+    net, cm = make_net(configuration=SMOKE_CONFIGURATION, head={"pooling": pooling, "dropout": 0.0})
+    assert net.settings.pooling == pooling
+    net.train()
+    x = torch.randn(2, 1, *cm.patch_size)
+    _, logits = net.forward_multitask(x)
+    loss = nn.functional.cross_entropy(logits, torch.tensor([0, 2]))
+    loss.backward()
+
+    for i, stage in enumerate(net.encoder.stages):
+        grads = [p.grad for p in stage.parameters()]
+        # stages feeding the head (and every stage below the deepest one used) get a gradient
+        if i <= max(net.stage_indices):
+            assert any(g is not None and g.abs().sum() > 0 for g in grads), f"encoder stage {i}: no gradient"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.head.parameters())
+    for name, p in _decoder_only_params(net):
+        assert p.grad is None or torch.count_nonzero(p.grad) == 0, f"decoder {name} got a class gradient"
+
+
+def test_segmentation_loss_reaches_decoder() -> None:
+    """Control for the test above: the decoder does get gradients, from the segmentation output."""
+    net, cm = make_net(configuration=SMOKE_CONFIGURATION, deep_supervision=False)
+    x = torch.randn(1, 1, *cm.patch_size)
+    seg, _ = net.forward_multitask(x)
+    seg.mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in _decoder_only_params(net))
+
+
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_encoder_runs_once_per_forward(deep_supervision: bool) -> None:
+    net, cm = make_net(configuration=SMOKE_CONFIGURATION, deep_supervision=deep_supervision)
+    calls: list[int] = []
+    handle = net.encoder.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(1, 1, *cm.patch_size)
+    try:
+        with torch.no_grad():
+            net.forward_multitask(x)
+            assert len(calls) == 1
+            net(x)
+            assert len(calls) == 2
+            net.return_class_logits = True
+            net(x)
+            assert len(calls) == 3
+            net.return_class_logits = False
+            net.class_logits_sink = []
+            net(x)
+            assert len(calls) == 4
+    finally:
+        handle.remove()
+
+
+# ------------------------------------------------------------------ head settings
+
+
+def test_head_settings_round_trip() -> None:
+    settings = HeadSettings(stages=(0, -1), pooling="mean", hidden=32, dropout=0.1, num_classes=3)
+    data = settings.to_dict()
+    assert data == {"stages": [0, -1], "pooling": "mean", "hidden": 32, "dropout": 0.1, "num_classes": 3}
+    assert HeadSettings.from_dict(data) == settings
+    # JSON gives lists; None and {} give the defaults
+    assert HeadSettings.from_dict({"stages": [1, 2]}).stages == (1, 2)
+    assert HeadSettings.from_dict(None) == HeadSettings() == HeadSettings.from_dict({})
+    assert HeadSettings().stages == (1, 2, -1) and HeadSettings().pooling == "attention"
+    with pytest.raises(TypeError):
+        HeadSettings.from_dict({"bogus": 1})
+
+
+@pytest.mark.parametrize("stages", [(5,), (-6,), (0, 9)])
+def test_head_stages_out_of_range(stages: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        make_net(configuration="3d_fullres", head={"stages": list(stages)})
+
+
+def test_negative_stages_count_from_bottleneck() -> None:
+    net, _ = make_net(configuration="3d_fullres", head={"stages": [1, 2, -1]})
+    assert net.stage_indices == [1, 2, 4]
+    net, _ = make_net(configuration="3d_fullres", head={"stages": [-1, 4]})
+    assert net.stage_indices == [4]  # duplicates collapse
+
+
+def test_pooling_changes_head_input_size() -> None:
+    head = {"stages": [1, -1], "hidden": 16}
+    mean, _ = make_net(configuration="3d_fullres", head={**head, "pooling": "mean"})
+    attention, _ = make_net(configuration="3d_fullres", head={**head, "pooling": "attention"})
+    channels = FEATURES[1] + FEATURES[-1]
+    assert mean.head.mlp[0].normalized_shape == (channels,)
+    assert mean.head.mlp[2].in_features == channels
+    assert attention.head.mlp[2].in_features == 3 * channels
+    assert attention.head.mlp[2].out_features == 16 and attention.head.mlp[-1].out_features == 3
+
+
+def test_head_settings_read_from_configuration() -> None:
+    head = {"stages": [0, 3], "pooling": "mean", "hidden": 24, "dropout": 0.0}
+    net, cm = make_net(configuration=SMOKE_CONFIGURATION, head=head)
+    assert cm.configuration["pancseg_head"] == head
+    assert net.settings == HeadSettings(stages=(0, 3), pooling="mean", hidden=24, dropout=0.0)
+    assert net.stage_indices == [0, 3]
+    assert net.head.mlp[2].in_features == 8 + 64
+    # the 3d_fullres configuration of the same plans inherits nothing from the smoke one
+    net_full, _ = make_net(configuration="3d_fullres", head=None)
+    assert net_full.settings == HeadSettings()
+
+
+def test_attention_pooling_needs_attention() -> None:
+    head = ClassificationHead([4], HeadSettings(stages=(0,), pooling="attention"))
+    with pytest.raises(ValueError, match="attention"):
+        head([torch.randn(1, 4, 2, 2, 2)], None)
+
+
+# ------------------------------------------------------------------ tile weights
+
+
+def _label_logits(labels: torch.Tensor, strength: float = 10.0) -> torch.Tensor:
+    """Softmax logits (B,3,*S) that are confident about ``labels`` (B,*S)."""
+    return nn.functional.one_hot(labels, 3).movedim(-1, 1).float() * strength
+
+
+def test_tile_weights_prefer_lesion_tiles() -> None:
+    labels = torch.zeros(3, 4, 4, 4, dtype=torch.long)
+    labels[1, :2] = 1  # pancreas only
+    labels[2, :2] = 2  # lesion
+    weights = tile_weights(_label_logits(labels), regions=False)
+    assert weights.shape == (3,)
+    assert weights[2] > weights[1] > weights[0] > 0
+    # background-only: just the floor; pancreas: a tenth of its fraction; lesion: fraction + tenth of pancreas
+    assert weights[0].item() == pytest.approx(1e-6, abs=1e-4)
+    assert weights[1].item() == pytest.approx(0.1 * 0.5, abs=1e-3)
+    assert weights[2].item() == pytest.approx(0.5 + 0.1 * 0.5, abs=1e-3)
+
+
+def test_structure_probabilities_labels_and_regions() -> None:
+    labels = torch.zeros(1, 2, 2, 2, dtype=torch.long)
+    labels[0, 0] = 2
+    labels[0, 1, 0] = 1
+    lesion, pancreas = structure_probabilities(_label_logits(labels, 20.0), regions=False)
+    assert lesion.shape == pancreas.shape == (1, 1, 2, 2, 2)
+    assert torch.allclose(lesion[0, 0], (labels[0] == 2).float(), atol=1e-4)
+    assert torch.allclose(pancreas[0, 0], (labels[0] > 0).float(), atol=1e-4)
+
+    # regions: channel 0 = whole pancreas ([1, 2]), channel 1 = lesion ([2]); sigmoid, not softmax
+    region_logits = torch.stack([(labels > 0).float(), (labels == 2).float()], dim=1) * 40 - 20
+    lesion_r, pancreas_r = structure_probabilities(region_logits, regions=True)
+    assert torch.allclose(lesion_r, lesion, atol=1e-4)
+    assert torch.allclose(pancreas_r, pancreas, atol=1e-4)
+    w = tile_weights(region_logits, regions=True)
+    assert w.item() == pytest.approx(0.5 + 0.1 * 0.75, abs=1e-3)
+
+
+def test_attention_pooling_weights_lesion_features() -> None:
+    """Attention pooling averages features where the decoder sees lesion/pancreas, not the whole patch."""
+    from pancreas_cli.multitask.network import _weighted_mean
+
+    features = torch.zeros(1, 1, 4, 4, 4)
+    features[..., :2, :, :] = 1.0  # "lesion texture" in half of the patch
+    weights = torch.zeros(1, 1, 8, 8, 8)  # full resolution mask, pooled to the feature size
+    weights[..., :4, :, :] = 1.0
+    assert _weighted_mean(features, weights).item() == pytest.approx(1.0, abs=1e-3)
+    assert features.mean().item() == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------ init
+
+
+def test_initialize_applies_nnunet_init() -> None:
+    net, cm = make_net(configuration=SMOKE_CONFIGURATION)
+    before = copy.deepcopy(net.state_dict())
+    for p in net.parameters():
+        nn.init.constant_(p, 0.5)
+    net.apply(net.initialize)
+    conv = net.encoder.stem.convs[0].conv
+    # He init: conv weights random again, biases zero
+    assert conv.weight.std() > 0 and torch.count_nonzero(conv.bias) == 0
+    # ResEnc init zeroes the last norm of each residual block before the addition
+    block = net.encoder.stages[0].blocks[0]
+    assert torch.count_nonzero(block.conv2.norm.weight) == 0
+    # the head is not touched by nnU-Net's init (Linear/LayerNorm are not nnU-Net-initialized)
+    assert torch.all(net.head.mlp[2].weight == 0.5)
+    net.eval()
+    with torch.no_grad():
+        seg, logits = net.forward_multitask(torch.randn(1, 1, *cm.patch_size))
+    assert torch.isfinite(seg[0]).all() and torch.isfinite(logits).all()
+    assert set(before) == set(net.state_dict())
+
+
+def test_initialize_without_nnunet_init() -> None:
+    class Seg(nn.Module):
+        def __init__(self, base: nn.Module) -> None:
+            super().__init__()
+            self.encoder, self.decoder = base.encoder, base.decoder
+
+    net, _ = make_net(configuration=SMOKE_CONFIGURATION)
+    wrapped = MultiTaskNet(Seg(net), HeadSettings(stages=(0,), pooling="mean"))
+    state = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    wrapped.apply(wrapped.initialize)  # no initialize on the seg network: a no-op
+    for k, v in wrapped.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert wrapped.settings.pooling == "mean" and wrapped.stage_indices == [0]

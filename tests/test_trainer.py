@@ -1,0 +1,588 @@
+"""Tests for pancreas_cli.multitask.trainer: settings, labels, losses, steps, selection and metrics.csv.
+
+No nnU-Net training or preprocessing runs: the trainers are built from a plans dict (see
+test_network.make_plans) with a preprocessed folder that holds only what ``initialize`` looks at.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pancreas_cli.exceptions import DataError
+from pancreas_cli.multitask import trainer as trainer_module
+from pancreas_cli.multitask.network import HeadSettings, MultiTaskNet, tile_weights
+from pancreas_cli.multitask.predictor import unwrap
+from pancreas_cli.multitask.settings import SETTINGS_NAME, TrainingSettings, write_settings
+from pancreas_cli.multitask.trainer import (
+    METRICS_COLUMNS,
+    METRICS_NAME,
+    _predictor_class,
+    nnUNetTrainerMultiTask,
+    nnUNetTrainerPancseg,
+)
+from pancreas_cli.preprocess import SMOKE_CONFIGURATION
+from test_network import DATASET_JSON, make_plans
+
+DATASET = "Dataset001_PancreasCancer"
+REGIONS_JSON = {
+    "channel_names": {"0": "CT"},
+    "labels": {"background": 0, "pancreas": [1, 2], "lesion": 2},
+    "regions_class_order": [1, 2],
+    "numTraining": 4,
+    "file_ending": ".nii.gz",
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions: one thread is fastest, and far faster on a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def preprocessed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """nnU-Net's folders in tmp_path; the dataset's preprocessed folder (with a fake blosc2 case)."""
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_compile", "false")
+    monkeypatch.delenv("nnUNet_wandb_enabled", raising=False)
+    folder = tmp_path / "preprocessed" / DATASET
+    # initialize() only infers the dataset class from the file endings of the data folder
+    (folder / "nnUNetPlans_3d_fullres").mkdir(parents=True)
+    (folder / "nnUNetPlans_3d_fullres" / "case_000.b2nd").write_bytes(b"")
+    return folder
+
+
+def make_trainer(
+    cls: type = nnUNetTrainerMultiTask,
+    configuration: str = SMOKE_CONFIGURATION,
+    plans: dict[str, Any] | None = None,
+    dataset_json: dict[str, Any] | None = None,
+) -> Any:
+    plans = copy.deepcopy(plans if plans is not None else make_plans())
+    plans["continue_training"] = False
+    return cls(plans, configuration, 0, dataset_json or DATASET_JSON, device=torch.device("cpu"))
+
+
+def with_settings(trainer: Any, **changes: Any) -> Any:
+    trainer.pancseg_settings = dataclasses.replace(trainer.pancseg_settings, **changes)
+    return trainer
+
+
+# ------------------------------------------------------------------ settings
+
+
+def test_settings_file_reaches_trainer(preprocessed: Path) -> None:
+    settings = TrainingSettings(epochs=7, iterations_per_epoch=3, val_iterations=2, initial_lr=0.005,
+                                batch_size=4, save_every=2, head={"stages": [0, -1], "pooling": "mean"})
+    assert write_settings(settings, preprocessed) == preprocessed / SETTINGS_NAME
+    plans = make_plans()
+    plans["continue_training"] = False
+    trainer = nnUNetTrainerMultiTask(plans, SMOKE_CONFIGURATION, 0, DATASET_JSON, device=torch.device("cpu"))
+    assert trainer.pancseg_settings == settings
+    assert trainer.num_epochs == 7
+    assert (trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (3, 2)
+    assert trainer.initial_lr == 0.005 and trainer.save_every == 2
+    assert trainer.configuration_manager.batch_size == 4
+    head = HeadSettings(stages=(0, -1), pooling="mean").to_dict()
+    assert trainer.configuration_manager.configuration["pancseg_head"] == head
+    # the plans nnU-Net copies into the results folder carry the head, so inference rebuilds it
+    assert trainer.plans_manager.plans["configurations"][SMOKE_CONFIGURATION]["pancseg_head"] == head
+    assert Path(trainer.output_folder).is_dir()
+    expected = f"nnUNetTrainerMultiTask__nnUNetResEncUNetMPlans__{SMOKE_CONFIGURATION}"
+    assert Path(trainer.output_folder).parts[-2] == expected
+
+    trainer.initialize()
+    net = unwrap(trainer.network)
+    assert isinstance(net, MultiTaskNet)
+    assert net.settings == HeadSettings(stages=(0, -1), pooling="mean")
+    assert trainer.batch_size == 4
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.005
+    assert trainer.lr_scheduler.max_steps == 7
+
+
+def test_settings_for_the_segmentation_trainer(preprocessed: Path) -> None:
+    write_settings(TrainingSettings(epochs=3, batch_size=1, save_every=1), preprocessed)
+    trainer = make_trainer(nnUNetTrainerPancseg)
+    assert trainer.num_epochs == 3 and trainer.save_every == 1
+    assert trainer.configuration_manager.batch_size == 1
+    assert "pancseg_head" not in trainer.configuration_manager.configuration
+    trainer.initialize()
+    assert not isinstance(unwrap(trainer.network), MultiTaskNet)
+
+
+def test_settings_default_without_file(preprocessed: Path) -> None:
+    assert not (preprocessed / SETTINGS_NAME).exists()
+    trainer = make_trainer()
+    defaults = TrainingSettings()
+    assert trainer.pancseg_settings == defaults
+    assert trainer.num_epochs == defaults.epochs == 1000
+    assert trainer.num_iterations_per_epoch == 250 and trainer.num_val_iterations_per_epoch == 50
+    assert trainer.initial_lr == 1e-2 and trainer.save_every == 5
+    assert trainer.configuration_manager.batch_size == 2  # the plans' batch size
+    assert trainer.configuration_manager.configuration["pancseg_head"] == HeadSettings().to_dict()
+
+
+def test_settings_file_with_unknown_key(preprocessed: Path) -> None:
+    (preprocessed / SETTINGS_NAME).write_text(json.dumps({"epochs": 2, "bogus": 1}), encoding="utf-8")
+    with pytest.raises(ValueError, match="bogus"):
+        make_trainer()
+
+
+def test_logger_accepts_pancseg_keys(preprocessed: Path) -> None:
+    trainer = make_trainer()
+    for key in (*trainer_module._LOG_KEYS, *trainer_module._MT_LOG_KEYS):
+        trainer.logger.log(key, 0.5, 0)
+        assert trainer.logger.get_value(key, step=-1) == 0.5
+    plain = make_trainer(nnUNetTrainerPancseg)
+    with pytest.raises(AssertionError):
+        plain.logger.log("pancseg_val_macro_f1", 0.5, 0)
+
+
+# ------------------------------------------------------------------ subtype labels
+
+
+def test_labels_for(preprocessed: Path) -> None:
+    trainer = make_trainer()
+    trainer.subtypes = {"case_a": 0, "case_b": 2, "case_c": 1}
+    labels = trainer.labels_for(np.array(["case_b", "case_a", "case_c"]))  # nnU-Net's batch keys
+    assert labels.dtype == torch.long and labels.tolist() == [2, 0, 1]
+    with pytest.raises(DataError) as info:
+        trainer.labels_for(["case_a", "case_x"])
+    message = str(info.value)
+    assert "case_x" in message and "subtypes.csv" in message
+    assert str(preprocessed / "subtypes.csv") in message
+
+
+def test_load_subtypes(preprocessed: Path) -> None:
+    trainer = make_trainer()
+    assert trainer.subtypes_file == preprocessed / "subtypes.csv"
+    with pytest.raises(DataError, match="subtypes.csv: not found"):
+        trainer.load_subtypes()
+    csv_text = "case_id,subtype\nquiz_0_001,0\nquiz_2_002,2\n"
+    (preprocessed / "subtypes.csv").write_text(csv_text, encoding="utf-8")
+    assert trainer.load_subtypes() == {"quiz_0_001": 0, "quiz_2_002": 2}
+
+
+def test_class_weights(preprocessed: Path) -> None:
+    trainer = make_trainer()
+    trainer.subtypes = {"a": 0, "b": 0, "c": 1, "d": 2, "e": 1}
+    weights = trainer.class_weights(["a", "b", "c", "d"])  # counts 2/1/1
+    assert weights.dtype == torch.float32
+    assert weights.tolist() == pytest.approx([4 / 6, 4 / 3, 4 / 3])
+
+    weights = trainer.class_weights(["a", "b", "c"])  # subtype 2 absent: weight 0, warning in the log
+    assert weights.tolist() == pytest.approx([3 / 6, 1.0, 0.0])
+    assert "absent from the training cases of fold 0" in Path(trainer.log_file).read_text(encoding="utf-8")
+
+    with_settings(trainer, class_weights=[1.0, 2.5, 3.0])
+    assert trainer.class_weights(["a"]).tolist() == [1.0, 2.5, 3.0]
+    with_settings(trainer, class_weights="none")
+    assert trainer.class_weights(["a", "b"]) is None
+
+
+@pytest.mark.parametrize(
+    ("warmup", "epoch", "expected"),
+    [(0, 0, 0.4), (0, 9, 0.4), (4, 0, 0.1), (4, 1, 0.2), (4, 3, 0.4), (4, 20, 0.4), (1, 0, 0.4)],
+)
+def test_cls_lambda_warmup(preprocessed: Path, warmup: int, epoch: int, expected: float) -> None:
+    trainer = with_settings(make_trainer(), cls_weight=0.4, cls_warmup_epochs=warmup)
+    trainer.current_epoch = epoch
+    assert trainer.cls_lambda() == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------ train and validation steps
+
+
+def _batch(trainer: Any, labels: torch.Tensor, keys: list[str], regions: bool = False) -> dict[str, Any]:
+    """A batch as nnU-Net's loader gives it: data and the deep-supervision list of targets."""
+    patch = list(trainer.configuration_manager.patch_size)
+    torch.manual_seed(1)
+    data = torch.randn(labels.shape[0], 1, *patch)
+    if regions:
+        full = torch.stack([labels > 0, labels == 2], dim=1)  # pancreas=[1,2], lesion=[2]
+    else:
+        full = labels[:, None].to(torch.int16)
+    targets = []
+    for scale in trainer._get_deep_supervision_scales():
+        size = [int(round(p * s)) for p, s in zip(patch, scale)]
+        targets.append(F.interpolate(full.float(), size=size, mode="nearest").to(full.dtype))
+    return {"data": data, "target": targets, "keys": np.array(keys)}
+
+
+def _labels(batch: int, patch: list[int]) -> torch.Tensor:
+    labels = torch.zeros(batch, *patch, dtype=torch.long)
+    labels[:, 4:12, 8:24, 8:24] = 1
+    labels[0, 6:10, 12:20, 12:20] = 2
+    return labels
+
+
+@pytest.fixture
+def initialized(preprocessed: Path) -> Any:
+    write_settings(TrainingSettings(epochs=5, cls_weight=0.5, cls_warmup_epochs=2, head={"dropout": 0.0}),
+                   preprocessed)
+    trainer = make_trainer()
+    trainer.initialize()
+    trainer.subtypes = {"case_a": 1, "case_b": 2}
+    trainer.cls_loss = nn.CrossEntropyLoss()
+    unwrap(trainer.network).return_class_logits = True
+    return trainer
+
+
+def test_train_step_combines_losses(initialized: Any) -> None:
+    trainer = initialized
+    assert trainer.grad_scaler is None  # CPU: plain backward
+    batch = _batch(trainer, _labels(2, trainer.configuration_manager.patch_size), ["case_a", "case_b"])
+    lam = trainer.cls_lambda()
+    assert lam == pytest.approx(0.25)  # epoch 0 of a 2-epoch warm-up
+
+    net = unwrap(trainer.network)
+    trainer.network.train()
+    with torch.no_grad():  # head dropout 0 and instance norm: the same pass train_step will do
+        seg, logits = trainer.network(batch["data"])
+        seg_ref = trainer.loss(seg, batch["target"]).item()
+        cls_ref = F.cross_entropy(logits, torch.tensor([1, 2])).item()
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+
+    out = trainer.train_step(batch)
+    assert set(out) == {"loss", "seg_loss", "cls_loss"}
+    assert float(out["seg_loss"]) == pytest.approx(seg_ref, rel=1e-4, abs=1e-5)
+    assert float(out["cls_loss"]) == pytest.approx(cls_ref, rel=1e-4, abs=1e-5)
+    assert float(out["loss"]) == pytest.approx(seg_ref + lam * cls_ref, rel=1e-4, abs=1e-5)
+
+    changed = {name for name, p in net.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert any(n.startswith("encoder.") for n in changed)
+    assert any(n.startswith("decoder.seg_layers") for n in changed)
+    assert any(n.startswith("head.") for n in changed)
+
+    second = trainer.train_step(batch)
+    trainer.on_train_epoch_end([out, second])
+    get = trainer.logger.get_value
+    for key in ("loss", "seg_loss", "cls_loss"):
+        logged = get("train_losses" if key == "loss" else f"pancseg_{key}", step=0)
+        assert logged == pytest.approx((float(out[key]) + float(second[key])) / 2)
+
+
+def test_train_step_unknown_case(initialized: Any) -> None:
+    batch = _batch(initialized, _labels(2, initialized.configuration_manager.patch_size), ["case_a", "nope"])
+    with pytest.raises(DataError, match="nope"):
+        initialized.train_step(batch)
+
+
+def test_validation_step_counts_and_case_outputs(initialized: Any) -> None:
+    trainer = initialized
+    patch = trainer.configuration_manager.patch_size
+    labels = _labels(2, patch)
+    batch = _batch(trainer, labels, ["case_a", "case_b"])
+    trainer.on_validation_epoch_start()
+    with torch.no_grad():
+        out = trainer.validation_step(batch)
+        seg, logits = trainer.network(batch["data"])
+    assert {"loss", "tp_hard", "fp_hard", "fn_hard", "structure_counts", "cls_loss", "case_keys",
+            "case_probs", "case_weights"} <= set(out)
+    assert out["tp_hard"].shape == (2,)  # pancreas, lesion labels (background dropped)
+    pred = seg[0].argmax(1)
+    # whole pancreas = labels 1 and 2 together; lesion = label 2, which equals nnU-Net's count of class 2
+    for row, (p, t) in enumerate(((pred > 0, labels > 0), (pred == 2, labels == 2))):
+        expected = [(p & t).sum().item(), (p & ~t).sum().item(), (~p & t).sum().item()]
+        assert out["structure_counts"][row].tolist() == expected
+    assert out["structure_counts"][1].tolist() == [out["tp_hard"][1], out["fp_hard"][1], out["fn_hard"][1]]
+    assert out["case_keys"] == ["case_a", "case_b"]
+    np.testing.assert_allclose(out["case_probs"], torch.softmax(logits, 1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(out["case_probs"].sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out["case_weights"], tile_weights(seg[0], False).numpy(), rtol=1e-5)
+    expected_cls = F.cross_entropy(logits, torch.tensor([1, 2])).item()
+    assert float(out["cls_loss"]) == pytest.approx(expected_cls, rel=1e-5)
+
+
+def test_validation_step_regions(preprocessed: Path) -> None:
+    trainer = make_trainer(dataset_json=REGIONS_JSON)
+    assert trainer.label_manager.has_regions
+    trainer.initialize()
+    net = unwrap(trainer.network)
+    assert net.regions and net.decoder.seg_layers[0].out_channels == 2
+    trainer.subtypes = {"case_a": 0}
+    net.return_class_logits = True
+    labels = _labels(1, trainer.configuration_manager.patch_size)
+    batch = _batch(trainer, labels, ["case_a"], regions=True)
+    trainer.on_validation_epoch_start()
+    with torch.no_grad():
+        out = trainer.validation_step(batch)
+    # regions: the two structures are exactly nnU-Net's two regions
+    counts = np.stack([out["tp_hard"], out["fp_hard"], out["fn_hard"]], axis=1)
+    np.testing.assert_array_equal(out["structure_counts"], counts)
+    assert out["structure_counts"][:, [0, 2]].sum(1).tolist() == [(labels > 0).sum().item(),
+                                                                  (labels == 2).sum().item()]
+    assert out["case_probs"].shape == (1, 3) and out["case_weights"].shape == (1,)
+
+
+def test_segmentation_trainer_validation_step(preprocessed: Path) -> None:
+    trainer = make_trainer(nnUNetTrainerPancseg)
+    trainer.initialize()
+    labels = _labels(2, trainer.configuration_manager.patch_size)
+    batch = _batch(trainer, labels, ["x", "y"])
+    trainer.on_validation_epoch_start()
+    with torch.no_grad():
+        out = trainer.validation_step(batch)
+    assert set(out) == {"loss", "tp_hard", "fp_hard", "fn_hard", "structure_counts"}
+    assert out["structure_counts"][1].tolist() == [out["tp_hard"][1], out["fp_hard"][1], out["fn_hard"][1]]
+    assert out["structure_counts"][0, [0, 2]].sum() == (labels > 0).sum().item()
+
+
+# ------------------------------------------------------------------ validation epoch end
+
+
+def _val_output(keys: list[str], probs: list[list[float]], weights: list[float], counts: list[list[float]],
+                cls_loss: float) -> dict[str, Any]:
+    c = np.asarray(counts, dtype=np.float64)
+    return {
+        "loss": np.float32(1.0),
+        "tp_hard": np.array([c[0, 0], c[1, 0]]), "fp_hard": np.array([c[0, 1], c[1, 1]]),
+        "fn_hard": np.array([c[0, 2], c[1, 2]]),
+        "structure_counts": c,
+        "cls_loss": np.float32(cls_loss),
+        "case_keys": keys,
+        "case_probs": np.asarray(probs, dtype=np.float32),
+        "case_weights": np.asarray(weights, dtype=np.float32),
+    }
+
+
+def test_validation_epoch_end_aggregates_cases(preprocessed: Path) -> None:
+    trainer = make_trainer()
+    trainer.subtypes = {"a": 1, "b": 0, "c": 2}
+    outputs = [
+        # case a: a confident but almost weightless background patch, and its lesion patch saying 1
+        _val_output(["a", "a"], [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1]], [0.001, 0.5],
+                    [[10, 2, 3], [4, 1, 1]], 0.5),
+        _val_output(["b", "c"], [[0.7, 0.2, 0.1], [0.6, 0.1, 0.3]], [0.2, 0.3], [[20, 0, 5], [0, 2, 3]], 1.5),
+    ]
+    trainer.on_validation_epoch_end(outputs)
+    get = trainer.logger.get_value
+    assert get("pancseg_dice_pancreas", step=0) == pytest.approx(2 * 30 / (2 * 30 + 2 + 8))
+    assert get("pancseg_dice_lesion", step=0) == pytest.approx(2 * 4 / (2 * 4 + 3 + 4))
+    assert get("pancseg_val_cls_loss", step=0) == pytest.approx(1.0)
+    assert get("pancseg_val_cases", step=0) == 3
+    # a -> 1 (weighted; an unweighted mean would say 0), b -> 0, c -> 0 (wrong): 2 of 3
+    assert get("pancseg_val_accuracy", step=0) == pytest.approx(2 / 3)
+    f1 = [2 / 3, 1.0, 0.0]  # subtype 0: tp 1, fp 1; subtype 1: tp 1; subtype 2: missed
+    assert get("pancseg_val_macro_f1", step=0) == pytest.approx(np.mean(f1))
+    # nnU-Net's own values are logged too
+    assert get("mean_fg_dice", step=0) == pytest.approx(np.mean([2 * 30 / 70, 8 / 15]))
+
+
+# ------------------------------------------------------------------ selection and metrics.csv
+
+
+def _log_epoch(trainer: Any, epoch: int, *, fg_dice: float = 0.5, dice_pancreas: float = 0.6,
+               f1: float = 0.4, multitask: bool = True) -> None:
+    log = trainer.logger.log
+    log("epoch_start_timestamps", time.time() - 1.5, epoch)
+    log("lrs", 0.01 / (epoch + 1), epoch)
+    log("train_losses", 1.0 - 0.1 * epoch, epoch)
+    log("val_losses", 1.1 - 0.1 * epoch, epoch)
+    log("mean_fg_dice", fg_dice, epoch)
+    log("dice_per_class_or_region", [fg_dice, fg_dice], epoch)
+    log("pancseg_dice_pancreas", dice_pancreas, epoch)
+    log("pancseg_dice_lesion", 0.3, epoch)
+    if multitask:
+        log("pancseg_seg_loss", 0.8, epoch)
+        log("pancseg_cls_loss", 1.2 + epoch, epoch)
+        log("pancseg_val_cls_loss", 0.9, epoch)
+        log("pancseg_val_accuracy", 0.75, epoch)
+        log("pancseg_val_macro_f1", f1, epoch)
+        log("pancseg_val_cases", 4, epoch)
+
+
+@pytest.mark.parametrize(
+    ("select_by", "expected"), [("combined", 0.6), ("segmentation", 0.7), ("classification", 0.5)]
+)
+def test_selection_value(preprocessed: Path, select_by: str, expected: float) -> None:
+    trainer = with_settings(make_trainer(), select_by=select_by)
+    _log_epoch(trainer, 0, fg_dice=0.7, dice_pancreas=0.7, f1=0.5)
+    assert trainer._selection_value() == pytest.approx(expected)
+
+
+def test_selection_value_with_nan_f1(preprocessed: Path) -> None:
+    trainer = with_settings(make_trainer(), select_by="combined")
+    _log_epoch(trainer, 0, dice_pancreas=0.8, f1=float("nan"))
+    assert trainer._selection_value() == pytest.approx(0.8)
+    plain = with_settings(make_trainer(nnUNetTrainerPancseg), select_by="classification")
+    _log_epoch(plain, 0, fg_dice=0.65, multitask=False)
+    assert plain._selection_value() == pytest.approx(0.65)  # only segmentation there
+
+
+def _read_metrics(trainer: Any) -> tuple[list[str], list[dict[str, str]]]:
+    with (Path(trainer.output_folder) / METRICS_NAME).open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _epoch_end_setup(trainer: Any, monkeypatch: pytest.MonkeyPatch, plot: bool = False) -> list[str]:
+    saved: list[str] = []
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda f: saved.append(Path(f).name))
+    if not plot:
+        monkeypatch.setattr(trainer.logger, "plot_progress_png", lambda folder: None)
+    return saved
+
+
+def test_on_epoch_end_metrics_checkpoints_and_ema(preprocessed: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = with_settings(make_trainer(), select_by="classification", ema_alpha=0.5, save_every=2,
+                            cls_weight=0.3, cls_warmup_epochs=2)
+    trainer.num_epochs = 10
+    trainer.save_every = 2
+    saved = _epoch_end_setup(trainer, monkeypatch, plot=True)
+    rows_seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(nnUNetTrainerPancseg, "epoch_callback", rows_seen.append)
+
+    f1s = [0.2, 0.6, 0.3, float("nan")]
+    for epoch, f1 in enumerate(f1s):
+        assert trainer.current_epoch == epoch
+        _log_epoch(trainer, epoch, f1=f1)
+        trainer.on_epoch_end()
+        if epoch == 0:  # nnU-Net's plot copes with pancseg's extra keys; slow, so only once
+            assert (Path(trainer.output_folder) / "progress.png").is_file()
+            monkeypatch.setattr(trainer.logger, "plot_progress_png", lambda folder: None)
+    assert trainer.current_epoch == 4
+    # EMA with alpha 0.5: 0.2, 0.5*0.2+0.5*0.6, 0.5*0.4+0.5*0.3; a NaN epoch keeps the previous value
+    criteria = [0.2, 0.4, 0.35, 0.35]
+    assert trainer.logger.get_value("pancseg_criterion", step=None) == pytest.approx(criteria)
+    best, latest = "checkpoint_best.pth", "checkpoint_latest.pth"
+    assert saved == [best, latest, best, latest]  # best at epochs 1, 2; latest every 2 epochs
+    assert trainer._best_ema == pytest.approx(0.4)
+
+    header, rows = _read_metrics(trainer)
+    assert tuple(header) == METRICS_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert [float(r["criterion"]) for r in rows] == pytest.approx(criteria)
+    assert [r["best"] for r in rows] == ["1", "1", "0", "0"]
+    assert rows[3]["val_macro_f1"] == ""  # NaN is written as an empty cell
+    assert float(rows[1]["val_macro_f1"]) == pytest.approx(0.6)
+    assert [float(r["cls_lambda"]) for r in rows] == pytest.approx([0.15, 0.3, 0.3, 0.3])
+    assert [float(r["cls_loss"]) for r in rows] == pytest.approx([1.2, 2.2, 3.2, 4.2])
+    assert float(rows[2]["train_loss"]) == pytest.approx(0.8)
+    assert float(rows[2]["lr"]) == pytest.approx(0.01 / 3, rel=1e-5)  # 6 significant digits
+    assert rows[0]["val_cases"] == "4" and float(rows[0]["dice_pancreas"]) == pytest.approx(0.6)
+    assert float(rows[0]["ema_pseudo_dice"]) == pytest.approx(0.5)
+    assert all(1.5 <= float(r["epoch_time_s"]) < 60 for r in rows)
+    assert [r["epoch"] for r in rows_seen] == [1, 2, 3, 4] and rows_seen[1]["best"] == 1
+
+    # resume from the checkpoint of epoch 2 (1-based): epochs >= 3 are trained again and replace their rows
+    resumed = with_settings(make_trainer(), select_by="classification", ema_alpha=0.5)
+    assert resumed.output_folder == trainer.output_folder
+    saved = _epoch_end_setup(resumed, monkeypatch)
+    resumed.logger.load_checkpoint({k: list(v[:2]) for k, v in trainer.logger.get_checkpoint().items()})
+    resumed.current_epoch, resumed._best_ema = 2, 0.4
+    _log_epoch(resumed, 2, f1=1.0)
+    resumed.on_epoch_end()
+    header, rows = _read_metrics(resumed)
+    assert tuple(header) == METRICS_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[2]["criterion"]) == pytest.approx(0.5 * 0.4 + 0.5 * 1.0)
+    assert rows[2]["best"] == "1" and saved == ["checkpoint_best.pth"]
+    assert float(rows[0]["criterion"]) == pytest.approx(0.2)  # earlier rows kept as they were
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.9])
+def test_ema_alpha(preprocessed: Path, monkeypatch: pytest.MonkeyPatch, alpha: float) -> None:
+    trainer = with_settings(make_trainer(), select_by="combined", ema_alpha=alpha)
+    _epoch_end_setup(trainer, monkeypatch)
+    raws = []
+    for epoch, (dice, f1) in enumerate([(0.5, 0.1), (0.9, 0.9), (0.3, 0.1)]):
+        _log_epoch(trainer, epoch, dice_pancreas=dice, f1=f1)
+        raws.append((dice + f1) / 2)
+        trainer.on_epoch_end()
+    expected = [raws[0]]
+    for raw in raws[1:]:
+        expected.append(alpha * expected[-1] + (1 - alpha) * raw)
+    assert trainer.logger.get_value("pancseg_criterion", step=None) == pytest.approx(expected)
+    best = [r["best"] for r in _read_metrics(trainer)[1]]
+    assert best == ["1", "1", "0"]
+
+
+def test_first_epochs_without_criterion(preprocessed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN until the first usable value: no 'best' checkpoint for a NaN criterion."""
+    trainer = with_settings(make_trainer(), select_by="classification")
+    saved = _epoch_end_setup(trainer, monkeypatch)
+    _log_epoch(trainer, 0, f1=float("nan"))
+    trainer.on_epoch_end()
+    assert saved == [] and trainer._best_ema is None
+    _log_epoch(trainer, 1, f1=0.3)
+    trainer.on_epoch_end()
+    assert saved == ["checkpoint_best.pth"]
+    assert trainer.logger.get_value("pancseg_criterion", step=1) == pytest.approx(0.3)
+    rows = _read_metrics(trainer)[1]
+    assert rows[0]["criterion"] == "" and rows[0]["best"] == "0"
+    assert rows[1]["best"] == "1"
+
+
+def test_segmentation_trainer_metrics_row(preprocessed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = make_trainer(nnUNetTrainerPancseg)
+    saved = _epoch_end_setup(trainer, monkeypatch)
+    _log_epoch(trainer, 0, fg_dice=0.5, multitask=False)
+    trainer.on_epoch_end()
+    _log_epoch(trainer, 1, fg_dice=0.4, multitask=False)
+    trainer.on_epoch_end()
+    header, rows = _read_metrics(trainer)
+    assert tuple(header) == METRICS_COLUMNS and len(rows) == 2
+    assert [float(r["criterion"]) for r in rows] == pytest.approx([0.5, 0.9 * 0.5 + 0.1 * 0.4])
+    # the criterion is nnU-Net's EMA pseudo Dice for the segmentation trainer
+    assert [float(r["ema_pseudo_dice"]) for r in rows] == pytest.approx([float(r["criterion"]) for r in rows])
+    assert all(r[c] == "" for r in rows for c in ("seg_loss", "cls_loss", "cls_lambda", "val_macro_f1"))
+    assert saved == ["checkpoint_best.pth"]
+
+
+# ------------------------------------------------------------------ validation outputs
+
+
+def test_write_subtype_results(preprocessed: Path) -> None:
+    trainer = make_trainer()
+    trainer.subtypes = {"c1": 0, "c2": 1, "c3": 2}
+    results = {"c2": np.array([0.1, 0.7, 0.2]), "c1": np.array([0.6, 0.3, 0.1]),
+               "c3": np.array([0.5, 0.2, 0.3])}
+    trainer._write_subtype_results(results)
+    folder = Path(trainer.output_folder) / "validation"
+    assert (folder / "subtype_results.csv").read_text(encoding="utf-8") == (
+        "Names,Subtype\nc1.nii.gz,0\nc2.nii.gz,1\nc3.nii.gz,0\n"
+    )
+    probs = (folder / "subtype_probabilities.csv").read_text(encoding="utf-8").splitlines()
+    assert probs[0] == "Names,p0,p1,p2" and probs[2] == "c2.nii.gz,0.100000,0.700000,0.200000"
+    summary = json.loads((folder / "classification_summary.json").read_text(encoding="utf-8"))
+    assert summary["cases"] == 3 and summary["accuracy"] == pytest.approx(2 / 3)
+    assert summary["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [1, 0, 0]]
+    assert math.isclose(summary["macro_f1"], np.mean([2 / 3, 1.0, 0.0]))
+
+
+def test_predictor_class_swap() -> None:
+    module = trainer_module.sys.modules[trainer_module.nnUNetTrainer.__module__]
+    original = module.nnUNetPredictor
+
+    class Dummy:
+        def __init__(self, value: int) -> None:
+            self.value = value
+
+    with _predictor_class(Dummy) as created:
+        assert module.nnUNetPredictor is not original
+        instance = module.nnUNetPredictor(3)
+        assert isinstance(instance, Dummy) and created == [instance]
+    assert module.nnUNetPredictor is original
+    with pytest.raises(RuntimeError), _predictor_class(Dummy):
+        raise RuntimeError("restored even on errors")
+    assert module.nnUNetPredictor is original
