@@ -16,6 +16,7 @@ import typer
 from pancreas_cli import __version__
 from pancreas_cli.config import CONFIG_TEMPLATE, Config, load_config
 from pancreas_cli.console import output
+from pancreas_cli.demo import DemoBudget
 from pancreas_cli.exceptions import ConfigError, OutputExistsError, PancsegError
 
 app = typer.Typer(
@@ -375,7 +376,6 @@ def _run(cfg: Config, fold: int) -> None:
     quiet = output.verbosity < 0
     result = run_pipeline(cfg, fold=fold, on_stage=_StagePrinter(), epoch_reporter=EpochPrinter(quiet=quiet),
                           case_reporter=CasePrinter(quiet=quiet), warn=output.warn)
-    assert result.report is not None  # run() always ends with the report
     for line in result.report.summary_lines:
         output.result(line)
     if result.predictions:
@@ -398,12 +398,12 @@ def run(
 @handle_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the synthetic data, model and report.")] = Path("pancseg_demo"),
-    cases: Annotated[int, typer.Option(min=6, help="Synthetic cases.")] = 24,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 12,
-    iterations: Annotated[int, typer.Option(min=1, help="Training iterations per epoch.")] = 20,
+    cases: Annotated[int, typer.Option(min=6, help="Synthetic cases.")] = DemoBudget.cases,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = DemoBudget.epochs,
+    iterations: Annotated[int, typer.Option(min=1, help="Training iterations per epoch.")] = DemoBudget.iterations,
 ) -> None:
     """The whole pipeline on synthetic data with the smoke preset on the CPU (a few minutes)."""
-    from pancreas_cli.demo import DemoBudget, prepare_demo
+    from pancreas_cli.demo import prepare_demo
 
     output.info(f"pancseg demo in {workdir}: {cases} synthetic cases, {epochs} epochs x {iterations} iterations on the CPU")
     _run(prepare_demo(workdir, DemoBudget(cases, epochs, iterations)), 0)

@@ -26,8 +26,8 @@ from pancreas_cli.train import EpochReporter, newest_checkpoint, train
 
 @dataclass
 class RunResult:
+    report: ReportResult
     stages: list[tuple[str, str, float]] = field(default_factory=list)  # (stage, what happened, seconds)
-    report: ReportResult | None = None
     predictions: Path | None = None
 
 
@@ -51,11 +51,11 @@ def run(
     warn: Callable[[str], None] = lambda text: None,
 ) -> RunResult:
     """Run every stage for ``config`` (training and evaluating ``fold``)."""
-    result = RunResult()
+    stages: list[tuple[str, str, float]] = []
 
     def stage(name: str, what: str, start: float) -> None:
         seconds = time.perf_counter() - start
-        result.stages.append((name, what, seconds))
+        stages.append((name, what, seconds))
         on_stage(name, what, seconds)
 
     start = time.perf_counter()
@@ -86,17 +86,17 @@ def run(
     start = time.perf_counter()
     test_images = raw / "imagesTs"
     predictions = config.project_dir / "predictions" / "test"
-    if any(test_images.glob("*.nii.gz")):
+    predicted_test = any(test_images.glob("*.nii.gz"))
+    if predicted_test:
         predicted = predict(config, input_path=test_images, out_dir=predictions, folds=[fold],
                             reporter=case_reporter, warn=warn)
-        result.predictions = predictions
         stage("predict", f"{predicted.count('predicted')} predicted, {predicted.count('skipped')} up to date, "
                          f"{len(predicted.failed)} failed", start)
     else:
         stage("predict", "no test images", start)
 
     start = time.perf_counter()
-    if config.dataset.test_labels is not None and result.predictions is not None:
+    if config.dataset.test_labels is not None and predicted_test:
         pred_dir, gt_dir, images = predictions, config.dataset.test_labels, test_images
         subtypes = config.dataset.test_subtypes_csv
         cases = None
@@ -110,6 +110,6 @@ def run(
     stage("evaluate", f"{label}: {len(evaluated.cases)} cases", start)
 
     start = time.perf_counter()
-    result.report = report(config, fold=fold, pred_dir=pred_dir, gt_dir=gt_dir, images_dir=images)
-    stage("report", str(result.report.html), start)
-    return result
+    written = report(config, fold=fold, pred_dir=pred_dir, gt_dir=gt_dir, images_dir=images)
+    stage("report", str(written.html), start)
+    return RunResult(written, stages, predictions if predicted_test else None)

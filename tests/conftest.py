@@ -101,3 +101,23 @@ def in_dir(tmp_path: Path):
     os.chdir(tmp_path)
     yield tmp_path
     os.chdir(old)
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic dataset with a multi-task smoke model trained briefly on fold 4 (shared, read-only use).
+
+    Tests must not retrain fold 4; they predict with ``--fold 4``.
+    """
+    from pancreas_cli.cli import app
+
+    root = tmp_path_factory.mktemp("trained")
+    runner = CliRunner()
+    assert runner.invoke(app, ["synth", str(root / "data"), "--cases", "8", "--shape", "24,48,48"]).exit_code == 0
+    write_config(root, "project_dir: ./work\ndataset: {source: ./data}\nplan: {preset: smoke}\n"
+                       "train: {device: cpu, epochs: 1, iterations_per_epoch: 2, val_iterations: 1}\n"
+                       "predict: {device: cpu, mirroring: false}\nevaluate: {bootstrap: 100}\n")
+    for args in (["prepare"], ["clean"], ["preprocess"], ["train", "--fold", "4"]):
+        result = runner.invoke(app, [*args, "-c", str(root / "pancseg.yaml")])
+        assert result.exit_code == 0, result.output
+    return root

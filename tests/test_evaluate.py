@@ -1,0 +1,139 @@
+"""``pancseg evaluate``: Metrics Reloaded values on real masks, empty-mask rules, subtype metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from typer.testing import CliRunner
+
+from conftest import write
+from pancreas_cli.cli import app
+from pancreas_cli.config import load_config
+from pancreas_cli.evaluate import evaluate, evaluate_case, read_subtype_csv
+from pancreas_cli.exceptions import DataError
+
+
+@pytest.fixture
+def config():
+    return load_config(None, ["evaluate.bootstrap=200"], check_source=False)
+
+
+def _pair(tmp_path: Path, pred: np.ndarray, ref: np.ndarray, case: str = "c1") -> tuple[Path, Path]:
+    write(pred.astype(np.uint8), tmp_path / "pred" / f"{case}.nii.gz")
+    write(ref.astype(np.uint8), tmp_path / "gt" / f"{case}.nii.gz")
+    return tmp_path / "pred", tmp_path / "gt"
+
+
+def test_reproduces_metrics_reloaded_on_real_masks(realdata: Path, config, tmp_path: Path) -> None:
+    msd = realdata / "msd_pancreas_masks"
+    result = evaluate(config, pred_dir=msd / "pred_Dice", gt_dir=msd / "gt", out_dir=tmp_path)
+    case = next(c for c in result.cases if c.case == "pancreas_021")
+    assert round(case.values["dice_pancreas"], 4) == 0.8837
+    assert round(case.values["nsd_pancreas"], 4) == 0.9925
+    assert round(case.values["hd95_pancreas"], 4) == 3.1585
+    # No lesion in these masks: both empty -> Dice 1, NSD 1, HD95 0.
+    assert case.values["dice_lesion"] == 1.0 and case.values["nsd_lesion"] == 1.0 and case.values["hd95_lesion"] == 0.0
+    surface = load_config(None, ["evaluate.nsd_definition=surface_area", "evaluate.bootstrap=0"], check_source=False)
+    case = evaluate_case("pancreas_021", msd / "pred_Dice" / "pancreas_021.nii.gz", msd / "gt" / "pancreas_021.nii.gz",
+                         surface.evaluate)
+    assert round(case.values["nsd_pancreas"], 4) == 0.9939
+    summary = json.loads(result.summary_json.read_text())
+    assert summary["cases"] == 3
+    stats = summary["segmentation"]["dice_pancreas"]
+    assert stats["ci95_low"] <= stats["mean"] <= stats["ci95_high"]
+    assert summary["targets"]["dice_pancreas"]["passed"] is False  # the mean is below 0.91
+
+
+def test_empty_mask_rules_and_worst_case_aggregation(config, tmp_path: Path) -> None:
+    ref = np.zeros((8, 16, 16))
+    ref[2:6, 4:10, 4:10] = 1
+    pred_dir, gt_dir = _pair(tmp_path, np.zeros_like(ref), ref, "one_empty")
+    _pair(tmp_path, np.zeros_like(ref), np.zeros_like(ref), "both_empty")
+    result = evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir)
+    values = {c.case: c.values for c in result.cases}
+    assert values["one_empty"]["dice_pancreas"] == 0 and values["one_empty"]["nsd_pancreas"] == 0
+    assert math.isnan(values["one_empty"]["hd95_pancreas"])
+    assert values["both_empty"]["dice_pancreas"] == 1 and values["both_empty"]["nsd_pancreas"] == 1
+    hd = result.summary["segmentation"]["hd95_pancreas"]
+    diagonal = math.sqrt((8 * 2.0) ** 2 + (16 * 0.75) ** 2 + (16 * 0.75) ** 2)
+    assert hd["undefined_cases"] == 1
+    assert hd["mean"] == pytest.approx((diagonal + 0.0) / 2)
+    row = result.per_case_csv.read_text().splitlines()
+    assert row[0].startswith("case,dice_pancreas,iou_pancreas,nsd_pancreas,hd95_pancreas")
+
+
+def test_lesion_is_label_2_and_pancreas_is_label_above_0(config, tmp_path: Path) -> None:
+    ref = np.zeros((8, 16, 16))
+    ref[2:6, 4:12, 4:12] = 1
+    ref[3:5, 6:8, 6:8] = 2
+    pred = ref.copy()
+    pred[pred == 2] = 1  # lesion called pancreas: whole pancreas perfect, lesion missed
+    pred_dir, gt_dir = _pair(tmp_path, pred, ref)
+    case = evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir).cases[0]
+    assert case.values["dice_pancreas"] == 1.0 and case.values["dice_lesion"] == 0.0
+    assert case.values["volume_ref_lesion_ml"] == pytest.approx(8 * 2.0 * 0.75 * 0.75 / 1000)
+
+
+def test_float_ground_truth_is_rounded(config, tmp_path: Path) -> None:
+    ref = np.zeros((8, 16, 16), dtype=np.float32)
+    ref[2:6, 4:12, 4:12] = 1.0000152587890625
+    write(ref, tmp_path / "gt" / "c1.nii.gz")
+    write((ref > 0).astype(np.uint8), tmp_path / "pred" / "c1.nii.gz")
+    case = evaluate(config, pred_dir=tmp_path / "pred", gt_dir=tmp_path / "gt").cases[0]
+    assert case.values["dice_pancreas"] == 1.0
+
+
+def test_missing_prediction_and_geometry_mismatch(config, tmp_path: Path) -> None:
+    ref = np.zeros((8, 16, 16))
+    ref[2:6, 4:12, 4:12] = 1
+    pred_dir, gt_dir = _pair(tmp_path, ref, ref, "c1")
+    write(ref.astype(np.uint8), gt_dir / "c2.nii.gz")
+    with pytest.raises(DataError, match="no prediction for 1 ground-truth case.*c2.*--allow-missing"):
+        evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir)
+    result = evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir, allow_missing=True)
+    missing = next(c for c in result.cases if c.case == "c2")
+    assert missing.missing_prediction and missing.values["dice_pancreas"] == 0.0
+    write(ref.astype(np.uint8), pred_dir / "c2.nii.gz", spacing=(1.0, 1.0, 3.0))
+    with pytest.raises(DataError, match="c2.nii.gz.*spacing"):
+        evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir)
+
+
+def test_classification_metrics_and_csv_formats(config, tmp_path: Path) -> None:
+    ref = np.zeros((8, 16, 16))
+    ref[2:6, 4:12, 4:12] = 1
+    for case in ("a", "b", "c", "d"):
+        _pair(tmp_path, ref, ref, case)
+    (tmp_path / "pred" / "subtype_results.csv").write_text("Names,Subtype\na.nii.gz,0\nb.nii.gz,0\nc.nii.gz,1\nd.nii.gz,1\n")
+    (tmp_path / "truth.csv").write_text("case_id,subtype\na,0\nb,1\nc,1\nd,2\n")
+    result = evaluate(config, pred_dir=tmp_path / "pred", gt_dir=tmp_path / "gt", subtypes_csv=tmp_path / "truth.csv")
+    cls = result.summary["classification"]
+    assert cls["accuracy"] == 0.5
+    # F1: class 0 = 2/3, class 1 = 1/2, class 2 never predicted = 0.
+    assert cls["macro_f1"] == pytest.approx((2 / 3 + 0.5 + 0) / 3)
+    assert cls["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 1, 0]]
+    assert result.summary["targets"]["macro_f1"]["passed"] is False
+    assert read_subtype_csv(tmp_path / "pred" / "subtype_results.csv") == {"a": 0, "b": 0, "c": 1, "d": 1}
+    (tmp_path / "bad.csv").write_text("Names,Subtype\na.nii.gz,4\n")
+    with pytest.raises(DataError, match="subtype 4 is not 0, 1 or 2"):
+        read_subtype_csv(tmp_path / "bad.csv")
+
+
+def test_cli_json_and_table(runner: CliRunner, realdata: Path, tmp_path: Path) -> None:
+    msd = realdata / "msd_pancreas_masks"
+    out = tmp_path / "metrics"
+    result = runner.invoke(app, ["evaluate", "--pred", str(msd / "pred_CE"), "--gt", str(msd / "gt"), "-o", str(out),
+                                 "--set", "evaluate.bootstrap=100", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["cases"] == 3 and "dice_pancreas" in summary["segmentation"]
+    assert (out / "metrics_per_case.csv").is_file() and (out / "metrics_summary.json").is_file()
+    table = runner.invoke(app, ["evaluate", "--pred", str(msd / "pred_CE"), "--gt", str(msd / "gt"), "-o", str(out)])
+    assert table.exit_code == 0 and "dice_pancreas" in table.stdout and "0.91" in table.stdout
+    missing = runner.invoke(app, ["evaluate", "--pred", str(tmp_path / "nope"), "--gt", str(msd / "gt")])
+    assert missing.exit_code == 1 and "folder not found" in missing.stderr

@@ -1,0 +1,124 @@
+"""``pancseg predict`` with a briefly trained smoke model (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from typer.testing import CliRunner
+
+from pancreas_cli.cli import app
+from pancreas_cli.predict import PredictError, find_inputs
+
+pytestmark = pytest.mark.slow
+
+
+def _predict(runner: CliRunner, project: Path, source: Path, out: Path, *extra: str):
+    return runner.invoke(app, ["predict", "-c", str(project / "pancseg.yaml"), "-i", str(source), "-o", str(out),
+                               "--fold", "4", *extra])
+
+
+def _inputs(project: Path, tmp_path: Path) -> Path:
+    """The test images, one renamed without ``_0000`` and one converted to .nrrd."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    images = sorted((project / "data" / "test").glob("*_0000.nii.gz"))
+    shutil.copy(images[0], folder / images[0].name)
+    sitk.WriteImage(sitk.ReadImage(str(images[1])), str(folder / "other_scan.nrrd"))
+    return folder
+
+
+def test_names_geometry_and_csv_format(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
+    source, out = _inputs(trained_project, tmp_path), tmp_path / "out"
+    result = _predict(runner, trained_project, source, out, "--json")
+    assert result.exit_code == 0, result.output
+    first = sorted((trained_project / "data" / "test").glob("*_0000.nii.gz"))[0].name.replace("_0000", "")
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted([first, "other_scan.nii.gz"])
+    for name, src in ((first, source / first.replace(".nii.gz", "_0000.nii.gz")), ("other_scan.nii.gz", source / "other_scan.nrrd")):
+        mask, image = sitk.ReadImage(str(out / name)), sitk.ReadImage(str(src))
+        assert mask.GetSize() == image.GetSize()
+        assert np.allclose(mask.GetSpacing(), image.GetSpacing()) and np.allclose(mask.GetOrigin(), image.GetOrigin())
+        assert mask.GetDirection() == image.GetDirection()
+        assert set(np.unique(sitk.GetArrayViewFromImage(mask)).tolist()) <= {0, 1, 2}
+    lines = (out / "subtype_results.csv").read_text().splitlines()
+    assert lines[0] == "Names,Subtype"
+    assert sorted(line.split(",")[0] for line in lines[1:]) == sorted([first, "other_scan.nii.gz"])
+    assert all(line.split(",")[1] in {"0", "1", "2"} for line in lines[1:])
+    probs = (out / "subtype_probabilities.csv").read_text().splitlines()
+    assert probs[0] == "Names,p0,p1,p2"
+    assert all(abs(sum(map(float, row.split(",")[1:])) - 1) < 1e-4 for row in probs[1:])
+    data = json.loads(result.stdout)
+    assert data["predicted"] == 2 and data["folds"] == [4] and not data["failed"]
+    assert not list(out.glob(".partial_*")), "a temporary output was left behind"
+
+
+def test_resume_skips_done_cases_and_rebuilds_csv(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
+    source, out = _inputs(trained_project, tmp_path), tmp_path / "out"
+    assert _predict(runner, trained_project, source, out).exit_code == 0
+    stamp = (out / "other_scan.nii.gz").stat().st_mtime_ns
+    (out / "subtype_results.csv").unlink()
+    first = next(p for p in out.glob("*.nii.gz") if p.name != "other_scan.nii.gz")
+    first.unlink()
+    again = _predict(runner, trained_project, source, out, "--json")
+    assert again.exit_code == 0
+    data = json.loads(again.stdout)
+    assert data["predicted"] == 1 and data["skipped"] == 1
+    assert (out / "other_scan.nii.gz").stat().st_mtime_ns == stamp
+    assert len((out / "subtype_results.csv").read_text().splitlines()) == 3  # header + both cases
+    forced = json.loads(_predict(runner, trained_project, source, out, "--overwrite", "--json").stdout)
+    assert forced["predicted"] == 2 and forced["skipped"] == 0
+
+
+def test_failing_case_is_reported_others_complete(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
+    source, out = _inputs(trained_project, tmp_path), tmp_path / "out"
+    sitk.WriteImage(sitk.Image([16, 16], sitk.sitkInt16), str(source / "flat_2d.nii.gz"))
+    (source / "broken.nii.gz").write_bytes(b"not an image")
+    result = _predict(runner, trained_project, source, out)
+    assert result.exit_code == 1
+    assert "flat_2d.nii.gz" in result.stderr and "3D" in result.stderr
+    assert "broken.nii.gz" in result.stderr
+    assert "2 predicted" in result.stdout and "2 failed" in result.stdout
+    assert len(list(out.glob("*.nii.gz"))) == 2
+    assert len((out / "subtype_results.csv").read_text().splitlines()) == 3
+
+
+def test_dicom_series_input(trained_project: Path, runner: CliRunner, tmp_path: Path, realdata: Path) -> None:
+    dicom = realdata / "totalsegmentator" / "example_ct_dicom"
+    out = tmp_path / "out"
+    result = _predict(runner, trained_project, dicom, out, "--fast")
+    assert result.exit_code == 0, result.output
+    mask = sitk.ReadImage(str(out / "example_ct_dicom.nii.gz"))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(dicom)))
+    image = reader.Execute()
+    assert mask.GetSize() == image.GetSize() == (512, 512, 20)
+    assert np.allclose(mask.GetSpacing(), image.GetSpacing()) and np.allclose(mask.GetOrigin(), image.GetOrigin())
+    assert (out / "subtype_results.csv").read_text().splitlines()[1].startswith("example_ct_dicom.nii.gz,")
+
+
+def test_errors(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
+    cfg = str(trained_project / "pancseg.yaml")
+    missing = runner.invoke(app, ["predict", "-c", cfg, "-i", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
+    assert missing.exit_code == 1 and "no such file or folder" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = runner.invoke(app, ["predict", "-c", cfg, "-i", str(tmp_path / "empty"), "-o", str(tmp_path / "o")])
+    assert empty.exit_code == 1 and "no images" in empty.stderr
+    fold = runner.invoke(app, ["predict", "-c", cfg, "-i", str(trained_project / "data" / "test"), "-o",
+                               str(tmp_path / "o"), "--fold", "2"])
+    assert fold.exit_code == 1 and "fold 2 has no checkpoint_best.pth" in fold.stderr
+    bad = runner.invoke(app, ["predict", "-c", cfg, "-i", str(trained_project / "data" / "test"), "-o",
+                              str(tmp_path / "o"), "--checkpoint", "latest"])
+    assert bad.exit_code == 2
+
+
+def test_find_inputs_names(tmp_path: Path) -> None:
+    for name in ("a_0000.nii.gz", "b.nii", "c.mha"):
+        (tmp_path / name).write_bytes(b"")
+    assert [c.case for c in find_inputs(tmp_path)] == ["a", "b", "c"]
+    (tmp_path / "a.nrrd").write_bytes(b"")
+    with pytest.raises(PredictError, match="both be written as a.nii.gz"):
+        find_inputs(tmp_path)
