@@ -140,7 +140,7 @@ class TrainConfig(_Section):
     class_weights: Literal["inverse_frequency", "none"] | list[float] = "inverse_frequency"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     select_by: Literal["combined", "segmentation", "classification"] = "combined"
-    head_stages: list[int] = Field(default_factory=lambda: [0, 1, 2, -1], min_length=1)
+    head_stages: list[int] = Field(default_factory=lambda: [1, 2, -1], min_length=1)
     head_pooling: Literal["attention", "mean"] = "attention"
     head_hidden: int = Field(128, gt=0)
     head_dropout: float = Field(0.3, ge=0, lt=1)

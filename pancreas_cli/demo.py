@@ -16,8 +16,8 @@ from pancreas_cli.synth import synthesize
 
 #: Sized so that the demo finishes in under 10 minutes on 2 CPU cores.
 DEMO_CASES = 24
-DEMO_EPOCHS = 12
-DEMO_ITERATIONS = 20
+DEMO_EPOCHS = 16
+DEMO_ITERATIONS = 25
 
 
 @dataclass(frozen=True)

@@ -308,7 +308,7 @@ def test_head_settings_round_trip() -> None:
     # JSON gives lists; None and {} give the defaults
     assert HeadSettings.from_dict({"stages": [1, 2]}).stages == (1, 2)
     assert HeadSettings.from_dict(None) == HeadSettings() == HeadSettings.from_dict({})
-    assert HeadSettings().stages == (0, 1, 2, -1) and HeadSettings().pooling == "attention"
+    assert HeadSettings().stages == (1, 2, -1) and HeadSettings().pooling == "attention"
     with pytest.raises(TypeError):
         HeadSettings.from_dict({"bogus": 1})
 
@@ -333,7 +333,7 @@ def test_pooling_changes_head_input_size() -> None:
     channels = FEATURES[1] + FEATURES[-1]
     assert mean.head.mlp[0].normalized_shape == (channels,)
     assert mean.head.mlp[2].in_features == channels
-    assert attention.head.mlp[2].in_features == 3 * channels + 2  # + log lesion and pancreas fractions
+    assert attention.head.mlp[2].in_features == 3 * channels
     assert attention.head.mlp[2].out_features == 16 and attention.head.mlp[-1].out_features == 3
 
 
@@ -443,20 +443,3 @@ def test_initialize_without_nnunet_init() -> None:
     for k, v in wrapped.state_dict().items():
         assert torch.equal(v, state[k])
     assert wrapped.settings.pooling == "mean" and wrapped.stage_indices == [0]
-
-
-def test_guide_replaces_the_predicted_attention() -> None:
-    """Training pools with the true masks: the class logits follow the guide, the segmentation does not."""
-    net, _ = make_net(configuration="3d_fullres", head={"dropout": 0.0})
-    net.eval()
-    x = torch.randn(1, 1, *PATCH)
-    lesion_left = torch.zeros(1, 1, *PATCH, dtype=torch.long)
-    lesion_left[..., : PATCH[-1] // 2] = 2
-    lesion_right = torch.zeros_like(lesion_left)
-    lesion_right[..., PATCH[-1] // 2 :] = 2
-    with torch.no_grad():
-        seg_a, a = net.forward_multitask(x, lesion_left)
-        seg_b, b = net.forward_multitask(x, lesion_right)
-        _, predicted = net.forward_multitask(x)
-    assert torch.equal(seg_a[0], seg_b[0])
-    assert not torch.allclose(a, b) and not torch.allclose(a, predicted)

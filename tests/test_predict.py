@@ -89,7 +89,7 @@ def test_failing_case_is_reported_others_complete(trained_project: Path, runner:
 def test_dicom_series_input(trained_project: Path, runner: CliRunner, tmp_path: Path, realdata: Path) -> None:
     dicom = realdata / "totalsegmentator" / "example_ct_dicom"
     out = tmp_path / "out"
-    result = _predict(runner, trained_project, dicom, out, "--fast")
+    result = _predict(runner, trained_project, dicom, out, "--fast", "--set", "predict.tile_step_size=1.0")
     assert result.exit_code == 0, result.output
     mask = sitk.ReadImage(str(out / "example_ct_dicom.nii.gz"))
     reader = sitk.ImageSeriesReader()

@@ -27,12 +27,10 @@ class HeadSettings:
     ``stages`` index encoder stages (0 = full resolution); negative values count from the
     bottleneck. Shallow stages carry subtype texture, so the default mixes shallow and deep ones.
     ``pooling="attention"`` adds lesion- and pancreas-weighted averages (weights = the decoder's
-    probabilities, or the ground truth while training) to the plain global average, so a small
-    lesion is not diluted by the patch, plus the log lesion and pancreas fractions of the patch
-    (lesion size separates subtypes).
+    probabilities) to the plain global average, so a small lesion is not diluted by the patch.
     """
 
-    stages: tuple[int, ...] = (0, 1, 2, -1)
+    stages: tuple[int, ...] = (1, 2, -1)
     pooling: Pooling = "attention"
     hidden: int = 128
     dropout: float = 0.3
@@ -66,7 +64,7 @@ class ClassificationHead(nn.Module):
         super().__init__()
         self.settings = settings
         poolings = 3 if settings.pooling == "attention" else 1
-        in_features = sum(stage_channels) * poolings + (2 if settings.pooling == "attention" else 0)
+        in_features = sum(stage_channels) * poolings
         self.mlp = nn.Sequential(
             nn.LayerNorm(in_features),
             nn.Dropout(settings.dropout),
@@ -78,13 +76,11 @@ class ClassificationHead(nn.Module):
 
     def forward(self, features: list[torch.Tensor], attention: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         pooled = []
-        if self.settings.pooling == "attention":
-            if attention is None:
-                raise ValueError("attention pooling needs the segmentation probabilities")
-            pooled += [torch.log(w.mean(dim=tuple(range(1, w.ndim)))[:, None] + 1e-3) for w in attention]
         for f in features:
             pooled.append(f.mean(dim=tuple(range(2, f.ndim))))
-            if attention is not None and self.settings.pooling == "attention":
+            if self.settings.pooling == "attention":
+                if attention is None:
+                    raise ValueError("attention pooling needs the segmentation probabilities")
                 pooled += [_weighted_mean(f, w) for w in attention]
         return self.mlp(torch.cat(pooled, dim=1))
 
@@ -117,31 +113,21 @@ class MultiTaskNet(nn.Module):
         if self._initialize is not None:
             self._initialize(module)
 
-    def _attention(self, seg_logits: torch.Tensor, guide: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lesion, pancreas) weights: the ground truth ``guide`` when given (training), else the
-        decoder's probabilities, detached: the class loss must not reshape the masks."""
-        if guide is None:
-            return structure_probabilities(seg_logits.detach(), self.regions)
-        guide = guide.float()
-        if self.regions:  # one channel per region: pancreas=[1,2], lesion=[2]
-            return guide[:, 1:2], guide[:, 0:1]
-        return (guide == 2).float(), (guide > 0).float()
+    def _attention(self, seg_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lesion, pancreas) probabilities, detached: the class loss must not reshape the masks."""
+        return structure_probabilities(seg_logits.detach(), self.regions)
 
-    def forward_multitask(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> tuple[Any, torch.Tensor]:
-        """Segmentation output (as ``forward``) and class logits from one encoder pass.
-
-        ``guide``: the full-resolution target (labels (B,1,...) or regions (B,2,...)) to pool the
-        lesion and pancreas with during training (teacher forcing); None uses the predictions.
-        """
+    def forward_multitask(self, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """Segmentation output (as ``forward``) and class logits from one encoder pass."""
         skips = self.encoder(x)
         seg = self.decoder(skips)
         full_res = seg[0] if isinstance(seg, (list, tuple)) else seg
-        attention = self._attention(full_res, guide) if self.settings.pooling == "attention" else None
+        attention = self._attention(full_res) if self.settings.pooling == "attention" else None
         logits = self.head([skips[i] for i in self.stage_indices], attention)
         return seg, logits
 
-    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> Any:
-        seg, logits = self.forward_multitask(x, guide)
+    def forward(self, x: torch.Tensor) -> Any:
+        seg, logits = self.forward_multitask(x)
         if self.return_class_logits:
             return seg, logits
         if self.class_logits_sink is not None:

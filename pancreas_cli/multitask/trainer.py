@@ -323,17 +323,16 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
         self.cls_loss = nn.CrossEntropyLoss(weight=weights, label_smoothing=self.pancseg_settings.label_smoothing)
         unwrap(self.network).return_class_logits = True
 
-    def _forward(self, data: torch.Tensor, guide: torch.Tensor | None = None) -> tuple[Any, torch.Tensor | None]:
-        return self.network(data, guide)
+    def _forward(self, data: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+        return self.network(data)
 
     def train_step(self, batch: dict) -> dict:
         data, target = self._to_device(batch)
         labels = self.labels_for(batch["keys"])
         self.optimizer.zero_grad(set_to_none=True)
         lam = self.cls_lambda()
-        guide = target[0] if isinstance(target, list) else target  # pool with the true masks while training
         with self._autocast():
-            seg, logits = self._forward(data, guide)
+            seg, logits = self._forward(data)
             seg_loss = self.loss(seg, target)
             cls_loss = self.cls_loss(logits.float(), labels)  # type: ignore[misc]
             loss = seg_loss + lam * cls_loss
