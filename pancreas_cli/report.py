@@ -224,11 +224,19 @@ def report(
     images_dir: Path | None = None,
 ) -> ReportResult:
     """Write the HTML report and its PNGs; sections without their inputs say what to run."""
-    from pancreas_cli.predict import model_folder
-
     import matplotlib
 
     matplotlib.use("Agg")
+    # nnU-Net's progress plot changes matplotlib's global style (seaborn, font scale 2.5) in this
+    # process: draw with the defaults.
+    with matplotlib.rc_context(matplotlib.rcParamsDefault):
+        return _write_report(config, fold, out_html, pred_dir, gt_dir, images_dir)
+
+
+def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Path | None, gt_dir: Path | None,
+                  images_dir: Path | None) -> ReportResult:
+    from pancreas_cli.predict import model_folder
+
     out_html = out_html or config.project_dir / "report" / f"report_fold{fold}.html"
     png_dir = out_html.parent
     stem = out_html.stem
