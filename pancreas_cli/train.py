@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,7 +243,7 @@ def _train_single(config: Config, state: dict[str, Any], trainer_name: str, fold
                 fold_result.resumed_from = trainer.current_epoch
             if reporter is not None:
                 reporter.start_fold(fold, trainer.current_epoch, trainer.num_epochs, terminal)
-                trainer_class.epoch_callback = reporter.epoch
+                trainer.epoch_callback = reporter.epoch
             if device.type == "cuda":
                 torch.backends.cudnn.benchmark = True
             try:
@@ -265,7 +266,14 @@ def _train_single(config: Config, state: dict[str, Any], trainer_name: str, fold
             raise TrainError(f"nnU-Net training failed: {type(exc).__name__}: {exc}\n  last log lines:\n{lines}\n"
                              f"  full log: {log_file} (re-run with --debug for the traceback)") from exc
         finally:
-            trainer_class.epoch_callback = None
+            _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    """Close nnU-Net's W&B run (nnU-Net never does), so that every logged value is written."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 def _save_on_interrupt(trainer: Any) -> None:

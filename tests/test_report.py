@@ -73,3 +73,24 @@ def test_page_loads_in_headless_chromium(rendered: Path, tmp_path: Path) -> None
     assert loaded.group(1) == loaded.group(2) == "4"
     console_errors = [line for line in done.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]
     assert not console_errors, console_errors
+
+
+def test_figures_ignore_a_global_style_left_by_nnunet(trained_project: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """nnU-Net's progress plot sets seaborn's font scale 2.5 process-wide; the report must not inherit it."""
+    import matplotlib
+
+    from pancreas_cli import report as report_module
+    from pancreas_cli.config import load_config
+
+    sizes: list[float] = []
+    real_save = report_module._save
+
+    def spy(fig, path):  # type: ignore[no-untyped-def]
+        sizes.append(matplotlib.rcParams["font.size"])
+        return real_save(fig, path)
+
+    monkeypatch.setattr(report_module, "_save", spy)
+    with matplotlib.rc_context({"font.size": 30.0}):
+        report_module.report(load_config(trained_project / "pancseg.yaml"), fold=4, out_html=tmp_path / "r.html")
+    assert sizes and all(size == matplotlib.rcParamsDefault["font.size"] for size in sizes)

@@ -450,7 +450,7 @@ def test_on_epoch_end_metrics_checkpoints_and_ema(preprocessed: Path,
     trainer.save_every = 2
     saved = _epoch_end_setup(trainer, monkeypatch, plot=True)
     rows_seen: list[dict[str, Any]] = []
-    monkeypatch.setattr(nnUNetTrainerPancseg, "epoch_callback", rows_seen.append)
+    trainer.epoch_callback = rows_seen.append
 
     f1s = [0.2, 0.6, 0.3, float("nan")]
     for epoch, f1 in enumerate(f1s):

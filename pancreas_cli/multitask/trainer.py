@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from time import time
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,8 +67,6 @@ def _fmt(value: Any) -> str:
 class nnUNetTrainerPancseg(nnUNetTrainer):
     """nnU-Net's trainer with pancseg's settings, structure pseudo-Dice and ``metrics.csv``."""
 
-    #: Called after every epoch with that epoch's metrics row (pancseg's progress display).
-    epoch_callback: ClassVar[Callable[[dict[str, Any]], None] | None] = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -82,6 +80,8 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
         self.num_val_iterations_per_epoch = settings.val_iterations
         self.initial_lr = settings.initial_lr
         self.save_every = settings.save_every
+        #: Called after every epoch with that epoch's metrics row (pancseg's progress display).
+        self.epoch_callback: Callable[[dict[str, Any]], None] | None = None
         self._register_log_keys(_LOG_KEYS)
 
     def _prepare_plans(self, plans: dict, configuration: str) -> None:
@@ -200,8 +200,8 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
             log.plot_progress_png(self.output_folder)
             row = self._metrics_row(epoch, criterion, best, epoch_time)
             self._append_metrics(row)
-            if type(self).epoch_callback is not None:
-                type(self).epoch_callback(row)  # type: ignore[misc]
+            if self.epoch_callback is not None:
+                self.epoch_callback(row)
         self.current_epoch += 1
 
     def _metrics_row(self, epoch: int, criterion: float, best: bool, epoch_time: float) -> dict[str, Any]:
