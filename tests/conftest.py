@@ -121,3 +121,14 @@ def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         result = runner.invoke(app, [*args, "-c", str(root / "pancseg.yaml")])
         assert result.exit_code == 0, result.output
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny convolutions: one torch thread is fastest, and far faster on a busy machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -20,6 +20,8 @@ from pancreas_cli.multitask.network import (
 )
 from pancreas_cli.preprocess import SMOKE_CONFIGURATION, add_smoke_configuration
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 # Small enough for the CPU, deep enough to have a real stride pattern: (1,1,1), (1,2,2), then 2s.
@@ -149,14 +151,6 @@ def _decoder_only_params(net: MultiTaskNet) -> list[tuple[str, nn.Parameter]]:
     assert params, "the decoder has parameters of its own"
     return params
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions: one thread is fastest, and far faster on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ------------------------------------------------------------------ forward and shapes

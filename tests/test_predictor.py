@@ -17,18 +17,13 @@ from pancreas_cli.multitask.predictor import MultiTaskPredictor, unwrap
 from pancreas_cli.preprocess import SMOKE_CONFIGURATION
 from test_network import DATASET_JSON, make_plans
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PATCH = [8, 16, 16]  # the smoke configuration keeps it: divisible by its strides (4, 8, 8)
 IMAGE = (1, 12, 24, 20)  # (C, Z, Y, X): 2 x 2 x 2 tiles at step 0.5
 REGIONS_JSON = {**DATASET_JSON, "labels": {"background": 0, "pancreas": [1, 2], "lesion": 2},
                 "regions_class_order": [1, 2]}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def make_predictor(mirroring: bool = True, dataset_json: dict[str, Any] | None = None,

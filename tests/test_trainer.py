@@ -36,6 +36,8 @@ from pancreas_cli.multitask.trainer import (
 from pancreas_cli.preprocess import SMOKE_CONFIGURATION
 from test_network import DATASET_JSON, make_plans
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 DATASET = "Dataset001_PancreasCancer"
 REGIONS_JSON = {
     "channel_names": {"0": "CT"},
@@ -45,14 +47,6 @@ REGIONS_JSON = {
     "file_ending": ".nii.gz",
 }
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions: one thread is fastest, and far faster on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture
