@@ -136,6 +136,7 @@ class TrainConfig(_Section):
     da_workers: int | None = Field(None, ge=0, le=64)
     compile: bool = False
     cls_weight: float = Field(0.3, ge=0)
+    head_lr: float = Field(1e-3, gt=0)
     cls_warmup_epochs: int = Field(0, ge=0)
     class_weights: Literal["inverse_frequency", "none"] | list[float] = "inverse_frequency"
     label_smoothing: float = Field(0.0, ge=0, lt=1)

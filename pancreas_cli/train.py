@@ -99,8 +99,8 @@ def training_settings(config: Config) -> TrainingSettings:
     return TrainingSettings(
         epochs=t.epochs, iterations_per_epoch=t.iterations_per_epoch, val_iterations=t.val_iterations,
         initial_lr=t.initial_lr, batch_size=t.batch_size, save_every=t.save_every, cls_weight=t.cls_weight,
-        cls_warmup_epochs=t.cls_warmup_epochs, class_weights=t.class_weights, label_smoothing=t.label_smoothing,
-        select_by=t.select_by,
+        head_lr=t.head_lr, cls_warmup_epochs=t.cls_warmup_epochs, class_weights=t.class_weights,
+        label_smoothing=t.label_smoothing, select_by=t.select_by,
         head={"stages": t.head_stages, "pooling": t.head_pooling, "hidden": t.head_hidden, "dropout": t.head_dropout},
     )
 

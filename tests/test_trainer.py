@@ -85,7 +85,7 @@ def with_settings(trainer: Any, **changes: Any) -> Any:
 
 def test_settings_file_reaches_trainer(preprocessed: Path) -> None:
     settings = TrainingSettings(epochs=7, iterations_per_epoch=3, val_iterations=2, initial_lr=0.005,
-                                batch_size=4, save_every=2, head={"stages": [0, -1], "pooling": "mean"})
+                                batch_size=4, save_every=2, head_lr=2e-4, head={"stages": [0, -1], "pooling": "mean"})
     assert write_settings(settings, preprocessed) == preprocessed / SETTINGS_NAME
     plans = make_plans()
     plans["continue_training"] = False
@@ -109,7 +109,8 @@ def test_settings_file_reaches_trainer(preprocessed: Path) -> None:
     assert net.settings == HeadSettings(stages=(0, -1), pooling="mean")
     assert trainer.batch_size == 4
     assert trainer.optimizer.param_groups[0]["lr"] == 0.005
-    assert trainer.lr_scheduler.max_steps == 7
+    assert trainer.optimizer.head.param_groups[0]["lr"] == 2e-4
+    assert [s.max_steps for s in trainer.lr_scheduler.schedulers] == [7, 7]
 
 
 def test_settings_for_the_segmentation_trainer(preprocessed: Path) -> None:
@@ -272,6 +273,21 @@ def test_train_step_combines_losses(initialized: Any) -> None:
     for key in ("loss", "seg_loss", "cls_loss"):
         logged = get("train_losses" if key == "loss" else f"pancseg_{key}", step=0)
         assert logged == pytest.approx((float(out[key]) + float(second[key])) / 2)
+
+
+def test_train_step_with_grad_scaler(initialized: Any) -> None:
+    """The mixed-precision path (CUDA): both optimizers unscaled and stepped, clipping on the network."""
+    trainer = initialized
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    net = unwrap(trainer.network)
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    batch = _batch(trainer, _labels(2, trainer.configuration_manager.patch_size), ["case_a", "case_b"])
+    out = trainer.train_step(batch)
+    assert np.isfinite(float(out["loss"]))
+    changed = {name for name, p in net.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert any(n.startswith("encoder.") for n in changed) and any(n.startswith("head.") for n in changed)
+    assert trainer.grad_scaler.get_scale() == 1024.0  # finite gradients: no skipped step, scale kept
+    assert int(next(iter(trainer.optimizer.head.state.values()))["step"]) == 1
 
 
 def test_train_step_unknown_case(initialized: Any) -> None:

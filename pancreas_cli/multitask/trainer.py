@@ -35,6 +35,7 @@ from pancreas_cli.exceptions import DataError
 from pancreas_cli.imageio import write_text
 from pancreas_cli.metrics import classification_metrics
 from pancreas_cli.multitask.network import HeadSettings, MultiTaskNet, build_multitask_network, tile_weights
+from pancreas_cli.multitask.optim import MultiTaskOptimizer, MultiTaskPolyLR, build_optimizer
 from pancreas_cli.multitask.predictor import MultiTaskPredictor, unwrap
 from pancreas_cli.multitask.settings import TrainingSettings, read_settings
 
@@ -264,6 +265,11 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
         return build_multitask_network(plans_manager, configuration_manager, num_input_channels,
                                        num_output_channels, enable_deep_supervision)
 
+    def configure_optimizers(self) -> tuple[MultiTaskOptimizer, MultiTaskPolyLR]:
+        """nnU-Net's SGD and poly schedule for encoder and decoder; AdamW for the head (see optim)."""
+        return build_optimizer(self.network, unwrap(self.network).head, self.initial_lr,
+                               self.pancseg_settings.head_lr, self.weight_decay, self.num_epochs)
+
     # ---------------------------------------------------------------- labels and loss
 
     @property
@@ -336,16 +342,20 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
             seg_loss = self.loss(seg, target)
             cls_loss = self.cls_loss(logits.float(), labels)  # type: ignore[misc]
             loss = seg_loss + lam * cls_loss
+        # nnU-Net's gradient clipping for encoder and decoder; AdamW normalises the head's steps itself.
+        optimizer: MultiTaskOptimizer = self.optimizer  # type: ignore[assignment]
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
+            for part in optimizer.optimizers:
+                self.grad_scaler.unscale_(part)
+            torch.nn.utils.clip_grad_norm_(list(optimizer.segmentation_parameters()), 12)
+            for part in optimizer.optimizers:
+                self.grad_scaler.step(part)
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+            torch.nn.utils.clip_grad_norm_(list(optimizer.segmentation_parameters()), 12)
+            optimizer.step()
         return {"loss": loss.detach().cpu().numpy(), "seg_loss": seg_loss.detach().cpu().numpy(),
                 "cls_loss": cls_loss.detach().cpu().numpy()}
 
