@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=("smoke", "default"), default="smoke")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, as pancseg's --set (e.g. train.head_lr=0.003)")
     parser.add_argument("--timing-repeats", type=int, default=0, help="alternating stock/multi-task timing runs")
     parser.add_argument("--timing-iterations", type=int, default=20)
     args = parser.parse_args()
@@ -91,7 +93,7 @@ def main() -> None:
         f"train: {{device: {args.device}, epochs: {args.epochs}, iterations_per_epoch: {args.iterations}, "
         f"val_iterations: {args.val_iterations}, head_pooling: {args.pooling}, save_every: 10}}\n"
     )
-    config = load_config(cfg_path)
+    config = load_config(cfg_path, args.overrides)
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     t0 = time.perf_counter()
     prepare(config, force=True)
@@ -119,7 +121,7 @@ def main() -> None:
         timing = {"segmentation": [], "multitask": []}
         for _ in range(args.timing_repeats):
             for task in ("segmentation", "multitask"):
-                cfg = load_config(cfg_path, [f"train.task={task}", "train.epochs=3",
+                cfg = load_config(cfg_path, [*args.overrides, f"train.task={task}", "train.epochs=3",
                                              f"train.iterations_per_epoch={args.timing_iterations}",
                                              "train.val_iterations=1"])
                 run = train(cfg, folds=[1], force=True)

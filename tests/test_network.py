@@ -14,6 +14,7 @@ from pancreas_cli.multitask.network import (
     ClassificationHead,
     HeadSettings,
     MultiTaskNet,
+    RunningStandardize,
     build_multitask_network,
     structure_probabilities,
     tile_weights,
@@ -325,7 +326,7 @@ def test_pooling_changes_head_input_size() -> None:
     mean, _ = make_net(configuration="3d_fullres", head={**head, "pooling": "mean"})
     attention, _ = make_net(configuration="3d_fullres", head={**head, "pooling": "attention"})
     channels = FEATURES[1] + FEATURES[-1]
-    assert mean.head.mlp[0].normalized_shape == (channels,)
+    assert mean.head.mlp[0].mean.shape == (channels,)
     assert mean.head.mlp[2].in_features == channels
     assert attention.head.mlp[2].in_features == 3 * channels
     assert attention.head.mlp[2].out_features == 16 and attention.head.mlp[-1].out_features == 3
@@ -400,6 +401,50 @@ def test_attention_pooling_weights_lesion_features() -> None:
     assert features.mean().item() == pytest.approx(0.5)
 
 
+# ------------------------------------------------------------------ running standardisation
+
+
+def test_standardize_first_batches_average_cumulatively() -> None:
+    torch.manual_seed(0)
+    layer = RunningStandardize(3, momentum=0.1)
+    batches = [torch.randn(2, 3) * torch.tensor([1.0, 10.0, 0.1]) + torch.tensor([5.0, -3.0, 0.5]) for _ in range(10)]
+    for batch in batches:
+        out = layer(batch)
+    seen = torch.cat(batches)
+    # 10 batches = 1 / momentum: still the plain average of everything seen
+    torch.testing.assert_close(layer.mean, seen.mean(0))
+    torch.testing.assert_close(layer.mean_square - layer.mean.square(), seen.var(0, unbiased=False), rtol=1e-4, atol=1e-5)
+    assert int(layer.batches) == 10
+    # the last batch was normalised with the statistics that include it
+    expected = (batches[-1] - seen.mean(0)) / torch.sqrt(seen.var(0, unbiased=False) + layer.eps)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_standardize_follows_drifting_features_then_freezes_in_eval() -> None:
+    layer = RunningStandardize(2, momentum=0.1)
+    for _ in range(200):  # features drift from around 0 to around 100
+        layer(torch.full((2, 2), 0.0) + torch.randn(2, 2))
+    for _ in range(200):
+        layer(torch.full((2, 2), 100.0) + torch.randn(2, 2))
+    assert torch.allclose(layer.mean, torch.full((2,), 100.0), atol=1.0)
+    layer.eval()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    out = layer(torch.full((4, 2), 100.0))
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in state.items())  # eval: no update
+    assert out.abs().max() < 1.5
+    assert set(state) == {"mean", "mean_square", "batches"}  # buffers: saved in checkpoints
+
+
+def test_standardize_gradients_and_constant_features() -> None:
+    layer = RunningStandardize(2)
+    x = torch.tensor([[1.0, 3.0], [2.0, 3.0]], requires_grad=True)  # second feature constant
+    out = layer(x)
+    assert torch.isfinite(out).all() and torch.equal(out[:, 1], torch.zeros(2))
+    out[:, 0].sum().backward()
+    assert x.grad is not None and torch.all(x.grad[:, 0] > 0)
+    assert not layer.mean.requires_grad and layer.mean.grad is None
+
+
 # ------------------------------------------------------------------ init
 
 
@@ -415,7 +460,7 @@ def test_initialize_applies_nnunet_init() -> None:
     # ResEnc init zeroes the last norm of each residual block before the addition
     block = net.encoder.stages[0].blocks[0]
     assert torch.count_nonzero(block.conv2.norm.weight) == 0
-    # the head is not touched by nnU-Net's init (Linear/LayerNorm are not nnU-Net-initialized)
+    # the head is not touched by nnU-Net's init (it initializes convolutions only)
     assert torch.all(net.head.mlp[2].weight == 0.5)
     net.eval()
     with torch.no_grad():

@@ -57,8 +57,40 @@ def _weighted_mean(features: torch.Tensor, weights: torch.Tensor, eps: float = 1
     return (features * weights).sum(dims) / (weights.sum(dims) + eps)
 
 
+class RunningStandardize(nn.Module):
+    """Per-feature standardisation by running mean and variance, in training as in inference.
+
+    The pooled features differ between subtypes by small amounts on top of large common offsets;
+    without per-feature centring and scaling a small MLP needs several times more steps to fit
+    them (BENCHMARKS.md), and the head only gets the last part of training once the lesion is
+    found. BatchNorm would do this from batch statistics, which at nnU-Net's batch size of 2 are
+    noise; here the running statistics (a cumulative average for the first ``1 / momentum``
+    batches, then an exponential one that follows the training encoder) normalise every batch,
+    and no gradient flows through them. They are buffers, so checkpoints carry them to inference.
+    """
+
+    def __init__(self, features: int, momentum: float = 0.05, eps: float = 1e-4) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(features))
+        self.register_buffer("mean_square", torch.ones(features))
+        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                rate = max(self.momentum, 1.0 / float(self.batches + 1))
+                batch = x.detach().float()
+                self.mean.lerp_(batch.mean(0), rate)
+                self.mean_square.lerp_(batch.square().mean(0), rate)
+                self.batches += 1
+        variance = (self.mean_square - self.mean.square()).clamp_min(0)
+        return (x - self.mean) / torch.sqrt(variance + self.eps)
+
+
 class ClassificationHead(nn.Module):
-    """Pooled features of several encoder stages -> MLP with dropout -> class logits."""
+    """Pooled features of several encoder stages -> standardised -> MLP with dropout -> class logits."""
 
     def __init__(self, stage_channels: list[int], settings: HeadSettings) -> None:
         super().__init__()
@@ -66,7 +98,7 @@ class ClassificationHead(nn.Module):
         poolings = 3 if settings.pooling == "attention" else 1
         in_features = sum(stage_channels) * poolings
         self.mlp = nn.Sequential(
-            nn.LayerNorm(in_features),
+            RunningStandardize(in_features),
             nn.Dropout(settings.dropout),
             nn.Linear(in_features, settings.hidden),
             nn.GELU(),
