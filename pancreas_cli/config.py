@@ -135,9 +135,9 @@ class TrainConfig(_Section):
     num_gpus: int = Field(1, ge=1)
     da_workers: int | None = Field(None, ge=0, le=64)
     compile: bool = False
-    cls_weight: float = Field(0.3, ge=0)
+    cls_weight: float = Field(0.05, ge=0)
     head_lr: float = Field(1e-3, gt=0)
-    cls_warmup_epochs: int = Field(0, ge=0)
+    cls_warmup_epochs: int = Field(10, ge=0)
     class_weights: Literal["inverse_frequency", "none"] | list[float] = "inverse_frequency"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     select_by: Literal["combined", "segmentation", "classification"] = "combined"

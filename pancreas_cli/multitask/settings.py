@@ -26,9 +26,9 @@ class TrainingSettings:
     initial_lr: float = 1e-2
     batch_size: int | None = None  # None: the plans' batch size
     save_every: int = 5
-    cls_weight: float = 0.3  # lambda of the classification loss
+    cls_weight: float = 0.05  # lambda of the classification loss (see BENCHMARKS.md for why small)
     head_lr: float = 1e-3  # AdamW learning rate of the classification head (poly decay as nnU-Net's)
-    cls_warmup_epochs: int = 0  # lambda grows linearly over these epochs (segmentation first)
+    cls_warmup_epochs: int = 10  # lambda grows linearly over these epochs (segmentation first)
     class_weights: list[float] | Literal["inverse_frequency", "none"] = "inverse_frequency"
     label_smoothing: float = 0.0
     select_by: SelectBy = "combined"
