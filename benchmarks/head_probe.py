@@ -16,29 +16,16 @@ on the training cases. It answers two questions the learning check cannot:
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from learning_check import fold0_cases  # benchmarks/ is on sys.path when this script runs
+
 from pancreas_cli.config import load_config
 from pancreas_cli.metrics import classification_metrics
 from pancreas_cli.nnunet_env import setup_nnunet_env
-
-
-def _cases(config, data: Path) -> dict[str, list[tuple[Path, int]]]:
-    raw = config.dataset_raw_dir
-    subtypes = {r["case_id"]: int(r["subtype"]) for r in csv.DictReader((raw / "subtypes.csv").open())}
-    split = json.loads((raw / "splits_final.json").read_text())[0]
-    truth = data / "test_ground_truth" / "subtypes.csv"
-    tests = {r["case_id"]: int(r["subtype"]) for r in csv.DictReader(truth.open())}
-    return {
-        "train": [(raw / "imagesTr" / f"{k}_0000.nii.gz", subtypes[k]) for k in split["train"]],
-        "held-out": [(raw / "imagesTr" / f"{k}_0000.nii.gz", subtypes[k]) for k in split["val"]]
-        + [(data / "test" / f"{k}_0000.nii.gz", s) for k, s in tests.items()],
-    }
 
 
 def _f1(truth: np.ndarray, predicted: np.ndarray) -> str:
@@ -71,14 +58,14 @@ def main() -> None:
     net.head.mlp.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach().clone()))
 
     features, labels = {}, {}
-    for name, cases in _cases(config, args.workdir / "data").items():
+    for name, cases in fold0_cases(config, args.workdir / "data").items():
         rows = []
-        for image, _ in cases:
+        for _, image, _, _ in cases:
             captured.clear()
             array, properties = SimpleITKIO().read_images([str(image)])
             predictor.predict_single_npy_array(array, properties, None, None, False)
             rows.append(torch.cat(captured).mean(0).numpy())
-        features[name], labels[name] = np.stack(rows), np.array([s for _, s in cases])
+        features[name], labels[name] = np.stack(rows), np.array([c[3] for c in cases])
 
     net.head.mlp.eval()
     with torch.no_grad():

@@ -29,6 +29,27 @@ from pancreas_cli.synth import synthesize
 from pancreas_cli.train import train
 
 
+Case = tuple[str, Path, Path, int]  # case id, image, mask, subtype
+
+
+def _subtypes(path: Path) -> dict[str, int]:
+    with path.open(newline="") as fh:
+        return {r["case_id"]: int(r["subtype"]) for r in csv.DictReader(fh)}
+
+
+def fold0_cases(config, data: Path) -> dict[str, list[Case]]:
+    """Fold 0's training cases and its held-out ones (its validation cases + the synthetic test set)."""
+    raw = config.dataset_raw_dir
+    subtypes = _subtypes(raw / "subtypes.csv")
+    split = json.loads((raw / "splits_final.json").read_text())[0]
+    labelled = {name: [(k, raw / "imagesTr" / f"{k}_0000.nii.gz", raw / "labelsTr" / f"{k}.nii.gz", subtypes[k])
+                       for k in split[part]] for name, part in (("train", "train"), ("held-out", "val"))}
+    truth = data / "test_ground_truth"
+    labelled["held-out"] += [(k, data / "test" / f"{k}_0000.nii.gz", truth / f"{k}.nii.gz", s)
+                             for k, s in _subtypes(truth / "subtypes.csv").items()]
+    return labelled
+
+
 def _evaluate(config, fold_dir: Path, cases: list[tuple[str, Path, Path, int]], out: Path, device: str) -> dict:
     import torch
 
@@ -107,14 +128,7 @@ def main() -> None:
     fold_dir = result.folds[0].output_folder
     report["last_epoch"] = result.folds[0].last
 
-    raw = config.dataset_raw_dir
-    subtypes = {r["case_id"]: int(r["subtype"]) for r in csv.DictReader((raw / "subtypes.csv").open())}
-    splits = json.loads((raw / "splits_final.json").read_text())
-    cases = [(k, raw / "imagesTr" / f"{k}_0000.nii.gz", raw / "labelsTr" / f"{k}.nii.gz", subtypes[k])
-             for k in splits[0]["val"]]
-    truth_dir = data / "test_ground_truth"
-    test_subtypes = {r["case_id"]: int(r["subtype"]) for r in csv.DictReader((truth_dir / "subtypes.csv").open())}
-    cases += [(k, data / "test" / f"{k}_0000.nii.gz", truth_dir / f"{k}.nii.gz", s) for k, s in test_subtypes.items()]
+    cases = fold0_cases(config, data)["held-out"]
     report["evaluation"] = _evaluate(config, fold_dir, cases, work / "predictions", args.device)
 
     if args.timing_repeats:
