@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# GPU check (not CI; results in BENCHMARKS.md). Two parts, each timed:
+#  1. the CLI as a user runs it on a GPU, smoke preset: `pancseg run` with train/predict on DEVICE,
+#     `train --resume` to one more epoch, `predict --device DEVICE` twice (the second skips every case);
+#  2. benchmarks/learning_check.py with ResEnc-M plans (preset default) on DEVICE, with the
+#     multi-task/stock iteration-time ratio.
+# Usage: bash benchmarks/gpu_check.sh OUT_DIR [DEVICE]   (env: PARTS="1 2", PYTHON, LC_EPOCHS, LC_ITERS,
+#        LC_CASES, DA_WORKERS, TIMING_REPEATS, TIMING_ITERS; small values give a dry run on a CPU)
+# On an H200 part 1 takes about 2.5 min and part 2 about 7 (30 x 40 epochs, 2 timing repeats): run
+# them as two calls where one call is limited to 10 minutes (BENCHMARKS.md).
+set -euo pipefail  # pipefail: a failing pancseg command piped into tee stops the check
+out=$(realpath -m "$1")
+device=${2:-cuda}
+py=${PYTHON:-python3}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d)
+mkdir -p "$out"
+pancseg() { "$py" -m pancreas_cli "$@"; }
+stamp() { echo "== $(date +%T) $*" | tee -a "$out/timeline.txt"; }
+
+part1() {
+    stamp "part 1: CLI on $device"
+    smoke=$work/smoke
+    pancseg synth "$smoke/data" --cases 12 --quirks
+    cat >"$smoke/pancseg.yaml" <<EOF
+project_dir: ./work
+dataset: {source: ./data, test_labels: ./data/test_ground_truth,
+          test_subtypes_csv: ./data/test_ground_truth/subtypes.csv}
+plan: {preset: smoke, num_processes: 4}
+train: {device: $device, epochs: 3, iterations_per_epoch: 10, val_iterations: 2, save_every: 1,
+        da_workers: ${DA_WORKERS:-4}}
+predict: {device: $device}
+evaluate: {bootstrap: 200}
+EOF
+    cd "$smoke"
+    pancseg run -c pancseg.yaml 2>&1 | tee "$out/part1.log"
+    stamp "resume to 4 epochs"
+    pancseg train -c pancseg.yaml --fold 0 --resume --epochs 4 --json 2>&1 | tee -a "$out/part1.log"
+    stamp "predict twice"
+    pancseg predict -c pancseg.yaml -i data/test -o pred --device "$device" --json 2>&1 | tee -a "$out/part1.log"
+    pancseg predict -c pancseg.yaml -i data/test -o pred --device "$device" --json 2>&1 | tee -a "$out/part1.log"
+    cat pred/subtype_results.csv | tee -a "$out/part1.log"
+    cp work/nnUNet_results/*/nnUNetTrainerMultiTask__*/fold_0/metrics.csv "$out/part1_metrics.csv"
+}
+
+part2() {
+    stamp "part 2: learning check, ResEnc-M on $device"
+    cd "$repo"
+    "$py" benchmarks/learning_check.py --workdir "$work/lc" --preset default --device "$device" \
+        --cases "${LC_CASES:-60}" --epochs "${LC_EPOCHS:-40}" --iterations "${LC_ITERS:-40}" --val-iterations 5 \
+        --set "train.da_workers=${DA_WORKERS:-4}" --set plan.num_processes=8 \
+        --timing-repeats "${TIMING_REPEATS:-2}" --timing-iterations "${TIMING_ITERS:-30}" \
+        >"$out/part2_benchmark.json" 2>"$out/part2_stderr.txt" || { tail -n 40 "$out/part2_stderr.txt"; exit 1; }
+    cp "$work"/lc/work/nnUNet_results/*/nnUNetTrainerMultiTask__*/fold_0/metrics.csv "$out/part2_metrics.csv"
+    cp "$work"/lc/work/nnUNet_preprocessed/*/nnUNetResEncUNetMPlans.json "$out/part2_plans.json"
+}
+
+for part in ${PARTS:-1 2}; do "part$part"; done
+stamp "done"
