@@ -46,7 +46,7 @@ EOF
 part2() {
     stamp "part 2: learning check, ResEnc-M on $device"
     cd "$repo"
-    "$py" benchmarks/learning_check.py --workdir "$work/lc" --preset default --device "$device" \
+    "$py" benchmarks/learning_check.py --workdir "$work/lc" --preset default --device "$device" --shape 32,64,64 \
         --cases "${LC_CASES:-60}" --epochs "${LC_EPOCHS:-40}" --iterations "${LC_ITERS:-40}" --val-iterations 5 \
         --set "train.da_workers=${DA_WORKERS:-4}" --set plan.num_processes=8 \
         --timing-repeats "${TIMING_REPEATS:-2}" --timing-iterations "${TIMING_ITERS:-30}" \

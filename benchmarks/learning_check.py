@@ -5,7 +5,11 @@ predicts the validation and test cases with the multi-task predictor and reports
 lesion Dice and subtype macro-F1. Optionally times a training iteration of the multi-task trainer
 against the stock trainer on the same configuration (same run, alternating, medians).
 
-    python benchmarks/learning_check.py --workdir /tmp/lc --cases 60 --epochs 40 --iterations 25
+    python benchmarks/learning_check.py --workdir /tmp/lc
+
+The defaults fit the 15-minute budget on a 2-core CPU: 60 cases of 24x48x48 voxels, 75 epochs x 25
+iterations (about 8.7 s per epoch). At 32x64x64 an iteration costs 2.3 times as much, and the 950
+iterations that fit were too few for the lesion in 2 runs of 3 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -88,10 +92,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--cases", type=int, default=60)
-    parser.add_argument("--shape", default="32,64,64")
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--shape", default="24,48,48")
+    parser.add_argument("--epochs", type=int, default=75)
     parser.add_argument("--iterations", type=int, default=25)
-    parser.add_argument("--val-iterations", type=int, default=4)
+    parser.add_argument("--val-iterations", type=int, default=3)
     parser.add_argument("--pooling", choices=("attention", "mean"), default="attention")
     parser.add_argument("--preset", choices=("smoke", "default"), default="smoke")
     parser.add_argument("--device", default="cpu")
