@@ -8,6 +8,10 @@
 #        LC_CASES, DA_WORKERS, TIMING_REPEATS, TIMING_ITERS; small values give a dry run on a CPU)
 # On an H200 part 1 takes about 2.5 min and part 2 about 7 (30 x 40 epochs, 2 timing repeats): run
 # them as two calls where one call is limited to 10 minutes (BENCHMARKS.md).
+# A machine without a package index needs nnunetv2 and its dependencies brought along (session 3 did:
+# the wheels of SimpleITK, blosc2, connected-components-3d, pydantic(-core), nibabel, ... for cp312
+# unpacked with nnunetv2, acvl_utils, batchgenerators(v2), dynamic_network_architectures from a venv
+# into one folder, as tar.xz 39 MB; there: tar -xJf ...; export PYTHONPATH=/tmp/devsite:$PWD).
 set -euo pipefail  # pipefail: a failing pancseg command piped into tee stops the check
 out=$(realpath -m "$1")
 device=${2:-cuda}
