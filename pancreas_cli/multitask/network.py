@@ -80,7 +80,8 @@ class RunningStandardize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             with torch.no_grad():
-                rate = max(self.momentum, 1.0 / float(self.batches + 1))
+                # A tensor, not float(self.batches): reading the counter would sync the GPU every step.
+                rate = (1.0 / (self.batches + 1)).clamp_min(self.momentum)
                 batch = x.detach().float()
                 self.mean.lerp_(batch.mean(0), rate)
                 self.mean_square.lerp_(batch.square().mean(0), rate)
