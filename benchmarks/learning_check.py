@@ -138,8 +138,9 @@ def main() -> None:
 
     if args.timing_repeats:
         timing = {"segmentation": [], "multitask": []}
-        for _ in range(args.timing_repeats):
-            for task in ("segmentation", "multitask"):
+        for repeat in range(args.timing_repeats):
+            # ABBA order: whichever runs second in a pair inherits the first one's process state.
+            for task in ("segmentation", "multitask")[:: 1 if repeat % 2 == 0 else -1]:
                 cfg = load_config(cfg_path, [*args.overrides, f"train.task={task}", "train.epochs=3",
                                              f"train.iterations_per_epoch={args.timing_iterations}",
                                              "train.val_iterations=1"])

@@ -391,14 +391,44 @@ def test_structure_probabilities_labels_and_regions() -> None:
 
 def test_attention_pooling_weights_lesion_features() -> None:
     """Attention pooling averages features where the decoder sees lesion/pancreas, not the whole patch."""
-    from pancreas_cli.multitask.network import _weighted_mean
+    from pancreas_cli.multitask.network import _pool
 
     features = torch.zeros(1, 1, 4, 4, 4)
     features[..., :2, :, :] = 1.0  # "lesion texture" in half of the patch
     weights = torch.zeros(1, 1, 8, 8, 8)  # full resolution mask, pooled to the feature size
     weights[..., :4, :, :] = 1.0
-    assert _weighted_mean(features, weights).item() == pytest.approx(1.0, abs=1e-3)
-    assert features.mean().item() == pytest.approx(0.5)
+    mean, weighted = _pool(features, weights)[0].tolist()
+    assert weighted == pytest.approx(1.0, abs=1e-3)
+    assert mean == pytest.approx(0.5)
+
+
+def test_pool_matches_per_map_weighted_means() -> None:
+    """[mean | lesion-weighted | pancreas-weighted] per channel, as products and sums would give them."""
+    from pancreas_cli.multitask.network import _pool
+
+    torch.manual_seed(0)
+    features = torch.randn(2, 5, 3, 4, 4)
+    weights = torch.rand(2, 2, 6, 8, 8)
+    small = nn.functional.adaptive_avg_pool3d(weights, (3, 4, 4))
+    expected = [features.mean((2, 3, 4))] + [
+        (features * small[:, k : k + 1]).sum((2, 3, 4)) / (small[:, k : k + 1].sum((2, 3, 4)) + 1e-4) for k in range(2)
+    ]
+    assert torch.allclose(_pool(features, weights), torch.cat(expected, dim=1), atol=1e-5)
+    assert torch.allclose(_pool(features, None), expected[0])
+    # 2D networks: (B,C,H,W) features, maps pooled in 2D
+    assert _pool(features[:, :, 0], weights[:, :, 0]).shape == (2, 15)
+
+
+def test_pool_stays_float32_under_autocast() -> None:
+    """Sums over many voxels must not run in half precision when training uses autocast."""
+    from pancreas_cli.multitask.network import _pool
+
+    features = torch.full((1, 2, 16, 16, 16), 1.001)  # bfloat16 rounds it to 1.0
+    weights = torch.ones(1, 2, 16, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = _pool(features, weights)
+    assert pooled.dtype == torch.float32
+    assert torch.allclose(pooled, torch.full((1, 6), 1.001), rtol=1e-5)
 
 
 # ------------------------------------------------------------------ running standardisation

@@ -47,14 +47,25 @@ class HeadSettings:
         return {**asdict(self), "stages": list(self.stages)}
 
 
-def _weighted_mean(features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """Average ``features`` (B,C,*S) over space with ``weights`` (B,1,*S')."""
-    if weights.shape[2:] != features.shape[2:]:
-        weights = F.adaptive_avg_pool3d(weights, features.shape[2:]) if weights.ndim == 5 else F.adaptive_avg_pool2d(
-            weights, features.shape[2:]
-        )
-    dims = tuple(range(2, features.ndim))
-    return (features * weights).sum(dims) / (weights.sum(dims) + eps)
+def _pool(features: torch.Tensor, weights: torch.Tensor | None, eps: float = 1e-4) -> torch.Tensor:
+    """Global average of ``features`` (B,C,*S), then one average weighted by each of the K maps in
+    ``weights`` (B,K,*S', pooled to S), as (B,(1+K)*C) in that order.
+
+    One matrix product does all weighted sums (and its backward is one more), where a product and
+    a reduction per map cost full-size temporaries. In float32 outside autocast: the sums run over
+    up to a few hundred thousand voxels, which float16 cannot hold.
+    """
+    with torch.autocast(features.device.type, enabled=False):
+        flat = features.flatten(2).float()  # B,C,N
+        mean = flat.mean(2)
+        if weights is None:
+            return mean
+        if weights.shape[2:] != features.shape[2:]:
+            pool = F.adaptive_avg_pool3d if weights.ndim == 5 else F.adaptive_avg_pool2d
+            weights = pool(weights, features.shape[2:])
+        w = weights.flatten(2).float()  # B,K,N
+        weighted = torch.bmm(w, flat.transpose(1, 2)) / (w.sum(2, keepdim=True) + eps)  # B,K,C
+        return torch.cat([mean, weighted.flatten(1)], dim=1)
 
 
 class RunningStandardize(nn.Module):
@@ -107,15 +118,12 @@ class ClassificationHead(nn.Module):
             nn.Linear(settings.hidden, settings.num_classes),
         )
 
-    def forward(self, features: list[torch.Tensor], attention: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        pooled = []
-        for f in features:
-            pooled.append(f.mean(dim=tuple(range(2, f.ndim))))
-            if self.settings.pooling == "attention":
-                if attention is None:
-                    raise ValueError("attention pooling needs the segmentation probabilities")
-                pooled += [_weighted_mean(f, w) for w in attention]
-        return self.mlp(torch.cat(pooled, dim=1))
+    def forward(self, features: list[torch.Tensor], attention: torch.Tensor | None) -> torch.Tensor:
+        """Class logits from encoder stage outputs; ``attention``: (lesion, pancreas) maps as (B,2,*S)."""
+        if self.settings.pooling == "attention" and attention is None:
+            raise ValueError("attention pooling needs the segmentation probabilities")
+        weights = attention if self.settings.pooling == "attention" else None
+        return self.mlp(torch.cat([_pool(f, weights) for f in features], dim=1))
 
 
 class MultiTaskNet(nn.Module):
@@ -146,9 +154,9 @@ class MultiTaskNet(nn.Module):
         if self._initialize is not None:
             self._initialize(module)
 
-    def _attention(self, seg_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lesion, pancreas) probabilities, detached: the class loss must not reshape the masks."""
-        return structure_probabilities(seg_logits.detach(), self.regions)
+    def _attention(self, seg_logits: torch.Tensor) -> torch.Tensor:
+        """(lesion, pancreas) probabilities as (B,2,*S), detached: the class loss must not reshape the masks."""
+        return torch.cat(structure_probabilities(seg_logits.detach(), self.regions), dim=1)
 
     def forward_multitask(self, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
         """Segmentation output (as ``forward``) and class logits from one encoder pass."""

@@ -356,8 +356,9 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(optimizer.segmentation_parameters()), 12)
             optimizer.step()
-        return {"loss": loss.detach().cpu().numpy(), "seg_loss": seg_loss.detach().cpu().numpy(),
-                "cls_loss": cls_loss.detach().cpu().numpy()}
+        # One device-to-host copy for the three values (each copy waits for the GPU).
+        values = torch.stack([loss.detach(), seg_loss.detach(), cls_loss.detach()]).float().cpu().numpy()
+        return {"loss": values[0], "seg_loss": values[1], "cls_loss": values[2]}
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
