@@ -3,7 +3,7 @@
 Synthesizes a dataset, runs prepare -> clean -> preprocess -> train (smoke preset, CPU by default),
 predicts the validation and test cases with the multi-task predictor and reports whole-pancreas Dice,
 lesion Dice and subtype macro-F1. Optionally times a training iteration of the multi-task trainer
-against the stock trainer on the same configuration (same run, alternating, medians).
+against the stock trainer on the same configuration (same run, ABBA order, medians).
 
     python benchmarks/learning_check.py --workdir /tmp/lc
 
