@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,68 @@ def test_wandb_offline_logs_the_multitask_values(project: Path, runner: CliRunne
     data = records[0].read_bytes()
     for key in (b"pancseg_cls_loss", b"pancseg_val_macro_f1", b"pancseg_dice_pancreas", b"train_losses"):
         assert key in data, key
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_that_resume_continues(project: Path, runner: CliRunner,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from pancreas_cli.multitask.trainer import nnUNetTrainerMultiTask
+
+    cfg = str(project / "pancseg.yaml")
+    # No periodic checkpoint before the interrupt: the one --resume finds must be the interrupt's.
+    args = ["--set", "train.iterations_per_epoch=3", "--set", "train.val_iterations=1", "--set", "train.save_every=50"]
+    real_step = nnUNetTrainerMultiTask.train_step
+    calls = []
+
+    def interrupted_step(self: nnUNetTrainerMultiTask, batch: dict) -> dict:
+        calls.append(self.current_epoch)
+        if len(calls) == 8:  # second step of epoch 3
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(nnUNetTrainerMultiTask, "train_step", interrupted_step)
+    result = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", "--epochs", "4", "--force", *args])
+    assert result.exit_code == 130, result.output
+    assert "interrupted at epoch 3" in result.stderr and "pancseg train --fold 1 --resume" in result.stderr
+    fold_dir = project / "work" / "nnUNet_results" / "Dataset001_PancreasCancer" / FOLDER / "fold_1"
+    latest = torch.load(fold_dir / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    assert latest["current_epoch"] == 2  # 0-based: epoch 3 is trained again
+    assert [r["epoch"] for r in _rows(fold_dir)] == ["1", "2"]
+
+    monkeypatch.setattr(nnUNetTrainerMultiTask, "train_step", real_step)
+    resumed = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", "--resume", "--epochs", "3", *args])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming at epoch 3" in resumed.stderr
+    assert [r["epoch"] for r in _rows(fold_dir)] == ["1", "2", "3"]
+
+
+WORKERS_DIED = "One or more background workers are no longer alive. Exiting. Please check the print statements above"
+
+
+@pytest.mark.parametrize(("batch_error", "message"), [
+    (ValueError("quiz_0_001: broken array"),
+     "data loading failed in nnU-Net's background workers: ValueError: quiz_0_001: broken array"),
+    (None, "a batch loads fine without workers, so the workers probably ran out of memory: lower train.da_workers"),
+])
+def test_dead_workers_show_the_real_error(project: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch,
+                                          batch_error: Exception | None, message: str) -> None:
+    """nnU-Net only says its workers died; pancseg loads one batch without workers to say why."""
+    from pancreas_cli.multitask.trainer import nnUNetTrainerMultiTask
+
+    def loader() -> Iterator[dict]:
+        if batch_error is not None:
+            raise batch_error
+        yield {"data": None}
+
+    def workers_died(self: nnUNetTrainerMultiTask) -> None:
+        raise RuntimeError(WORKERS_DIED)
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "4")
+    monkeypatch.setattr(nnUNetTrainerMultiTask, "run_training", workers_died)
+    monkeypatch.setattr(nnUNetTrainerMultiTask, "get_dataloaders", lambda self: (loader(), None))
+    result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "4", "--force"])
+    assert result.exit_code == 1
+    assert message in result.stderr and "Traceback" not in result.output
+    assert os.environ["nnUNet_n_proc_DA"] == "0"  # the retry ran without workers
