@@ -209,6 +209,12 @@ def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, fold: 
                              f"{_checkpoint_epoch(existing)}); pass --resume to continue it or --force to start over")
         shutil.rmtree(output_folder)
         existing = None
+    if resume and existing is not None and existing.name != "checkpoint_final.pth":
+        done = _checkpoint_epoch(existing)
+        if done >= config.train.epochs:
+            # nnU-Net would skip the loop and finalise the unfinished run as if it were complete.
+            raise TrainError(f"fold {fold} stopped after epoch {done} of an unfinished run, but train.epochs is "
+                             f"{config.train.epochs}: pass --epochs N with N > {done} to continue it")
     fold_result = FoldResult(fold, output_folder, log_file)
     start = time.perf_counter()
     if config.train.num_gpus > 1:
@@ -250,9 +256,11 @@ def _train_single(config: Config, state: dict[str, Any], trainer_name: str, fold
                 trainer.run_training()
             except KeyboardInterrupt:
                 _save_on_interrupt(trainer)
+                config_option = f"-c {config.config_path} " if config.config_path is not None else ""
                 raise TrainingInterrupted(
                     f"training of fold {fold} interrupted at epoch {trainer.current_epoch + 1}; a checkpoint was "
-                    f"saved: continue with `pancseg train --fold {fold} --resume`"
+                    f"saved: continue with `pancseg train {config_option}--fold {fold} --resume "
+                    f"--epochs {trainer.num_epochs}`"
                 ) from None
             except RuntimeError as exc:
                 if "background workers are no longer alive" in str(exc):

@@ -182,13 +182,20 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(project: Path, runner: 
     monkeypatch.setattr(nnUNetTrainerMultiTask, "train_step", interrupted_step)
     result = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", "--epochs", "4", "--force", *args])
     assert result.exit_code == 130, result.output
-    assert "interrupted at epoch 3" in result.stderr and "pancseg train --fold 1 --resume" in result.stderr
+    assert "interrupted at epoch 3" in result.stderr
+    assert f"continue with `pancseg train -c {cfg} --fold 1 --resume --epochs 4`" in result.stderr
     fold_dir = project / "work" / "nnUNet_results" / "Dataset001_PancreasCancer" / FOLDER / "fold_1"
     latest = torch.load(fold_dir / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
     assert latest["current_epoch"] == 2  # 0-based: epoch 3 is trained again
     assert [r["epoch"] for r in _rows(fold_dir)] == ["1", "2"]
 
     monkeypatch.setattr(nnUNetTrainerMultiTask, "train_step", real_step)
+    # An epoch count the run has already reached is refused, not taken as "finished": nnU-Net would
+    # skip the loop and write checkpoint_final.pth for the unfinished run.
+    short = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", "--resume", "--epochs", "2", *args])
+    assert short.exit_code == 1
+    assert "fold 1 stopped after epoch 2 of an unfinished run, but train.epochs is 2" in short.stderr
+    assert "--epochs N with N > 2" in short.stderr and not (fold_dir / "checkpoint_final.pth").exists()
     resumed = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", "--resume", "--epochs", "3", *args])
     assert resumed.exit_code == 0, resumed.output
     assert "resuming at epoch 3" in resumed.stderr
