@@ -35,9 +35,14 @@ class EpochPrinter:
     def start_fold(self, fold: int, first_epoch: int, total_epochs: int, stream: TextIO) -> None:
         self.console = Console(file=stream, highlight=False, soft_wrap=True)
         self.fold, self.first, self.total, self.times = fold, first_epoch, total_epochs, []
-        if not self.quiet:
+        if self.quiet:
+            return
+        if first_epoch >= total_epochs:  # a finished run resumed: nnU-Net only validates again
+            text = f"fold {fold}: all {total_epochs} epochs done, validating again (a larger --epochs trains on)"
+        else:
             where = f"resuming at epoch {first_epoch + 1}" if first_epoch else "starting"
-            self.console.print(f"fold {fold}: {where}, {total_epochs} epochs", markup=False)
+            text = f"fold {fold}: {where}, {total_epochs} epochs"
+        self.console.print(text, markup=False)
 
     def line(self, row: dict[str, Any]) -> str:
         """The text of one epoch's line."""
