@@ -255,8 +255,8 @@ def train(
     if json_:
         output.json(result.to_dict())
         return
-    rows = [(f.fold, f.epochs_done, f.last.get("dice_pancreas", ""), f.last.get("dice_lesion", ""),
-             f.last.get("val_macro_f1", ""), f"{f.seconds:.0f}s", str(f.output_folder)) for f in result.folds]
+    rows = [(f.fold, f.epochs_done, f.last.get("dice_pancreas"), f.last.get("dice_lesion"),
+             f.last.get("val_macro_f1"), f"{f.seconds:.0f}s", str(f.output_folder)) for f in result.folds]
     output.table(f"{result.trainer} on {result.device}",
                  ["fold", "epochs", "dice pancreas", "dice lesion", "macro-F1", "time", "folder"], rows)
 

@@ -47,7 +47,7 @@ class FoldResult:
     log_file: Path
     epochs_done: int = 0
     resumed_from: int | None = None
-    last: dict[str, str] = field(default_factory=dict)
+    last: dict[str, float | int | None] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -149,13 +149,21 @@ def _explain_worker_death(trainer: Any, exc: RuntimeError) -> TrainError:
                       "the workers probably ran out of memory: lower train.da_workers or raise shared memory")
 
 
-def _fold_summary(output_folder: Path) -> tuple[dict[str, str], dict[str, Any]]:
-    last: dict[str, str] = {}
+def _number(text: str) -> float | int | None:
+    """A metrics.csv cell as a number (empty: not measured that epoch)."""
+    if text == "":
+        return None
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+def _fold_summary(output_folder: Path) -> tuple[dict[str, float | int | None], dict[str, Any]]:
+    """The last metrics.csv row (as numbers, for --json and the table) and the validation summaries."""
+    last: dict[str, float | int | None] = {}
     metrics = output_folder / "metrics.csv"
     if metrics.is_file():
         with metrics.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
-        last = rows[-1] if rows else {}
+        last = {key: _number(value) for key, value in rows[-1].items()} if rows else {}
     validation: dict[str, Any] = {}
     summary = output_folder / "validation" / "summary.json"
     if summary.is_file():

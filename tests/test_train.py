@@ -74,6 +74,8 @@ def test_train_resume_and_nnunet_commands(project: Path, runner: CliRunner) -> N
     assert "resuming at epoch 3" in resumed.stderr and "fold 0 epoch 1/" not in resumed.stderr
     data = json.loads(resumed.stdout)
     assert data["folds"][0]["resumed_from"] == 2 and data["folds"][0]["epochs_done"] == 3
+    last = data["folds"][0]["last_epoch"]
+    assert last["epoch"] == 3 and isinstance(last["dice_pancreas"], float) and isinstance(last["best"], int)
     assert [r["epoch"] for r in _rows(fold_dir)] == ["1", "2", "3"]
 
     # nnU-Net's own commands find the trainer through nnUNet_extTrainer and use pancseg's results.
@@ -230,3 +232,16 @@ def test_dead_workers_show_the_real_error(project: Path, runner: CliRunner, monk
     assert result.exit_code == 1
     assert message in result.stderr and "Traceback" not in result.output
     assert os.environ["nnUNet_n_proc_DA"] == "0"  # the retry ran without workers
+
+
+def test_fold_summary_reads_numbers(tmp_path: Path) -> None:
+    """The last metrics.csv row reaches --json and the table as numbers; empty cells (not measured) as None."""
+    from pancreas_cli.train import _fold_summary
+
+    (tmp_path / "metrics.csv").write_text("epoch,train_loss,cls_loss,val_macro_f1,best,lr\n"
+                                          "1,0.5,,0.25,1,0.01\n2,-0.125,,,0,9.5e-03\n")
+    last, validation = _fold_summary(tmp_path)
+    assert last == {"epoch": 2, "train_loss": -0.125, "cls_loss": None, "val_macro_f1": None, "best": 0,
+                    "lr": 0.0095}
+    assert validation == {}
+    assert _fold_summary(tmp_path / "missing") == ({}, {})
