@@ -13,6 +13,11 @@ class Terminal(io.StringIO):
         return True
 
 
+def _outcome(case: str, seconds: float, subtype: int | None, error: str | None = None) -> SimpleNamespace:
+    """What predict reports per case (see pancreas_cli.predict.CaseReporter)."""
+    return SimpleNamespace(case=case, seconds=seconds, subtype=subtype, status="failed" if error else "ok", error=error)
+
+
 def _row(epoch: int, seconds: float = 10.0, best: bool = False, **extra: object) -> dict:
     return {"epoch": epoch, "train_loss": -0.51234, "val_loss": -0.4, "dice_pancreas": 0.91234,
             "dice_lesion": float("nan"), "lr": 0.0098, "epoch_time_s": seconds, "best": int(best), **extra}
@@ -66,7 +71,7 @@ def test_quiet_prints_nothing() -> None:
     printer.epoch(_row(1))
     cases = CasePrinter(quiet=True)
     cases.start(1, stream)
-    cases.case(SimpleNamespace(case="quiz_001", seconds=1.0, subtype=1, status="ok", error=None), 1)
+    cases.case(_outcome("quiz_001", 1.0, 1), 1)
     assert stream.getvalue() == ""
 
 
@@ -74,9 +79,8 @@ def test_case_lines_plain() -> None:
     stream = io.StringIO()
     printer = CasePrinter()
     printer.start(2, stream)
-    printer.case(SimpleNamespace(case="quiz_001", seconds=1.25, subtype=2, status="ok", error=None), 1)
-    printer.case(SimpleNamespace(case="quiz_002", seconds=0.5, subtype=None, status="failed",
-                                 error="unreadable header"), 2)
+    printer.case(_outcome("quiz_001", 1.25, 2), 1)
+    printer.case(_outcome("quiz_002", 0.5, None, error="unreadable header"), 2)
     assert stream.getvalue().splitlines() == [
         "[1/2] quiz_001 1.2s subtype 2",
         "[2/2] quiz_002 0.5s FAILED: unreadable header",
@@ -88,6 +92,6 @@ def test_case_progress_bar_on_a_terminal() -> None:
     printer = CasePrinter()
     printer.start(1, stream)
     assert printer.progress is not None
-    printer.case(SimpleNamespace(case="quiz_001", seconds=1.0, subtype=0, status="ok", error=None), 1)
+    printer.case(_outcome("quiz_001", 1.0, 0), 1)
     assert "quiz_001" in stream.getvalue() and "subtype 0" in stream.getvalue()
     assert not printer.progress.live.is_started  # stopped after the last case
