@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 from typer.testing import CliRunner
 
 from conftest import write

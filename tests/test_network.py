@@ -213,7 +213,7 @@ def test_return_class_logits_and_sink() -> None:
         net.return_class_logits = False
         net.class_logits_sink = []
         a = net(x)
-        b = net(torch.flip(x, (2,)))
+        net(torch.flip(x, (2,)))  # a second tile: its logits go to the sink too
     assert isinstance(a, torch.Tensor)
     torch.testing.assert_close(a, seg_ref)
     assert len(net.class_logits_sink) == 2

@@ -34,7 +34,7 @@ from torch import autocast, nn
 from pancreas_cli.exceptions import DataError
 from pancreas_cli.imageio import write_text
 from pancreas_cli.metrics import classification_metrics
-from pancreas_cli.multitask.network import HeadSettings, MultiTaskNet, build_multitask_network, tile_weights
+from pancreas_cli.multitask.network import HeadSettings, build_multitask_network, tile_weights
 from pancreas_cli.multitask.optim import MultiTaskOptimizer, MultiTaskPolyLR, build_optimizer
 from pancreas_cli.multitask.predictor import MultiTaskPredictor, unwrap
 from pancreas_cli.multitask.settings import TrainingSettings, read_settings
