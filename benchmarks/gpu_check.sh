@@ -3,9 +3,11 @@
 #  1. the CLI as a user runs it on a GPU, smoke preset: `pancseg run` with train/predict on DEVICE,
 #     `train --resume` to one more epoch, `predict --device DEVICE` twice (the second skips every case);
 #  2. benchmarks/learning_check.py with ResEnc-M plans (preset default) on DEVICE, with the
-#     multi-task/stock iteration-time ratio.
+#     multi-task/stock iteration-time ratio (whole epochs, data loading included);
+#  3. benchmarks/step_timing.py on the same data and plans: the two trainers' train_step side by side
+#     in one process on cached batches, and how fast the data-augmentation workers deliver.
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR [DEVICE]   (env: PARTS="1 2", PYTHON, LC_EPOCHS, LC_ITERS,
-#        LC_CASES, DA_WORKERS, TIMING_REPEATS, TIMING_ITERS; small values give a dry run on a CPU)
+#        LC_CASES, DA_WORKERS, TIMING_REPEATS, TIMING_ITERS, STEPS; small values give a dry run on a CPU)
 # On an H200 part 1 takes about 2.5 min and part 2 about 7 (30 x 40 epochs, 2 timing repeats): run
 # them as two calls where one call is limited to 10 minutes (BENCHMARKS.md).
 # A machine without a package index needs nnunetv2 and its dependencies brought along (session 3 did:
@@ -57,6 +59,14 @@ part2() {
         >"$out/part2_benchmark.json" 2>"$out/part2_stderr.txt" || { tail -n 40 "$out/part2_stderr.txt"; exit 1; }
     cp "$work"/lc/work/nnUNet_results/*/nnUNetTrainerMultiTask__*/fold_0/metrics.csv "$out/part2_metrics.csv"
     cp "$work"/lc/work/nnUNet_preprocessed/*/nnUNetResEncUNetMPlans.json "$out/part2_plans.json"
+}
+
+part3() {
+    stamp "part 3: step timing, ResEnc-M on $device"
+    cd "$repo"
+    "$py" benchmarks/step_timing.py --workdir "$work/lc" --preset default --device "$device" --shape 32,64,64 \
+        --cases "${LC_CASES:-60}" --set "train.da_workers=${DA_WORKERS:-4}" --set plan.num_processes=8 \
+        --steps "${STEPS:-40}" >"$out/part3_steps.json" 2>"$out/part3_stderr.txt" || { tail -n 40 "$out/part3_stderr.txt"; exit 1; }
 }
 
 for part in ${PARTS:-1 2}; do "part$part"; done

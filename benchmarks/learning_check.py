@@ -18,20 +18,21 @@ import argparse
 import csv
 import json
 import statistics
+import sys
 import time
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from pancreas_cli.clean import clean
-from pancreas_cli.config import load_config
+from pancreas_cli.config import Config, load_config
 from pancreas_cli.metrics import classification_metrics, dice
 from pancreas_cli.prepare import prepare
 from pancreas_cli.preprocess import preprocess
 from pancreas_cli.synth import synthesize
 from pancreas_cli.train import train
-
 
 Case = tuple[str, Path, Path, int]  # case id, image, mask, subtype
 
@@ -88,24 +89,24 @@ def _epoch_times(fold_dir: Path) -> list[float]:
         return [float(r["epoch_time_s"]) for r in csv.DictReader(fh)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workdir_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data and configuration options, shared with step_timing.py."""
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--cases", type=int, default=60)
     parser.add_argument("--shape", default="24,48,48")
-    parser.add_argument("--epochs", type=int, default=75)
-    parser.add_argument("--iterations", type=int, default=25)
-    parser.add_argument("--val-iterations", type=int, default=3)
     parser.add_argument("--pooling", choices=("attention", "mean"), default="attention")
     parser.add_argument("--preset", choices=("smoke", "default"), default="smoke")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, as pancseg's --set (e.g. train.head_lr=0.003)")
-    parser.add_argument("--timing-repeats", type=int, default=0, help="alternating stock/multi-task timing runs")
-    parser.add_argument("--timing-iterations", type=int, default=20)
-    args = parser.parse_args()
 
+
+def setup_workdir(args: argparse.Namespace, *, epochs: int, iterations: int, val_iterations: int) -> Config:
+    """Synthesize the data (once), write the workdir's config and run the data stages.
+
+    Each stage is skipped when the workdir already holds its output for the same data and preset.
+    """
     work = args.workdir.absolute()
     data = work / "data"
     if not data.is_dir():
@@ -115,15 +116,35 @@ def main() -> None:
     cfg_path.write_text(
         "project_dir: ./work\ndataset: {source: ./data}\n"
         f"plan: {{preset: {args.preset}}}\n"
-        f"train: {{device: {args.device}, epochs: {args.epochs}, iterations_per_epoch: {args.iterations}, "
-        f"val_iterations: {args.val_iterations}, head_pooling: {args.pooling}, save_every: 10}}\n"
+        f"train: {{device: {args.device}, epochs: {epochs}, iterations_per_epoch: {iterations}, "
+        f"val_iterations: {val_iterations}, head_pooling: {args.pooling}, save_every: 10}}\n"
     )
     config = load_config(cfg_path, args.overrides)
-    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
-    t0 = time.perf_counter()
-    prepare(config, force=True)
+    prepare(config)
     clean(config)
     preprocess(config)
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workdir_arguments(parser)
+    parser.add_argument("--epochs", type=int, default=75)
+    parser.add_argument("--iterations", type=int, default=25)
+    parser.add_argument("--val-iterations", type=int, default=3)
+    parser.add_argument("--timing-repeats", type=int, default=0, help="alternating stock/multi-task timing runs")
+    parser.add_argument("--timing-iterations", type=int, default=20)
+    args = parser.parse_args()
+    with redirect_stdout(sys.stderr):  # nnU-Net's prints; the report alone goes to stdout
+        report = _run(args)
+    print(json.dumps(report, indent=2))
+
+
+def _run(args: argparse.Namespace) -> dict:
+    work = args.workdir.absolute()
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+    t0 = time.perf_counter()
+    config = setup_workdir(args, epochs=args.epochs, iterations=args.iterations, val_iterations=args.val_iterations)
     report["data_stages_seconds"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
@@ -132,7 +153,7 @@ def main() -> None:
     fold_dir = result.folds[0].output_folder
     report["last_epoch"] = result.folds[0].last
 
-    cases = fold0_cases(config, data)["held-out"]
+    cases = fold0_cases(config, work / "data")["held-out"]
     report["evaluation"] = _evaluate(config, fold_dir, cases, work / "predictions", args.device)
     (work / "benchmark.json").write_text(json.dumps(report, indent=2))  # kept if the timing is cut short
 
@@ -141,7 +162,7 @@ def main() -> None:
         for repeat in range(args.timing_repeats):
             # ABBA order: whichever runs second in a pair inherits the first one's process state.
             for task in ("segmentation", "multitask")[:: 1 if repeat % 2 == 0 else -1]:
-                cfg = load_config(cfg_path, [*args.overrides, f"train.task={task}", "train.epochs=3",
+                cfg = load_config(config.config_path, [*args.overrides, f"train.task={task}", "train.epochs=3",
                                              f"train.iterations_per_epoch={args.timing_iterations}",
                                              "train.val_iterations=1"])
                 run = train(cfg, folds=[1], force=True)
@@ -150,7 +171,7 @@ def main() -> None:
         report["timing"] = {"seconds_per_iteration_stock": stock, "seconds_per_iteration_multitask": multi,
                             "ratio": multi / stock, "samples": timing}
     (work / "benchmark.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

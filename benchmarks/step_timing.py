@@ -1,0 +1,127 @@
+"""Time per training step of the multi-task trainer against the stock one, in one process (not CI).
+
+The learning check's ratio times whole epochs, which include waiting for nnU-Net's data-augmentation
+workers; on a GPU with a large batch the workers can set the pace, and then both trainers wait alike
+and the epoch times say little about what the head costs. Here both trainers are built on the same
+plans and fold, their ``train_step`` runs on the same cached batches, alternating (ABBA), each step
+timed to the end of its device work; the ratio of the medians is what the multi-task trainer adds
+to a step. It also times how fast the workers deliver batches, which says whether epochs are bound
+by them (then the epoch ratio is nearer 1 than the step ratio).
+
+    python benchmarks/step_timing.py --workdir /tmp/lc_steps --preset default --device cuda --shape 32,64,64
+
+The workdir's data and preprocessing are made as for learning_check.py (and reused when present);
+the trainers write to a temporary results folder, so earlier training results are left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+from learning_check import add_workdir_arguments, setup_workdir  # benchmarks/ is on sys.path when run
+from pancreas_cli.config import Config
+from pancreas_cli.multitask.settings import write_settings
+from pancreas_cli.nnunet_env import setup_nnunet_env
+from pancreas_cli.train import TRAINERS, _preprocessed_state, _stop_loaders, resolve_device, training_settings
+
+
+def _build(config: Config, task: str, fold: int, device: Any) -> Any:
+    """A trainer of ``task`` ready to step: network, optimizer, loss and data loaders built."""
+    from pancreas_cli.multitask import trainer as trainers
+
+    pre = config.dataset_preprocessed_dir
+    plans = json.loads((pre / f"{_preprocessed_state(config)['plans_identifier']}.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    trainer = getattr(trainers, TRAINERS[task])(plans=plans, configuration=config.plan.configuration, fold=fold,
+                                                dataset_json=dataset_json, device=device)
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    return trainer
+
+
+def _timed_step(trainer: Any, batch: dict, sync: Any) -> float:
+    start = time.perf_counter()
+    trainer.train_step(batch)
+    sync()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workdir_arguments(parser)
+    parser.add_argument("--fold", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per trainer")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per trainer first")
+    parser.add_argument("--batches", type=int, default=4, help="distinct batches, cached and reused")
+    parser.add_argument("--loader-batches", type=int, default=20, help="batches drawn to time the workers")
+    args = parser.parse_args()
+
+    config = setup_workdir(args, epochs=50, iterations=250, val_iterations=1)
+    device = resolve_device(config.train.device)
+    setup_nnunet_env(config, device_type=device.type)
+    results = Path(tempfile.mkdtemp(prefix="pancseg_steps_"))
+    os.environ["nnUNet_results"] = str(results)  # before nnU-Net is imported: it reads the folders once
+    pre = config.dataset_preprocessed_dir
+    shutil.copyfile(config.dataset_raw_dir / "subtypes.csv", pre / "subtypes.csv")
+    write_settings(training_settings(config), pre)
+
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as pancseg train
+    with redirect_stdout(sys.stderr):  # nnU-Net's prints; the report alone goes to stdout
+        trainers = {task: _build(config, task, args.fold, device) for task in ("segmentation", "multitask")}
+        batches = [next(trainers["multitask"].dataloader_train) for _ in range(args.batches)]
+        for trainer in trainers.values():
+            for i in range(args.warmup):
+                _timed_step(trainer, batches[i % len(batches)], sync)
+        times: dict[str, list[float]] = {task: [] for task in trainers}
+        for i in range(args.steps):
+            order = ("segmentation", "multitask") if i % 4 in (0, 3) else ("multitask", "segmentation")
+            for task in order:
+                times[task].append(_timed_step(trainers[task], batches[i % len(batches)], sync))
+        # The workers' queues are full by now: drain them (nnU-Net's two queues of max(6, n // 2)
+        # batches and one per worker), then time steady delivery.
+        loader = trainers["multitask"].dataloader_train
+        workers = int(os.environ["nnUNet_n_proc_DA"])
+        for _ in range(2 * max(6, workers // 2) + workers + 1 if workers else 0):
+            next(loader)
+        start = time.perf_counter()
+        for _ in range(args.loader_batches):
+            next(loader)
+        loader_seconds = (time.perf_counter() - start) / args.loader_batches
+        for trainer in trainers.values():
+            _stop_loaders(trainer)
+    shutil.rmtree(results, ignore_errors=True)
+
+    stock, multi = statistics.median(times["segmentation"]), statistics.median(times["multitask"])
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "torch": torch.__version__,
+        "plans": _preprocessed_state(config)["plans_identifier"],
+        "configuration": config.plan.configuration,
+        "batch_shape": list(batches[0]["data"].shape),
+        "data_augmentation_workers": int(os.environ["nnUNet_n_proc_DA"]),
+        "steps_per_trainer": args.steps,
+        "step_seconds_stock": stock,
+        "step_seconds_multitask": multi,
+        "step_ratio": multi / stock,
+        "loader_seconds_per_batch": loader_seconds,
+        "samples": times,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
