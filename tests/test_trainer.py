@@ -275,10 +275,24 @@ def test_train_step_combines_losses(initialized: Any) -> None:
         assert logged == pytest.approx((float(out[key]) + float(second[key])) / 2)
 
 
-def test_train_step_with_grad_scaler(initialized: Any) -> None:
-    """The mixed-precision path (CUDA): both optimizers unscaled and stepped, clipping on the network."""
+def _count_inf_checks(scaler: torch.amp.GradScaler, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the scaler's reads of its inf flags (on a GPU each one waits for the device)."""
+    calls: list[int] = []
+    original = scaler._maybe_opt_step
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(scaler, "_maybe_opt_step", counting)
+    return calls
+
+
+def test_train_step_with_grad_scaler(initialized: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mixed-precision path (CUDA): both parts unscaled and stepped by one inf check, clipping on the network."""
     trainer = initialized
     trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    checks = _count_inf_checks(trainer.grad_scaler, monkeypatch)
     net = unwrap(trainer.network)
     before = {name: p.detach().clone() for name, p in net.named_parameters()}
     batch = _batch(trainer, _labels(2, trainer.configuration_manager.patch_size), ["case_a", "case_b"])
@@ -288,6 +302,20 @@ def test_train_step_with_grad_scaler(initialized: Any) -> None:
     assert any(n.startswith("encoder.") for n in changed) and any(n.startswith("head.") for n in changed)
     assert trainer.grad_scaler.get_scale() == 1024.0  # finite gradients: no skipped step, scale kept
     assert int(next(iter(trainer.optimizer.head.state.values()))["step"]) == 1
+    assert len(checks) == 1  # as nnU-Net's own step: one sync, not one per optimizer
+
+
+def test_train_step_with_grad_scaler_skips_both_parts_on_overflow(initialized: Any) -> None:
+    """A scale that overflows the gradients skips the whole step (network and head) and is halved."""
+    trainer = initialized
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=float(torch.finfo(torch.float32).max))
+    net = unwrap(trainer.network)
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    batch = _batch(trainer, _labels(2, trainer.configuration_manager.patch_size), ["case_a", "case_b"])
+    trainer.train_step(batch)
+    assert all(torch.equal(p.detach(), before[name]) for name, p in net.named_parameters())
+    assert not trainer.optimizer.head.state and not trainer.optimizer.segmentation.state
+    assert trainer.grad_scaler.get_scale() == pytest.approx(torch.finfo(torch.float32).max / 2)
 
 
 def test_train_step_unknown_case(initialized: Any) -> None:

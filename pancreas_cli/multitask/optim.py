@@ -7,8 +7,8 @@ encoder showed it lagging far behind what its features allow (BENCHMARKS.md). Ad
 not depend on the loss weight lambda, so the head tracks the features while lambda only sets how
 strongly the subtype loss shapes the shared encoder.
 
-:class:`MultiTaskOptimizer` exposes what nnU-Net's loop and checkpoints use of an optimizer
-(``param_groups``, ``zero_grad``, ``step``, ``state_dict``, ``load_state_dict``);
+:class:`MultiTaskOptimizer` exposes what nnU-Net's loop, checkpoints and ``torch.amp.GradScaler``
+use of an optimizer (``param_groups``, ``zero_grad``, ``step``, ``state_dict``, ``load_state_dict``);
 :class:`MultiTaskPolyLR` applies nnU-Net's poly schedule to both with their own initial rates.
 """
 

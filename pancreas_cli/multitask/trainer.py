@@ -292,7 +292,8 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
                 f"case {exc.args[0]} has no subtype in {self.subtypes_file}; re-run `pancseg prepare` "
                 "and `pancseg preprocess`"
             ) from None
-        return torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        # Non-blocking: a blocking copy to a GPU waits for the batch's own copies queued before it.
+        return torch.as_tensor(labels, dtype=torch.long).to(self.device, non_blocking=True)
 
     def class_weights(self, train_keys: list[str]) -> torch.Tensor | None:
         """Class weights of the subtype loss: configured, none, or inverse frequency in this fold."""
@@ -345,12 +346,12 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
         # nnU-Net's gradient clipping for encoder and decoder; AdamW normalises the head's steps itself.
         optimizer: MultiTaskOptimizer = self.optimizer  # type: ignore[assignment]
         if self.grad_scaler is not None:
+            # The scaler unscales and steps both parts as one optimizer: it reads its inf flag back from
+            # the GPU once per step() (a sync, with the GPU idle until the next launch), as for nnU-Net's.
             self.grad_scaler.scale(loss).backward()
-            for part in optimizer.optimizers:
-                self.grad_scaler.unscale_(part)
+            self.grad_scaler.unscale_(optimizer)  # type: ignore[arg-type]
             torch.nn.utils.clip_grad_norm_(list(optimizer.segmentation_parameters()), 12)
-            for part in optimizer.optimizers:
-                self.grad_scaler.step(part)
+            self.grad_scaler.step(optimizer)  # type: ignore[arg-type]
             self.grad_scaler.update()
         else:
             loss.backward()
