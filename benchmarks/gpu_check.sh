@@ -7,7 +7,8 @@
 #  3. benchmarks/step_timing.py on the same data and plans: the two trainers' train_step side by side
 #     in one process on cached batches, and how fast the data-augmentation workers deliver.
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR [DEVICE]   (env: PARTS="1 2", PYTHON, LC_EPOCHS, LC_ITERS,
-#        LC_CASES, DA_WORKERS, TIMING_REPEATS, TIMING_ITERS, STEPS; small values give a dry run on a CPU)
+#        LC_CASES, DA_WORKERS, TIMING_REPEATS, TIMING_ITERS, STEPS, EXTRA_SET: one more --set for parts
+#        2 and 3; small values and EXTRA_SET=train.batch_size=2 give a dry run on a CPU)
 # On an H200 part 1 takes about 2.5 min and part 2 about 7 (30 x 40 epochs, 2 timing repeats): run
 # them as two calls where one call is limited to 10 minutes (BENCHMARKS.md).
 # A machine without a package index needs nnunetv2 and its dependencies brought along (session 3 did:
@@ -21,6 +22,8 @@ py=${PYTHON:-python3}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 mkdir -p "$out"
+extra=()
+[[ -n ${EXTRA_SET:-} ]] && extra=(--set "$EXTRA_SET")
 pancseg() { "$py" -m pancreas_cli "$@"; }
 stamp() { echo "== $(date +%T) $*" | tee -a "$out/timeline.txt"; }
 
@@ -54,7 +57,7 @@ part2() {
     cd "$repo"
     "$py" benchmarks/learning_check.py --workdir "$work/lc" --preset default --device "$device" --shape 32,64,64 \
         --cases "${LC_CASES:-60}" --epochs "${LC_EPOCHS:-40}" --iterations "${LC_ITERS:-40}" --val-iterations 5 \
-        --set "train.da_workers=${DA_WORKERS:-4}" --set plan.num_processes=8 \
+        --set "train.da_workers=${DA_WORKERS:-4}" --set plan.num_processes=8 "${extra[@]}" \
         --timing-repeats "${TIMING_REPEATS:-2}" --timing-iterations "${TIMING_ITERS:-30}" \
         >"$out/part2_benchmark.json" 2>"$out/part2_stderr.txt" || { tail -n 40 "$out/part2_stderr.txt"; exit 1; }
     cp "$work"/lc/work/nnUNet_results/*/nnUNetTrainerMultiTask__*/fold_0/metrics.csv "$out/part2_metrics.csv"
@@ -65,7 +68,7 @@ part3() {
     stamp "part 3: step timing, ResEnc-M on $device"
     cd "$repo"
     "$py" benchmarks/step_timing.py --workdir "$work/lc" --preset default --device "$device" --shape 32,64,64 \
-        --cases "${LC_CASES:-60}" --set "train.da_workers=${DA_WORKERS:-4}" --set plan.num_processes=8 \
+        --cases "${LC_CASES:-60}" --set "train.da_workers=${DA_WORKERS:-4}" --set plan.num_processes=8 "${extra[@]}" \
         --steps "${STEPS:-40}" >"$out/part3_steps.json" 2>"$out/part3_stderr.txt" || { tail -n 40 "$out/part3_stderr.txt"; exit 1; }
 }
 
