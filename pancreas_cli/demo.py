@@ -14,9 +14,12 @@ from pancreas_cli.exceptions import OutputExistsError
 from pancreas_cli.imageio import write_text
 from pancreas_cli.synth import synthesize
 
-#: Sized so that the demo finishes in under 10 minutes on 2 CPU cores.
+#: Sized so that the demo finishes in under 10 minutes on 2 CPU cores. The tiny network predicts
+#: only background for its first 200-500 iterations (BENCHMARKS.md); small volumes (a step costs a
+#: third of one at 32x64x64) buy 900 iterations, well past that, where 400 at 32x64x64 were not.
 DEMO_CASES = 24
-DEMO_EPOCHS = 16
+DEMO_SHAPE = (24, 48, 48)
+DEMO_EPOCHS = 36
 DEMO_ITERATIONS = 25
 
 
@@ -51,6 +54,6 @@ def prepare_demo(workdir: Path, budget: DemoBudget = DemoBudget()) -> Config:
     if config_path.is_file() and config_path.read_text(encoding="utf-8") != text:
         raise OutputExistsError(f"{config_path} exists with other settings; use another --workdir or delete it")
     if not (workdir / "data").is_dir():
-        synthesize(workdir / "data", cases=budget.cases, quirks=True, seed=0)
+        synthesize(workdir / "data", cases=budget.cases, shape=DEMO_SHAPE, quirks=True, seed=0)
     write_text(text, config_path)
     return load_config(config_path)
