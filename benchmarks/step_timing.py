@@ -112,7 +112,7 @@ def main() -> None:
         "plans": _preprocessed_state(config)["plans_identifier"],
         "configuration": config.plan.configuration,
         "batch_shape": list(batches[0]["data"].shape),
-        "data_augmentation_workers": int(os.environ["nnUNet_n_proc_DA"]),
+        "data_augmentation_workers": workers,
         "steps_per_trainer": args.steps,
         "step_seconds_stock": stock,
         "step_seconds_multitask": multi,
