@@ -289,7 +289,7 @@ def _count_inf_checks(scaler: torch.amp.GradScaler, monkeypatch: pytest.MonkeyPa
 
 
 def test_train_step_with_grad_scaler(initialized: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The mixed-precision path (CUDA): both parts unscaled and stepped by one inf check, clipping on the network."""
+    """The mixed-precision path (CUDA): both parts unscaled and stepped after one inf check, clipping as nnU-Net."""
     trainer = initialized
     trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     checks = _count_inf_checks(trainer.grad_scaler, monkeypatch)
