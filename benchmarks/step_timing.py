@@ -30,21 +30,21 @@ from typing import Any
 
 from learning_check import add_workdir_arguments, setup_workdir  # benchmarks/ is on sys.path when run
 from pancreas_cli.config import Config
-from pancreas_cli.multitask.settings import write_settings
 from pancreas_cli.nnunet_env import setup_nnunet_env
-from pancreas_cli.train import TRAINERS, _preprocessed_state, _stop_loaders, resolve_device, training_settings
+from pancreas_cli.train import (
+    TRAINERS,
+    _preprocessed_state,
+    _stop_loaders,
+    build_trainer,
+    resolve_device,
+    write_training_inputs,
+)
 
 
 def _build(config: Config, task: str, fold: int, device: Any) -> Any:
-    """A trainer of ``task`` ready to step: network, optimizer, loss and data loaders built."""
-    from pancreas_cli.multitask import trainer as trainers
-
-    pre = config.dataset_preprocessed_dir
-    plans = json.loads((pre / f"{_preprocessed_state(config)['plans_identifier']}.json").read_text())
-    plans["continue_training"] = False
-    dataset_json = json.loads((pre / "dataset.json").read_text())
-    trainer = getattr(trainers, TRAINERS[task])(plans=plans, configuration=config.plan.configuration, fold=fold,
-                                                dataset_json=dataset_json, device=device)
+    """A trainer of ``task`` as ``pancseg train`` builds it, ready to step (loaders started)."""
+    trainer = build_trainer(config, _preprocessed_state(config), TRAINERS[task], fold, device,
+                            continue_training=False)
     trainer.on_train_start()
     trainer.on_train_epoch_start()
     return trainer
@@ -72,9 +72,7 @@ def main() -> None:
     setup_nnunet_env(config, device_type=device.type)
     results = Path(tempfile.mkdtemp(prefix="pancseg_steps_"))
     os.environ["nnUNet_results"] = str(results)  # before nnU-Net is imported: it reads the folders once
-    pre = config.dataset_preprocessed_dir
-    shutil.copyfile(config.dataset_raw_dir / "subtypes.csv", pre / "subtypes.csv")
-    write_settings(training_settings(config), pre)
+    write_training_inputs(config)
 
     import torch
 

@@ -193,9 +193,7 @@ def train(
     if config.train.num_gpus > 1 and device.type != "cuda":
         raise TrainError("train.num_gpus > 1 needs CUDA GPUs")
     setup_nnunet_env(config, device_type=device.type)
-    pre = config.dataset_preprocessed_dir
-    shutil.copyfile(config.dataset_raw_dir / "subtypes.csv", pre / "subtypes.csv")
-    write_settings(training_settings(config), pre)
+    write_training_inputs(config)
     trainer_name = TRAINERS[config.train.task]
     result = TrainResult(config.train.task, str(device), trainer_name)
     for fold in folds:
@@ -203,6 +201,26 @@ def train(
             _train_fold(config, state, trainer_name, fold, device, resume=resume, force=force, reporter=reporter)
         )
     return result
+
+
+def write_training_inputs(config: Config) -> None:
+    """Put what the trainers read beside the preprocessed data: subtypes.csv and pancseg's settings."""
+    pre = config.dataset_preprocessed_dir
+    shutil.copyfile(config.dataset_raw_dir / "subtypes.csv", pre / "subtypes.csv")
+    write_settings(training_settings(config), pre)
+
+
+def build_trainer(config: Config, state: dict[str, Any], trainer_name: str, fold: int, device: torch.device, *,
+                  continue_training: bool) -> Any:
+    """The nnU-Net trainer ``trainer_name`` for ``fold`` on the preprocessed plans (nnU-Net must be set up)."""
+    from pancreas_cli.multitask import trainer as trainers
+
+    pre = config.dataset_preprocessed_dir
+    plans = json.loads((pre / f"{state['plans_identifier']}.json").read_text(encoding="utf-8"))
+    plans["continue_training"] = continue_training
+    dataset_json = json.loads((pre / "dataset.json").read_text(encoding="utf-8"))
+    return getattr(trainers, trainer_name)(plans=plans, configuration=config.plan.configuration, fold=fold,
+                                           dataset_json=dataset_json, device=device)
 
 
 def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, fold: int, device: torch.device, *,
@@ -241,17 +259,9 @@ def _train_single(config: Config, state: dict[str, Any], trainer_name: str, fold
                   fold_result: FoldResult) -> None:
     import torch
 
-    from pancreas_cli.multitask import trainer as trainers
-
-    trainer_class = getattr(trainers, trainer_name)
-    pre = config.dataset_preprocessed_dir
-    plans = json.loads((pre / f"{state['plans_identifier']}.json").read_text(encoding="utf-8"))
-    plans["continue_training"] = checkpoint is not None
-    dataset_json = json.loads((pre / "dataset.json").read_text(encoding="utf-8"))
     with redirect_output(log_file) as terminal:
         try:
-            trainer = trainer_class(plans=plans, configuration=config.plan.configuration, fold=fold,
-                                    dataset_json=dataset_json, device=device)
+            trainer = build_trainer(config, state, trainer_name, fold, device, continue_training=checkpoint is not None)
             if checkpoint is not None:
                 trainer.load_checkpoint(str(checkpoint))
                 fold_result.resumed_from = trainer.current_epoch
