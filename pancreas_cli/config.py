@@ -150,8 +150,9 @@ class TrainConfig(_Section):
     @field_validator("class_weights")
     @classmethod
     def _three_weights(cls, value: Any) -> Any:
-        if isinstance(value, list) and (len(value) != 3 or any(w < 0 for w in value)):
-            raise ValueError("must be inverse_frequency, none, or three non-negative numbers (subtypes 0, 1, 2)")
+        # A zero weight makes the loss 0/0 (NaN) on every batch whose cases all have that subtype.
+        if isinstance(value, list) and (len(value) != 3 or any(w <= 0 for w in value)):
+            raise ValueError("must be inverse_frequency, none, or three positive numbers (subtypes 0, 1, 2)")
         return value
 
 
@@ -302,41 +303,80 @@ def _known_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+def _union_member(part: Any) -> bool:
+    """Whether a location part names a member of a union type (``list[float]``), not a key."""
+    return isinstance(part, str) and ("[" in part or part in ("int", "float", "str", "bool", "none"))
+
+
+def _message(err: Any) -> str:
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "greater_than":
+        return f"must be > {ctx['gt']}"
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx['ge']}"
+    if kind == "less_than":
+        return f"must be < {ctx['lt']}"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx['le']}"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}, got {err['input']!r}"
+    if kind == "string_pattern_mismatch":
+        return f"invalid value {err['input']!r}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    msg = err["msg"][0].lower() + err["msg"][1:]
+    if "input" in err and kind != "missing" and not isinstance(err["input"], dict):
+        msg += f", got {err['input']!r}"
+    return msg
+
+
 def format_validation_error(exc: ValidationError) -> list[str]:
-    """One ``dotted.path: message`` line per problem, in words a user can act on."""
-    lines = []
+    """One ``dotted.path: message`` line per problem, in words a user can act on.
+
+    A value that fits no member of a union (``class_weights: foo``) gets one error per member from
+    pydantic; those become one line. Where the value has a member's shape (a list with a bad item),
+    only that member's errors are shown.
+    """
+    lines: list[str] = []
+    unions: dict[tuple[Any, ...], list[tuple[str, tuple[Any, ...], Any]]] = {}
+    order: list[tuple[Any, ...]] = []  # locations of plain errors and union fields, as they come
+    plain: dict[tuple[Any, ...], Any] = {}
     for err in exc.errors():
         loc = tuple(err["loc"])
-        path = ".".join(str(p) for p in loc)
-        kind, ctx = err["type"], err.get("ctx", {})
-        if kind == "extra_forbidden":
-            close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            msg = f"unknown key{hint}"
-        elif kind == "greater_than":
-            msg = f"must be > {ctx['gt']}"
-        elif kind == "greater_than_equal":
-            msg = f"must be >= {ctx['ge']}"
-        elif kind == "less_than":
-            msg = f"must be < {ctx['lt']}"
-        elif kind == "less_than_equal":
-            msg = f"must be <= {ctx['le']}"
-        elif kind == "literal_error":
-            msg = f"must be one of {ctx['expected']}, got {err['input']!r}"
-        elif kind == "string_pattern_mismatch":
-            msg = f"invalid value {err['input']!r}"
-        elif kind == "value_error":
-            text = str(ctx.get("error", err["msg"]))
-            if re.match(r"^[a-z_]+(\.[a-z_]+)+: ", text):  # model-level checks name their own field
-                lines.append(text)
-                continue
-            msg = text
-        else:
-            msg = err["msg"][0].lower() + err["msg"][1:]
-            if "input" in err and kind not in ("missing",) and not isinstance(err["input"], dict):
-                msg += f", got {err['input']!r}"
-        lines.append(f"{path}: {msg}" if path else msg)
+        member = next((i for i, part in enumerate(loc) if _union_member(part)), None)
+        if member is None:
+            plain[loc] = err
+            order.append(loc)
+            continue
+        if loc[:member] not in unions:
+            unions[loc[:member]] = []
+            order.append(loc[:member])
+        unions[loc[:member]].append((str(loc[member]), loc[member + 1:], err))
+    for loc in order:
+        if loc in plain:
+            lines.append(_line(loc, plain[loc]))
+            continue
+        inner = [(rest, err) for _, rest, err in unions[loc] if rest]
+        if inner:
+            lines.extend(_line(loc + rest, err) for rest, err in inner)
+            continue
+        expected = [f"one of {err['ctx']['expected']}" if err["type"] == "literal_error" else member
+                    for member, _, err in unions[loc]]
+        got = unions[loc][0][2]["input"]
+        lines.append(f"{'.'.join(map(str, loc))}: must be {', or '.join(expected)}, got {got!r}")
     return lines
+
+
+def _line(loc: tuple[Any, ...], err: Any) -> str:
+    path = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1)
+        msg = f"unknown key (did you mean '{close[0]}'?)" if close else "unknown key"
+    else:
+        msg = _message(err)
+        if err["type"] == "value_error" and re.match(r"^[a-z_]+(\.[a-z_]+)+: ", msg):
+            return msg  # model-level checks name their own field
+    return f"{path}: {msg}" if path else msg
 
 
 def dump_config(config: Config) -> str:

@@ -107,6 +107,21 @@ def test_wrong_type(project: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("train.epochs: ") and "'many'" in lines[0]
 
 
+def test_union_field_gets_one_line(project: Path) -> None:
+    """class_weights is a word or a list: a value that is neither is one problem, not one per type."""
+    lines = problems(write_config(project, "train:\n  class_weights: foo\n"))
+    assert lines == ["train.class_weights: must be one of 'inverse_frequency' or 'none', or list[float], got 'foo'"]
+    lines = problems(write_config(project, "train:\n  class_weights: [1, x, 2]\n"))
+    assert len(lines) == 1 and lines[0].startswith("train.class_weights.1: input should be a valid number")
+
+
+@pytest.mark.parametrize("weights", ["[1, 0, 1]", "[1, -1, 1]", "[1, 2]"])
+def test_class_weights_must_be_three_positive_numbers(project: Path, weights: str) -> None:
+    # A zero weight would make the subtype loss 0/0 on batches of that subtype alone.
+    lines = problems(write_config(project, f"train:\n  class_weights: {weights}\n"))
+    assert lines == ["train.class_weights: must be inverse_frequency, none, or three positive numbers (subtypes 0, 1, 2)"]
+
+
 def test_missing_source_folder(tmp_path: Path) -> None:
     lines = problems(write_config(tmp_path, "dataset:\n  source: ./nowhere\n"))
     assert lines == [f"dataset.source: folder not found: {tmp_path / 'nowhere'}"]
