@@ -48,7 +48,6 @@ REGIONS_JSON = {
 }
 
 
-
 @pytest.fixture
 def preprocessed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """nnU-Net's folders in tmp_path; the dataset's preprocessed folder (with a fake blosc2 case)."""
@@ -78,6 +77,23 @@ def make_trainer(
 def with_settings(trainer: Any, **changes: Any) -> Any:
     trainer.pancseg_settings = dataclasses.replace(trainer.pancseg_settings, **changes)
     return trainer
+
+
+# ------------------------------------------------------------------ device
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # GradScaler("cuda") without CUDA
+@pytest.mark.parametrize("index, expected", [(1, "cuda:1"), (None, "cuda:0")])
+def test_cuda_index_is_kept(preprocessed: Path, monkeypatch: pytest.MonkeyPatch, index: int | None,
+                            expected: str) -> None:
+    """nnU-Net replaces any CUDA device by cuda:0; `--device cuda:1` must train on GPU 1."""
+    selected: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    plans = make_plans()
+    plans["continue_training"] = False
+    trainer = nnUNetTrainerMultiTask(plans, SMOKE_CONFIGURATION, 0, DATASET_JSON, device=torch.device("cuda", index))
+    assert str(trainer.device) == expected
+    assert selected == ([torch.device("cuda", 1)] if index == 1 else [])
 
 
 # ------------------------------------------------------------------ settings

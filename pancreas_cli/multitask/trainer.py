@@ -68,13 +68,17 @@ def _fmt(value: Any) -> str:
 class nnUNetTrainerPancseg(nnUNetTrainer):
     """nnU-Net's trainer with pancseg's settings, structure pseudo-Dice and ``metrics.csv``."""
 
-
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         base = os.environ.get("nnUNet_preprocessed")
         self.pancseg_settings = read_settings(Path(base) / plans["dataset_name"]) if base else TrainingSettings()
         self._prepare_plans(plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if not self.is_ddp and device.type == "cuda" and device.index is not None:
+            # nnU-Net takes cuda:0 whatever it is given (it expects CUDA_VISIBLE_DEVICES); honour cuda:N.
+            # The current device decides where the data loader pins batches and cudnn.benchmark runs.
+            self.device = device
+            torch.cuda.set_device(device)
         settings = self.pancseg_settings
         self.num_epochs = settings.epochs
         self.num_iterations_per_epoch = settings.iterations_per_epoch
