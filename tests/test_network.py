@@ -226,6 +226,26 @@ def test_return_class_logits_and_sink() -> None:
         assert isinstance(net(x), torch.Tensor)
 
 
+def test_sink_does_not_recompile_under_torch_compile() -> None:
+    """nnU-Net's predictor compiles the network (nnUNet_compile); a fresh sink per tile, filled by
+    up to 8 mirrors, must not make a new graph per call (dynamo's recompile limit is 8)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    net, cm = make_net(configuration=SMOKE_CONFIGURATION, deep_supervision=False)
+    net.eval()
+    x = torch.randn(1, 1, *cm.patch_size)
+    compiled = torch.compile(net, backend="eager")
+    with torch.no_grad():
+        for _ in range(2):  # two tiles
+            net.class_logits_sink = []
+            for mirror in range(4):
+                compiled(torch.flip(x, (2,)) if mirror % 2 else x)
+            assert len(net.class_logits_sink) == 4
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_regions_network() -> None:
     net, cm = make_net(configuration=SMOKE_CONFIGURATION, outputs=2)
     assert net.regions is True

@@ -171,9 +171,15 @@ class MultiTaskNet(nn.Module):
         seg, logits = self.forward_multitask(x)
         if self.return_class_logits:
             return seg, logits
+        self._collect(logits)
+        return seg
+
+    @torch.compiler.disable
+    def _collect(self, logits: torch.Tensor) -> None:
+        # Outside torch.compile: a traced append guards on the sink's length, so every test-time
+        # mirror (up to 8 per tile) would compile the whole network again.
         if self.class_logits_sink is not None:
             self.class_logits_sink.append(logits.detach())
-        return seg
 
 
 def structure_probabilities(seg_logits: torch.Tensor, regions: bool) -> tuple[torch.Tensor, torch.Tensor]:
