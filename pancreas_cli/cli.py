@@ -272,7 +272,8 @@ def predict(
     checkpoint: Annotated[str | None, typer.Option(help="best or final.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="No test-time mirroring: about 8x faster, slightly less accurate.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Predict cases whose outputs exist again.")] = False,
+    force: Annotated[bool, typer.Option("--force", "--overwrite",
+                                        help="Predict every case again, replacing existing masks.")] = False,
     json_: JsonOption = False,
 ) -> None:
     """Predict masks (labels 0/1/2) and lesion subtypes (subtype_results.csv) for new CT scans."""
@@ -282,7 +283,7 @@ def predict(
     if checkpoint not in (None, "best", "final"):
         raise typer.BadParameter(f"must be best or final, got {checkpoint!r}", param_hint="--checkpoint")
     cfg = _config(config, set_, **{"predict.device": device, "predict.checkpoint": checkpoint})
-    result = run_predict(cfg, input_path=input_, out_dir=out, folds=fold, fast=fast, overwrite=overwrite,
+    result = run_predict(cfg, input_path=input_, out_dir=out, folds=fold, fast=fast, overwrite=force,
                          reporter=CasePrinter(quiet=output.verbosity < 0 or json_), warn=output.warn)
     if json_:
         output.json(result.to_dict())

@@ -2,9 +2,12 @@
 
 The model is loaded once and cases stream through it. The subtype comes from the same forward
 passes as the segmentation (see :class:`~pancreas_cli.multitask.predictor.MultiTaskPredictor`).
-Every output is written under a temporary name and renamed; cases with outputs are skipped unless
-``overwrite``; the CSVs are rebuilt at the end from every case present, so an interrupted run just
-continues. A case that fails is reported and the others go on.
+Every output is written under a temporary name and renamed. Each mask has a record (``.pancseg/``)
+of the model, checkpoint and settings that wrote it: a case with a record of this model and these
+settings is skipped, so an interrupted run just continues; a mask written otherwise (another model,
+a retrained checkpoint, or not by pancseg) is refused unless ``overwrite`` (or ``replace_outdated``,
+which keeps up-to-date cases). The CSVs are rebuilt at the end from every case predicted by this
+model. A case that fails is reported and the others go on.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from pancreas_cli.config import Config
-from pancreas_cli.exceptions import DataError, PancsegError
+from pancreas_cli.exceptions import DataError, OutputExistsError, PancsegError
 from pancreas_cli.imageio import image_extension, image_stem, read_image, write_image, write_text
 from pancreas_cli.logcapture import redirect_output
 from pancreas_cli.nnunet_env import setup_nnunet_env
@@ -30,7 +33,7 @@ from pancreas_cli.train import TRAINERS
 if TYPE_CHECKING:
     import torch
 
-SIDECAR_DIR = ".pancseg"  # per-case class probabilities, for rebuilding the CSVs
+SIDECAR_DIR = ".pancseg"  # per-case record: the model that wrote the mask, and its class probabilities
 
 
 class PredictError(PancsegError):
@@ -188,14 +191,44 @@ def _load_input(case: InputCase, scratch: Path) -> Path:
     return target
 
 
-def _write_csvs(out_dir: Path) -> Path:
-    """``subtype_results.csv`` and ``subtype_probabilities.csv`` from every case with a mask and probabilities."""
-    sidecars = out_dir / SIDECAR_DIR
+def model_stamp(model_dir: Path, folds: list[int], checkpoint_name: str, tile_step_size: float,
+                mirroring: bool) -> dict[str, Any]:
+    """What decides a prediction: the model folder, its checkpoints as they are now, and the settings."""
+    checkpoints = [model_dir / f"fold_{fold}" / checkpoint_name for fold in folds]
+    return {"model": str(model_dir.resolve()), "folds": folds, "checkpoint": checkpoint_name,
+            "checkpoint_files": [[p.stat().st_size, p.stat().st_mtime_ns] for p in checkpoints],
+            "tile_step_size": tile_step_size, "mirroring": mirroring}
+
+
+def _record(out_dir: Path, case: str) -> dict[str, Any] | None:
+    path = out_dir / SIDECAR_DIR / f"{case}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _outdated(out_dir: Path, case: str, stamp: dict[str, Any]) -> str | None:
+    """None if ``stamp``'s model wrote the mask of ``case``, "" if there is no mask, else why it is not its."""
+    if not (out_dir / f"{case}.nii.gz").is_file():
+        return ""
+    record = _record(out_dir, case)
+    if record is None or "model" not in record:
+        return "no record of a pancseg prediction"
+    written = record["model"]
+    for key, why in (("model", "another model"), ("folds", "other folds"), ("checkpoint", "another checkpoint"),
+                     ("checkpoint_files", "the checkpoint changed since (retrained?)"),
+                     ("tile_step_size", "another tile step size"), ("mirroring", "other mirroring (--fast)")):
+        if written.get(key) != stamp[key]:
+            return why
+    return None
+
+
+def _write_csvs(out_dir: Path, stamp: dict[str, Any]) -> Path:
+    """``subtype_results.csv`` and ``subtype_probabilities.csv`` from every case this model predicted."""
     rows = []
-    for path in sorted(sidecars.glob("*.json")):
+    for path in sorted((out_dir / SIDECAR_DIR).glob("*.json")):
         case = path.stem
-        if (out_dir / f"{case}.nii.gz").is_file():
-            rows.append((case, json.loads(path.read_text(encoding="utf-8"))["probabilities"]))
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if (out_dir / f"{case}.nii.gz").is_file() and record.get("model") == stamp:
+            rows.append((case, record["probabilities"]))
     results = out_dir / "subtype_results.csv"
     write_text("Names,Subtype\n" + "".join(f"{c}.nii.gz,{max(range(3), key=lambda i: p[i])}\n" for c, p in rows),
                results)
@@ -213,10 +246,16 @@ def predict(
     checkpoint: str | None = None,
     fast: bool = False,
     overwrite: bool = False,
+    replace_outdated: bool = False,
     reporter: CaseReporter | None = None,
     warn: Callable[[str], None] = lambda text: None,
 ) -> PredictResult:
-    """Predict every case under ``input_path`` into ``out_dir``."""
+    """Predict every case under ``input_path`` into ``out_dir``.
+
+    ``overwrite`` predicts every case again; ``replace_outdated`` only those whose masks another
+    model or other settings wrote (``pancseg run`` after more training). Without either, such
+    masks are refused with :class:`OutputExistsError` before anything is written.
+    """
     settings = config.predict
     checkpoint_name = f"checkpoint_{checkpoint or settings.checkpoint}.pth"
     cases = find_inputs(input_path)
@@ -225,11 +264,21 @@ def predict(
     device = _device(settings.device, warn)
     setup_nnunet_env(config, device_type=device.type)
     multitask = config.train.task == "multitask"
+    mirroring = settings.mirroring and not fast
+    stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size, mirroring)
+    outdated = {c.case: _outdated(out_dir, c.case, stamp) for c in cases}
+    conflicts = [case for case, why in outdated.items() if why]
+    if conflicts and not (overwrite or replace_outdated):
+        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+        raise OutputExistsError(
+            f"{out_dir / conflicts[0]}.nii.gz{more} exists but was not predicted by this model with these "
+            f"settings ({outdated[conflicts[0]]}); pass --force to predict again, or choose another output folder"
+        )
     result = PredictResult(out_dir, model_dir, folds, str(device))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SIDECAR_DIR).mkdir(exist_ok=True)
     log_file = config.project_dir / "logs" / "predict.log"
-    todo = [c for c in cases if overwrite or not _done(out_dir, c.case, multitask)]
+    todo = [c for c in cases if overwrite or outdated[c.case] is not None]
     for case in cases:
         if case not in todo:
             result.outcomes.append(CaseOutcome(case.case, case.source, "skipped"))
@@ -238,24 +287,20 @@ def predict(
                 tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch") as scratch:
             try:
                 predictor = _load_model(model_dir, folds, checkpoint_name, device, settings.tile_step_size,
-                                        settings.mirroring and not fast, multitask)
+                                        mirroring, multitask)
             except (RuntimeError, ValueError, OSError, KeyError) as exc:
                 raise PredictError(f"cannot load the model in {model_dir}: {type(exc).__name__}: {exc}; "
                                    f"nnU-Net log: {log_file}") from exc
             if reporter is not None:
                 reporter.start(len(todo), terminal)
             for index, case in enumerate(todo, start=1):
-                outcome = _predict_case(predictor, case, out_dir, Path(scratch), multitask)
+                outcome = _predict_case(predictor, case, out_dir, Path(scratch), multitask, stamp)
                 result.outcomes.append(outcome)
                 if reporter is not None:
                     reporter.case(outcome, index)
     if multitask:
-        result.subtype_csv = _write_csvs(out_dir)
+        result.subtype_csv = _write_csvs(out_dir, stamp)
     return result
-
-
-def _done(out_dir: Path, case: str, multitask: bool) -> bool:
-    return (out_dir / f"{case}.nii.gz").is_file() and (not multitask or (out_dir / SIDECAR_DIR / f"{case}.json").is_file())
 
 
 def _load_model(model_dir: Path, folds: list[int], checkpoint_name: str, device: torch.device, step: float,
@@ -273,7 +318,8 @@ def _load_model(model_dir: Path, folds: list[int], checkpoint_name: str, device:
     return predictor
 
 
-def _predict_case(predictor: Any, case: InputCase, out_dir: Path, scratch: Path, multitask: bool) -> CaseOutcome:
+def _predict_case(predictor: Any, case: InputCase, out_dir: Path, scratch: Path, multitask: bool,
+                  stamp: dict[str, Any]) -> CaseOutcome:
     import torch
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
@@ -287,12 +333,11 @@ def _predict_case(predictor: Any, case: InputCase, out_dir: Path, scratch: Path,
         logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
         export_prediction_from_logits(logits, properties, predictor.configuration_manager, predictor.plans_manager,
                                       predictor.dataset_json, str(partial), False)
-        probabilities = None
-        if multitask:
-            probabilities = [float(p) for p in predictor.case_class_probabilities[-1]]
-            write_text(json.dumps({"case": case.case, "source": str(case.source), "probabilities": probabilities}),
-                       out_dir / SIDECAR_DIR / f"{case.case}.json")
+        probabilities = [float(p) for p in predictor.case_class_probabilities[-1]] if multitask else None
         os.replace(f"{partial}.nii.gz", out_dir / f"{case.case}.nii.gz")
+        # The record comes last: a run stopped in between leaves a mask without it, which is redone.
+        write_text(json.dumps({"case": case.case, "source": str(case.source), "probabilities": probabilities,
+                               "model": stamp}), out_dir / SIDECAR_DIR / f"{case.case}.json")
         subtype = None if probabilities is None else max(range(3), key=lambda i: probabilities[i])
         return CaseOutcome(case.case, case.source, "predicted", time.perf_counter() - start, subtype, probabilities)
     except (DataError, RuntimeError, ValueError, OSError) as exc:

@@ -89,7 +89,7 @@ def run(
     predicted_test = any(test_images.glob("*.nii.gz"))
     if predicted_test:
         predicted = predict(config, input_path=test_images, out_dir=predictions, folds=[fold],
-                            reporter=case_reporter, warn=warn)
+                            replace_outdated=True, reporter=case_reporter, warn=warn)
         stage("predict", f"{predicted.count('predicted')} predicted, {predicted.count('skipped')} up to date, "
                          f"{len(predicted.failed)} failed", start)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import SimpleITK as sitk
 from typer.testing import CliRunner
 
 from pancreas_cli.cli import app
-from pancreas_cli.predict import PredictError, find_inputs
+from pancreas_cli.config import load_config
+from pancreas_cli.predict import PredictError, find_inputs, predict
 
 pytestmark = pytest.mark.slow
 
@@ -69,8 +71,45 @@ def test_resume_skips_done_cases_and_rebuilds_csv(trained_project: Path, runner:
     assert data["predicted"] == 1 and data["skipped"] == 1
     assert (out / "other_scan.nii.gz").stat().st_mtime_ns == stamp
     assert len((out / "subtype_results.csv").read_text().splitlines()) == 3  # header + both cases
-    forced = json.loads(_predict(runner, trained_project, source, out, "--overwrite", "--json").stdout)
+    forced = json.loads(_predict(runner, trained_project, source, out, "--force", "--json").stdout)
     assert forced["predicted"] == 2 and forced["skipped"] == 0
+
+
+def test_masks_not_written_by_this_model_are_refused(trained_project: Path, runner: CliRunner,
+                                                     tmp_path: Path) -> None:
+    """Nothing is lost: a mask another model, a retrained checkpoint or other settings wrote, or one
+    pancseg did not write at all, is not replaced without --force."""
+    source, out = _inputs(trained_project, tmp_path), tmp_path / "out"
+    out.mkdir()
+    (out / "other_scan.nii.gz").write_bytes(b"a user's own mask")
+    refused = _predict(runner, trained_project, source, out)
+    assert refused.exit_code == 1
+    assert f"{out / 'other_scan.nii.gz'} exists but was not predicted by this model" in refused.stderr
+    assert "no record of a pancseg prediction" in refused.stderr and "--force" in refused.stderr
+    assert (out / "other_scan.nii.gz").read_bytes() == b"a user's own mask"
+    assert sorted(p.name for p in out.iterdir()) == ["other_scan.nii.gz"]
+
+    (out / "other_scan.nii.gz").unlink()
+    assert _predict(runner, trained_project, source, out).exit_code == 0
+    step = _predict(runner, trained_project, source, out, "--set", "predict.tile_step_size=1.0")
+    assert step.exit_code == 1 and "(and 1 more) exists" in step.stderr and "another tile step size" in step.stderr
+
+    checkpoint = trained_project / "work" / "nnUNet_results"
+    checkpoint = next(checkpoint.glob("*/*/fold_4/checkpoint_best.pth"))
+    times = checkpoint.stat()
+    try:
+        os.utime(checkpoint, ns=(times.st_atime_ns, times.st_mtime_ns + 10**9))  # as if trained again
+        retrained = _predict(runner, trained_project, source, out)
+        assert retrained.exit_code == 1 and "the checkpoint changed since (retrained?)" in retrained.stderr
+        # pancseg run replaces only what the new checkpoint did not write
+        config = load_config(trained_project / "pancseg.yaml")
+        first = predict(config, input_path=source, out_dir=out, folds=[4], replace_outdated=True)
+        assert (first.count("predicted"), first.count("skipped")) == (2, 0)
+        (out / ".pancseg" / "other_scan.json").unlink()
+        second = predict(config, input_path=source, out_dir=out, folds=[4], replace_outdated=True)
+        assert (second.count("predicted"), second.count("skipped")) == (1, 1)
+    finally:
+        os.utime(checkpoint, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
 def test_failing_case_is_reported_others_complete(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
