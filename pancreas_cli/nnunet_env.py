@@ -7,8 +7,8 @@ before any nnU-Net import. Every stage calls it first; users never set these var
 from __future__ import annotations
 
 import os
-import sys
-
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pancreas_cli.config import Config
@@ -58,6 +58,15 @@ def setup_nnunet_env(config: Config, *, device_type: str | None = None) -> dict[
     return env
 
 
-def nnunet_imported() -> bool:
-    """Whether nnU-Net was already imported (then ``nnUNet_def_n_proc`` changes come too late)."""
-    return "nnunetv2" in sys.modules
+@contextmanager
+def scoped_env(name: str, value: str) -> Iterator[None]:
+    """Set one variable for a single nnU-Net call that reads it, then put back what was there."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before

@@ -21,7 +21,7 @@ from pancreas_cli.config import Config
 from pancreas_cli.exceptions import PreprocessError
 from pancreas_cli.imageio import write_text
 from pancreas_cli.logcapture import redirect_output, tail
-from pancreas_cli.nnunet_env import setup_nnunet_env
+from pancreas_cli.nnunet_env import scoped_env, setup_nnunet_env
 
 STATE_NAME = "pancseg_preprocess.json"
 SMOKE_CONFIGURATION = "3d_smoke"
@@ -186,8 +186,8 @@ def preprocess(config: Config, *, force: bool = False) -> PreprocessResult:
             extract_fingerprints([ds_id], num_processes=n, check_dataset_integrity=True, clean=True,
                                  verbose=False, show_progress_bar=False)
             # The planner calls torch.set_num_threads(nnUNet_n_proc_DA), which rejects 0.
-            os.environ["nnUNet_n_proc_DA"] = str(max(1, int(os.environ["nnUNet_n_proc_DA"])))
-            plans_identifier = plan_experiments([ds_id], config.plan.planner)
+            with scoped_env("nnUNet_n_proc_DA", str(max(1, int(os.environ["nnUNet_n_proc_DA"])))):
+                plans_identifier = plan_experiments([ds_id], config.plan.planner)
             plans_file = out_dir / f"{plans_identifier}.json"
             if configuration == SMOKE_CONFIGURATION:
                 plans = add_smoke_configuration(json.loads(plans_file.read_text(encoding="utf-8")))

@@ -22,7 +22,7 @@ from pancreas_cli.config import Config
 from pancreas_cli.exceptions import PancsegError, TrainError, TrainingInterrupted
 from pancreas_cli.logcapture import redirect_output, tail
 from pancreas_cli.multitask.settings import TrainingSettings, write_settings
-from pancreas_cli.nnunet_env import setup_nnunet_env
+from pancreas_cli.nnunet_env import scoped_env, setup_nnunet_env
 from pancreas_cli.preprocess import STATE_NAME
 
 if TYPE_CHECKING:
@@ -139,9 +139,9 @@ def _stop_loaders(trainer: Any) -> None:
 
 def _explain_worker_death(trainer: Any, exc: RuntimeError) -> TrainError:
     """nnU-Net only says its workers died: load one batch without workers to show the real error."""
-    os.environ["nnUNet_n_proc_DA"] = "0"
     try:
-        loader, _ = trainer.get_dataloaders()
+        with scoped_env("nnUNet_n_proc_DA", "0"):  # read by get_dataloaders
+            loader, _ = trainer.get_dataloaders()
         next(loader)
     except Exception as real:  # noqa: BLE001 - any error here is the one the user needs to see
         return TrainError(f"data loading failed in nnU-Net's background workers: {type(real).__name__}: {real}")
@@ -193,20 +193,23 @@ def train(
     if config.train.num_gpus > 1 and device.type != "cuda":
         raise TrainError("train.num_gpus > 1 needs CUDA GPUs")
     setup_nnunet_env(config, device_type=device.type)
-    write_training_inputs(config)
     trainer_name = TRAINERS[config.train.task]
+    # Every fold is checked before anything is written: a refused fold changes nothing.
+    starts = [_fold_start(config, state, trainer_name, fold, resume=resume, force=force) for fold in folds]
+    write_training_inputs(config)
     result = TrainResult(config.train.task, str(device), trainer_name)
-    for fold in folds:
-        result.folds.append(
-            _train_fold(config, state, trainer_name, fold, device, resume=resume, force=force, reporter=reporter)
-        )
+    for start in starts:
+        result.folds.append(_train_fold(config, state, trainer_name, start, device, reporter=reporter))
     return result
 
 
 def write_training_inputs(config: Config) -> None:
     """Put what the trainers read beside the preprocessed data: subtypes.csv and pancseg's settings."""
     pre = config.dataset_preprocessed_dir
-    shutil.copyfile(config.dataset_raw_dir / "subtypes.csv", pre / "subtypes.csv")
+    # Under a temporary name: a fold training in another process may be reading the file.
+    partial = pre / ".subtypes.csv.partial"
+    shutil.copyfile(config.dataset_raw_dir / "subtypes.csv", partial)
+    os.replace(partial, pre / "subtypes.csv")
     write_settings(training_settings(config), pre)
 
 
@@ -223,32 +226,47 @@ def build_trainer(config: Config, state: dict[str, Any], trainer_name: str, fold
                                            dataset_json=dataset_json, device=device)
 
 
-def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, fold: int, device: torch.device, *,
-                resume: bool, force: bool, reporter: EpochReporter | None) -> FoldResult:
+@dataclass(frozen=True)
+class _FoldStart:
+    fold: int
+    output_folder: Path
+    checkpoint: Path | None  # to resume from
+    discard: bool  # --force: an existing training is deleted first
+
+
+def _fold_start(config: Config, state: dict[str, Any], trainer_name: str, fold: int, *, resume: bool,
+                force: bool) -> _FoldStart:
+    """Where ``fold`` trains and from what; refuses to discard a training without ``force``."""
     output_folder = (config.results_dir / config.dataset.folder_name
                      / f"{trainer_name}__{state['plans_identifier']}__{config.plan.configuration}" / f"fold_{fold}")
-    log_file = config.project_dir / "logs" / f"train_{config.train.task}_fold{fold}.log"
     existing = newest_checkpoint(output_folder)
     if existing is not None and not resume:
         if not force:
             raise TrainError(f"fold {fold} already has a training in {output_folder} (stopped after epoch "
                              f"{_checkpoint_epoch(existing)}); pass --resume to continue it or --force to start over")
-        shutil.rmtree(output_folder)
-        existing = None
+        return _FoldStart(fold, output_folder, None, discard=True)
     if resume and existing is not None and existing.name != "checkpoint_final.pth":
         done = _checkpoint_epoch(existing)
         if done >= config.train.epochs:
             # nnU-Net would skip the loop and finalise the unfinished run as if it were complete.
             raise TrainError(f"fold {fold} stopped after epoch {done} of an unfinished run, but train.epochs is "
                              f"{config.train.epochs}: pass --epochs N with N > {done} to continue it")
+    return _FoldStart(fold, output_folder, existing if resume else None, discard=False)
+
+
+def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start: _FoldStart, device: torch.device, *,
+                reporter: EpochReporter | None) -> FoldResult:
+    fold, output_folder = start.fold, start.output_folder
+    if start.discard:
+        shutil.rmtree(output_folder)
+    log_file = config.project_dir / "logs" / f"train_{config.train.task}_fold{fold}.log"
     fold_result = FoldResult(fold, output_folder, log_file)
-    start = time.perf_counter()
+    began = time.perf_counter()
     if config.train.num_gpus > 1:
-        _train_ddp(config, state, trainer_name, fold, resume, log_file)
+        _train_ddp(config, state, trainer_name, fold, start.checkpoint, log_file)
     else:
-        _train_single(config, state, trainer_name, fold, device, existing if resume else None, log_file,
-                      reporter, fold_result)
-    fold_result.seconds = time.perf_counter() - start
+        _train_single(config, state, trainer_name, fold, device, start.checkpoint, log_file, reporter, fold_result)
+    fold_result.seconds = time.perf_counter() - began
     fold_result.last, fold_result.validation = _fold_summary(output_folder)
     fold_result.epochs_done = int(fold_result.last.get("epoch", 0) or 0)
     return fold_result
@@ -288,11 +306,15 @@ def _train_single(config: Config, state: dict[str, Any], trainer_name: str, fold
         except PancsegError:
             raise
         except (RuntimeError, ValueError, OSError, AssertionError, KeyError) as exc:
-            lines = "\n".join(f"    {line}" for line in tail(log_file, 8))
-            raise TrainError(f"nnU-Net training failed: {type(exc).__name__}: {exc}\n  last log lines:\n{lines}\n"
-                             f"  full log: {log_file} (re-run with --debug for the traceback)") from exc
+            raise _training_failed(exc, log_file) from exc
         finally:
             _finish_wandb()
+
+
+def _training_failed(exc: BaseException, log_file: Path) -> TrainError:
+    lines = "\n".join(f"    {line}" for line in tail(log_file, 8))
+    return TrainError(f"nnU-Net training failed: {type(exc).__name__}: {exc}\n  last log lines:\n{lines}\n"
+                      f"  full log: {log_file} (re-run with --debug for the traceback)")
 
 
 def _finish_wandb() -> None:
@@ -312,13 +334,38 @@ def _save_on_interrupt(trainer: Any) -> None:
     trainer.current_epoch += 1
 
 
-def _train_ddp(config: Config, state: dict[str, Any], trainer_name: str, fold: int, resume: bool,
+def _train_ddp(config: Config, state: dict[str, Any], trainer_name: str, fold: int, checkpoint: Path | None,
                log_file: Path) -> None:
     """Several GPUs: nnU-Net's own DDP launcher (one process per GPU, found by ``nnUNet_extTrainer``)."""
     import torch
     from nnunetv2.run.run_training import run_training
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
+    if checkpoint is not None:
+        _resume_from(checkpoint)
     with redirect_output(log_file):
-        run_training(str(config.dataset.id), config.plan.configuration, fold, trainer_name,
-                     state["plans_identifier"], num_gpus=config.train.num_gpus, continue_training=resume,
-                     device=torch.device("cuda"))
+        try:
+            run_training(str(config.dataset.id), config.plan.configuration, fold, trainer_name,
+                         state["plans_identifier"], num_gpus=config.train.num_gpus,
+                         continue_training=checkpoint is not None, device=torch.device("cuda"))
+        except KeyboardInterrupt:
+            config_option = f"-c {config.config_path} " if config.config_path is not None else ""
+            raise TrainingInterrupted(
+                f"training of fold {fold} interrupted; the GPU processes stop without saving, so "
+                f"`pancseg train {config_option}--fold {fold} --resume` continues from the last periodic "
+                f"checkpoint (every train.save_every = {config.train.save_every} epochs)"
+            ) from None
+        except (ProcessRaisedException, ProcessExitedException, RuntimeError, ValueError, OSError) as exc:
+            # A worker's error (a DataError too) arrives as ProcessRaisedException with its traceback.
+            raise _training_failed(exc, log_file) from exc
+
+
+def _resume_from(checkpoint: Path) -> None:
+    """Make nnU-Net's launcher, which prefers checkpoint_final.pth, resume from ``checkpoint``.
+
+    An extended run that was interrupted has a checkpoint_latest.pth newer than the first run's
+    final one; that older final is kept under another name.
+    """
+    final = checkpoint.parent / "checkpoint_final.pth"
+    if checkpoint != final and final.is_file():
+        os.replace(final, final.with_name(f"checkpoint_final_epoch{_checkpoint_epoch(final)}.pth"))

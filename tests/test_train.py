@@ -5,18 +5,24 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from conftest import write_config
 from pancreas_cli.cli import app
+from pancreas_cli.exceptions import TrainError, TrainingInterrupted
 from pancreas_cli.multitask.trainer import METRICS_COLUMNS
 from pancreas_cli.nnunet_env import TRAINER_DIR
+from pancreas_cli.train import _train_ddp, newest_checkpoint
+from torch.multiprocessing import ProcessRaisedException
 
 FAST = ["--set", "train.iterations_per_epoch=3", "--set", "train.val_iterations=2", "--set", "train.save_every=1"]
 FOLDER = "nnUNetTrainerMultiTask__nnUNetResEncUNetMPlans__3d_smoke"
@@ -225,13 +231,87 @@ def test_dead_workers_show_the_real_error(project: Path, runner: CliRunner, monk
     def workers_died(self: nnUNetTrainerMultiTask) -> None:
         raise RuntimeError(WORKERS_DIED)
 
-    monkeypatch.setenv("nnUNet_n_proc_DA", "4")
+    workers: list[str] = []
+
+    def dataloaders(self: nnUNetTrainerMultiTask) -> tuple[Iterator[dict], None]:
+        workers.append(os.environ["nnUNet_n_proc_DA"])
+        return loader(), None
+
     monkeypatch.setattr(nnUNetTrainerMultiTask, "run_training", workers_died)
-    monkeypatch.setattr(nnUNetTrainerMultiTask, "get_dataloaders", lambda self: (loader(), None))
-    result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "4", "--force"])
+    monkeypatch.setattr(nnUNetTrainerMultiTask, "get_dataloaders", dataloaders)
+    result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "4", "--force",
+                                 "--set", "train.da_workers=3"])
     assert result.exit_code == 1
     assert message in result.stderr and "Traceback" not in result.output
-    assert os.environ["nnUNet_n_proc_DA"] == "0"  # the retry ran without workers
+    assert workers == ["0"]  # the retry ran without workers
+    assert os.environ["nnUNet_n_proc_DA"] == "3"  # and did not change the setting for what follows
+
+
+def test_refused_fold_changes_nothing(project: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--fold 1 --fold 3` with fold 3 trained: refused before fold 1 starts or the settings change."""
+    import torch
+
+    from pancreas_cli.multitask.trainer import nnUNetTrainerMultiTask
+
+    fold_dir = project / "work" / "nnUNet_results" / "Dataset001_PancreasCancer" / FOLDER / "fold_3"
+    fold_dir.mkdir(parents=True)
+    torch.save({"current_epoch": 2}, fold_dir / "checkpoint_latest.pth")
+    settings = project / "work" / "nnUNet_preprocessed" / "Dataset001_PancreasCancer" / "pancseg_training.json"
+    before = settings.read_bytes() if settings.is_file() else None
+    monkeypatch.setattr(nnUNetTrainerMultiTask, "run_training", lambda self: pytest.fail("fold 1 started"))
+    try:
+        result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "1", "--fold", "3",
+                                     "--set", "train.cls_weight=0.9"])
+        assert result.exit_code == 1
+        assert "fold 3 already has a training" in result.stderr and "stopped after epoch 2" in result.stderr
+        assert (settings.read_bytes() if settings.is_file() else None) == before
+    finally:
+        shutil.rmtree(fold_dir)
+
+
+def _ddp_config(project: Path) -> Any:
+    from pancreas_cli.config import load_config
+
+    return load_config(project / "pancseg.yaml", ["train.num_gpus=2"])
+
+
+@pytest.mark.parametrize(("error", "expected", "message"), [
+    (KeyboardInterrupt(), TrainingInterrupted, "--resume` continues from the last periodic checkpoint"),
+    (ProcessRaisedException("Traceback ...\nDataError: case quiz_9 has no subtype", 1, 123), TrainError,
+     "nnU-Net training failed: ProcessRaisedException: Traceback ...\nDataError: case quiz_9 has no subtype"),
+])
+def test_ddp_errors(project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, error: BaseException,
+                    expected: type, message: str) -> None:
+    """Several GPUs go through nnU-Net's launcher; its failures and Ctrl-C still become pancseg errors."""
+    import nnunetv2.run.run_training as nnunet_run
+
+    def launch(*args: Any, **kwargs: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(nnunet_run, "run_training", launch)
+    with pytest.raises(expected, match=re.escape(message)):
+        _train_ddp(_ddp_config(project), {"plans_identifier": "nnUNetResEncUNetMPlans"}, "nnUNetTrainerMultiTask",
+                   2, None, tmp_path / "train.log")
+
+
+def test_ddp_resumes_from_the_newest_checkpoint(project: Path, monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    """nnU-Net's launcher resumes from checkpoint_final.pth when there is one; after an extended run was
+    interrupted the newer checkpoint_latest.pth must win, and the old final is kept aside."""
+    import nnunetv2.run.run_training as nnunet_run
+    import torch
+
+    folder = tmp_path / "fold_2"
+    folder.mkdir()
+    torch.save({"current_epoch": 5}, folder / "checkpoint_final.pth")
+    torch.save({"current_epoch": 8}, folder / "checkpoint_latest.pth")
+    os.utime(folder / "checkpoint_final.pth", ns=(1, 1))
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(nnunet_run, "run_training", lambda *args, **kwargs: calls.append(kwargs))
+    _train_ddp(_ddp_config(project), {"plans_identifier": "nnUNetResEncUNetMPlans"}, "nnUNetTrainerMultiTask", 2,
+               newest_checkpoint(folder), tmp_path / "train.log")
+    assert calls[0]["continue_training"] and calls[0]["num_gpus"] == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_final_epoch5.pth", "checkpoint_latest.pth"]
 
 
 def test_fold_summary_reads_numbers(tmp_path: Path) -> None:
