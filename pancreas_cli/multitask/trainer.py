@@ -145,13 +145,12 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
         tp, fp, fn = (t.detach().cpu().numpy() for t in (tp, fp, fn))
         if not self._regions:  # drop the background
             tp, fp, fn = tp[1:], fp[1:], fn[1:]
-        counts = np.array(
-            [[(p & t).sum().item(), (p & ~t).sum().item(), (~p & t).sum().item()]
-             for p, t in ((p.bool(), t.bool()) for p, t in zip(structures_pred, structures_true))],
-            dtype=np.float64,
-        )
+        # tp, fp, fn per structure, read back in one copy (each .item() would wait for the GPU).
+        counts = torch.stack([torch.stack([(p & t).sum(), (p & ~t).sum(), (~p & t).sum()])
+                              for p, t in ((p.bool(), t.bool()) for p, t in zip(structures_pred, structures_true))])
+        structure_counts = counts.cpu().numpy().astype(np.float64)
         result = {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn,
-                  "structure_counts": counts}
+                  "structure_counts": structure_counts}
         result.update(self._validation_classification(output, logits, batch["keys"]))
         return result
 
