@@ -95,10 +95,11 @@ def init(
     path: Annotated[Path, typer.Argument(help="Where to write the starter config.")] = DEFAULT_CONFIG,
 ) -> None:
     """Write a commented starter config (never overwrites)."""
+    from pancreas_cli.imageio import write_text
+
     if path.exists():
         raise OutputExistsError(f"{path} already exists; pick another path or edit it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(CONFIG_TEMPLATE.read_text(encoding="utf-8"), encoding="utf-8")
+    write_text(CONFIG_TEMPLATE.read_text(encoding="utf-8"), path)
     output.result(f"wrote {path}; edit dataset.source, then run `pancseg prepare -c {path}`")
 
 

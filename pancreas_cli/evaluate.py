@@ -47,10 +47,6 @@ class EvaluationResult:
     summary_json: Path
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def passed(self) -> bool:
-        return all(t["passed"] for t in self.summary["targets"].values() if t["passed"] is not None)
-
 
 def case_id_from_name(name: str) -> str:
     """``quiz_037.nii.gz`` / ``quiz_037_0000.nii.gz`` / ``quiz_037`` -> ``quiz_037``."""

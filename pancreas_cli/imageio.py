@@ -115,7 +115,7 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def _publish(tmp: Path | str, path: Path) -> None:
+def publish(tmp: Path | str, path: Path) -> None:
     """Rename a finished temporary file into place with ordinary permissions (mkstemp makes it 0600)."""
     os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
@@ -137,7 +137,7 @@ def write_image(image: sitk.Image, path: Path) -> None:
     tmp = atomic_target(path)
     try:
         sitk.WriteImage(image, str(tmp), useCompression=True)
-        _publish(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -149,7 +149,7 @@ def write_text(text: str, path: Path) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
-        _publish(tmp, path)
+        publish(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
 

@@ -441,12 +441,3 @@ def _load_record(dataset_dir: Path) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return data if isinstance(data, dict) else None
-
-
-def read_subtypes(dataset_dir: Path) -> dict[str, int]:
-    """``subtypes.csv`` of a prepared dataset as ``{case_id: subtype}``."""
-    path = dataset_dir / "subtypes.csv"
-    if not path.is_file():
-        raise DataError(f"{path}: not found; run `pancseg prepare` first")
-    return {row["case_id"]: int(row["subtype"]) for row in _read_csv(path, ("case_id", "subtype"))}
-

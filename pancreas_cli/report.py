@@ -21,17 +21,17 @@ from typing import Any
 import numpy as np
 
 from pancreas_cli.config import Config, dump_config
-from pancreas_cli.exceptions import DataError
-from pancreas_cli.imageio import IMAGE_EXTENSIONS, read_image, write_text
+from pancreas_cli.exceptions import DataError, OutputExistsError
+from pancreas_cli.imageio import IMAGE_EXTENSIONS, atomic_target, publish, read_image, write_text
 
 CT_WINDOW = (-150.0, 250.0)  # abdominal soft-tissue window (HU)
+_TITLE = "<title>pancseg report: "  # how a report is recognised before it is replaced
 
 
 @dataclass
 class ReportResult:
     html: Path
     pngs: list[Path] = field(default_factory=list)
-    sections: list[str] = field(default_factory=list)
     summary_lines: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -49,8 +49,13 @@ def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    tmp = atomic_target(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 
@@ -238,6 +243,8 @@ def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Pa
     from pancreas_cli.predict import model_folder
 
     out_html = out_html or config.project_dir / "report" / f"report_fold{fold}.html"
+    if out_html.is_file() and _TITLE not in out_html.read_text(encoding="utf-8", errors="replace")[:2000]:
+        raise OutputExistsError(f"{out_html} exists and is not a pancseg report; choose another --out or move it")
     png_dir = out_html.parent
     stem = out_html.stem
     result = ReportResult(out_html)
@@ -260,7 +267,6 @@ def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Pa
     else:
         parts.append(f"<p class='note'>No metrics.csv in {html.escape(str(fold_dir))}: run <code>pancseg train --fold {fold}</code>.</p>")
         result.notes.append(f"no training metrics for fold {fold}")
-    result.sections.append("training")
 
     # Evaluation
     parts.append("<h2 id='evaluation'>Evaluation</h2>")
@@ -300,7 +306,6 @@ def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Pa
             if t["value"] is not None:
                 result.summary_lines.append(f"{key}: {t['value']:.4f} (target {t['target']}: "
                                             f"{'pass' if t['passed'] else 'FAIL'})")
-        result.sections.append("evaluation")
 
         # Overlays: best, median and worst by whole-pancreas Dice.
         parts.append("<h2 id='overlays'>Examples</h2>")
@@ -318,7 +323,6 @@ def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Pa
             png = overlay_figure(chosen, png_dir / f"{stem}_overlays.png")
             result.pngs.append(png)
             parts.append(_img_tag(png, "best, median and worst cases by whole-pancreas Dice"))
-            result.sections.append("overlays")
         else:
             parts.append("<p class='note'>No overlays: pass --images (CT) and --gt folders with the cases.</p>")
             result.notes.append("no overlays: CT or ground-truth folder missing")
@@ -341,9 +345,8 @@ def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Pa
                       .strftime("%Y-%m-%d %H:%M UTC")])
     parts.append(_table(["item", "value"], [[k, v] for k, v in versions.items()] + [["training device", device]] + dates))
     parts.append(f"<p>Config: {html.escape(str(config.config_path or 'defaults'))}</p><pre>{html.escape(dump_config(config))}</pre>")
-    result.sections.append("provenance")
 
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>pancseg report: "
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{_TITLE}"
             f"{html.escape(config.dataset.folder_name)} fold {fold}</title><style>{_STYLE}</style></head><body>"
             f"<h1>pancseg report</h1><p>{html.escape(config.dataset.folder_name)}, fold {fold}, "
             f"{html.escape(config.train.task)} ({html.escape(config.plan.configuration)}), {now}</p>"

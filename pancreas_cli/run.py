@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pancreas_cli.clean import clean
@@ -27,7 +27,6 @@ from pancreas_cli.train import EpochReporter, newest_checkpoint, train
 @dataclass
 class RunResult:
     report: ReportResult
-    stages: list[tuple[str, str, float]] = field(default_factory=list)  # (stage, what happened, seconds)
     predictions: Path | None = None
 
 
@@ -51,12 +50,8 @@ def run(
     warn: Callable[[str], None] = lambda text: None,
 ) -> RunResult:
     """Run every stage for ``config`` (training and evaluating ``fold``)."""
-    stages: list[tuple[str, str, float]] = []
-
     def stage(name: str, what: str, start: float) -> None:
-        seconds = time.perf_counter() - start
-        stages.append((name, what, seconds))
-        on_stage(name, what, seconds)
+        on_stage(name, what, time.perf_counter() - start)
 
     start = time.perf_counter()
     prepared = prepare(config)
@@ -112,4 +107,4 @@ def run(
     start = time.perf_counter()
     written = report(config, fold=fold, pred_dir=pred_dir, gt_dir=gt_dir, images_dir=images)
     stage("report", str(written.html), start)
-    return RunResult(written, stages, predictions if predicted_test else None)
+    return RunResult(written, predictions if predicted_test else None)

@@ -56,6 +56,19 @@ def test_missing_inputs_say_what_to_run(trained_project: Path, runner: CliRunner
     assert "no training metrics for fold 3" in result.stderr
     bad = runner.invoke(app, ["report", "-c", str(trained_project / "pancseg.yaml"), "--pred", str(tmp_path / "x")])
     assert bad.exit_code == 1 and "--pred folder not found" in bad.stderr
+    again = runner.invoke(app, ["report", "-c", str(trained_project / "pancseg.yaml"), "--fold", "3", "-o",
+                                str(tmp_path / "r.html")])
+    assert again.exit_code == 0, again.output  # a report is replaced by the next one
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_refuses_to_replace_another_file(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
+    (tmp_path / "notes.html").write_text("<html><body>my own notes</body></html>")
+    result = runner.invoke(app, ["report", "-c", str(trained_project / "pancseg.yaml"), "-o",
+                                 str(tmp_path / "notes.html")])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'notes.html'} exists and is not a pancseg report" in result.stderr
+    assert (tmp_path / "notes.html").read_text() == "<html><body>my own notes</body></html>"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
