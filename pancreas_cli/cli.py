@@ -214,11 +214,12 @@ def preprocess(
     output.info(f"nnU-Net log: {result.log_file}")
 
 
-def _folds(values: list[str] | None, num_folds: int) -> list[int]:
+def _folds(values: list[str] | None, num_folds: int) -> list[int] | None:
+    """The folds asked for; None for 'all' (every fold of the dataset's splits)."""
     if not values:
         return [0]
     if values == ["all"]:
-        return list(range(num_folds))
+        return None
     try:
         folds = [int(v) for v in values]
     except ValueError:

@@ -180,15 +180,16 @@ def _fold_summary(output_folder: Path) -> tuple[dict[str, float | int | None], d
 def train(
     config: Config,
     *,
-    folds: list[int],
+    folds: list[int] | None,
     resume: bool = False,
     force: bool = False,
     reporter: EpochReporter | None = None,
 ) -> TrainResult:
-    """Train ``config.train.task`` on each fold with nnU-Net's machinery."""
+    """Train ``config.train.task`` on each fold (None: every fold of the splits) with nnU-Net's machinery."""
     if config.train.wandb.enabled and importlib.util.find_spec("wandb") is None:
         raise TrainError("train.wandb.enabled needs wandb: pip install 'pancseg[wandb]'")
     state = _preprocessed_state(config)
+    folds = _check_folds(config, folds)
     device = resolve_device(config.train.device)
     if config.train.num_gpus > 1 and device.type != "cuda":
         raise TrainError("train.num_gpus > 1 needs CUDA GPUs")
@@ -201,6 +202,22 @@ def train(
     for start in starts:
         result.folds.append(_train_fold(config, state, trainer_name, start, device, reporter=reporter))
     return result
+
+
+def _check_folds(config: Config, folds: list[int] | None) -> list[int]:
+    """The folds, all of which must be in splits_final.json (nnU-Net would quietly train a random split)."""
+    path = config.dataset_preprocessed_dir / "splits_final.json"
+    if not path.is_file():
+        raise TrainError(f"{path}: not found; re-run `pancseg prepare` and `pancseg preprocess`")
+    count = len(json.loads(path.read_text(encoding="utf-8")))
+    if folds is None:
+        return list(range(count))
+    missing = [f for f in folds if not 0 <= f < count]
+    if missing:
+        why = (f"; the dataset has fewer labelled cases than dataset.num_folds = {config.dataset.num_folds}"
+               if count < config.dataset.num_folds else "")
+        raise TrainError(f"fold {missing[0]} does not exist: {path} has {count} folds (0-{count - 1}){why}")
+    return folds
 
 
 def write_training_inputs(config: Config) -> None:

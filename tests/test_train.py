@@ -142,6 +142,21 @@ def test_fold_arguments(runner: CliRunner, project: Path) -> None:
     assert bad_device.exit_code == 1 and "train.device: invalid value 'gpu'" in bad_device.stderr
 
 
+def test_fold_must_be_in_the_splits(runner: CliRunner, project: Path) -> None:
+    """With fewer labelled cases than dataset.num_folds the splits have fewer folds; nnU-Net would train a
+    random 80:20 split for a fold that is not there."""
+    splits = project / "work" / "nnUNet_preprocessed" / "Dataset001_PancreasCancer" / "splits_final.json"
+    original = splits.read_text()
+    splits.write_text(json.dumps(json.loads(original)[:3]))
+    try:
+        result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "4"])
+        assert result.exit_code == 1
+        assert (f"fold 4 does not exist: {splits} has 3 folds (0-2); the dataset has fewer labelled cases than "
+                "dataset.num_folds = 5") in result.stderr
+    finally:
+        splits.write_text(original)
+
+
 def test_wandb_needs_the_extra(runner: CliRunner, project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
