@@ -144,14 +144,16 @@ def summarize(cases: list[CaseResult], settings: EvaluateConfig) -> dict[str, An
                 segmentation[key]["undefined_cases"] = sum(bool(np.isnan(c.values[key])) for c in cases)
     summary: dict[str, Any] = {"cases": len(cases), "missing_predictions": sum(c.missing_prediction for c in cases),
                                "nsd_definition": settings.nsd_definition, "segmentation": segmentation}
-    labelled = [c for c in cases if c.subtype_true is not None and c.subtype_pred is not None]
+    # A case without a prediction (--allow-missing) counts as wrong, as its empty mask counts as Dice 0.
+    labelled = [c for c in cases if c.subtype_true is not None and (c.subtype_pred is not None or c.missing_prediction)]
     classification = None
     if labelled:
         m = classification_metrics([c.subtype_true for c in labelled], [c.subtype_pred for c in labelled],
                                    labels=SUBTYPES)
         classification = {"cases": len(labelled), "accuracy": m.accuracy, "macro_f1": m.macro_f1,
                           "precision": m.precision, "recall": m.recall, "f1": m.f1,
-                          "confusion_matrix": m.confusion_matrix}
+                          "confusion_matrix": m.confusion_matrix,
+                          "unpredicted": sum(m.unpredicted.values())}
     summary["classification"] = classification
     targets = settings.targets
     observed = {"dice_pancreas": segmentation["dice_pancreas"]["mean"],
@@ -220,11 +222,12 @@ def evaluate(
         notes.append(f"{predicted_csv} not found: no classification metrics")
     for r in results:
         r.subtype_true = truth.get(r.case)
-        r.subtype_pred = predicted.get(r.case, 0 if r.missing_prediction and r.case in truth else None)
+        r.subtype_pred = predicted.get(r.case)
     unlabelled = [r.case for r in results if truth and r.subtype_true is None]
     if unlabelled:
         notes.append(f"{len(unlabelled)} case(s) have no true subtype in {subtypes_csv}, e.g. {unlabelled[0]}")
-    no_pred = [r.case for r in results if r.subtype_true is not None and r.subtype_pred is None]
+    no_pred = [r.case for r in results if r.subtype_true is not None and r.subtype_pred is None
+               and not r.missing_prediction]
     if no_pred and predicted:
         raise DataError(f"{predicted_csv}: no subtype for case {no_pred[0]} ({len(no_pred)} case(s))")
 

@@ -311,7 +311,8 @@ class ClassificationMetrics:
     0.0 (sklearn's ``zero_division=0``): a class never predicted has precision 0 and F1 0,
     and a class absent from ``y_true`` and never predicted also has F1 0, which lowers
     ``macro_f1`` (the unweighted mean over ``labels``). ``confusion_matrix[i][j]`` counts
-    cases of true ``labels[i]`` predicted as ``labels[j]``.
+    cases of true ``labels[i]`` predicted as ``labels[j]``; ``unpredicted[label]`` counts cases
+    of that true label without a prediction (wrong for accuracy and recall, no false positive).
     """
 
     labels: tuple[int, ...]
@@ -321,37 +322,43 @@ class ClassificationMetrics:
     f1: dict[int, float]
     macro_f1: float
     confusion_matrix: list[list[int]]
+    unpredicted: dict[int, int]
 
 
 def classification_metrics(
-    y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[int] = (0, 1, 2)
+    y_true: Sequence[int], y_pred: Sequence[int | None], labels: Sequence[int] = (0, 1, 2)
 ) -> ClassificationMetrics:
     """Accuracy, per-class precision/recall/F1, macro F1 and confusion matrix.
 
+    A ``None`` prediction (a case that was not predicted) is wrong without predicting any class.
     Raises ValueError if the sequences differ in length, are empty, or hold a value not in
     ``labels``.
     """
     labels = tuple(int(v) for v in labels)
-    t, p = [int(v) for v in y_true], [int(v) for v in y_pred]
+    t, p = [int(v) for v in y_true], [None if v is None else int(v) for v in y_pred]
     if len(t) != len(p) or not t:
         raise ValueError(f"y_true and y_pred must be non-empty and equally long ({len(t)}, {len(p)})")
-    unknown = sorted(set(t + p) - set(labels))
+    unknown = sorted((set(t) | {v for v in p if v is not None}) - set(labels))
     if unknown:
         raise ValueError(f"values {unknown} are not among labels {labels}")
     pos = {label: i for i, label in enumerate(labels)}
     cm = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    unpredicted = dict.fromkeys(labels, 0)
     for a, b in zip(t, p):
-        cm[pos[a], pos[b]] += 1
+        if b is None:
+            unpredicted[a] += 1
+        else:
+            cm[pos[a], pos[b]] += 1
 
     def ratio(num: float, den: float) -> float:
         return float(num / den) if den else 0.0
 
     precision, recall, f1 = {}, {}, {}
     for label, i in pos.items():
-        tp = cm[i, i]
+        tp, actual = cm[i, i], cm[i, :].sum() + unpredicted[label]
         precision[label] = ratio(tp, cm[:, i].sum())
-        recall[label] = ratio(tp, cm[i, :].sum())
-        f1[label] = ratio(2 * tp, cm[:, i].sum() + cm[i, :].sum())
+        recall[label] = ratio(tp, actual)
+        f1[label] = ratio(2 * tp, cm[:, i].sum() + actual)
     return ClassificationMetrics(
         labels=labels,
         accuracy=ratio(np.trace(cm), len(t)),
@@ -360,6 +367,7 @@ def classification_metrics(
         f1=f1,
         macro_f1=float(np.mean(list(f1.values()))),
         confusion_matrix=cm.tolist(),
+        unpredicted=unpredicted,
     )
 
 

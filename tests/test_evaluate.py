@@ -94,9 +94,17 @@ def test_missing_prediction_and_geometry_mismatch(config, tmp_path: Path) -> Non
     write(ref.astype(np.uint8), gt_dir / "c2.nii.gz")
     with pytest.raises(DataError, match="no prediction for 1 ground-truth case.*c2.*--allow-missing"):
         evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir)
-    result = evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir, allow_missing=True)
+    (pred_dir / "subtype_results.csv").write_text("Names,Subtype\nc1.nii.gz,1\n")
+    (tmp_path / "truth.csv").write_text("case_id,subtype\nc1,1\nc2,0\n")
+    result = evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir, allow_missing=True, subtypes_csv=tmp_path / "truth.csv")
     missing = next(c for c in result.cases if c.case == "c2")
     assert missing.missing_prediction and missing.values["dice_pancreas"] == 0.0
+    # its subtype counts as wrong too (no invented prediction), without a false positive for any class
+    assert missing.subtype_pred is None
+    cls = result.summary["classification"]
+    assert cls["cases"] == 2 and cls["accuracy"] == 0.5 and cls["unpredicted"] == 1
+    assert cls["f1"] == {0: 0.0, 1: 1.0, 2: 0.0}
+    (pred_dir / "subtype_results.csv").unlink()
     write(ref.astype(np.uint8), pred_dir / "c2.nii.gz", spacing=(1.0, 1.0, 3.0))
     with pytest.raises(DataError, match="c2.nii.gz.*spacing"):
         evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir)

@@ -251,11 +251,22 @@ def test_classification_absent_class_counts_as_zero_f1() -> None:
     assert m.confusion_matrix == [[2, 0, 0], [0, 2, 0], [0, 0, 0]]
 
 
+def test_classification_unpredicted_case_is_wrong_without_a_false_positive() -> None:
+    m = classification_metrics([0, 0, 1, 2], [0, None, 1, 2], labels=(0, 1, 2))
+    assert m.accuracy == 0.75
+    assert m.recall == {0: 0.5, 1: 1.0, 2: 1.0}
+    assert m.precision == {0: 1.0, 1: 1.0, 2: 1.0}  # no class was predicted for the missing case
+    assert m.f1[0] == pytest.approx(2 / 3)
+    assert m.confusion_matrix == [[1, 0, 0], [0, 1, 0], [0, 0, 1]] and m.unpredicted == {0: 1, 1: 0, 2: 0}
+
+
 def test_classification_rejects_bad_input() -> None:
     with pytest.raises(ValueError):
         classification_metrics([0, 1], [0])
     with pytest.raises(ValueError, match="labels"):
         classification_metrics([0, 3], [0, 1])
+    with pytest.raises(ValueError, match=r"values \[5\]"):
+        classification_metrics([0, 1], [0, 5])
 
 
 def test_bootstrap_ci() -> None:
