@@ -640,3 +640,15 @@ def test_predictor_class_swap() -> None:
     with pytest.raises(RuntimeError), _predictor_class(Dummy):
         raise RuntimeError("restored even on errors")
     assert module.nnUNetPredictor is original
+
+
+def test_validation_refuses_to_pair_subtypes_it_did_not_predict(preprocessed: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Subtypes are paired with cases by order: a count mismatch must stop, not mislabel or drop cases."""
+    trainer = make_trainer()
+    trainer.initialize()
+    monkeypatch.setattr(trainer_module.nnUNetTrainer, "perform_actual_validation", lambda self, save: None)
+    monkeypatch.setattr(trainer, "do_split", lambda: (["t1"], ["v1", "v2"]))
+    with pytest.raises(RuntimeError, match="validation predicted subtypes for 0 of 2 cases of fold 0"):
+        trainer.perform_actual_validation(False)
+    assert not (Path(trainer.output_folder) / "validation" / "subtype_results.csv").exists()

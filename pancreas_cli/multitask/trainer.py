@@ -450,6 +450,9 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
             val_keys = val_keys[self.local_rank :: torch.distributed.get_world_size()]
         keys = sorted(val_keys)  # nnU-Net's dataset sorts its identifiers: the prediction order
         probs = created[0].case_class_probabilities if created else []
+        if len(probs) != len(keys):  # the order-based pairing below would silently mislabel cases
+            raise RuntimeError(f"validation predicted subtypes for {len(probs)} of {len(keys)} cases of fold "
+                               f"{self.fold}; the fold's segmentations are in {self.output_folder}/validation")
         results = dict(zip(keys, probs))
         if self.is_ddp:
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
