@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -143,3 +144,28 @@ def test_cli_json_and_table(runner: CliRunner, realdata: Path, tmp_path: Path) -
     assert table.exit_code == 0 and "dice_pancreas" in table.stdout and "0.91" in table.stdout
     missing = runner.invoke(app, ["evaluate", "--pred", str(tmp_path / "nope"), "--gt", str(msd / "gt")])
     assert missing.exit_code == 1 and "folder not found" in missing.stderr
+
+
+@pytest.mark.parametrize(("setup", "extra", "message"), [
+    (lambda d: (d / "gt" / "c1.nii.gz").unlink(), [], "no ground-truth masks"),
+    (lambda d: (d / "pred" / "c1.nii.gz").unlink(), [], "no prediction for 1 ground-truth case(s), e.g. c1; pass "
+     "--allow-missing"),
+    (lambda d: (d / "truth.csv").write_text("id,label\nc1,1\n"), ["--subtypes"],
+     "expected columns Names,Subtype or case_id,subtype, got id,label"),
+    (lambda d: (d / "truth.csv").write_text("case_id,subtype\nc1,high\n"), ["--subtypes"],
+     "truth.csv, line 2: subtype 'high' is not a number"),
+    (lambda d: (d / "pred" / "subtype_results.csv").write_text("Names,Subtype\nother.nii.gz,1\n"), ["--subtypes"],
+     "subtype_results.csv: no subtype for case c1"),
+])
+def test_cli_errors(runner: CliRunner, tmp_path: Path, setup: Any, extra: list[str], message: str) -> None:
+    ref = np.zeros((8, 16, 16))
+    ref[2:6, 4:12, 4:12] = 1
+    pred_dir, gt_dir = _pair(tmp_path, ref, ref)
+    (tmp_path / "truth.csv").write_text("case_id,subtype\nc1,1\n")
+    setup(tmp_path)
+    args = ["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), *extra]
+    if extra:
+        args.append(str(tmp_path / "truth.csv"))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and "Traceback" not in result.output

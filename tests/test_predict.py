@@ -152,6 +152,23 @@ def test_errors(trained_project: Path, runner: CliRunner, tmp_path: Path) -> Non
     bad = runner.invoke(app, ["predict", "-c", cfg, "-i", str(trained_project / "data" / "test"), "-o",
                               str(tmp_path / "o"), "--checkpoint", "latest"])
     assert bad.exit_code == 2
+    device = runner.invoke(app, ["predict", "-c", cfg, "-i", str(trained_project / "data" / "test"), "-o",
+                                 str(tmp_path / "o"), "--device", "cuda:99"])
+    assert device.exit_code == 1 and "cuda:99 requested but" in device.stderr
+
+
+def test_model_that_cannot_be_loaded(trained_project: Path, runner: CliRunner, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import pancreas_cli.predict as predict_module
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("Error(s) in loading state_dict for MultiTaskNet: size mismatch for head.mlp.2.weight")
+
+    monkeypatch.setattr(predict_module, "_load_model", broken)
+    result = _predict(runner, trained_project, _inputs(trained_project, tmp_path), tmp_path / "out")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "cannot load the model in" in result.stderr and "size mismatch for head.mlp.2.weight" in result.stderr
+    assert "predict.log" in result.stderr
 
 
 def test_find_inputs_names(tmp_path: Path) -> None:

@@ -157,6 +157,35 @@ def test_fold_must_be_in_the_splits(runner: CliRunner, project: Path) -> None:
         splits.write_text(original)
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "plan.preset=default"], "the data was preprocessed for 3d_smoke but plan.preset asks for 3d_fullres; "
+                                       "re-run `pancseg preprocess` with the same preset"),
+    (["--num-gpus", "2"], "train.num_gpus > 1 needs CUDA GPUs"),
+    (["--device", "cuda:99"], "cuda:99 requested but "),
+])
+def test_train_errors(runner: CliRunner, project: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "2", *args])
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_nnunet_failure_shows_the_log_tail(runner: CliRunner, project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pancreas_cli.multitask.trainer import nnUNetTrainerMultiTask
+
+    def fails(self: nnUNetTrainerMultiTask) -> None:
+        print("nnU-Net says: patch size too large")
+        raise ValueError("shapes do not match")
+
+    monkeypatch.setattr(nnUNetTrainerMultiTask, "run_training", fails)
+    result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "2", "--force"])
+    assert result.exit_code == 1
+    assert "nnU-Net training failed: ValueError: shapes do not match" in result.stderr
+    assert "nnU-Net says: patch size too large" in result.stderr  # the log's last lines
+    assert "train_multitask_fold2.log (re-run with --debug for the traceback)" in result.stderr
+    debug = runner.invoke(app, ["--debug", "train", "-c", str(project / "pancseg.yaml"), "--fold", "2", "--force"])
+    assert debug.exit_code == 1 and "Traceback" in debug.stderr
+
+
 def test_wandb_needs_the_extra(runner: CliRunner, project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
