@@ -197,6 +197,11 @@ def train(
     trainer_name = TRAINERS[config.train.task]
     # Every fold is checked before anything is written: a refused fold changes nothing.
     starts = [_fold_start(config, state, trainer_name, fold, resume=resume, force=force) for fold in folds]
+    if resume and all(start.checkpoint is None for start in starts):
+        # Most likely a wrong project_dir, fold or task; quietly starting over could cost hours.
+        where = starts[0].output_folder.parent
+        raise TrainError(f"nothing to resume: no checkpoint for fold(s) {', '.join(map(str, folds))} in {where}; "
+                         "check project_dir, --fold and --task, or drop --resume to start a new training")
     write_training_inputs(config)
     result = TrainResult(config.train.task, str(device), trainer_name)
     for start in starts:
@@ -259,7 +264,8 @@ def _fold_start(config: Config, state: dict[str, Any], trainer_name: str, fold: 
     existing = newest_checkpoint(output_folder)
     if existing is not None and not resume:
         if not force:
-            raise TrainError(f"fold {fold} already has a training in {output_folder} (stopped after epoch "
+            state_text = "finished" if existing.name == "checkpoint_final.pth" else "stopped"
+            raise TrainError(f"fold {fold} already has a training in {output_folder} ({state_text} after epoch "
                              f"{_checkpoint_epoch(existing)}); pass --resume to continue it or --force to start over")
         return _FoldStart(fold, output_folder, None, discard=True)
     if resume and existing is not None and existing.name != "checkpoint_final.pth":

@@ -169,6 +169,14 @@ def test_train_errors(runner: CliRunner, project: Path, args: list[str], message
     assert message in result.stderr and "Traceback" not in result.output
 
 
+def test_resume_with_nothing_to_resume(runner: CliRunner, project: Path) -> None:
+    """A wrong project_dir or fold with --resume must not quietly start a new (hours-long) training."""
+    result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "2", "--resume"])
+    assert result.exit_code == 1
+    assert "nothing to resume: no checkpoint for fold(s) 2 in " in result.stderr
+    assert "drop --resume to start a new training" in result.stderr
+
+
 def test_nnunet_failure_shows_the_log_tail(runner: CliRunner, project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pancreas_cli.multitask.trainer import nnUNetTrainerMultiTask
 
