@@ -326,6 +326,12 @@ def evaluate(
     output.result(f"{len(result.cases)} cases; per case: {result.per_case_csv}; summary: {result.summary_json}")
 
 
+def _passed(target: dict[str, Any] | None) -> str:
+    if target is None:
+        return ""
+    return "n/a" if target["passed"] is None else ("yes" if target["passed"] else "NO")
+
+
 def _summary_rows(summary: dict[str, Any]) -> list[tuple[Any, ...]]:
     rows: list[tuple[Any, ...]] = []
     targets = summary["targets"]
@@ -333,11 +339,11 @@ def _summary_rows(summary: dict[str, Any]) -> list[tuple[Any, ...]]:
         ci = "" if stats["ci95_low"] is None else f"{stats['ci95_low']:.3f}-{stats['ci95_high']:.3f}"
         target = targets.get(key)
         rows.append((key, stats["mean"], stats["median"], ci, target["target"] if target else "",
-                     ("yes" if target["passed"] else "NO") if target else ""))
+                     _passed(target)))
     cls = summary["classification"]
     if cls:
         target = targets["macro_f1"]
-        rows.append(("macro_f1", cls["macro_f1"], "", "", target["target"], "yes" if target["passed"] else "NO"))
+        rows.append(("macro_f1", cls["macro_f1"], "", "", target["target"], _passed(target)))
         rows.append(("accuracy", cls["accuracy"], "", "", "", ""))
     return rows
 

@@ -88,6 +88,13 @@ class DatasetConfig(_Section):
         return f"Dataset{self.id:03d}_{self.name}"
 
 
+def _targets_are_labels(value: dict[int, int]) -> dict[int, int]:
+    bad = sorted({v for v in value.values() if v not in (0, 1, 2)})
+    if bad:
+        raise ValueError(f"targets must be 0, 1 or 2, got {bad}")
+    return value
+
+
 class CleanConfig(_Section):
     label_tolerance: float = Field(1e-3, gt=0, lt=0.5)
     label_map: dict[int, int] = Field(default_factory=dict)
@@ -97,13 +104,7 @@ class CleanConfig(_Section):
     direction_tolerance: float = Field(1e-3, ge=0)
     hu_range: tuple[float, float] = (-3100.0, 16000.0)
 
-    @field_validator("label_map")
-    @classmethod
-    def _targets_are_labels(cls, value: dict[int, int]) -> dict[int, int]:
-        bad = sorted({v for v in value.values() if v not in (0, 1, 2)})
-        if bad:
-            raise ValueError(f"targets must be 0, 1 or 2, got {bad}")
-        return value
+    _label_map = field_validator("label_map")(_targets_are_labels)
 
 
 class PlanConfig(_Section):
@@ -176,7 +177,11 @@ class EvaluateConfig(_Section):
     nsd_definition: Literal["border_voxel", "surface_area"] = "border_voxel"
     bootstrap: int = Field(1000, ge=0)
     num_workers: int = Field(2, ge=1, le=64)
+    label_map: dict[int, int] = Field(default_factory=dict)
+    unknown_labels: Literal["error", "background"] = "error"
     targets: TargetsConfig = Field(default_factory=dict)  # type: ignore[arg-type]
+
+    _label_map = field_validator("label_map")(_targets_are_labels)
 
 
 class Config(_Section):

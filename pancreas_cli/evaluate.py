@@ -103,7 +103,8 @@ def evaluate_case(case: str, pred_path: Path | None, ref_path: Path, settings: E
         spacing = tuple(float(s) for s in reversed(ref_image.GetSpacing()))
     else:
         pred, ref, spacing = load_mask_pair(pred_path, ref_path)
-    pred, ref = np.rint(pred).astype(np.int16), np.rint(ref).astype(np.int16)  # float masks (1.0000152)
+    pred = _labels(np.rint(pred).astype(np.int16), pred_path, settings)  # float masks (1.0000152)
+    ref = _labels(np.rint(ref).astype(np.int16), ref_path, settings)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     values: dict[str, float] = {}
     tolerances = {"pancreas": settings.nsd_tolerance_pancreas_mm, "lesion": settings.nsd_tolerance_lesion_mm}
@@ -117,6 +118,27 @@ def evaluate_case(case: str, pred_path: Path | None, ref_path: Path, settings: E
         values[f"volume_ref_{structure}_ml"] = float(r.sum()) * voxel_ml
     diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(ref.shape, spacing)))
     return CaseResult(case, values, diagonal, missing_prediction=pred_path is None)
+
+
+def _labels(mask: np.ndarray, path: Path | None, settings: EvaluateConfig) -> np.ndarray:
+    """``mask`` in labels 0/1/2 through ``evaluate.label_map``; other values are an error or background.
+
+    As in clean, a label_map lists every value to keep (a multi-organ mask has its own 1 and 2).
+    Scoring any value > 0 as pancreas would turn a multi-organ mask into a plausible-looking result.
+    """
+    mapping = {0: 0, **settings.label_map} if settings.label_map else {0: 0, 1: 1, 2: 2}
+    unknown = [int(v) for v in np.unique(mask) if int(v) not in mapping]
+    if unknown and settings.unknown_labels == "error":
+        shown = ", ".join(map(str, unknown[:10])) + (f", ... ({len(unknown)} values)" if len(unknown) > 10 else "")
+        raise DataError(f"{path}: label values {shown} are not among {sorted(mapping)}; map them with "
+                        "evaluate.label_map (e.g. --set 'evaluate.label_map={7: 1}' for TotalSegmentator's "
+                        "pancreas) or set evaluate.unknown_labels: background")
+    if all(source == target for source, target in mapping.items()) and not unknown:
+        return mask
+    out = np.zeros_like(mask)
+    for source, target in mapping.items():
+        out[mask == source] = target
+    return out
 
 
 def _aggregate(values: list[float], settings: EvaluateConfig) -> dict[str, float | None]:
@@ -142,8 +164,10 @@ def summarize(cases: list[CaseResult], settings: EvaluateConfig) -> dict[str, An
             segmentation[key] = _aggregate(values, settings)
             if metric == "hd95":
                 segmentation[key]["undefined_cases"] = sum(bool(np.isnan(c.values[key])) for c in cases)
+    lesion_cases = sum(c.values["volume_ref_lesion_ml"] > 0 for c in cases)
     summary: dict[str, Any] = {"cases": len(cases), "missing_predictions": sum(c.missing_prediction for c in cases),
-                               "nsd_definition": settings.nsd_definition, "segmentation": segmentation}
+                               "lesion_cases": lesion_cases, "nsd_definition": settings.nsd_definition,
+                               "segmentation": segmentation}
     # A case without a prediction (--allow-missing) counts as wrong, as its empty mask counts as Dice 0.
     labelled = [c for c in cases if c.subtype_true is not None and (c.subtype_pred is not None or c.missing_prediction)]
     classification = None
@@ -156,8 +180,10 @@ def summarize(cases: list[CaseResult], settings: EvaluateConfig) -> dict[str, An
                           "unpredicted": sum(m.unpredicted.values())}
     summary["classification"] = classification
     targets = settings.targets
+    # Without any true lesion, lesion Dice only says whether lesions were predicted (1 where none was):
+    # not a score to hold against the target.
     observed = {"dice_pancreas": segmentation["dice_pancreas"]["mean"],
-                "dice_lesion": segmentation["dice_lesion"]["mean"],
+                "dice_lesion": segmentation["dice_lesion"]["mean"] if lesion_cases else None,
                 "macro_f1": classification["macro_f1"] if classification else None}
     summary["targets"] = {
         key: {"target": getattr(targets, key), "value": value,
@@ -232,6 +258,9 @@ def evaluate(
         raise DataError(f"{predicted_csv}: no subtype for case {no_pred[0]} ({len(no_pred)} case(s))")
 
     summary = summarize(results, settings)
+    if not summary["lesion_cases"]:
+        notes.append("no ground-truth case has a lesion (label 2): the lesion metrics only count predicted "
+                     "lesions, and the lesion target is not scored")
     summary["notes"] = notes
     out = out_dir or pred_dir
     per_case_csv, summary_json = out / "metrics_per_case.csv", out / "metrics_summary.json"

@@ -47,6 +47,29 @@ def test_reproduces_metrics_reloaded_on_real_masks(realdata: Path, config, tmp_p
     stats = summary["segmentation"]["dice_pancreas"]
     assert stats["ci95_low"] <= stats["mean"] <= stats["ci95_high"]
     assert summary["targets"]["dice_pancreas"]["passed"] is False  # the mean is below 0.91
+    # No ground-truth lesion anywhere: the lesion target is not scored (it is not "passed" with Dice 1).
+    assert summary["lesion_cases"] == 0
+    assert summary["targets"]["dice_lesion"] == {"target": 0.31, "value": None, "passed": None}
+    assert any("no ground-truth case has a lesion" in note for note in result.notes)
+
+
+def test_multi_label_masks_need_a_label_map(realdata: Path, runner: CliRunner, tmp_path: Path) -> None:
+    """TotalSegmentator's 41 organs must not be scored as 'pancreas' (label > 0) and 'lesion' (label 2)."""
+    ts = realdata / "totalsegmentator"
+    for folder, source in (("gt", "example_seg.nii.gz"), ("pred", "example_seg_fast.nii.gz")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "ex.nii.gz").symlink_to(ts / source)
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "-o", str(tmp_path / "m"),
+            "--set", "evaluate.bootstrap=0"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "ex.nii.gz: label values 3, 4, 5, " in refused.stderr and "values) are not among [0, 1, 2]" in refused.stderr and "evaluate.label_map" in refused.stderr
+    mapped = runner.invoke(app, [*args, "--set", "evaluate.label_map={7: 1}", "--set",
+                                 "evaluate.unknown_labels=background", "--json"])
+    assert mapped.exit_code == 0, mapped.output
+    summary = json.loads(mapped.stdout)
+    assert round(summary["segmentation"]["dice_pancreas"]["mean"], 4) == 0.8087  # the known value
+    assert summary["targets"]["dice_lesion"]["passed"] is None
 
 
 def test_empty_mask_rules_and_worst_case_aggregation(config, tmp_path: Path) -> None:
