@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from pancreas_cli.exceptions import ConfigError
+from pancreas_cli.exceptions import ConfigError, OverrideSyntaxError
 
 CONFIG_TEMPLATE = Path(__file__).with_name("config_template.yaml")
 
@@ -232,11 +232,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError([f"--set {text!r}: expected dotted.key=value, e.g. train.epochs=50"])
+        raise OverrideSyntaxError([f"--set {text!r}: expected dotted.key=value, e.g. train.epochs=50"])
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"--set {text!r}: value is not valid YAML ({exc.problem})"]) from exc
+        raise OverrideSyntaxError([f"--set {text!r}: value is not valid YAML ({exc.problem})"]) from exc
     return key.split("."), value
 
 
@@ -281,19 +281,33 @@ def load_config(
     checks that the dataset's source files exist (only ``prepare`` and ``doctor`` need them).
     """
     data: dict[str, Any] = _read_yaml(path) if path is not None else {}
+    given: dict[str, str] = {}  # dotted key -> where on the command line it was given
     for text in overrides:
         keys, value = parse_override(text)
         _set_dotted(data, keys, value)
+        given[".".join(keys)] = f"--set {text}"
     for dotted, value in (flags or {}).items():
         if value is not None:
             _set_dotted(data, dotted.split("."), value)
+            given[dotted] = "a command-line option"
     base_dir = path.absolute().parent if path is not None else Path.cwd()
     try:
         config = Config.model_validate(data, context={"base_dir": base_dir, "check_source": check_source})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc), str(path) if path else None) from exc
+        problems = [_attribute(line, given) for line in format_validation_error(exc)]
+        source = str(path) if path else None
+        if given and path is not None:
+            source = f"{path} with the command line's settings"
+        raise ConfigError(problems, source) from exc
     config._config_path = path.absolute() if path is not None else None
     return config
+
+
+def _attribute(problem: str, given: dict[str, str]) -> str:
+    """Say when a bad value came from the command line rather than the file."""
+    field = problem.split(":", 1)[0]
+    origin = next((how for key, how in given.items() if field == key or field.startswith(f"{key}.")), None)
+    return f"{problem} (from {origin})" if origin else problem
 
 
 def _known_keys(loc: tuple[Any, ...]) -> list[str]:

@@ -25,6 +25,12 @@ class ConfigError(PancsegError):
         super().__init__(f"invalid configuration{where}:\n" + "\n".join(f"  {p}" for p in problems))
 
 
+class OverrideSyntaxError(ConfigError):
+    """A ``--set`` argument that is not ``dotted.key=value``: command-line usage (exit code 2)."""
+
+    exit_code = 2
+
+
 class DataError(PancsegError):
     """The user's data is missing, unreadable or inconsistent."""
 

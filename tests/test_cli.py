@@ -79,7 +79,12 @@ def test_set_override_error_and_debug_traceback(runner: CliRunner, tmp_path: Pat
     (tmp_path / "data").mkdir()
     cfg = write_config(tmp_path, "")
     result = runner.invoke(app, ["clean", "-c", str(cfg), "--set", "dataset.id=0"])
-    assert result.exit_code == 1 and "dataset.id: must be >= 1" in result.stderr
+    assert result.exit_code == 1 and "dataset.id: must be >= 1 (from --set dataset.id=0)" in result.stderr
+    assert f"invalid configuration in {cfg} with the command line's settings" in result.stderr
+    flag = runner.invoke(app, ["train", "-c", str(cfg), "--epochs", "0"])
+    assert flag.exit_code == 1 and "train.epochs: must be > 0 (from a command-line option)" in flag.stderr
+    malformed = runner.invoke(app, ["clean", "-c", str(cfg), "--set", "dataset.id"])  # usage, like a bad option
+    assert malformed.exit_code == 2 and "expected dotted.key=value" in malformed.stderr
     debug = runner.invoke(app, ["--debug", "clean", "-c", str(cfg), "--set", "dataset.id=0"])
     assert debug.exit_code == 1 and "Traceback" in debug.stderr
 
