@@ -6,6 +6,7 @@ Heavy libraries (torch, nnU-Net) are imported inside the stages so that ``--help
 from __future__ import annotations
 
 import functools
+import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,8 @@ app = typer.Typer(
     help="Pancreas and lesion segmentation with lesion subtype classification on nnU-Net v2.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Boxed help and usage errors on a terminal; plain text in Colab `!` cells, CI logs and pipes.
+    rich_markup_mode="rich" if sys.stdout.isatty() else None,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -33,11 +36,13 @@ DEFAULT_CONFIG = Path("pancseg.yaml")
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML config (default: ./pancseg.yaml).", show_default=False),
+    typer.Option("--config", "-c", help="YAML config (default: ./pancseg.yaml).", show_default=False,
+                 metavar="PATH"),
 ]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a config key, e.g. --set train.epochs=50 (repeatable).", show_default=False),
+    typer.Option("--set", help="Override a config key, e.g. --set train.epochs=50 (repeatable).", show_default=False,
+                 metavar="KEY=VALUE"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
@@ -235,7 +240,7 @@ def _folds(values: list[str] | None, num_folds: int) -> list[int] | None:
 def train(
     config: ConfigOption = None,
     set_: SetOption = None,
-    fold: Annotated[list[str] | None, typer.Option("--fold", "-f", help="Fold (repeatable) or 'all'. Default 0.")] = None,
+    fold: Annotated[list[str] | None, typer.Option("--fold", "-f", help="Fold (repeatable) or 'all'. Default 0.", metavar="N|all")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Discard an existing training of the fold.")] = False,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
@@ -270,7 +275,7 @@ def predict(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for masks and subtype CSVs.")],
     config: ConfigOption = None,
     set_: SetOption = None,
-    fold: Annotated[list[int] | None, typer.Option("--fold", "-f", help="Fold(s) to ensemble (default: all trained).")] = None,
+    fold: Annotated[list[int] | None, typer.Option("--fold", "-f", help="Fold(s) to ensemble (default: all trained).", metavar="N")] = None,
     checkpoint: Annotated[str | None, typer.Option(help="best or final.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="No test-time mirroring: about 8x faster, slightly less accurate.")] = False,

@@ -43,6 +43,16 @@ def test_unknown_command_and_option_are_usage_errors(runner: CliRunner) -> None:
     assert runner.invoke(app, ["prepare", "--bogus"]).exit_code == 2
 
 
+def test_help_and_usage_errors_are_plain_text_when_not_a_terminal() -> None:
+    """Colab `!` cells and CI logs get no box-drawing panels."""
+    helped = subprocess.run([sys.executable, "-m", "pancreas_cli", "train", "--help"], capture_output=True, text=True,
+                            check=False)
+    assert helped.returncode == 0 and "--set KEY=VALUE" in helped.stdout and "╭" not in helped.stdout
+    usage = subprocess.run([sys.executable, "-m", "pancreas_cli", "train", "--bogus"], capture_output=True, text=True,
+                           check=False)
+    assert usage.returncode == 2 and "No such option: --bogus" in usage.stderr and "╭" not in usage.stderr
+
+
 def test_init_writes_template_and_refuses_to_overwrite(runner: CliRunner, tmp_path: Path) -> None:
     target = tmp_path / "cfg" / "pancseg.yaml"
     result = runner.invoke(app, ["init", str(target)])
