@@ -96,7 +96,13 @@ class PredictResult:
 def _is_dicom_folder(folder: Path) -> bool:
     import SimpleITK as sitk
 
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    # ITK warns on stderr when it finds no series; here that is an answer, not a problem.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def find_inputs(path: Path) -> list[InputCase]:
@@ -258,6 +264,9 @@ def predict(
     """
     settings = config.predict
     checkpoint_name = f"checkpoint_{checkpoint or settings.checkpoint}.pth"
+    if input_path.is_dir() and out_dir.resolve() == input_path.resolve():
+        raise PredictError(f"{out_dir}: the output folder is the input folder; its masks would be read as new "
+                           "scans next time: choose another -o")
     cases = find_inputs(input_path)
     model_dir = model_folder(config)
     folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name)

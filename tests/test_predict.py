@@ -152,6 +152,8 @@ def test_errors(trained_project: Path, runner: CliRunner, tmp_path: Path) -> Non
     bad = runner.invoke(app, ["predict", "-c", cfg, "-i", str(trained_project / "data" / "test"), "-o",
                               str(tmp_path / "o"), "--checkpoint", "latest"])
     assert bad.exit_code == 2
+    same = runner.invoke(app, ["predict", "-c", cfg, "-i", str(tmp_path / "empty"), "-o", str(tmp_path / "empty")])
+    assert same.exit_code == 1 and "the output folder is the input folder" in same.stderr
     device = runner.invoke(app, ["predict", "-c", cfg, "-i", str(trained_project / "data" / "test"), "-o",
                                  str(tmp_path / "o"), "--device", "cuda:99"])
     assert device.exit_code == 1 and "cuda:99 requested but" in device.stderr
@@ -178,3 +180,9 @@ def test_find_inputs_names(tmp_path: Path) -> None:
     (tmp_path / "a.nrrd").write_bytes(b"")
     with pytest.raises(PredictError, match="both be written as a.nii.gz"):
         find_inputs(tmp_path)
+
+
+def test_folder_without_images_or_dicom(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(PredictError, match="no images .* and no DICOM series found"):
+        find_inputs(tmp_path)
+    assert "WARNING" not in capfd.readouterr().err  # ITK's own "No Series were found" stays quiet
