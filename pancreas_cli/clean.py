@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from pancreas_cli.config import CleanConfig, Config
+from pancreas_cli.console import count
 from pancreas_cli.exceptions import CleanError, DataError
 from pancreas_cli.imageio import read_image, scan_nifti, write_image, write_text
 
@@ -65,11 +66,10 @@ class CleanResult:
         return [f for f in self.findings if f.severity == "warning"]
 
     def summary(self) -> str:
-        verb = "would fix" if self.check else "fixed"
-        text = (
-            f"{self.cases} cases checked: {len(self.errors)} errors, {len(self.fixable)} problems {verb}, "
-            f"{len(self.warnings)} warnings"
-        )
+        fixable = len(self.fixable)
+        fixes = count(fixable, "fixable problem") if self.check else f"{count(fixable, 'problem')} fixed"
+        text = (f"{count(self.cases, 'case')} checked: {count(len(self.errors), 'error')}, {fixes}, "
+                f"{count(len(self.warnings), 'warning')}")
         if self.report:
             text += f"; report: {self.report}"
         if self.errors:
@@ -118,7 +118,7 @@ class _CaseAudit:
             if not pending:
                 action = f"{f.action} (done by an earlier run)"
             else:
-                action = f"would be {f.action}" if check else f.action
+                action = f"not applied (--check): {f.action}" if check else f.action
             self.findings[i] = Finding(f.severity, f.case, f.problem, f.detail, action, pending=pending)
 
 

@@ -16,7 +16,7 @@ import typer
 
 from pancreas_cli import __version__
 from pancreas_cli.config import CONFIG_TEMPLATE, Config, load_config
-from pancreas_cli.console import output
+from pancreas_cli.console import count, output
 from pancreas_cli.demo import DemoBudget
 from pancreas_cli.exceptions import ConfigError, OutputExistsError, PancsegError
 
@@ -189,7 +189,9 @@ def clean(
     if json_:
         output.json(result.to_dict())
     else:
-        rows = [(f.severity, f.case, f.problem, f.detail, f.action) for f in result.findings]
+        # Under --check nothing was fixed: a pending fix is only "fixable".
+        rows = [("fixable" if result.check and f.pending else f.severity, f.case, f.problem, f.detail, f.action)
+                for f in result.findings]
         if rows:
             output.table("clean findings", ["severity", "case", "problem", "detail", "action"], rows)
         output.result(result.summary())
@@ -328,7 +330,7 @@ def evaluate(
         output.json(result.summary)
         return
     output.table("evaluation", ["metric", "mean", "median", "95% CI", "target", "pass"], _summary_rows(result.summary))
-    output.result(f"{len(result.cases)} cases; per case: {result.per_case_csv}; summary: {result.summary_json}")
+    output.result(f"{count(len(result.cases), 'case')}; per case: {result.per_case_csv}; summary: {result.summary_json}")
 
 
 def _passed(target: dict[str, Any] | None) -> str:

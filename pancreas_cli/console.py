@@ -91,5 +91,10 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def count(n: int, noun: str) -> str:
+    """``1 case``, ``2 cases``; nouns here take a plain -s."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 #: The process-wide output settings.
 output = Output()

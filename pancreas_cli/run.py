@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pancreas_cli.clean import clean
 from pancreas_cli.config import Config
+from pancreas_cli.console import count
 from pancreas_cli.evaluate import evaluate
 from pancreas_cli.exceptions import CleanError
 from pancreas_cli.predict import CaseReporter, model_folder, predict
@@ -55,7 +56,7 @@ def run(
 
     start = time.perf_counter()
     prepared = prepare(config)
-    stage("prepare", "up to date" if prepared.up_to_date else f"{len(prepared.cases)} cases", start)
+    stage("prepare", "up to date" if prepared.up_to_date else count(len(prepared.cases), "case"), start)
 
     start = time.perf_counter()
     cleaned = clean(config)
@@ -63,7 +64,7 @@ def run(
         raise CleanError(f"{len(cleaned.errors)} data error(s) that clean cannot fix, e.g. "
                          f"{cleaned.errors[0].case}: {cleaned.errors[0].problem} ({cleaned.errors[0].detail}); "
                          f"see {cleaned.report}")
-    stage("clean", f"{len(cleaned.changed_files)} files fixed, {len(cleaned.warnings)} warnings", start)
+    stage("clean", f"{count(len(cleaned.changed_files), 'file')} fixed, {count(len(cleaned.warnings), 'warning')}", start)
 
     start = time.perf_counter()
     pre = preprocess(config)
@@ -75,7 +76,7 @@ def run(
     else:
         resume = newest_checkpoint(model_folder(config) / f"fold_{fold}") is not None
         trained = train(config, folds=[fold], resume=resume, reporter=epoch_reporter)
-        stage("train", f"fold {fold}: {trained.folds[0].epochs_done} epochs", start)
+        stage("train", f"fold {fold}: {count(trained.folds[0].epochs_done, 'epoch')}", start)
 
     raw = config.dataset_raw_dir
     start = time.perf_counter()
@@ -102,7 +103,7 @@ def run(
         cases = json.loads((raw / "splits_final.json").read_text(encoding="utf-8"))[fold]["val"]
         label = f"validation fold {fold}"
     evaluated = evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir, subtypes_csv=subtypes, cases=cases)
-    stage("evaluate", f"{label}: {len(evaluated.cases)} cases", start)
+    stage("evaluate", f"{label}: {count(len(evaluated.cases), 'case')}", start)
 
     start = time.perf_counter()
     written = report(config, fold=fold, pred_dir=pred_dir, gt_dir=gt_dir, images_dir=images)

@@ -286,9 +286,9 @@ def test_fixable_problem(tmp_path: Path, name: str) -> None:
     checked = clean(config, check=True)
     assert snapshot(ds) == before
     assert {f.problem for f in checked.fixable} == spec.problems
-    assert all(f.case == BAD and f.pending and f.action.startswith("would be ") for f in checked.fixable)
+    assert all(f.case == BAD and f.pending and f.action.startswith("not applied (--check): ") for f in checked.fixable)
     assert not checked.errors and checked.report is None and not checked.changed_files
-    assert "would fix" in checked.summary() and "without --check" in checked.summary()
+    assert "fixable problem" in checked.summary() and "without --check" in checked.summary()
 
     # clean: fixes, keeps the original, writes the report
     result = clean(config)
@@ -507,7 +507,7 @@ def test_warning(tmp_path: Path, name: str, runner) -> None:
     ]
     cli = runner.invoke(app, ["clean", "-c", str(config.config_path), "--check"])
     assert cli.exit_code == 0, cli.output
-    assert "0 errors, 0 problems would fix, 1 warnings" in cli.stdout
+    assert "0 errors, 0 fixable problems, 1 warning" in cli.stdout
 
 
 def test_soft_tissue_only_ct_is_not_ct_like(tmp_path: Path) -> None:
@@ -536,8 +536,9 @@ def test_cli_check_then_clean_then_check(tmp_path: Path, runner) -> None:
 
     check = runner.invoke(app, ["clean", "-c", cfg, "--check"])
     assert check.exit_code == 1
-    assert "would be rounded to integers" in check.stdout
-    assert "0 errors, 2 problems would fix" in check.stdout
+    assert "not applied (--check): rounded to integers" in check.stdout
+    assert "fixable" in check.stdout and "fixed" not in check.stdout
+    assert "0 errors, 2 fixable problems" in check.stdout
     assert "run `pancseg clean` without --check" in check.stdout
     assert snapshot(config.dataset_raw_dir) == before
 
@@ -548,7 +549,7 @@ def test_cli_check_then_clean_then_check(tmp_path: Path, runner) -> None:
 
     again = runner.invoke(app, ["clean", "-c", cfg, "--check"])
     assert again.exit_code == 0, again.output
-    assert "0 errors, 0 problems would fix" in again.stdout
+    assert "0 errors, 0 fixable problems" in again.stdout
     assert "(done by an earlier run)" in again.stdout
 
 
