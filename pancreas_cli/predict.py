@@ -350,8 +350,10 @@ def _predict_case(predictor: Any, case: InputCase, out_dir: Path, scratch: Path,
         subtype = None if probabilities is None else max(range(3), key=lambda i: probabilities[i])
         return CaseOutcome(case.case, case.source, "predicted", time.perf_counter() - start, subtype, probabilities)
     except (DataError, RuntimeError, ValueError, OSError) as exc:
+        # The report names the source already; a DataError's own message starts with it too.
+        text = str(exc).removeprefix(f"{case.source}: ") if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
         return CaseOutcome(case.case, case.source, "failed", time.perf_counter() - start,
-                           error=f"{type(exc).__name__}: {exc}".strip().splitlines()[0])
+                           error=text.strip().splitlines()[0])
     finally:
         Path(f"{partial}.nii.gz").unlink(missing_ok=True)
         if scratch.is_dir():

@@ -120,6 +120,7 @@ def test_failing_case_is_reported_others_complete(trained_project: Path, runner:
     assert result.exit_code == 1
     assert "flat_2d.nii.gz" in result.stderr and "3D" in result.stderr
     assert "broken.nii.gz" in result.stderr
+    assert result.stderr.count("broken.nii.gz") == 1  # named once, not again inside the error text
     assert "2 predicted" in result.stdout and "2 failed" in result.stdout
     assert len(list(out.glob("*.nii.gz"))) == 2
     assert len((out / "subtype_results.csv").read_text().splitlines()) == 3
