@@ -210,8 +210,8 @@ def preprocess(
     """Fingerprint, plan (ResEnc-M) and preprocess with nnU-Net, with its integrity check."""
     from pancreas_cli.preprocess import preprocess as run_preprocess
 
-    output.info("running nnU-Net fingerprinting, planning and preprocessing ...")
-    result = run_preprocess(_config(config, set_), force=force)
+    result = run_preprocess(_config(config, set_), force=force, on_start=lambda: output.info(
+        "running nnU-Net fingerprinting, planning and preprocessing ..."))
     if json_:
         output.json(result.to_dict())
         return

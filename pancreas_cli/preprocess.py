@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,8 +146,12 @@ def _explain_failure(exc: BaseException, log_file: Path, dataset_dir: Path) -> s
     return f"nnU-Net preprocessing failed{where}: {reason}\n  fix: {fix}\n  full nnU-Net output: {log_file}"
 
 
-def preprocess(config: Config, *, force: bool = False) -> PreprocessResult:
-    """Fingerprint, plan with ``config.plan.planner`` and preprocess the configuration to train."""
+def preprocess(config: Config, *, force: bool = False,
+               on_start: Callable[[], None] = lambda: None) -> PreprocessResult:
+    """Fingerprint, plan with ``config.plan.planner`` and preprocess the configuration to train.
+
+    ``on_start`` is called when nnU-Net is about to run (not when everything is up to date).
+    """
     dataset_dir = config.dataset_raw_dir
     if not (dataset_dir / "dataset.json").is_file():
         raise PreprocessError(f"{dataset_dir}: no prepared dataset; run `pancseg prepare` (and `pancseg clean`) first")
@@ -167,6 +172,7 @@ def preprocess(config: Config, *, force: bool = False) -> PreprocessResult:
                 _summaries(plans_file, dataset_json, (configuration,)), up_to_date=True,
             )
 
+    on_start()
     setup_nnunet_env(config)
     log_file.unlink(missing_ok=True)
     state_file.unlink(missing_ok=True)

@@ -295,7 +295,7 @@ def test_fixable_problem(tmp_path: Path, name: str) -> None:
     assert result.changed_files == [prepared]
     assert not result.errors
     assert _problems(result, "fixed") == spec.problems
-    assert all(not f.action.startswith("would") for f in result.fixable)
+    assert all(not f.action.startswith("not applied") for f in result.fixable)
     rows = _report(result)
     assert {(r["case"], r["problem"], r["severity"]) for r in rows if r["severity"] == "fixed"} == {
         (BAD, p, "fixed") for p in spec.problems

@@ -61,7 +61,7 @@ def test_messy_synthetic_dataset_end_to_end(runner: CliRunner, tmp_path: Path) -
 
     assert runner.invoke(app, ["prepare", "-c", str(cfg)]).exit_code == 0
     check = runner.invoke(app, ["clean", "-c", str(cfg), "--check"])
-    assert check.exit_code == 1 and "would" in check.stdout
+    assert check.exit_code == 1 and "fixable problems" in check.stdout
     cleaned = runner.invoke(app, ["clean", "-c", str(cfg)])
     assert cleaned.exit_code == 0, cleaned.output
 
@@ -85,6 +85,7 @@ def test_messy_synthetic_dataset_end_to_end(runner: CliRunner, tmp_path: Path) -
     result = runner.invoke(app, ["preprocess", "-c", str(cfg)])
     assert result.exit_code == 0, result.output + (tmp_path / "work" / "logs" / "preprocess.log").read_text()
     assert "3d_smoke" in result.stdout and "nnUNetResEncUNetMPlans" in result.stdout
+    assert "running nnU-Net fingerprinting" in result.stderr
     plans = _plans(tmp_path / "work")
     assert SMOKE_CONFIGURATION in plans["configurations"]
     pre = tmp_path / "work" / "nnUNet_preprocessed" / "Dataset001_PancreasCancer"
@@ -95,6 +96,7 @@ def test_messy_synthetic_dataset_end_to_end(runner: CliRunner, tmp_path: Path) -
 
     again = runner.invoke(app, ["preprocess", "-c", str(cfg), "--json"])
     assert again.exit_code == 0 and json.loads(again.stdout)["up_to_date"] is True
+    assert "running nnU-Net" not in again.stderr  # nothing ran
 
     # Changed raw data re-plans instead of reusing a stale fingerprint.
     fingerprint = pre / "dataset_fingerprint.json"
