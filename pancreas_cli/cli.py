@@ -365,14 +365,16 @@ def report(
     pred: Annotated[Path | None, typer.Option("--pred", help="Predictions evaluated by `pancseg evaluate`.")] = None,
     gt: Annotated[Path | None, typer.Option("--gt", help="Ground-truth masks (for the overlays).")] = None,
     images: Annotated[Path | None, typer.Option("--images", help="CT images (for the overlays).")] = None,
+    metrics: Annotated[Path | None, typer.Option("--metrics", help="Where `pancseg evaluate -o` wrote (default: --pred).")] = None,
 ) -> None:
     """One self-contained HTML report: training curves, evaluation, overlays and provenance."""
     from pancreas_cli.report import report as run_report
     from pancreas_cli.report import require_folder
 
-    for path, what in ((pred, "--pred"), (gt, "--gt"), (images, "--images")):
+    for path, what in ((pred, "--pred"), (gt, "--gt"), (images, "--images"), (metrics, "--metrics")):
         require_folder(path, what)
-    result = run_report(_config(config, set_), fold=fold, out_html=out, pred_dir=pred, gt_dir=gt, images_dir=images)
+    result = run_report(_config(config, set_), fold=fold, out_html=out, pred_dir=pred, gt_dir=gt, images_dir=images,
+                        metrics_dir=metrics)
     for note in result.notes:
         output.warn(note)
     for line in result.summary_lines:

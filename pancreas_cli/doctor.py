@@ -14,7 +14,9 @@ from pancreas_cli.config import load_config
 from pancreas_cli.exceptions import ConfigError
 
 Status = Literal["ok", "warning", "blocking", "info"]
-MIN_FREE_DISK_GB = 10.0
+#: Free disk a project needs (raw + preprocessed data, checkpoints, predictions): a full
+#: 252-case dataset with ResEnc-M plans, or the tiny smoke preset.
+MIN_FREE_DISK_GB = {"default": 10.0, "smoke": 1.0}
 MIN_SHM_GB = 1.0
 
 
@@ -113,7 +115,10 @@ def doctor(config_path: Path | None = None, overrides: list[str] | None = None) 
 
     where = _existing_parent(config.project_dir if config else Path.cwd())
     free = shutil.disk_usage(where).free
-    add(Check("disk", "ok" if free / 1024**3 >= MIN_FREE_DISK_GB else "blocking", f"{_gb(free)} free under {where}"))
+    preset = config.plan.preset if config else "default"
+    need = MIN_FREE_DISK_GB[preset]
+    add(Check("disk", "ok" if free / 1024**3 >= need else "blocking",
+              f"{_gb(free)} free under {where} (the {preset} preset needs about {need:g} GiB)"))
     shm = Path("/dev/shm")
     if shm.is_dir():
         shm_free = shutil.disk_usage(shm).free

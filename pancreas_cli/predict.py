@@ -13,6 +13,7 @@ model. A case that fails is reported and the others go on.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -44,6 +45,8 @@ class CaseReporter(Protocol):
     """Receives per-case progress; ``stream`` reaches the terminal while nnU-Net's output is logged."""
 
     def start(self, total: int, stream: TextIO) -> None: ...
+
+    def working(self, case: str, detail: str) -> None: ...
 
     def case(self, outcome: CaseOutcome, index: int) -> None: ...
 
@@ -303,7 +306,8 @@ def predict(
             if reporter is not None:
                 reporter.start(len(todo), terminal)
             for index, case in enumerate(todo, start=1):
-                outcome = _predict_case(predictor, case, out_dir, Path(scratch), multitask, stamp)
+                working = (lambda detail, name=case.case: reporter.working(name, detail)) if reporter else None
+                outcome = _predict_case(predictor, case, out_dir, Path(scratch), multitask, stamp, working)
                 result.outcomes.append(outcome)
                 if reporter is not None:
                     reporter.case(outcome, index)
@@ -327,8 +331,20 @@ def _load_model(model_dir: Path, folds: list[int], checkpoint_name: str, device:
     return predictor
 
 
+def _workload(predictor: Any, shape: tuple[int, ...]) -> str:
+    """How much network work a case is: a large or finely resampled scan can take long on a CPU."""
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    patch = predictor.configuration_manager.patch_size
+    padded = [max(s, p) for s, p in zip(shape, patch)]
+    tiles = math.prod(len(steps) for steps in compute_steps_for_sliding_window(padded, patch, predictor.tile_step_size))
+    axes = predictor.allowed_mirroring_axes if predictor.use_mirroring else None
+    passes = tiles * 2 ** len(axes or ()) * len(predictor.list_of_parameters)
+    return f"{'x'.join(map(str, shape))} voxels at the model's spacing: {tiles} tiles, {passes} network passes"
+
+
 def _predict_case(predictor: Any, case: InputCase, out_dir: Path, scratch: Path, multitask: bool,
-                  stamp: dict[str, Any]) -> CaseOutcome:
+                  stamp: dict[str, Any], working: Callable[[str], None] | None = None) -> CaseOutcome:
     import torch
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
@@ -339,6 +355,8 @@ def _predict_case(predictor: Any, case: InputCase, out_dir: Path, scratch: Path,
         preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
         data, _, properties = preprocessor.run_case([str(image_file)], None, predictor.plans_manager,
                                                     predictor.configuration_manager, predictor.dataset_json)
+        if working is not None:
+            working(_workload(predictor, tuple(data.shape[1:])))
         logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
         export_prediction_from_logits(logits, properties, predictor.configuration_manager, predictor.plans_manager,
                                       predictor.dataset_json, str(partial), False)

@@ -93,6 +93,11 @@ class CasePrinter:
             self.task = self.progress.add_task("predicting", total=total)
             self.progress.start()
 
+    def working(self, case: str, detail: str) -> None:
+        if self.quiet or self.console is None:
+            return
+        (self.progress.console if self.progress is not None else self.console).print(f"{case}: {detail}", markup=False)
+
     def case(self, outcome: Any, index: int) -> None:
         if self.quiet or self.console is None:
             return

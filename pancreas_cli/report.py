@@ -227,19 +227,24 @@ def report(
     pred_dir: Path | None = None,
     gt_dir: Path | None = None,
     images_dir: Path | None = None,
+    metrics_dir: Path | None = None,
 ) -> ReportResult:
-    """Write the HTML report and its PNGs; sections without their inputs say what to run."""
+    """Write the HTML report and its PNGs; sections without their inputs say what to run.
+
+    The evaluation is read from ``metrics_dir`` (where ``pancseg evaluate -o`` wrote it), by default
+    ``pred_dir`` (where it writes without ``-o``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     # nnU-Net's progress plot changes matplotlib's global style (seaborn, font scale 2.5) in this
     # process: draw with the defaults.
     with matplotlib.rc_context(matplotlib.rcParamsDefault):
-        return _write_report(config, fold, out_html, pred_dir, gt_dir, images_dir)
+        return _write_report(config, fold, out_html, pred_dir, gt_dir, images_dir, metrics_dir or pred_dir)
 
 
 def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Path | None, gt_dir: Path | None,
-                  images_dir: Path | None) -> ReportResult:
+                  images_dir: Path | None, metrics_dir: Path | None) -> ReportResult:
     from pancreas_cli.predict import model_folder
 
     out_html = out_html or config.project_dir / "report" / f"report_fold{fold}.html"
@@ -270,8 +275,8 @@ def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Pa
 
     # Evaluation
     parts.append("<h2 id='evaluation'>Evaluation</h2>")
-    summary_json = pred_dir / "metrics_summary.json" if pred_dir else None
-    per_case_csv = pred_dir / "metrics_per_case.csv" if pred_dir else None
+    summary_json = metrics_dir / "metrics_summary.json" if metrics_dir else None
+    per_case_csv = metrics_dir / "metrics_per_case.csv" if metrics_dir else None
     if summary_json and summary_json.is_file() and per_case_csv and per_case_csv.is_file():
         summary = json.loads(summary_json.read_text(encoding="utf-8"))
         per_case = _read_csv(per_case_csv)
@@ -290,7 +295,7 @@ def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Pa
             classes.append("pass" if target["passed"] else "fail")
             rows_.append(["accuracy (subtype)", cls["accuracy"], None, "-", None, None])
             classes.append("")
-        parts.append(f"<p>{summary['cases']} cases from <code>{html.escape(str(pred_dir))}</code> "
+        parts.append(f"<p>{summary['cases']} cases evaluated in <code>{html.escape(str(metrics_dir))}</code> "
                      f"(NSD: {summary['nsd_definition']}).</p>")
         parts.append(_table(["metric", "mean", "median", "95% CI (bootstrap)", "target", "result"], rows_, classes))
         png = distribution_figure(per_case, png_dir / f"{stem}_distributions.png")
@@ -310,13 +315,15 @@ def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Pa
         # Overlays: best, median and worst by whole-pancreas Dice.
         parts.append("<h2 id='overlays'>Examples</h2>")
         ranked = sorted(per_case, key=lambda r: float(r["dice_pancreas"]))
-        picks = [("worst", ranked[0]), ("median", ranked[len(ranked) // 2]), ("best", ranked[-1])]
+        # Each case once: with two cases the median is the best one.
+        picks = {0: "worst", len(ranked) // 2: "median", len(ranked) - 1: "best"}
         chosen = []
-        for title, row in picks:
-            case = row["case"]
+        for index, title in sorted(picks.items()):
+            case = ranked[index]["case"]
+            row = ranked[index]
             ct = _find_image(images_dir, case) if images_dir else None
             gt = _find_image(gt_dir, case) if gt_dir else None
-            pred = _find_image(pred_dir, case)
+            pred = _find_image(pred_dir, case) if pred_dir else None
             if ct and gt and pred:
                 chosen.append((f"{title} (Dice {float(row['dice_pancreas']):.3f})", case, ct, gt, pred))
         if chosen:
@@ -327,10 +334,11 @@ def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Pa
             parts.append("<p class='note'>No overlays: pass --images (CT) and --gt folders with the cases.</p>")
             result.notes.append("no overlays: CT or ground-truth folder missing")
     else:
-        where = html.escape(str(pred_dir)) if pred_dir else "(no --pred folder)"
-        parts.append(f"<p class='note'>No evaluation in {where}: run <code>pancseg predict</code> and "
-                     "<code>pancseg evaluate</code>.</p>")
-        result.notes.append("no evaluation found")
+        where = str(metrics_dir) if metrics_dir else "(no --pred or --metrics folder)"
+        parts.append(f"<p class='note'>No evaluation in {html.escape(where)}: run <code>pancseg predict</code> "
+                     "and <code>pancseg evaluate</code> (pass <code>--metrics</code> where its -o wrote).</p>")
+        result.notes.append(f"no evaluation (metrics_summary.json, metrics_per_case.csv) in {where}; run pancseg "
+                            "evaluate, or pass --metrics DIR where `pancseg evaluate -o DIR` wrote them")
 
     # Provenance
     parts.append("<h2 id='provenance'>Provenance</h2>")

@@ -131,6 +131,21 @@ def test_doctor_json_and_blocking_device(runner: CliRunner, tmp_path: Path) -> N
     assert cpu.exit_code == (0 if all(c["status"] != "blocking" for c in checks.values()) else 1)
 
 
+def test_doctor_disk_need_follows_the_preset(tmp_path: Path, monkeypatch) -> None:
+    """5 GiB is plenty for the smoke preset, not for a real dataset with ResEnc-M plans."""
+    from collections import namedtuple
+
+    from pancreas_cli import doctor as doctor_module
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(doctor_module.shutil, "disk_usage", lambda path: usage(0, 0, 5 * 1024**3))
+    (tmp_path / "data").mkdir()
+    for preset, status in (("smoke", "ok"), ("default", "blocking")):
+        cfg = write_config(tmp_path, f"plan:\n  preset: {preset}\n")
+        disk = next(c for c in doctor_module.doctor(cfg).checks if c.name == "disk")
+        assert disk.status == status and f"the {preset} preset needs about" in disk.detail
+
+
 def test_doctor_reports_invalid_config(runner: CliRunner, tmp_path: Path) -> None:
     cfg = write_config(tmp_path, "dataset:\n  source: ./nope\n")
     result = runner.invoke(app, ["doctor", "-c", str(cfg)])

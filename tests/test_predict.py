@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -60,7 +61,11 @@ def test_names_geometry_and_csv_format(trained_project: Path, runner: CliRunner,
 
 def test_resume_skips_done_cases_and_rebuilds_csv(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
     source, out = _inputs(trained_project, tmp_path), tmp_path / "out"
-    assert _predict(runner, trained_project, source, out).exit_code == 0
+    first_run = _predict(runner, trained_project, source, out)
+    assert first_run.exit_code == 0
+    # before each case's network work: its size (a finely resampled scan can take long on a CPU)
+    assert re.search(r"other_scan: \d+x\d+x\d+ voxels at the model's spacing: \d+ tiles, \d+ network passes",
+                     first_run.stderr), first_run.stderr
     stamp = (out / "other_scan.nii.gz").stat().st_mtime_ns
     (out / "subtype_results.csv").unlink()
     first = next(p for p in out.glob("*.nii.gz") if p.name != "other_scan.nii.gz")

@@ -62,6 +62,23 @@ def test_missing_inputs_say_what_to_run(trained_project: Path, runner: CliRunner
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_evaluation_from_a_metrics_folder(rendered: Path, runner: CliRunner, trained_project: Path,
+                                         tmp_path: Path) -> None:
+    """`pancseg evaluate -o DIR` writes the metrics away from the predictions: --metrics DIR finds them."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    for name in ("metrics_summary.json", "metrics_per_case.csv"):
+        shutil.copy(rendered.parent / "pred" / name, metrics / name)
+    cfg = str(trained_project / "pancseg.yaml")
+    plain = runner.invoke(app, ["report", "-c", cfg, "--fold", "4", "-o", str(tmp_path / "a.html")])
+    assert plain.exit_code == 0 and "pass --metrics DIR where `pancseg evaluate -o DIR` wrote them" in plain.stderr
+    found = runner.invoke(app, ["report", "-c", cfg, "--fold", "4", "-o", str(tmp_path / "b.html"), "--metrics",
+                                str(metrics)])
+    assert found.exit_code == 0, found.output
+    assert "no evaluation" not in found.stderr and "id='evaluation'" in (tmp_path / "b.html").read_text()
+    assert f"evaluated in <code>{metrics}</code>" in (tmp_path / "b.html").read_text()
+
+
 def test_refuses_to_replace_another_file(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
     (tmp_path / "notes.html").write_text("<html><body>my own notes</body></html>")
     result = runner.invoke(app, ["report", "-c", str(trained_project / "pancseg.yaml"), "-o",

@@ -300,7 +300,7 @@ def test_dead_workers_show_the_real_error(project: Path, runner: CliRunner, monk
 
 
 def test_refused_fold_changes_nothing(project: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`--fold 1 --fold 3` with fold 3 trained: refused before fold 1 starts or the settings change."""
+    """`--fold 4 --fold 3` with fold 3 trained: refused before fold 4 starts or the settings change."""
     import torch
 
     from pancreas_cli.multitask.trainer import nnUNetTrainerMultiTask
@@ -310,9 +310,9 @@ def test_refused_fold_changes_nothing(project: Path, runner: CliRunner, monkeypa
     torch.save({"current_epoch": 2}, fold_dir / "checkpoint_latest.pth")
     settings = project / "work" / "nnUNet_preprocessed" / "Dataset001_PancreasCancer" / "pancseg_training.json"
     before = settings.read_bytes() if settings.is_file() else None
-    monkeypatch.setattr(nnUNetTrainerMultiTask, "run_training", lambda self: pytest.fail("fold 1 started"))
+    monkeypatch.setattr(nnUNetTrainerMultiTask, "run_training", lambda self: pytest.fail("fold 4 started"))
     try:
-        result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "1", "--fold", "3",
+        result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "4", "--fold", "3",
                                      "--set", "train.cls_weight=0.9"])
         assert result.exit_code == 1
         assert "fold 3 already has a training" in result.stderr and "stopped after epoch 2" in result.stderr
