@@ -7,6 +7,7 @@ Relative paths resolve against the config file's folder (the working directory w
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +47,7 @@ def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
     base = (info.context or {}).get("base_dir")
     if not value.is_absolute() and base is not None:
         value = Path(base) / value
-    return value.absolute()
+    return Path(os.path.abspath(value))  # also drops "..": paths in messages read as the user thinks of them
 
 
 class DatasetConfig(_Section):

@@ -236,8 +236,9 @@ def discover_cases(dataset: DatasetConfig) -> list[SourceCase]:
                 f"duplicate case id {case.case_id!r}: {seen[case.case_id].image} and {case.image}; case ids must be unique"
             )
         seen[case.case_id] = case
-    if sum(c.split != "test" for c in cases) < 2:
-        raise PrepareError(f"{where}: at least 2 labelled (train/validation) cases are needed, found fewer")
+    labelled = sum(c.split != "test" for c in cases)
+    if labelled < 2:
+        raise PrepareError(f"{where}: at least 2 labelled (train/validation) cases are needed, found {labelled}")
     return cases
 
 
@@ -399,6 +400,9 @@ def prepare(config: Config, *, force: bool = False) -> PrepareResult:
 
     labelled = sorted((c for c in cases if c.split != "test"), key=lambda c: c.case_id)
     splits = make_splits(cases, config.dataset.num_folds, config.dataset.split_seed)
+    if len(splits) < config.dataset.num_folds:
+        notes.append(f"{len(labelled)} labelled cases: {len(splits)} folds instead of dataset.num_folds = "
+                     f"{config.dataset.num_folds}")
     write_text(json.dumps(dataset_json(config, len(labelled)), indent=2), tmp / "dataset.json")
     write_text(json.dumps(splits, indent=2), tmp / "splits_final.json")
     write_text(

@@ -54,7 +54,7 @@ def test_relative_paths_resolve_against_the_config_folder(project: Path, in_dir:
     (sub / "raw").mkdir()
     path = write_config(sub, "project_dir: ../work\ndataset:\n  source: ./raw\n")
     config = load_config(path)
-    assert config.project_dir == (sub / "../work").absolute()
+    assert config.project_dir == project / "work"  # normalised: messages show no "configs/../"
     assert config.dataset.source == sub / "raw"
     assert config.raw_dir == config.project_dir / "nnUNet_raw"
     assert config.dataset_raw_dir.name == "Dataset001_PancreasCancer"

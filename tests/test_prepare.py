@@ -204,6 +204,7 @@ def test_fewer_cases_than_folds_gives_one_fold_per_case(tmp_path: Path) -> None:
     splits = json.loads((result.dataset_dir / "splits_final.json").read_text())
     assert result.folds == len(splits) == 3
     assert sorted(len(s["val"]) for s in splits) == [1, 1, 1]
+    assert result.notes == ["3 labelled cases: 3 folds instead of dataset.num_folds = 5"]
 
 
 def test_num_folds_is_respected(tmp_path: Path) -> None:
