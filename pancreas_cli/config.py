@@ -328,16 +328,15 @@ def _union_member(part: Any) -> bool:
     return isinstance(part, str) and ("[" in part or part in ("int", "float", "str", "bool", "none"))
 
 
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+           "less_than_equal": ("le", "<=")}
+
+
 def _message(err: Any) -> str:
     kind, ctx = err["type"], err.get("ctx", {})
-    if kind == "greater_than":
-        return f"must be > {ctx['gt']}"
-    if kind == "greater_than_equal":
-        return f"must be >= {ctx['ge']}"
-    if kind == "less_than":
-        return f"must be < {ctx['lt']}"
-    if kind == "less_than_equal":
-        return f"must be <= {ctx['le']}"
+    if kind in _BOUNDS:
+        key, op = _BOUNDS[kind]
+        return f"must be {op} {ctx[key]}"
     if kind == "literal_error":
         return f"must be one of {ctx['expected']}, got {err['input']!r}"
     if kind == "string_pattern_mismatch":

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from pancreas_cli.config import Config
+from pancreas_cli.console import count
 from pancreas_cli.exceptions import DataError, OutputExistsError, PancsegError
 from pancreas_cli.imageio import image_extension, image_stem, read_image, write_image, write_text
 from pancreas_cli.logcapture import redirect_output
@@ -340,7 +341,7 @@ def _workload(predictor: Any, shape: tuple[int, ...]) -> str:
     tiles = math.prod(len(steps) for steps in compute_steps_for_sliding_window(padded, patch, predictor.tile_step_size))
     axes = predictor.allowed_mirroring_axes if predictor.use_mirroring else None
     passes = tiles * 2 ** len(axes or ()) * len(predictor.list_of_parameters)
-    return f"{'x'.join(map(str, shape))} voxels at the model's spacing: {tiles} tiles, {passes} network passes"
+    return f"{'x'.join(map(str, shape))} voxels at the model's spacing, {count(tiles, 'tile')}; network passes: {passes}"
 
 
 def _predict_case(predictor: Any, case: InputCase, out_dir: Path, scratch: Path, multitask: bool,

@@ -315,11 +315,9 @@ def _train_single(config: Config, state: dict[str, Any], trainer_name: str, fold
                 trainer.run_training()
             except KeyboardInterrupt:
                 _save_on_interrupt(trainer)
-                config_option = f"-c {config.config_path} " if config.config_path is not None else ""
                 raise TrainingInterrupted(
                     f"training of fold {fold} interrupted at epoch {trainer.current_epoch + 1}; a checkpoint was "
-                    f"saved: continue with `pancseg train {config_option}--fold {fold} --resume "
-                    f"--epochs {trainer.num_epochs}`"
+                    f"saved: continue with `{_resume_command(config, fold)} --epochs {trainer.num_epochs}`"
                 ) from None
             except RuntimeError as exc:
                 if "background workers are no longer alive" in str(exc):
@@ -338,6 +336,11 @@ def _training_failed(exc: BaseException, log_file: Path) -> TrainError:
     lines = "\n".join(f"    {line}" for line in tail(log_file, 8))
     return TrainError(f"nnU-Net training failed: {type(exc).__name__}: {exc}\n  last log lines:\n{lines}\n"
                       f"  full log: {log_file} (re-run with --debug for the traceback)")
+
+
+def _resume_command(config: Config, fold: int) -> str:
+    config_option = f"-c {config.config_path} " if config.config_path is not None else ""
+    return f"pancseg train {config_option}--fold {fold} --resume"
 
 
 def _finish_wandb() -> None:
@@ -372,11 +375,10 @@ def _train_ddp(config: Config, state: dict[str, Any], trainer_name: str, fold: i
                          state["plans_identifier"], num_gpus=config.train.num_gpus,
                          continue_training=checkpoint is not None, device=torch.device("cuda"))
         except KeyboardInterrupt:
-            config_option = f"-c {config.config_path} " if config.config_path is not None else ""
             raise TrainingInterrupted(
                 f"training of fold {fold} interrupted; the GPU processes stop without saving, so "
-                f"`pancseg train {config_option}--fold {fold} --resume` continues from the last periodic "
-                f"checkpoint (every train.save_every = {config.train.save_every} epochs)"
+                f"`{_resume_command(config, fold)}` continues from the last periodic checkpoint "
+                f"(every train.save_every = {config.train.save_every} epochs)"
             ) from None
         except (ProcessRaisedException, ProcessExitedException, RuntimeError, ValueError, OSError) as exc:
             # A worker's error (a DataError too) arrives as ProcessRaisedException with its traceback.
