@@ -319,11 +319,9 @@ def predict(
 
 def _load_model(model_dir: Path, folds: list[int], checkpoint_name: str, device: torch.device, step: float,
                 mirroring: bool, multitask: bool) -> Any:
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from pancreas_cli.multitask.predictor import MultiTaskPredictor, ProgressPredictor
 
-    from pancreas_cli.multitask.predictor import MultiTaskPredictor
-
-    cls = MultiTaskPredictor if multitask else nnUNetPredictor
+    cls = MultiTaskPredictor if multitask else ProgressPredictor
     predictor = cls(tile_step_size=step, use_gaussian=True, use_mirroring=mirroring,
                     perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
                     allow_tqdm=False)
@@ -358,7 +356,11 @@ def _predict_case(predictor: Any, case: InputCase, out_dir: Path, scratch: Path,
                                                     predictor.configuration_manager, predictor.dataset_json)
         if working is not None:
             working(_workload(predictor, tuple(data.shape[1:])))
-        logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+        predictor.on_progress = working
+        try:
+            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+        finally:
+            predictor.on_progress = None
         export_prediction_from_logits(logits, properties, predictor.configuration_manager, predictor.plans_manager,
                                       predictor.dataset_json, str(partial), False)
         probabilities = [float(p) for p in predictor.case_class_probabilities[-1]] if multitask else None

@@ -59,13 +59,18 @@ def test_names_geometry_and_csv_format(trained_project: Path, runner: CliRunner,
     assert not list(out.glob(".partial_*")), "a temporary output was left behind"
 
 
-def test_resume_skips_done_cases_and_rebuilds_csv(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
+def test_resume_skips_done_cases_and_rebuilds_csv(trained_project: Path, runner: CliRunner, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from pancreas_cli.multitask.predictor import ProgressPredictor
+
+    monkeypatch.setattr(ProgressPredictor, "report_every_s", 0.0)  # every tile, not every 15 s
     source, out = _inputs(trained_project, tmp_path), tmp_path / "out"
     first_run = _predict(runner, trained_project, source, out)
     assert first_run.exit_code == 0
     # before each case's network work: its size (a finely resampled scan can take long on a CPU)
     assert re.search(r"other_scan: \d+x\d+x\d+ voxels at the model's spacing, \d+ tiles?; network passes: \d+",
                      first_run.stderr), first_run.stderr
+    assert re.search(r"other_scan: (\d+)/\1 tiles", first_run.stderr), first_run.stderr  # progress within a case
     stamp = (out / "other_scan.nii.gz").stat().st_mtime_ns
     (out / "subtype_results.csv").unlink()
     first = next(p for p in out.glob("*.nii.gz") if p.name != "other_scan.nii.gz")

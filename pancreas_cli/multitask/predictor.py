@@ -1,6 +1,9 @@
-"""nnU-Net's sliding-window predictor, also aggregating the subtype logits of the same passes."""
+"""nnU-Net's sliding-window predictor, reporting its progress and aggregating the subtype logits of the same passes."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -16,7 +19,47 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network._orig_mod if isinstance(network, OptimizedModule) else network
 
 
-class MultiTaskPredictor(nnUNetPredictor):
+class ProgressPredictor(nnUNetPredictor):
+    """nnU-Net's predictor that says how far a case's sliding window has got.
+
+    A large or finely resampled scan takes many minutes on a CPU; ``on_progress`` (when set)
+    receives a line at most every ``report_every_s`` seconds.
+    """
+
+    report_every_s = 15.0
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.on_progress: Callable[[str], None] | None = None
+        self._model = 0  # which of the folds' weights is predicting
+        self._tiles = [0, 0]  # done, total of this sliding window
+        self._reported = 0.0
+
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        self._model = 0
+        return super().predict_logits_from_preprocessed_data(data)
+
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
+        self._model += 1  # once per fold; nnU-Net's retry on the CPU after running out of memory is inside
+        return super().predict_sliding_window_return_logits(input_image)
+
+    def _internal_predict_sliding_window_return_logits(self, data, slicers, do_on_device: bool = True):  # type: ignore[no-untyped-def]
+        self._tiles = [0, len(slicers)]
+        self._reported = time.monotonic()
+        return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
+
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        prediction = super()._internal_maybe_mirror_and_predict(x)
+        self._tiles[0] += 1
+        if self.on_progress is not None and time.monotonic() - self._reported >= self.report_every_s:
+            self._reported = time.monotonic()
+            models = len(self.list_of_parameters)
+            self.on_progress(f"{self._tiles[0]}/{self._tiles[1]} tiles"
+                             + (f" (model {self._model} of {models})" if models > 1 else ""))
+        return prediction
+
+
+class MultiTaskPredictor(ProgressPredictor):
     """Predicts segmentations as nnU-Net does and, from the same forward passes, a subtype per case.
 
     Class probabilities are averaged over test-time mirrors per tile, then over tiles weighted by
