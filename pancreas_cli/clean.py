@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from pancreas_cli.config import CleanConfig, Config
+from pancreas_cli.config import CleanConfig, Config, kept_labels
 from pancreas_cli.console import count
 from pancreas_cli.exceptions import CleanError, DataError
 from pancreas_cli.imageio import read_image, scan_nifti, write_image, write_text
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     import SimpleITK as sitk
 
 Severity = Literal["error", "fixed", "warning"]
-VALID_LABELS = (0, 1, 2)
 REPORT_NAME = "clean_report.csv"
 
 
@@ -224,8 +223,7 @@ def _audit_mask(audit: _CaseAudit, path: Path, image: sitk.Image, cfg: CleanConf
                         "rounded to integers")
             changed = True
         labels = rounded.astype(np.int64)
-    # A label_map lists every source value to keep; without one the source values are 0, 1, 2.
-    mapping = {0: 0, **cfg.label_map} if cfg.label_map else {v: v for v in VALID_LABELS}
+    mapping = kept_labels(cfg.label_map)
     present = np.unique(labels).tolist()
     unknown = sorted(set(present) - set(mapping))
     moved = sorted(k for k in present if k in mapping and mapping[k] != k)

@@ -89,6 +89,12 @@ class DatasetConfig(_Section):
         return f"Dataset{self.id:03d}_{self.name}"
 
 
+def kept_labels(label_map: dict[int, int]) -> dict[int, int]:
+    """Source value -> label for a ``label_map`` setting (clean's and evaluate's): a map lists every
+    value to keep (a multi-organ mask has its own 1 and 2); without one the values are 0, 1, 2."""
+    return {0: 0, **label_map} if label_map else {0: 0, 1: 1, 2: 2}
+
+
 def _targets_are_labels(value: dict[int, int]) -> dict[int, int]:
     bad = sorted({v for v in value.values() if v not in (0, 1, 2)})
     if bad:
