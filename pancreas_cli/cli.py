@@ -128,7 +128,7 @@ def synth(
     layout: Annotated[str, typer.Option(help="quiz or seed.")] = "quiz",
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 0,
     quirks: Annotated[bool, typer.Option("--quirks", help="Plant real-data problems for `clean`.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier synth dataset in OUT_DIR.")] = False,
 ) -> None:
     """Write a tiny deterministic synthetic pancreas CT dataset."""
     from pancreas_cli.synth import synthesize

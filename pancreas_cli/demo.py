@@ -32,7 +32,8 @@ class DemoBudget:
 
 def demo_config_text(budget: DemoBudget) -> str:
     return (
-        "# Written by `pancseg demo`: a synthetic dataset, the smoke preset, CPU training.\n"
+        # The case count is part of the text so that a workdir synthesized with another one is refused.
+        f"# Written by `pancseg demo`: {budget.cases} synthetic cases, the smoke preset, CPU training.\n"
         "project_dir: ./work\n"
         "dataset:\n"
         "  source: ./data\n"

@@ -145,14 +145,14 @@ def synthesize(
     ``shape`` and ``spacing`` are (Z, Y, X). Same arguments give identical files. Cases are
     split 70/10/20 % into train/validation/test like the real data (at least one validation
     and one test case from 3 cases on, every subtype in train from 5 on); subtypes go round
-    robin. ``force`` writes into a non-empty ``out_dir``, first removing files named like
-    synth's own (an earlier run's cases) but nothing else.
+    robin. ``force`` writes over an earlier synth dataset in ``out_dir``, first removing files
+    named like synth's own (its cases) but nothing else; other non-empty folders are refused.
     """
     _check_arguments(cases, shape, layout, seed, spacing)
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, force)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).write_text("written by pancseg synth\n", encoding="utf-8")
+    write_text("written by pancseg synth\n", out_dir / MARKER)
     n_train, n_val, _ = _split_sizes(cases)
     n_labelled = n_train + n_val
     # Centred in x and y with the slices below 0, like scanner patient coordinates.
@@ -204,10 +204,10 @@ def _check_arguments(
 
 
 def _prepare_out_dir(out_dir: Path, force: bool) -> None:
-    """Refuse to mix into someone's folder unless forced; when forced, drop stale synth files.
+    """Refuse to mix into someone's folder; when forced, drop an earlier synth run's files.
 
-    Files are deleted only in a folder that synth made (it holds :data:`MARKER`): a real dataset
-    that ``--force`` points at by mistake loses nothing.
+    Only a folder that synth made (it holds :data:`MARKER`) is written into: synth's file names are
+    the real dataset's, so writing into a real dataset would replace its cases.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise SynthError(f"{out_dir} exists and is not a folder; pick another output folder")
@@ -219,7 +219,10 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> None:
             "or pick an empty folder"
         )
     if not (out_dir / MARKER).is_file():
-        return
+        raise SynthError(
+            f"{out_dir} is not empty and was not made by pancseg synth (no {MARKER} in it); synthetic "
+            "cases would replace files of the same names: pick an empty folder"
+        )
     for path_glob, pattern in _OWN_FILES:
         for path in out_dir.glob(path_glob):
             if path.is_file() and re.fullmatch(pattern, path.name):

@@ -9,6 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pancreas_cli.cli import app
+from pancreas_cli.demo import DemoBudget, prepare_demo
+from pancreas_cli.exceptions import OutputExistsError
 
 
 @pytest.mark.slow
@@ -37,3 +39,10 @@ def test_demo_refuses_other_settings_in_the_same_folder(runner: CliRunner, tmp_p
     (tmp_path / "pancseg.yaml").write_text("project_dir: ./elsewhere\n")
     result = runner.invoke(app, ["demo", "--workdir", str(tmp_path)])
     assert result.exit_code == 1 and "exists with other settings" in result.stderr
+
+
+def test_demo_refuses_a_workdir_synthesized_with_another_case_count(tmp_path: Path) -> None:
+    prepare_demo(tmp_path, DemoBudget(cases=3, epochs=1, iterations=1))
+    with pytest.raises(OutputExistsError, match="exists with other settings"):
+        prepare_demo(tmp_path, DemoBudget(cases=4, epochs=1, iterations=1))
+    assert len(list((tmp_path / "data").rglob("*_0000.nii.gz"))) == 3

@@ -268,11 +268,14 @@ def test_non_empty_out_dir_needs_force(tmp_path: Path) -> None:
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_force_never_deletes_in_a_folder_synth_did_not_make(tmp_path: Path) -> None:
-    real = tmp_path / "train" / "subtype0" / "quiz_0_999.nii.gz"
+def test_force_refuses_a_folder_synth_did_not_make(tmp_path: Path) -> None:
+    # A real dataset uses synth's file names: writing into it would replace its cases.
+    real = tmp_path / "train" / "subtype0" / "quiz_0_001.nii.gz"
     real.parent.mkdir(parents=True)
     real.write_bytes(b"a real case")
-    synthesize(tmp_path, cases=3, shape=TINY, force=True)
+    with pytest.raises(SynthError, match="not made by pancseg synth"):
+        synthesize(tmp_path, cases=3, shape=TINY, force=True)
+    assert _files(tmp_path) == {"train/subtype0/quiz_0_001.nii.gz"}
     assert real.read_bytes() == b"a real case"
 
 
