@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     import torch
 
 SIDECAR_DIR = ".pancseg"  # per-case record: the model that wrote the mask, and its class probabilities
+NOT_PANCSEG = "not written by pancseg predict"
+INTERRUPTED = "interrupted while being replaced"
 
 
 class PredictError(PancsegError):
@@ -211,17 +213,32 @@ def model_stamp(model_dir: Path, folds: list[int], checkpoint_name: str, tile_st
 
 
 def _record(out_dir: Path, case: str) -> dict[str, Any] | None:
+    """The case's record; None if there is none, {} if it cannot be read (hand-edited, truncated)."""
     path = out_dir / SIDECAR_DIR / f"{case}.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _outdated(out_dir: Path, case: str, stamp: dict[str, Any]) -> str | None:
-    """None if ``stamp``'s model wrote the mask of ``case``, "" if there is no mask, else why it is not its."""
+    """None if ``stamp``'s model wrote the mask of ``case``, "" if there is no mask, else why it is not its.
+
+    :data:`NOT_PANCSEG` (no record) and :data:`INTERRUPTED` (a replacement was stopped half-way,
+    so it was authorised already) are answered apart from the other reasons, which need ``--force``.
+    """
     if not (out_dir / f"{case}.nii.gz").is_file():
         return ""
     record = _record(out_dir, case)
-    if record is None or "model" not in record:
-        return "no record of a pancseg prediction"
+    if record is None:
+        return NOT_PANCSEG
+    if record.get("pending"):
+        return INTERRUPTED
+    if "model" not in record:
+        return "its record is unreadable or from an older pancseg"
     written = record["model"]
     for key, why in (("model", "another model"), ("folds", "other folds"), ("checkpoint", "another checkpoint"),
                      ("checkpoint_files", "the checkpoint changed since (retrained?)"),
@@ -236,8 +253,8 @@ def _write_csvs(out_dir: Path, stamp: dict[str, Any]) -> Path:
     rows = []
     for path in sorted((out_dir / SIDECAR_DIR).glob("*.json")):
         case = path.stem
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if (out_dir / f"{case}.nii.gz").is_file() and record.get("model") == stamp:
+        record = _record(out_dir, case) or {}
+        if (out_dir / f"{case}.nii.gz").is_file() and record.get("model") == stamp and not record.get("pending"):
             rows.append((case, record["probabilities"]))
     results = out_dir / "subtype_results.csv"
     write_text("Names,Subtype\n" + "".join(f"{c}.nii.gz,{max(range(3), key=lambda i: p[i])}\n" for c, p in rows),
@@ -264,7 +281,8 @@ def predict(
 
     ``overwrite`` predicts every case again; ``replace_outdated`` only those whose masks another
     model or other settings wrote (``pancseg run`` after more training). Without either, such
-    masks are refused with :class:`OutputExistsError` before anything is written.
+    masks are refused with :class:`OutputExistsError` before anything is written. Masks pancseg
+    did not write (ground truth, another tool's) and input scans are never replaced.
     """
     settings = config.predict
     checkpoint_name = f"checkpoint_{checkpoint or settings.checkpoint}.pth"
@@ -272,6 +290,10 @@ def predict(
         raise PredictError(f"{out_dir}: the output folder is the input folder; its masks would be read as new "
                            "scans next time: choose another -o")
     cases = find_inputs(input_path)
+    sources = {c.source.resolve() for c in cases if not c.dicom}
+    clash = next((c for c in cases if (out_dir / f"{c.case}.nii.gz").resolve() in sources), None)
+    if clash is not None:
+        raise PredictError(f"{clash.source}: its mask would be written over this input scan; choose another -o")
     model_dir = model_folder(config)
     folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name)
     device = _device(settings.device, warn)
@@ -280,7 +302,15 @@ def predict(
     mirroring = settings.mirroring and not fast
     stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size, mirroring)
     outdated = {c.case: _outdated(out_dir, c.case, stamp) for c in cases}
-    conflicts = [case for case, why in outdated.items() if why]
+    foreign = [case for case, why in outdated.items() if why == NOT_PANCSEG]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise OutputExistsError(
+            f"{out_dir / foreign[0]}.nii.gz{more} exists and was {NOT_PANCSEG} (no record in "
+            f"{out_dir / SIDECAR_DIR}): ground truth or another tool's mask? pancseg never replaces those, not "
+            "even with --force: choose another output folder, or move them away"
+        )
+    conflicts = [case for case, why in outdated.items() if why and why != INTERRUPTED]
     if conflicts and not (overwrite or replace_outdated):
         more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
         raise OutputExistsError(
@@ -364,10 +394,12 @@ def _predict_case(predictor: Any, case: InputCase, out_dir: Path, scratch: Path,
         export_prediction_from_logits(logits, properties, predictor.configuration_manager, predictor.plans_manager,
                                       predictor.dataset_json, str(partial), False)
         probabilities = [float(p) for p in predictor.case_class_probabilities[-1]] if multitask else None
+        record = {"case": case.case, "source": str(case.source), "probabilities": probabilities, "model": stamp}
+        # Marked pending while the mask is replaced: a run stopped in between redoes the case.
+        sidecar = out_dir / SIDECAR_DIR / f"{case.case}.json"
+        write_text(json.dumps({**record, "pending": True}), sidecar)
         os.replace(f"{partial}.nii.gz", out_dir / f"{case.case}.nii.gz")
-        # The record comes last: a run stopped in between leaves a mask without it, which is redone.
-        write_text(json.dumps({"case": case.case, "source": str(case.source), "probabilities": probabilities,
-                               "model": stamp}), out_dir / SIDECAR_DIR / f"{case.case}.json")
+        write_text(json.dumps(record), sidecar)
         subtype = None if probabilities is None else max(range(3), key=lambda i: probabilities[i])
         return CaseOutcome(case.case, case.source, "predicted", time.perf_counter() - start, subtype, probabilities)
     except (DataError, RuntimeError, ValueError, OSError) as exc:

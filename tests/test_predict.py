@@ -87,15 +87,16 @@ def test_resume_skips_done_cases_and_rebuilds_csv(trained_project: Path, runner:
 
 def test_masks_not_written_by_this_model_are_refused(trained_project: Path, runner: CliRunner,
                                                      tmp_path: Path) -> None:
-    """Nothing is lost: a mask another model, a retrained checkpoint or other settings wrote, or one
-    pancseg did not write at all, is not replaced without --force."""
+    """Nothing is lost: a mask another model, a retrained checkpoint or other settings wrote is not
+    replaced without --force; one pancseg did not write (ground truth) not even with it."""
     source, out = _inputs(trained_project, tmp_path), tmp_path / "out"
     out.mkdir()
     (out / "other_scan.nii.gz").write_bytes(b"a user's own mask")
-    refused = _predict(runner, trained_project, source, out)
-    assert refused.exit_code == 1
-    assert f"{out / 'other_scan.nii.gz'} exists but was not predicted by this model" in refused.stderr
-    assert "no record of a pancseg prediction" in refused.stderr and "--force" in refused.stderr
+    for force in ((), ("--force",)):
+        refused = _predict(runner, trained_project, source, out, *force)
+        assert refused.exit_code == 1
+        assert f"{out / 'other_scan.nii.gz'} exists and was not written by pancseg predict" in refused.stderr
+        assert "not even with --force" in refused.stderr
     assert (out / "other_scan.nii.gz").read_bytes() == b"a user's own mask"
     assert sorted(p.name for p in out.iterdir()) == ["other_scan.nii.gz"]
 
@@ -115,11 +116,27 @@ def test_masks_not_written_by_this_model_are_refused(trained_project: Path, runn
         config = load_config(trained_project / "pancseg.yaml")
         first = predict(config, input_path=source, out_dir=out, folds=[4], replace_outdated=True)
         assert (first.count("predicted"), first.count("skipped")) == (2, 0)
-        (out / ".pancseg" / "other_scan.json").unlink()
-        second = predict(config, input_path=source, out_dir=out, folds=[4], replace_outdated=True)
-        assert (second.count("predicted"), second.count("skipped")) == (1, 1)
+        # A run stopped between writing a mask and its record redoes that case without --force.
+        record = out / ".pancseg" / "other_scan.json"
+        record.write_text(json.dumps({**json.loads(record.read_text()), "pending": True}))
+        resumed = predict(config, input_path=source, out_dir=out, folds=[4])
+        assert (resumed.count("predicted"), resumed.count("skipped")) == (1, 1)
+        assert "pending" not in json.loads(record.read_text())
+        record.write_text("{truncated")
+        unreadable = _predict(runner, trained_project, source, out)
+        assert unreadable.exit_code == 1 and "its record is unreadable" in unreadable.stderr
     finally:
         os.utime(checkpoint, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+def test_an_input_scan_is_never_written_over(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
+    scan = tmp_path / "scans" / "ct.nii.gz"
+    scan.parent.mkdir()
+    shutil.copy(next((trained_project / "data" / "test").glob("*_0000.nii.gz")), scan)
+    before = scan.read_bytes()
+    result = _predict(runner, trained_project, scan, scan.parent, "--force")
+    assert result.exit_code == 1 and "would be written over this input scan" in result.stderr
+    assert scan.read_bytes() == before and sorted(p.name for p in scan.parent.iterdir()) == ["ct.nii.gz"]
 
 
 def test_failing_case_is_reported_others_complete(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
