@@ -11,6 +11,7 @@ import csv
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -125,9 +126,14 @@ def newest_checkpoint(folder: Path) -> Path | None:
 
 
 def _checkpoint_epoch(path: Path) -> int:
+    """The epoch a checkpoint resumes at; TrainError if it cannot be read."""
     import torch
 
-    return int(torch.load(path, map_location="cpu", weights_only=False)["current_epoch"])
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["current_epoch"])
+    except (RuntimeError, EOFError, OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
+        raise TrainError(f"{path}: cannot read this checkpoint ({type(exc).__name__}: {exc}); move it away to use "
+                         "the fold's other checkpoints, or pass --force to train the fold again") from exc
 
 
 def _stop_loaders(trainer: Any) -> None:
@@ -268,9 +274,9 @@ def _fold_start(config: Config, state: dict[str, Any], trainer_name: str, fold: 
             raise TrainError(f"fold {fold} already has a training in {output_folder} ({state_text} after epoch "
                              f"{_checkpoint_epoch(existing)}); pass --resume to continue it or --force to start over")
         return _FoldStart(fold, output_folder, None, discard=True)
-    if resume and existing is not None and existing.name != "checkpoint_final.pth":
-        done = _checkpoint_epoch(existing)
-        if done >= config.train.epochs:
+    if resume and existing is not None:
+        done = _checkpoint_epoch(existing)  # also: a checkpoint nnU-Net cannot load fails here, named
+        if existing.name != "checkpoint_final.pth" and done >= config.train.epochs:
             # nnU-Net would skip the loop and finalise the unfinished run as if it were complete.
             raise TrainError(f"fold {fold} stopped after epoch {done} of an unfinished run, but train.epochs is "
                              f"{config.train.epochs}: pass --epochs N with N > {done} to continue it")

@@ -177,6 +177,21 @@ def test_resume_with_nothing_to_resume(runner: CliRunner, project: Path) -> None
     assert "drop --resume to start a new training" in result.stderr
 
 
+def test_truncated_checkpoint_is_named(runner: CliRunner, project: Path) -> None:
+    """A checkpoint cut short (a kill during an older nnU-Net's in-place write) is named, no traceback."""
+    fold_dir = project / "work" / "nnUNet_results" / "Dataset001_PancreasCancer" / FOLDER / "fold_2"
+    fold_dir.mkdir(parents=True)
+    try:
+        (fold_dir / "checkpoint_latest.pth").write_bytes(b"PK\x03\x04 truncated")
+        for extra in ([], ["--resume"]):
+            result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "2", *extra])
+            assert result.exit_code == 1, result.output
+            assert f"{fold_dir / 'checkpoint_latest.pth'}: cannot read this checkpoint" in result.stderr
+            assert "move it away" in result.stderr and "Traceback" not in result.output
+    finally:
+        shutil.rmtree(fold_dir)
+
+
 def test_nnunet_failure_shows_the_log_tail(runner: CliRunner, project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pancreas_cli.multitask.trainer import nnUNetTrainerMultiTask
 

@@ -606,6 +606,25 @@ def test_segmentation_trainer_metrics_row(preprocessed: Path, monkeypatch: pytes
 # ------------------------------------------------------------------ validation outputs
 
 
+def test_checkpoints_are_written_atomically(preprocessed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = make_trainer()
+    trainer.initialize()
+    target = Path(trainer.output_folder) / "checkpoint_latest.pth"
+    trainer.save_checkpoint(str(target))
+    assert torch.load(target, weights_only=False)["current_epoch"] == 1
+    before = target.read_bytes()
+
+    def killed(obj: Any, f: str) -> None:  # a write cut short
+        Path(f).write_bytes(b"trunc")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(OSError):
+        trainer.save_checkpoint(str(target))
+    assert target.read_bytes() == before  # the previous checkpoint is intact
+    assert not list(target.parent.glob("*.partial"))
+
+
 def test_write_subtype_results(preprocessed: Path) -> None:
     trainer = make_trainer()
     trainer.subtypes = {"c1": 0, "c2": 1, "c3": 2}

@@ -208,6 +208,20 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
                 self.epoch_callback(row)
         self.current_epoch += 1
 
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written under a temporary name and renamed: nnU-Net writes in place,
+        so a kill or a full disk during the write left a truncated file that resuming picked up."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # writes nothing (or logs why)
+            return
+        partial = f"{filename}.partial"
+        try:
+            super().save_checkpoint(partial)
+            os.replace(partial, filename)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+
     def _metrics_row(self, epoch: int, criterion: float, best: bool, epoch_time: float) -> dict[str, Any]:
         get = self.logger.get_value
         return {
