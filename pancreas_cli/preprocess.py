@@ -132,18 +132,27 @@ def _summaries(plans_file: Path, dataset_json: dict[str, Any], configurations: t
 
 
 def _explain_failure(exc: BaseException, log_file: Path, dataset_dir: Path) -> str:
-    """One message naming the case(s) nnU-Net complained about, instead of 'check the output above'."""
-    lines = tail(log_file, 200)
+    """One message with nnU-Net's own error and the case(s) it names, instead of 'check the output above'.
+
+    nnU-Net's dataset checks print ``Error: ...`` lines and then raise a generic exception, so an
+    error line is the reason when there is one; otherwise the exception is. Warnings are context:
+    nnU-Net prints some for ordinary data, so they never replace the reason.
+    """
+    lines = [line.strip() for line in tail(log_file, 200)]
+    errors = [line for line in lines if re.match(r"^Error\b", line)]
+    warnings = [line for line in lines if re.match(r"^(Warning|WARNING)\b", line)]
+    exc_text = (str(exc).strip().splitlines() or [""])[0]
+    reason = errors[0] if errors else f"{type(exc).__name__}: {exc_text}" if exc_text else type(exc).__name__
     case_ids = {p.name[: -len(".nii.gz")] for p in (dataset_dir / "labelsTr").glob("*.nii.gz")}
-    problems = [line.strip() for line in lines if re.match(r"^(Error|Warning|WARNING)\b", line.strip())]
-    named = sorted({c for c in case_ids for line in lines if re.search(rf"\b{re.escape(c)}(_0000)?\.nii\.gz", line)})
-    reason = problems[0] if problems else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    named = sorted({c for c in case_ids for line in [*errors, exc_text]
+                    if re.search(rf"\b{re.escape(c)}(_0000)?\.nii\.gz", line)})
     where = f" for case {', '.join(named[:5])}" if named else ""
-    if problems or named:
+    if errors or named:
         fix = "run `pancseg clean` (it repairs or names most data problems), then preprocess again"
     else:
         fix = "this does not look like a data problem; re-run with --debug for the traceback"
-    return f"nnU-Net preprocessing failed{where}: {reason}\n  fix: {fix}\n  full nnU-Net output: {log_file}"
+    warned = f"\n  nnU-Net also warned: {warnings[0]}" if warnings else ""
+    return f"nnU-Net preprocessing failed{where}: {reason}{warned}\n  fix: {fix}\n  full nnU-Net output: {log_file}"
 
 
 def preprocess(config: Config, *, force: bool = False,

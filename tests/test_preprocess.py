@@ -169,6 +169,24 @@ def test_nnunet_failure_names_the_case(runner: CliRunner, tmp_path: Path) -> Non
     assert "preprocess.log" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_failure_reason_is_the_error_not_a_warning(tmp_path: Path) -> None:
+    """nnU-Net warns about ordinary data (a case with only background); a full disk must not read as that."""
+    from pancreas_cli.preprocess import _explain_failure
+
+    (tmp_path / "labelsTr").mkdir()
+    (tmp_path / "labelsTr" / "quiz_0_001.nii.gz").touch()
+    log = tmp_path / "preprocess.log"
+    log.write_text("WARNING: File quiz_0_001.nii.gz only has label 0\n")
+    message = _explain_failure(OSError(28, "No space left on device"), log, tmp_path)
+    assert message.startswith("nnU-Net preprocessing failed: OSError: [Errno 28] No space left on device\n")
+    assert "nnU-Net also warned: WARNING: File quiz_0_001.nii.gz only has label 0" in message
+    assert "not look like a data problem" in message
+    log.write_text("WARNING: something\nError: Unexpected labels found in file quiz_0_001.nii.gz\n")
+    message = _explain_failure(RuntimeError("Some images have errors. Please check text output above"), log, tmp_path)
+    assert message.startswith("nnU-Net preprocessing failed for case quiz_0_001: Error: Unexpected labels")
+    assert "pancseg clean" in message
+
+
 def test_preprocess_before_prepare(runner: CliRunner, tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     cfg = write_config(tmp_path, "project_dir: ./work\n")
