@@ -316,6 +316,7 @@ def evaluate(
     subtypes: Annotated[Path | None, typer.Option("--subtypes", help="True subtypes: CSV case_id,subtype or Names,Subtype.")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Count missing predictions as empty.")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the metrics (default: --pred).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace metrics of other inputs in the output folder.")] = False,
     json_: JsonOption = False,
 ) -> None:
     """Dice, IoU, NSD, HD95, volumes and subtype metrics, with bootstrap CIs and target pass/fail."""
@@ -323,7 +324,7 @@ def evaluate(
 
     cfg = _config(config, set_, optional=True)
     result = run_evaluate(cfg, pred_dir=pred, gt_dir=gt, subtypes_csv=subtypes, allow_missing=allow_missing,
-                          out_dir=out)
+                          out_dir=out, force=force)
     for note in result.notes:
         output.warn(note)
     if json_:

@@ -20,13 +20,15 @@ from typing import Any
 import numpy as np
 
 from pancreas_cli.config import Config, EvaluateConfig, kept_labels
-from pancreas_cli.exceptions import DataError
+from pancreas_cli.exceptions import DataError, OutputExistsError
 from pancreas_cli.imageio import IMAGE_EXTENSIONS, image_extension, image_stem, write_text
 from pancreas_cli.metrics import bootstrap_ci, classification_metrics, dice, hd95, iou, load_mask_pair, nsd
 
 STRUCTURES = ("pancreas", "lesion")
 SEG_METRICS = ("dice", "iou", "nsd", "hd95")
 SUBTYPES = (0, 1, 2)
+PER_CASE_NAME = "metrics_per_case.csv"
+SUMMARY_NAME = "metrics_summary.json"
 
 
 @dataclass
@@ -58,25 +60,30 @@ def read_subtype_csv(path: Path) -> dict[str, int]:
     """Subtypes from ``Names,Subtype`` (pancseg predict's format) or ``case_id,subtype`` CSVs."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from exc
+            reader = csv.DictReader(fh)
+            header = [c for c in reader.fieldnames or [] if c]
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read as a UTF-8 CSV ({exc})") from exc
     if not rows:
         return {}
-    columns = {c.strip().lower(): c for c in rows[0]}
+    columns = {c.strip().lower(): c for c in header}
     name_col = columns.get("names") or columns.get("case_id")
     value_col = columns.get("subtype")
     if name_col is None or value_col is None:
-        raise DataError(f"{path}: expected columns Names,Subtype or case_id,subtype, got {','.join(rows[0])}")
+        raise DataError(f"{path}: expected columns Names,Subtype or case_id,subtype, got {','.join(header)}")
     out: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
+        name, text = row.get(name_col), row.get(value_col)
+        if name is None or text is None or any(v.strip() for v in row.get(None) or []):  # type: ignore[call-overload]
+            raise DataError(f"{path}, line {line}: expected {len(header)} columns ({','.join(header)})")
         try:
-            value = int(float(row[value_col]))
-        except (TypeError, ValueError):
-            raise DataError(f"{path}, line {line}: subtype {row[value_col]!r} is not a number") from None
+            value = int(float(text))
+        except ValueError:
+            raise DataError(f"{path}, line {line}: subtype {text!r} is not a number") from None
         if value not in SUBTYPES:
             raise DataError(f"{path}, line {line}: subtype {value} is not 0, 1 or 2")
-        out[case_id_from_name(row[name_col].strip())] = value
+        out[case_id_from_name(name.strip())] = value
     return out
 
 
@@ -205,6 +212,28 @@ def _per_case_csv(cases: list[CaseResult]) -> str:
     return buffer.getvalue()
 
 
+def _check_earlier_metrics(summary_json: Path, inputs: dict[str, Any]) -> None:
+    """Refuse to replace the metrics of other predictions or ground truth (or ones pancseg did not write).
+
+    Another subtypes CSV or case list is the same evaluation redone, so it replaces them.
+    """
+    if not summary_json.is_file():
+        return
+    try:
+        earlier = json.loads(summary_json.read_text(encoding="utf-8")).get("inputs")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        earlier = None
+    if not isinstance(earlier, dict):
+        why = "not written by this pancseg evaluate"
+    else:
+        changed = [k for k in ("pred", "gt") if earlier.get(k) != inputs[k]]
+        if not changed:
+            return
+        why = f"computed with {changed[0]} = {earlier.get(changed[0])}"
+    raise OutputExistsError(f"{summary_json} holds other metrics ({why}); pass --force to replace them, "
+                            "or -o another folder")
+
+
 def evaluate(
     config: Config,
     *,
@@ -214,12 +243,21 @@ def evaluate(
     allow_missing: bool = False,
     out_dir: Path | None = None,
     cases: list[str] | None = None,
+    force: bool = False,
 ) -> EvaluationResult:
     """Evaluate the masks (and ``subtype_results.csv``) in ``pred_dir`` against ``gt_dir``.
 
     ``cases`` restricts the evaluation to these ground-truth cases (e.g. one validation fold).
+    Metrics that ``out_dir`` (default ``pred_dir``) holds for other predictions or ground truth
+    are replaced only with ``force``; for the same ones they are brought up to date.
     """
     settings = config.evaluate
+    out = out_dir or pred_dir
+    inputs = {"pred": str(pred_dir.resolve()), "gt": str(gt_dir.resolve()),
+              "subtypes": None if subtypes_csv is None else str(subtypes_csv.resolve()),
+              "cases": None if cases is None else sorted(cases)}
+    if not force:
+        _check_earlier_metrics(out / SUMMARY_NAME, inputs)
     refs = _masks(gt_dir)
     if cases is not None:
         unknown = sorted(set(cases) - set(refs))
@@ -261,8 +299,8 @@ def evaluate(
         notes.append("no ground-truth case has a lesion (label 2): the lesion metrics only count predicted "
                      "lesions, and the lesion target is not scored")
     summary["notes"] = notes
-    out = out_dir or pred_dir
-    per_case_csv, summary_json = out / "metrics_per_case.csv", out / "metrics_summary.json"
+    summary["inputs"] = inputs
+    per_case_csv, summary_json = out / PER_CASE_NAME, out / SUMMARY_NAME
     write_text(_per_case_csv(results), per_case_csv)
     write_text(json.dumps(summary, indent=2), summary_json)
     return EvaluationResult(results, summary, per_case_csv, summary_json, notes)

@@ -102,7 +102,8 @@ def run(
         gt_dir, images, subtypes = config.dataset_preprocessed_dir / "gt_segmentations", raw / "imagesTr", raw / "subtypes.csv"
         cases = json.loads((raw / "splits_final.json").read_text(encoding="utf-8"))[fold]["val"]
         label = f"validation fold {fold}"
-    evaluated = evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir, subtypes_csv=subtypes, cases=cases)
+    # The metrics are in run's own folders: a changed config (other test labels) replaces them.
+    evaluated = evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir, subtypes_csv=subtypes, cases=cases, force=True)
     stage("evaluate", f"{label}: {count(len(evaluated.cases), 'case')}", start)
 
     start = time.perf_counter()

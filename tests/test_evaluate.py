@@ -179,6 +179,12 @@ def test_cli_json_and_table(runner: CliRunner, realdata: Path, tmp_path: Path) -
      "truth.csv, line 2: subtype 'high' is not a number"),
     (lambda d: (d / "pred" / "subtype_results.csv").write_text("Names,Subtype\nother.nii.gz,1\n"), ["--subtypes"],
      "subtype_results.csv: no subtype for case c1"),
+    (lambda d: (d / "truth.csv").write_bytes(b"case_id,subtype\nc1,1\xe9\n"), ["--subtypes"],
+     "truth.csv: cannot read as a UTF-8 CSV"),
+    (lambda d: (d / "truth.csv").write_text("case_id,subtype\nc1,1,2\n"), ["--subtypes"],
+     "truth.csv, line 2: expected 2 columns (case_id,subtype)"),
+    (lambda d: (d / "truth.csv").write_text("case_id,subtype\nc1\n"), ["--subtypes"],
+     "truth.csv, line 2: expected 2 columns (case_id,subtype)"),
 ])
 def test_cli_errors(runner: CliRunner, tmp_path: Path, setup: Any, extra: list[str], message: str) -> None:
     ref = np.zeros((8, 16, 16))
@@ -192,3 +198,25 @@ def test_cli_errors(runner: CliRunner, tmp_path: Path, setup: Any, extra: list[s
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output
     assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_metrics_of_other_inputs_are_not_replaced_without_force(runner: CliRunner, tmp_path: Path) -> None:
+    ref = np.zeros((8, 16, 16))
+    ref[2:6, 4:12, 4:12] = 1
+    pred_dir, gt_dir = _pair(tmp_path, ref, ref)
+    write(np.zeros((8, 16, 16), np.uint8), tmp_path / "gt2" / "c1.nii.gz")
+    base = ["evaluate", "--pred", str(pred_dir), "--set", "evaluate.bootstrap=10"]
+    assert runner.invoke(app, [*base, "--gt", str(gt_dir)]).exit_code == 0
+    summary = pred_dir / "metrics_summary.json"
+    first = summary.read_text()
+    assert json.loads(first)["inputs"]["gt"] == str(gt_dir.resolve())
+    assert runner.invoke(app, [*base, "--gt", str(gt_dir)]).exit_code == 0  # same inputs: brought up to date
+    other = runner.invoke(app, [*base, "--gt", str(tmp_path / "gt2")])
+    assert other.exit_code == 1
+    assert f"{summary} holds other metrics (computed with gt = {gt_dir.resolve()}); pass --force" in other.stderr
+    assert summary.read_text() == first
+    forced = runner.invoke(app, [*base, "--gt", str(tmp_path / "gt2"), "--force"])
+    assert forced.exit_code == 0 and json.loads(summary.read_text())["inputs"]["gt"] == str((tmp_path / "gt2").resolve())
+    summary.write_text("{}")
+    foreign = runner.invoke(app, [*base, "--gt", str(gt_dir)])
+    assert foreign.exit_code == 1 and "not written by this pancseg evaluate" in foreign.stderr
