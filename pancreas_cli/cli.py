@@ -160,11 +160,11 @@ def prepare(
     from pancreas_cli.prepare import prepare as run_prepare
 
     result = run_prepare(_config(config, set_, check_source=True), force=force)
+    for note in result.notes:
+        output.warn(note)
     if json_:
         output.json(result.to_dict())
         return
-    for note in result.notes:
-        output.warn(note)
     state = "up to date" if result.up_to_date else "prepared"
     counts = result.subtype_counts
     output.result(
@@ -438,7 +438,8 @@ def doctor(
     """Check the environment (Python, torch, nnU-Net, CUDA, disk, shared memory) and the config."""
     from pancreas_cli.doctor import doctor as run_doctor
 
-    report = run_doctor(config if config is not None or DEFAULT_CONFIG.is_file() else None, set_ or [])
+    report = run_doctor(config if config is not None else DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None,
+                        set_ or [])
     if json_:
         output.json(report.to_dict())
     else:

@@ -67,6 +67,7 @@ class PrepareResult:
             "converted": self.converted,
             "folds": self.folds,
             "official_split": self.official_split,
+            "notes": self.notes,
         }
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from conftest import write_config
@@ -144,6 +145,15 @@ def test_doctor_disk_need_follows_the_preset(tmp_path: Path, monkeypatch) -> Non
         cfg = write_config(tmp_path, f"plan:\n  preset: {preset}\n")
         disk = next(c for c in doctor_module.doctor(cfg).checks if c.name == "disk")
         assert disk.status == status and f"the {preset} preset needs about" in disk.detail
+
+
+def test_doctor_finds_pancseg_yaml_in_the_current_folder(runner: CliRunner, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    write_config(tmp_path, "dataset:\n  source: ./nope\n")  # tmp_path / "pancseg.yaml"
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["doctor", "--json"])
+    config = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "config")
+    assert config["status"] == "blocking" and "dataset.source: folder not found" in config["detail"]
 
 
 def test_doctor_reports_invalid_config(runner: CliRunner, tmp_path: Path) -> None:

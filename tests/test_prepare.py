@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from typer.testing import CliRunner
+
 from conftest import ct_volume, label_volume, make_quiz, snapshot, write, write_config
 
 from pancreas_cli.cli import app
@@ -572,6 +574,15 @@ def test_deleted_prepared_file_is_rebuilt_without_force(quiz_project: Path) -> N
     assert any("rebuilt" in note for note in result.notes)
     assert missing.read_bytes() == (quiz_project / "data/train/subtype2/quiz_2_005.nii.gz").read_bytes()
     assert prepare(config).up_to_date
+
+
+def test_notes_reach_stderr_with_json(quiz_project: Path, runner: CliRunner) -> None:
+    cfg = str(quiz_project / "pancseg.yaml")
+    assert runner.invoke(app, ["prepare", "-c", cfg]).exit_code == 0
+    (load_config(quiz_project / "pancseg.yaml").dataset_raw_dir / "labelsTr" / "quiz_2_005.nii.gz").unlink()
+    result = runner.invoke(app, ["prepare", "-c", cfg, "--json"])
+    assert result.exit_code == 0 and "rebuilt" in result.stderr
+    assert any("rebuilt" in note for note in json.loads(result.stdout)["notes"])
 
 
 def test_folder_not_made_by_prepare_needs_force(quiz_project: Path) -> None:
