@@ -303,6 +303,7 @@ def predict(
     for failure in result.failed:
         output.error(f"{failure.source}: {failure.error}")
     if result.failed:
+        output.info(f"full errors: {result.log_file}")
         raise typer.Exit(1)
 
 

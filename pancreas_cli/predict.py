@@ -16,8 +16,10 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +80,7 @@ class PredictResult:
     model_dir: Path
     folds: list[int]
     device: str
+    log_file: Path | None = None  # nnU-Net's output and the tracebacks of failed cases
     outcomes: list[CaseOutcome] = field(default_factory=list)
     subtype_csv: Path | None = None
 
@@ -94,6 +97,7 @@ class PredictResult:
             "device": self.device, "predicted": self.count("predicted"), "skipped": self.count("skipped"),
             "failed": [{"case": o.case, "source": str(o.source), "error": o.error} for o in self.failed],
             "subtype_csv": str(self.subtype_csv) if self.subtype_csv else None,
+            "log_file": str(self.log_file) if self.log_file else None,
             "cases": [{"case": o.case, "status": o.status, "seconds": round(o.seconds, 2), "subtype": o.subtype,
                        "probabilities": o.probabilities} for o in self.outcomes],
         }
@@ -317,10 +321,10 @@ def predict(
             f"{out_dir / conflicts[0]}.nii.gz{more} exists but was not predicted by this model with these "
             f"settings ({outdated[conflicts[0]]}); pass --force to predict again, or choose another output folder"
         )
-    result = PredictResult(out_dir, model_dir, folds, str(device))
+    log_file = config.project_dir / "logs" / "predict.log"
+    result = PredictResult(out_dir, model_dir, folds, str(device), log_file)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SIDECAR_DIR).mkdir(exist_ok=True)
-    log_file = config.project_dir / "logs" / "predict.log"
     todo = [c for c in cases if overwrite or outdated[c.case] is not None]
     for case in cases:
         if case not in todo:
@@ -403,6 +407,9 @@ def _predict_case(predictor: Any, case: InputCase, out_dir: Path, scratch: Path,
         subtype = None if probabilities is None else max(range(3), key=lambda i: probabilities[i])
         return CaseOutcome(case.case, case.source, "predicted", time.perf_counter() - start, subtype, probabilities)
     except (DataError, RuntimeError, ValueError, OSError) as exc:
+        # The whole error goes to predict.log (stderr is redirected there); the summary gets its first line.
+        print(f"{case.source}: prediction failed", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
         # The report names the source already; a DataError's own message starts with it too.
         text = str(exc).removeprefix(f"{case.source}: ") if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
         return CaseOutcome(case.case, case.source, "failed", time.perf_counter() - start,

@@ -149,6 +149,9 @@ def test_failing_case_is_reported_others_complete(trained_project: Path, runner:
     assert "broken.nii.gz" in result.stderr
     assert result.stderr.count("broken.nii.gz") == 1  # named once, not again inside the error text
     assert "2 predicted" in result.stdout and "2 failed" in result.stdout
+    log = trained_project / "work" / "logs" / "predict.log"
+    assert f"full errors: {log}" in result.stderr
+    assert "broken.nii.gz: prediction failed" in log.read_text() and "Traceback" in log.read_text()
     assert len(list(out.glob("*.nii.gz"))) == 2
     assert len((out / "subtype_results.csv").read_text().splitlines()) == 3
 
