@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO
 
 from pancreas_cli.config import Config
 from pancreas_cli.exceptions import PancsegError, TrainError, TrainingInterrupted
@@ -143,16 +143,17 @@ def _stop_loaders(trainer: Any) -> None:
             finish()
 
 
-def _explain_worker_death(trainer: Any, exc: RuntimeError) -> TrainError:
+def _raise_worker_death(trainer: Any, exc: RuntimeError) -> NoReturn:
     """nnU-Net only says its workers died: load one batch without workers to show the real error."""
     try:
         with scoped_env("nnUNet_n_proc_DA", "0"):  # read by get_dataloaders
             loader, _ = trainer.get_dataloaders()
         next(loader)
     except Exception as real:  # noqa: BLE001 - any error here is the one the user needs to see
-        return TrainError(f"data loading failed in nnU-Net's background workers: {type(real).__name__}: {real}")
-    return TrainError(f"nnU-Net's data-loader workers died ({exc}); a batch loads fine without workers, so "
-                      "the workers probably ran out of memory: lower train.da_workers or raise shared memory")
+        raise TrainError(f"data loading failed in nnU-Net's background workers: {type(real).__name__}: {real}") \
+            from real
+    raise TrainError(f"nnU-Net's data-loader workers died ({exc}); a batch loads fine without workers, so "
+                     "the workers probably ran out of memory: lower train.da_workers or raise shared memory") from exc
 
 
 def _number(text: str) -> float | int | None:
@@ -327,7 +328,7 @@ def _train_single(config: Config, state: dict[str, Any], trainer_name: str, fold
                 ) from None
             except RuntimeError as exc:
                 if "background workers are no longer alive" in str(exc):
-                    raise _explain_worker_death(trainer, exc) from exc
+                    _raise_worker_death(trainer, exc)
                 raise
             trainer.perform_actual_validation(False)
         except PancsegError:
