@@ -31,7 +31,7 @@ from pancreas_cli.exceptions import DataError, OutputExistsError, PancsegError
 from pancreas_cli.imageio import image_extension, image_stem, read_image, write_image, write_text
 from pancreas_cli.logcapture import redirect_output
 from pancreas_cli.nnunet_env import setup_nnunet_env
-from pancreas_cli.preprocess import STATE_NAME
+from pancreas_cli.preprocess import read_state
 from pancreas_cli.train import TRAINERS
 
 if TYPE_CHECKING:
@@ -144,11 +144,11 @@ def _case_name(path: Path) -> str:
 
 def model_folder(config: Config) -> Path:
     """The nnU-Net results folder of the configured task, plans and configuration."""
-    state_file = config.dataset_preprocessed_dir / STATE_NAME
-    if not state_file.is_file():
+    state = read_state(config.dataset_preprocessed_dir)
+    if state is None:
         raise PredictError(f"{config.dataset_preprocessed_dir}: not preprocessed, so no model was trained here; "
                            "run `pancseg preprocess` and `pancseg train` first")
-    plans = json.loads(state_file.read_text(encoding="utf-8"))["plans_identifier"]
+    plans = state["plans_identifier"]
     name = f"{TRAINERS[config.train.task]}__{plans}__{config.plan.configuration}"
     return config.results_dir / config.dataset.folder_name / name
 

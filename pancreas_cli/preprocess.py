@@ -131,6 +131,21 @@ def _summaries(plans_file: Path, dataset_json: dict[str, Any], configurations: t
     return out
 
 
+def read_state(out_dir: Path) -> dict[str, Any] | None:
+    """What preprocess recorded it did in ``out_dir``; None if nothing, PreprocessError if unreadable."""
+    path = out_dir / STATE_NAME
+    if not path.is_file():
+        return None
+    problem = f"{path}: unreadable (edited or cut short?); run `pancseg preprocess --force` to preprocess again"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PreprocessError(problem) from exc
+    if not isinstance(state, dict) or not {"state", "plans_identifier", "configuration", "data_identifier"} <= set(state):
+        raise PreprocessError(problem)
+    return state
+
+
 def _explain_failure(exc: BaseException, log_file: Path, dataset_dir: Path) -> str:
     """One message with nnU-Net's own error and the case(s) it names, instead of 'check the output above'.
 
@@ -170,8 +185,8 @@ def preprocess(config: Config, *, force: bool = False,
     state = raw_state(config)
     configuration = config.plan.configuration
 
-    if not force and state_file.is_file():
-        saved = json.loads(state_file.read_text(encoding="utf-8"))
+    saved = None if force else read_state(out_dir)
+    if saved is not None:
         plans_file = out_dir / f"{saved['plans_identifier']}.json"
         if saved.get("state") == state and plans_file.is_file() and (out_dir / saved["data_identifier"]).is_dir():
             setup_nnunet_env(config)

@@ -24,7 +24,7 @@ from pancreas_cli.exceptions import PancsegError, TrainError, TrainingInterrupte
 from pancreas_cli.logcapture import redirect_output, tail
 from pancreas_cli.multitask.settings import TrainingSettings, write_settings
 from pancreas_cli.nnunet_env import scoped_env, setup_nnunet_env
-from pancreas_cli.preprocess import STATE_NAME
+from pancreas_cli.preprocess import read_state
 
 if TYPE_CHECKING:
     import torch
@@ -107,10 +107,9 @@ def training_settings(config: Config) -> TrainingSettings:
 
 
 def _preprocessed_state(config: Config) -> dict[str, Any]:
-    path = config.dataset_preprocessed_dir / STATE_NAME
-    if not path.is_file():
+    state = read_state(config.dataset_preprocessed_dir)
+    if state is None:
         raise TrainError(f"{config.dataset_preprocessed_dir}: not preprocessed; run `pancseg preprocess` first")
-    state = json.loads(path.read_text(encoding="utf-8"))
     if state["configuration"] != config.plan.configuration:
         raise TrainError(
             f"the data was preprocessed for {state['configuration']} but plan.preset asks for "

@@ -177,6 +177,19 @@ def test_resume_with_nothing_to_resume(runner: CliRunner, project: Path) -> None
     assert "drop --resume to start a new training" in result.stderr
 
 
+def test_unreadable_preprocess_state_is_named(runner: CliRunner, project: Path) -> None:
+    state = project / "work" / "nnUNet_preprocessed" / "Dataset001_PancreasCancer" / "pancseg_preprocess.json"
+    saved = state.read_bytes()
+    try:
+        state.write_text('{"state": ')
+        for command in (["train", "--fold", "2"], ["preprocess"]):
+            result = runner.invoke(app, [*command, "-c", str(project / "pancseg.yaml")])
+            assert result.exit_code == 1, result.output
+            assert f"{state}: unreadable (edited or cut short?); run `pancseg preprocess --force`" in result.stderr
+    finally:
+        state.write_bytes(saved)
+
+
 def test_truncated_checkpoint_is_named(runner: CliRunner, project: Path) -> None:
     """A checkpoint cut short (a kill during an older nnU-Net's in-place write) is named, no traceback."""
     fold_dir = project / "work" / "nnUNet_results" / "Dataset001_PancreasCancer" / FOLDER / "fold_2"
