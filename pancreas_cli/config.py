@@ -81,6 +81,11 @@ class DatasetConfig(_Section):
                 raise ValueError("dataset.subtypes_csv: layout 'seed' needs a CSV case_id,subtype")
             if not self.subtypes_csv.is_file():
                 raise ValueError(f"dataset.subtypes_csv: file not found: {self.subtypes_csv}")
+        # `pancseg run` reads these only after hours of training: a wrong path should stop it first.
+        if self.test_labels is not None and not self.test_labels.is_dir():
+            raise ValueError(f"dataset.test_labels: folder not found: {self.test_labels}")
+        if self.test_subtypes_csv is not None and not self.test_subtypes_csv.is_file():
+            raise ValueError(f"dataset.test_subtypes_csv: file not found: {self.test_subtypes_csv}")
         return self
 
     @property

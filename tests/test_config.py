@@ -134,6 +134,14 @@ def test_layout_requirements(project: Path) -> None:
     assert lines == [f"dataset.manifest: file not found: {project / 'm.csv'}"]
 
 
+def test_test_labels_are_checked_before_run_trains(project: Path) -> None:
+    lines = problems(write_config(project, "dataset:\n  test_labels: ./gt\n  test_subtypes_csv: ./gt.csv\n"))
+    assert lines == [f"dataset.test_labels: folder not found: {project / 'gt'}"]
+    (project / "gt").mkdir()
+    lines = problems(write_config(project, "dataset:\n  test_labels: ./gt\n  test_subtypes_csv: ./gt.csv\n"))
+    assert lines == [f"dataset.test_subtypes_csv: file not found: {project / 'gt.csv'}"]
+
+
 def test_label_map_targets_must_be_labels(project: Path) -> None:
     lines = problems(write_config(project, "clean:\n  label_map: {7: 4}\n"))
     assert lines == ["clean.label_map: targets must be 0, 1 or 2, got [4]"]
