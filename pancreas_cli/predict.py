@@ -153,16 +153,36 @@ def model_folder(config: Config) -> Path:
     return config.results_dir / config.dataset.folder_name / name
 
 
-def _resolve_folds(model_dir: Path, requested: list[int] | None, checkpoint: str) -> list[int]:
+def _resolve_folds(model_dir: Path, requested: list[int] | None, checkpoint: str,
+                   warn: Callable[[str], None]) -> list[int]:
+    """The folds to ensemble: those asked for, else every fold whose training finished.
+
+    A fold without checkpoint_final.pth is unfinished or still training; its checkpoint_best.pth is
+    used only when asked for by number, with a warning.
+    """
     available = sorted(int(p.name[5:]) for p in model_dir.glob("fold_*")
                        if p.name[5:].isdigit() and (p / checkpoint).is_file())
     if not available:
         raise PredictError(f"{model_dir}: no fold has {checkpoint}; train first (`pancseg train --fold 0`)")
-    folds = requested or available
-    missing = [f for f in folds if f not in available]
-    if missing:
-        raise PredictError(f"fold {missing[0]} has no {checkpoint} in {model_dir}; trained folds: {available}")
-    return folds
+    finished = [f for f in available if (model_dir / f"fold_{f}" / "checkpoint_final.pth").is_file()]
+    unfinished = [f for f in available if f not in finished]
+    if requested:
+        missing = [f for f in requested if f not in available]
+        if missing:
+            raise PredictError(f"fold {missing[0]} has no {checkpoint} in {model_dir}; trained folds: {available}")
+        early = [f for f in requested if f in unfinished]
+        if early:
+            warn(f"fold(s) {early} have not finished training (no checkpoint_final.pth; stopped, or still running): "
+                 f"predicting with their {checkpoint} so far")
+        return requested
+    if not finished:
+        raise PredictError(f"{model_dir}: no fold has finished training (fold(s) {unfinished} stopped or are still "
+                           f"running); finish one with `pancseg train --resume`, or pass --fold N to use its "
+                           f"{checkpoint} so far")
+    if unfinished:
+        warn(f"predicting with the finished fold(s) {finished}; unfinished fold(s) {unfinished} left out "
+             "(pass --fold to include them)")
+    return finished
 
 
 def _device(requested: str, warn: Callable[[str], None]) -> torch.device:
@@ -299,7 +319,7 @@ def predict(
     if clash is not None:
         raise PredictError(f"{clash.source}: its mask would be written over this input scan; choose another -o")
     model_dir = model_folder(config)
-    folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name)
+    folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn)
     device = _device(settings.device, warn)
     setup_nnunet_env(config, device_type=device.type)
     multitask = config.train.task == "multitask"

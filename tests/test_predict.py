@@ -217,3 +217,25 @@ def test_folder_without_images_or_dicom(tmp_path: Path, capfd: pytest.CaptureFix
     with pytest.raises(PredictError, match="no images .* and no DICOM series found"):
         find_inputs(tmp_path)
     assert "WARNING" not in capfd.readouterr().err  # ITK's own "No Series were found" stays quiet
+
+
+def test_default_folds_are_the_finished_ones(tmp_path: Path) -> None:
+    """A fold stopped half-way, or still training, has checkpoint_best.pth but must not join the ensemble."""
+    from pancreas_cli.predict import _resolve_folds
+
+    for fold, names in ((0, ["checkpoint_best.pth", "checkpoint_final.pth"]), (1, ["checkpoint_best.pth"])):
+        (tmp_path / f"fold_{fold}").mkdir()
+        for name in names:
+            (tmp_path / f"fold_{fold}" / name).touch()
+    warnings: list[str] = []
+    assert _resolve_folds(tmp_path, None, "checkpoint_best.pth", warnings.append) == [0]
+    assert warnings == ["predicting with the finished fold(s) [0]; unfinished fold(s) [1] left out (pass --fold to "
+                        "include them)"]
+    warnings.clear()
+    assert _resolve_folds(tmp_path, [0, 1], "checkpoint_best.pth", warnings.append) == [0, 1]
+    assert "fold(s) [1] have not finished training" in warnings[0]
+    with pytest.raises(PredictError, match=r"fold 2 has no checkpoint_best.pth .* trained folds: \[0, 1\]"):
+        _resolve_folds(tmp_path, [2], "checkpoint_best.pth", warnings.append)
+    (tmp_path / "fold_0" / "checkpoint_final.pth").unlink()
+    with pytest.raises(PredictError, match=r"no fold has finished training \(fold\(s\) \[0, 1\] stopped"):
+        _resolve_folds(tmp_path, None, "checkpoint_best.pth", warnings.append)
