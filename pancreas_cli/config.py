@@ -171,7 +171,7 @@ class TrainConfig(_Section):
 
 class PredictConfig(_Section):
     checkpoint: Literal["best", "final"] = "best"
-    folds: list[int] | None = None  # None: every trained fold (an ensemble)
+    folds: list[int] | None = None  # None: every finished fold (an ensemble)
     tile_step_size: float = Field(0.5, gt=0, le=1)
     mirroring: bool = True
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
