@@ -93,10 +93,10 @@ class PredictResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "out_dir": str(self.out_dir), "model_dir": str(self.model_dir), "folds": self.folds,
+            "out_dir": str(self.out_dir.resolve()), "model_dir": str(self.model_dir), "folds": self.folds,
             "device": self.device, "predicted": self.count("predicted"), "skipped": self.count("skipped"),
             "failed": [{"case": o.case, "source": str(o.source), "error": o.error} for o in self.failed],
-            "subtype_csv": str(self.subtype_csv) if self.subtype_csv else None,
+            "subtype_csv": str(self.subtype_csv.resolve()) if self.subtype_csv else None,
             "log_file": str(self.log_file) if self.log_file else None,
             "cases": [{"case": o.case, "status": o.status, "seconds": round(o.seconds, 2), "subtype": o.subtype,
                        "probabilities": o.probabilities} for o in self.outcomes],
@@ -248,15 +248,26 @@ def _record(out_dir: Path, case: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else {}
 
 
-def _outdated(out_dir: Path, case: str, stamp: dict[str, Any]) -> str | None:
-    """None if ``stamp``'s model wrote the mask of ``case``, "" if there is no mask, else why it is not its.
+def source_stamp(case: InputCase) -> list[Any]:
+    """What identifies the input scan as it is now: path, size and time (of a DICOM series' files)."""
+    path = case.source.resolve()
+    if not case.dicom:
+        info = path.stat()
+        return [str(path), info.st_size, info.st_mtime_ns]
+    files = [p.stat() for p in path.iterdir() if p.is_file()]
+    return [str(path), len(files), sum(f.st_size for f in files), max((f.st_mtime_ns for f in files), default=0)]
+
+
+def _outdated(out_dir: Path, case: InputCase, stamp: dict[str, Any]) -> str | None:
+    """None if ``stamp``'s model wrote the mask of ``case`` from its scan as it is now, "" if there is
+    no mask, else why the mask is not that.
 
     :data:`NOT_PANCSEG` (no record) and :data:`INTERRUPTED` (a replacement was stopped half-way,
     so it was authorised already) are answered apart from the other reasons, which need ``--force``.
     """
-    if not (out_dir / f"{case}.nii.gz").is_file():
+    if not (out_dir / f"{case.case}.nii.gz").is_file():
         return ""
-    record = _record(out_dir, case)
+    record = _record(out_dir, case.case)
     if record is None:
         return NOT_PANCSEG
     if record.get("pending"):
@@ -269,7 +280,13 @@ def _outdated(out_dir: Path, case: str, stamp: dict[str, Any]) -> str | None:
                      ("tile_step_size", "another tile step size"), ("mirroring", "other mirroring (--fast)")):
         if written.get(key) != stamp[key]:
             return why
+    if record.get("source_stamp") != source_stamp(case):
+        return f"made from another scan than {case.source}, or before it changed"
     return None
+
+
+def _subtype(probabilities: list[float] | None) -> int | None:
+    return None if probabilities is None else max(range(3), key=lambda i: probabilities[i])
 
 
 def _write_csvs(out_dir: Path, stamp: dict[str, Any]) -> Path:
@@ -281,7 +298,7 @@ def _write_csvs(out_dir: Path, stamp: dict[str, Any]) -> Path:
         if (out_dir / f"{case}.nii.gz").is_file() and record.get("model") == stamp and not record.get("pending"):
             rows.append((case, record["probabilities"]))
     results = out_dir / "subtype_results.csv"
-    write_text("Names,Subtype\n" + "".join(f"{c}.nii.gz,{max(range(3), key=lambda i: p[i])}\n" for c, p in rows),
+    write_text("Names,Subtype\n" + "".join(f"{c}.nii.gz,{_subtype(p)}\n" for c, p in rows),
                results)
     write_text("Names,p0,p1,p2\n" + "".join(f"{c}.nii.gz," + ",".join(f"{v:.6f}" for v in p) + "\n"
                                             for c, p in rows), out_dir / "subtype_probabilities.csv")
@@ -325,7 +342,7 @@ def predict(
     multitask = config.train.task == "multitask"
     mirroring = settings.mirroring and not fast
     stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size, mirroring)
-    outdated = {c.case: _outdated(out_dir, c.case, stamp) for c in cases}
+    outdated = {c.case: _outdated(out_dir, c, stamp) for c in cases}
     foreign = [case for case, why in outdated.items() if why == NOT_PANCSEG]
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
@@ -348,7 +365,9 @@ def predict(
     todo = [c for c in cases if overwrite or outdated[c.case] is not None]
     for case in cases:
         if case not in todo:
-            result.outcomes.append(CaseOutcome(case.case, case.source, "skipped"))
+            probabilities = (_record(out_dir, case.case) or {}).get("probabilities")
+            result.outcomes.append(CaseOutcome(case.case, case.source, "skipped", subtype=_subtype(probabilities),
+                                               probabilities=probabilities))
     if todo:
         with redirect_output(log_file) as terminal, \
                 tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch") as scratch:
@@ -404,6 +423,7 @@ def _predict_case(predictor: Any, case: InputCase, out_dir: Path, scratch: Path,
     start = time.perf_counter()
     partial = out_dir / f".partial_{case.case}"
     try:
+        scan = source_stamp(case)  # before reading: a scan replaced meanwhile counts as changed next time
         image_file = _load_input(case, scratch)
         preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
         data, _, properties = preprocessor.run_case([str(image_file)], None, predictor.plans_manager,
@@ -418,14 +438,15 @@ def _predict_case(predictor: Any, case: InputCase, out_dir: Path, scratch: Path,
         export_prediction_from_logits(logits, properties, predictor.configuration_manager, predictor.plans_manager,
                                       predictor.dataset_json, str(partial), False)
         probabilities = [float(p) for p in predictor.case_class_probabilities[-1]] if multitask else None
-        record = {"case": case.case, "source": str(case.source), "probabilities": probabilities, "model": stamp}
+        record = {"case": case.case, "source": str(case.source), "source_stamp": scan,
+                  "probabilities": probabilities, "model": stamp}
         # Marked pending while the mask is replaced: a run stopped in between redoes the case.
         sidecar = out_dir / SIDECAR_DIR / f"{case.case}.json"
         write_text(json.dumps({**record, "pending": True}), sidecar)
         os.replace(f"{partial}.nii.gz", out_dir / f"{case.case}.nii.gz")
         write_text(json.dumps(record), sidecar)
-        subtype = None if probabilities is None else max(range(3), key=lambda i: probabilities[i])
-        return CaseOutcome(case.case, case.source, "predicted", time.perf_counter() - start, subtype, probabilities)
+        return CaseOutcome(case.case, case.source, "predicted", time.perf_counter() - start, _subtype(probabilities),
+                           probabilities)
     except (DataError, RuntimeError, ValueError, OSError) as exc:
         # The whole error goes to predict.log (stderr is redirected there); the summary gets its first line.
         print(f"{case.source}: prediction failed", file=sys.stderr)

@@ -79,6 +79,9 @@ def test_resume_skips_done_cases_and_rebuilds_csv(trained_project: Path, runner:
     assert again.exit_code == 0
     data = json.loads(again.stdout)
     assert data["predicted"] == 1 and data["skipped"] == 1
+    skipped = next(c for c in data["cases"] if c["status"] == "skipped")
+    assert skipped["subtype"] in (0, 1, 2) and len(skipped["probabilities"]) == 3  # from the case's record
+    assert Path(data["out_dir"]).is_absolute()
     assert (out / "other_scan.nii.gz").stat().st_mtime_ns == stamp
     assert len((out / "subtype_results.csv").read_text().splitlines()) == 3  # header + both cases
     forced = json.loads(_predict(runner, trained_project, source, out, "--force", "--json").stdout)
@@ -127,6 +130,21 @@ def test_masks_not_written_by_this_model_are_refused(trained_project: Path, runn
         assert unreadable.exit_code == 1 and "its record is unreadable" in unreadable.stderr
     finally:
         os.utime(checkpoint, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+def test_a_changed_scan_is_not_skipped(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
+    """Same model, same case name, other scan (replaced, or another -i folder): the old mask is not kept."""
+    source, out = _inputs(trained_project, tmp_path), tmp_path / "out"
+    assert _predict(runner, trained_project, source, out).exit_code == 0
+    scan = source / "other_scan.nrrd"
+    image = sitk.ReadImage(str(scan))
+    sitk.WriteImage(sitk.Flip(image, [True, False, False]), str(scan))
+    changed = _predict(runner, trained_project, source, out)
+    assert changed.exit_code == 1
+    assert f"made from another scan than {scan}, or before it changed" in changed.stderr
+    config = load_config(trained_project / "pancseg.yaml")
+    redone = predict(config, input_path=source, out_dir=out, folds=[4], replace_outdated=True)
+    assert [o.case for o in redone.outcomes if o.status == "predicted"] == ["other_scan"]
 
 
 def test_an_input_scan_is_never_written_over(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
