@@ -268,6 +268,10 @@ def evaluate(
         raise DataError(f"{gt_dir}: no ground-truth masks ({', '.join(IMAGE_EXTENSIONS)})")
     preds = _masks(pred_dir)
     missing = sorted(set(refs) - set(preds))
+    if len(missing) == len(refs):  # not a few missing cases: names that do not match (quiz_9 vs quiz_009)
+        shown = f"e.g. prediction {sorted(preds)[0]} and ground truth {missing[0]}" if preds else "it has no masks"
+        raise DataError(f"{pred_dir}: no prediction matches a ground-truth case of {gt_dir} ({shown}); "
+                        "predictions are matched to ground truth by file name")
     if missing and not allow_missing:
         raise DataError(f"{pred_dir}: no prediction for {len(missing)} ground-truth case(s), e.g. {missing[0]}; "
                         "pass --allow-missing to count them as empty predictions")
@@ -286,6 +290,9 @@ def evaluate(
     for r in results:
         r.subtype_true = truth.get(r.case)
         r.subtype_pred = predicted.get(r.case)
+    stray = sorted(set(truth) - set(refs))
+    if stray and cases is None:
+        notes.append(f"{len(stray)} case(s) of {subtypes_csv} have no ground-truth mask, e.g. {stray[0]}")
     unlabelled = [r.case for r in results if truth and r.subtype_true is None]
     if unlabelled:
         notes.append(f"{len(unlabelled)} case(s) have no true subtype in {subtypes_csv}, e.g. {unlabelled[0]}")

@@ -171,8 +171,8 @@ def test_cli_json_and_table(runner: CliRunner, realdata: Path, tmp_path: Path) -
 
 @pytest.mark.parametrize(("setup", "extra", "message"), [
     (lambda d: (d / "gt" / "c1.nii.gz").unlink(), [], "no ground-truth masks"),
-    (lambda d: (d / "pred" / "c1.nii.gz").unlink(), [], "no prediction for 1 ground-truth case(s), e.g. c1; pass "
-     "--allow-missing"),
+    (lambda d: (d / "pred" / "c1.nii.gz").rename(d / "pred" / "c01.nii.gz"), [],
+     "no prediction matches a ground-truth case of"),
     (lambda d: (d / "truth.csv").write_text("id,label\nc1,1\n"), ["--subtypes"],
      "expected columns Names,Subtype or case_id,subtype, got id,label"),
     (lambda d: (d / "truth.csv").write_text("case_id,subtype\nc1,high\n"), ["--subtypes"],
@@ -220,3 +220,18 @@ def test_metrics_of_other_inputs_are_not_replaced_without_force(runner: CliRunne
     summary.write_text("{}")
     foreign = runner.invoke(app, [*base, "--gt", str(gt_dir)])
     assert foreign.exit_code == 1 and "not written by this pancseg evaluate" in foreign.stderr
+
+
+def test_no_matching_names_is_an_error_even_with_allow_missing(config, tmp_path: Path) -> None:
+    """--allow-missing is for a few missing cases; names that never match would score every case as 0."""
+    ref = np.zeros((8, 16, 16))
+    ref[2:6, 4:12, 4:12] = 1
+    pred_dir, gt_dir = _pair(tmp_path, ref, ref, "quiz_009")
+    (gt_dir / "quiz_009.nii.gz").rename(gt_dir / "quiz_9.nii.gz")
+    with pytest.raises(DataError, match="no prediction matches a ground-truth case .*e.g. prediction quiz_009 and "
+                                        "ground truth quiz_9"):
+        evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir, allow_missing=True)
+    (gt_dir / "quiz_9.nii.gz").rename(gt_dir / "quiz_009.nii.gz")
+    (tmp_path / "truth.csv").write_text("case_id,subtype\nquiz_009,1\nquiz_999,2\n")
+    result = evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir, subtypes_csv=tmp_path / "truth.csv")
+    assert f"1 case(s) of {tmp_path / 'truth.csv'} have no ground-truth mask, e.g. quiz_999" in result.notes
