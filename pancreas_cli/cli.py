@@ -5,10 +5,14 @@ Heavy libraries (torch, nnU-Net) are imported inside the stages so that ``--help
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -47,18 +51,53 @@ SetOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or Colab's stop), delivered as an interrupt so that stages stop as on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Raise :class:`_Terminated` in this process on SIGTERM: the default would kill it at once, without
+    the checkpoint that Ctrl-C saves or any cleanup. Forked workers get the default back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:  # a forked data-loader worker: die as it would have
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def handle_errors(func: F) -> F:
-    """Turn pancseg errors into one message on stderr and their exit code (tracebacks with --debug)."""
+    """Turn pancseg errors into one message on stderr and their exit code (tracebacks with --debug);
+    an interrupt (Ctrl-C, SIGTERM) says that finished work is kept and exits 130 (143 for SIGTERM)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return func(*args, **kwargs)
         except PancsegError as exc:
             if output.debug:
                 output.err.print(traceback.format_exc(), markup=False)
             output.error(str(exc))
-            raise typer.Exit(exc.exit_code) from None
+            raise typer.Exit(128 + signal.SIGTERM if isinstance(exc.__context__, _Terminated)
+                             else exc.exit_code) from None
+        except KeyboardInterrupt as exc:
+            if output.debug:
+                output.err.print(traceback.format_exc(), markup=False)
+            output.error("interrupted; finished work is kept: run the same command again to continue")
+            raise typer.Exit(128 + (signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)) from None
 
     return wrapper  # type: ignore[return-value]
 

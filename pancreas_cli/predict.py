@@ -379,12 +379,17 @@ def predict(
                                    f"nnU-Net log: {log_file}") from exc
             if reporter is not None:
                 reporter.start(len(todo), terminal)
-            for index, case in enumerate(todo, start=1):
-                working = (lambda detail, name=case.case: reporter.working(name, detail)) if reporter else None
-                outcome = _predict_case(predictor, case, out_dir, Path(scratch), multitask, stamp, working)
-                result.outcomes.append(outcome)
-                if reporter is not None:
-                    reporter.case(outcome, index)
+            try:
+                for index, case in enumerate(todo, start=1):
+                    working = (lambda detail, name=case.case: reporter.working(name, detail)) if reporter else None
+                    outcome = _predict_case(predictor, case, out_dir, Path(scratch), multitask, stamp, working)
+                    result.outcomes.append(outcome)
+                    if reporter is not None:
+                        reporter.case(outcome, index)
+            except KeyboardInterrupt:
+                if multitask:  # the CSVs list the cases finished so far
+                    _write_csvs(out_dir, stamp)
+                raise
     if multitask:
         result.subtype_csv = _write_csvs(out_dir, stamp)
     return result

@@ -147,6 +147,36 @@ def test_a_changed_scan_is_not_skipped(trained_project: Path, runner: CliRunner,
     assert [o.case for o in redone.outcomes if o.status == "predicted"] == ["other_scan"]
 
 
+def test_sigterm_keeps_finished_cases(trained_project: Path, runner: CliRunner, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped by a scheduler after the first case: its mask and CSV row stay, no scratch is left,
+    and the same command continues."""
+    import signal
+
+    from pancreas_cli import predict as predict_module
+
+    real_case = predict_module._predict_case
+    calls: list[str] = []
+
+    def terminated(*args, **kwargs):
+        calls.append(args[1].case)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_case(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "_predict_case", terminated)
+    source, out = _inputs(trained_project, tmp_path), tmp_path / "out"
+    result = _predict(runner, trained_project, source, out)
+    assert result.exit_code == 143, result.output
+    assert "interrupted; finished work is kept: run the same command again to continue" in result.stderr
+    assert [p.name for p in out.glob("*.nii.gz")] == [f"{calls[0]}.nii.gz"]
+    assert (out / "subtype_results.csv").read_text().splitlines()[1].startswith(f"{calls[0]}.nii.gz,")
+    assert not list(out.glob(".scratch*")) and not list(out.glob(".partial*"))
+    monkeypatch.setattr(predict_module, "_predict_case", real_case)
+    again = json.loads(_predict(runner, trained_project, source, out, "--json").stdout)
+    assert again["predicted"] == 1 and again["skipped"] == 1
+
+
 def test_an_input_scan_is_never_written_over(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
     scan = tmp_path / "scans" / "ct.nii.gz"
     scan.parent.mkdir()

@@ -290,6 +290,36 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(project: Path, runner: 
     assert [r["epoch"] for r in _rows(fold_dir)] == ["1", "2", "3"]
 
 
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(project: Path, runner: CliRunner,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLURM and Colab stop jobs with SIGTERM, whose default would kill the run without a checkpoint."""
+    import signal
+
+    from pancreas_cli.multitask.trainer import nnUNetTrainerMultiTask
+
+    real_step = nnUNetTrainerMultiTask.train_step
+    calls = []
+
+    def terminated_step(self: nnUNetTrainerMultiTask, batch: dict) -> dict:
+        calls.append(self.current_epoch)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, batch)
+
+    monkeypatch.setattr(nnUNetTrainerMultiTask, "train_step", terminated_step)
+    result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "3", "--epochs", "2",
+                                 "--force", "--set", "train.iterations_per_epoch=3", "--set", "train.save_every=50"])
+    fold_dir = project / "work" / "nnUNet_results" / "Dataset001_PancreasCancer" / FOLDER / "fold_3"
+    try:
+        assert result.exit_code == 143, result.output
+        assert "interrupted at epoch 1; a checkpoint was saved" in result.stderr
+        assert (fold_dir / "checkpoint_latest.pth").is_file()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone after the command
+    finally:
+        shutil.rmtree(fold_dir, ignore_errors=True)
+
+
 WORKERS_DIED = "One or more background workers are no longer alive. Exiting. Please check the print statements above"
 
 
