@@ -146,8 +146,9 @@ def model_folder(config: Config) -> Path:
     """The nnU-Net results folder of the configured task, plans and configuration."""
     state = read_state(config.dataset_preprocessed_dir)
     if state is None:
-        raise PredictError(f"{config.dataset_preprocessed_dir}: not preprocessed, so no model was trained here; "
-                           "run `pancseg preprocess` and `pancseg train` first")
+        raise PredictError(f"{config.dataset_preprocessed_dir}: no finished preprocessing (never run, or "
+                           "interrupted), so the model cannot be found; run `pancseg preprocess` (and `pancseg "
+                           "train` if no model was trained yet)")
     plans = state["plans_identifier"]
     name = f"{TRAINERS[config.train.task]}__{plans}__{config.plan.configuration}"
     return config.results_dir / config.dataset.folder_name / name

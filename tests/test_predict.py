@@ -287,3 +287,15 @@ def test_default_folds_are_the_finished_ones(tmp_path: Path) -> None:
     (tmp_path / "fold_0" / "checkpoint_final.pth").unlink()
     with pytest.raises(PredictError, match=r"no fold has finished training \(fold\(s\) \[0, 1\] stopped"):
         _resolve_folds(tmp_path, None, "checkpoint_best.pth", warnings.append)
+
+
+def test_predict_before_preprocessing_says_what_to_run(runner: CliRunner, tmp_path: Path) -> None:
+    from conftest import write_config
+
+    (tmp_path / "data").mkdir()
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkInt16), str(tmp_path / "scan.nii.gz"))
+    cfg = write_config(tmp_path, "project_dir: ./work\n")
+    result = runner.invoke(app, ["predict", "-c", str(cfg), "-i", str(tmp_path / "scan.nii.gz"), "-o",
+                                 str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "no finished preprocessing (never run, or interrupted)" in result.stderr and "pancseg preprocess" in result.stderr
