@@ -300,6 +300,8 @@ def train(
         output.warn("training on the CPU is very slow; use it for smoke runs only")
     result = run_train(cfg, folds=_folds(fold, cfg.dataset.num_folds), resume=resume, force=force,
                        reporter=EpochPrinter(quiet=output.verbosity < 0))
+    for done in (f for f in result.folds if f.up_to_date):
+        output.info(f"fold {done.fold} up to date: trained to epoch {done.epochs_done} and validated")
     if json_:
         output.json(result.to_dict())
         return

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import pickle
+import shlex
 import shutil
 import sys
 import time
@@ -19,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO
 
-from pancreas_cli.config import Config
+from pancreas_cli.config import Config, load_config
 from pancreas_cli.exceptions import PancsegError, TrainError, TrainingInterrupted
 from pancreas_cli.logcapture import redirect_output, tail
-from pancreas_cli.multitask.settings import TrainingSettings, write_settings
+from pancreas_cli.multitask.settings import SETTINGS_NAME, TrainingSettings, write_settings
 from pancreas_cli.nnunet_env import scoped_env, setup_nnunet_env
 from pancreas_cli.preprocess import read_state
 
@@ -51,12 +52,13 @@ class FoldResult:
     last: dict[str, float | int | None] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    up_to_date: bool = False  # --resume of a fold that had finished train.epochs and its validation
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "fold": self.fold, "output_folder": str(self.output_folder), "log_file": str(self.log_file),
             "epochs_done": self.epochs_done, "resumed_from": self.resumed_from, "last_epoch": self.last,
-            "validation": self.validation, "seconds": round(self.seconds, 1),
+            "validation": self.validation, "seconds": round(self.seconds, 1), "up_to_date": self.up_to_date,
         }
 
 
@@ -203,7 +205,7 @@ def train(
     trainer_name = TRAINERS[config.train.task]
     # Every fold is checked before anything is written: a refused fold changes nothing.
     starts = [_fold_start(config, state, trainer_name, fold, resume=resume, force=force) for fold in folds]
-    if resume and all(start.checkpoint is None for start in starts):
+    if resume and all(start.checkpoint is None and not start.finished for start in starts):
         # Most likely a wrong project_dir, fold or task; quietly starting over could cost hours.
         where = starts[0].output_folder.parent
         raise TrainError(f"nothing to resume: no checkpoint for fold(s) {', '.join(map(str, folds))} in {where}; "
@@ -260,6 +262,7 @@ class _FoldStart:
     output_folder: Path
     checkpoint: Path | None  # to resume from
     discard: bool  # --force: an existing training is deleted first
+    finished: bool = False  # --resume of a fold already trained to train.epochs and validated: nothing to do
 
 
 def _fold_start(config: Config, state: dict[str, Any], trainer_name: str, fold: int, *, resume: bool,
@@ -276,11 +279,51 @@ def _fold_start(config: Config, state: dict[str, Any], trainer_name: str, fold: 
         return _FoldStart(fold, output_folder, None, discard=True)
     if resume and existing is not None:
         done = _checkpoint_epoch(existing)  # also: a checkpoint nnU-Net cannot load fails here, named
-        if existing.name != "checkpoint_final.pth" and done >= config.train.epochs:
+        final = existing.name == "checkpoint_final.pth"
+        if not final and done >= config.train.epochs:
             # nnU-Net would skip the loop and finalise the unfinished run as if it were complete.
             raise TrainError(f"fold {fold} stopped after epoch {done} of an unfinished run, but train.epochs is "
                              f"{config.train.epochs}: pass --epochs N with N > {done} to continue it")
+        _check_resume_settings(config, fold, output_folder)
+        if final and done >= config.train.epochs and (output_folder / "validation" / "summary.json").is_file():
+            return _FoldStart(fold, output_folder, None, discard=False, finished=True)
     return _FoldStart(fold, output_folder, existing if resume else None, discard=False)
+
+
+# Settings a resumed run must share with the run it continues; epochs may grow, and the checkpoint
+# interval and the number of validation batches do not change what is learned.
+_RESUME_FIXED = ("iterations_per_epoch", "initial_lr", "batch_size", "cls_weight", "head_lr", "cls_warmup_epochs",
+                 "class_weights", "label_smoothing", "select_by", "head")
+
+
+def _fixed_settings(settings: TrainingSettings) -> dict[str, Any]:
+    """The settings a resume must keep, by config key (``train.head_stages`` for ``head["stages"]``)."""
+    data = settings.to_dict()
+    out: dict[str, Any] = {}
+    for name in _RESUME_FIXED:
+        if name == "head":
+            out.update({f"train.head_{key}": value for key, value in data["head"].items()})
+        else:
+            out[f"train.{name}"] = data[name]
+    return out
+
+
+def _check_resume_settings(config: Config, fold: int, output_folder: Path) -> None:
+    """Refuse to continue a fold with other learning settings than it was trained with (the schedule
+    and the loss would change mid-run without a word); say which ``--set`` options continue it."""
+    record = output_folder / SETTINGS_NAME
+    if not record.is_file():
+        return  # trained by an older pancseg, or by nnU-Net's own command
+    try:
+        earlier = _fixed_settings(TrainingSettings.from_dict(json.loads(record.read_text(encoding="utf-8"))))
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise TrainError(f"{record}: unreadable ({exc}); pass --force to train fold {fold} again") from exc
+    now = _fixed_settings(training_settings(config))
+    changed = [key for key in now if earlier.get(key) != now[key]]
+    if changed:
+        listed = ", ".join(f"{key} = {_yaml(earlier.get(key))} (now {_yaml(now[key])})" for key in changed)
+        raise TrainError(f"fold {fold} was trained with other settings: {listed}; continue it with the same ones: "
+                         f"`{_resume_command(config, fold, earlier)}`, or pass --force to start over")
 
 
 def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start: _FoldStart, device: torch.device, *,
@@ -290,6 +333,13 @@ def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start:
         shutil.rmtree(output_folder)
     log_file = config.project_dir / "logs" / f"train_{config.train.task}_fold{fold}.log"
     fold_result = FoldResult(fold, output_folder, log_file)
+    if start.finished:
+        fold_result.last, fold_result.validation = _fold_summary(output_folder)
+        fold_result.epochs_done = int(fold_result.last.get("epoch", 0) or 0)
+        fold_result.up_to_date = True
+        return fold_result
+    # What this fold is trained with, so that a later --resume can be checked against it.
+    write_settings(training_settings(config), output_folder)
     began = time.perf_counter()
     if config.train.num_gpus > 1:
         _train_ddp(config, state, trainer_name, fold, start.checkpoint, log_file)
@@ -344,9 +394,24 @@ def _training_failed(exc: BaseException, log_file: Path) -> TrainError:
                       f"  full log: {log_file} (re-run with --debug for the traceback)")
 
 
-def _resume_command(config: Config, fold: int) -> str:
-    config_option = f"-c {config.config_path} " if config.config_path is not None else ""
-    return f"pancseg train {config_option}--fold {fold} --resume"
+def _resume_command(config: Config, fold: int, settings: dict[str, Any] | None = None) -> str:
+    """The command that continues ``fold`` with ``settings`` (default: this run's): ``--set`` for each
+    that the config file alone would not give, so that a run started with ``--set`` resumes as it ran."""
+    settings = _fixed_settings(training_settings(config)) if settings is None else settings
+    try:
+        from_file = _fixed_settings(training_settings(load_config(config.config_path, check_source=False)))
+    except PancsegError:  # the file changed since: name every setting
+        from_file = {}
+    options = [f"-c {shlex.quote(str(config.config_path))}"] if config.config_path is not None else []
+    options.append(f"--fold {fold} --resume")
+    options += [f"--set {shlex.quote(f'{key}={_yaml(value)}')}" for key, value in settings.items()
+                if from_file.get(key, object()) != value]
+    return "pancseg train " + " ".join(options)
+
+
+def _yaml(value: Any) -> str:
+    """A setting as ``--set`` reads it (YAML; flow style for lists and mappings)."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _finish_wandb() -> None:

@@ -271,7 +271,9 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(project: Path, runner: 
     result = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", "--epochs", "4", "--force", *args])
     assert result.exit_code == 130, result.output
     assert "interrupted at epoch 3" in result.stderr
-    assert f"continue with `pancseg train -c {cfg} --fold 1 --resume --epochs 4`" in result.stderr
+    # The command that continues repeats the --set options that change what is learned.
+    assert (f"continue with `pancseg train -c {cfg} --fold 1 --resume --set train.iterations_per_epoch=3 --epochs 4`"
+            in result.stderr)
     fold_dir = project / "work" / "nnUNet_results" / "Dataset001_PancreasCancer" / FOLDER / "fold_1"
     latest = torch.load(fold_dir / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
     assert latest["current_epoch"] == 2  # 0-based: epoch 3 is trained again
@@ -284,9 +286,21 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(project: Path, runner: 
     assert short.exit_code == 1
     assert "fold 1 stopped after epoch 2 of an unfinished run, but train.epochs is 2" in short.stderr
     assert "--epochs N with N > 2" in short.stderr and not (fold_dir / "checkpoint_final.pth").exists()
+    # Resuming with other learning settings would change the run half-way without a word.
+    changed = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", "--resume", "--epochs", "3", *args,
+                                  "--set", "train.cls_weight=0.5"])
+    assert changed.exit_code == 1
+    assert ("fold 1 was trained with other settings: train.cls_weight = 0.05 (now 0.5); continue it with the same "
+            f"ones: `pancseg train -c {cfg} --fold 1 --resume --set train.iterations_per_epoch=3`") in changed.stderr
     resumed = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", "--resume", "--epochs", "3", *args])
     assert resumed.exit_code == 0, resumed.output
     assert "resuming at epoch 3" in resumed.stderr
+    assert [r["epoch"] for r in _rows(fold_dir)] == ["1", "2", "3"]
+    # A finished and validated fold: --resume has nothing to do (scripts can re-run it).
+    again = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", "--resume", "--epochs", "3", "--json", *args])
+    assert again.exit_code == 0, again.output
+    assert "fold 1 up to date: trained to epoch 3 and validated" in again.stderr
+    assert json.loads(again.stdout)["folds"][0]["up_to_date"] is True
     assert [r["epoch"] for r in _rows(fold_dir)] == ["1", "2", "3"]
 
 
