@@ -22,6 +22,7 @@ from pancreas_cli.config import CleanConfig, Config, kept_labels
 from pancreas_cli.console import count
 from pancreas_cli.exceptions import CleanError, DataError
 from pancreas_cli.imageio import read_image, scan_nifti, write_image, write_text
+from pancreas_cli.locks import exclusive_project
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -322,6 +323,7 @@ def _audit_case(
     return audit, write_image_to, write_mask_to
 
 
+@exclusive_project
 def clean(config: Config, *, check: bool = False) -> CleanResult:
     """Audit imagesTr/labelsTr/imagesTs of the prepared dataset; fix unless ``check``."""
     dataset = config.dataset_raw_dir

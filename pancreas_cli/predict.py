@@ -12,6 +12,7 @@ model. A case that fails is reported and the others go on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
+from pancreas_cli import locks
 from pancreas_cli.config import Config
 from pancreas_cli.console import count
 from pancreas_cli.exceptions import DataError, OutputExistsError, PancsegError
@@ -336,64 +338,67 @@ def predict(
     clash = next((c for c in cases if (out_dir / f"{c.case}.nii.gz").resolve() in sources), None)
     if clash is not None:
         raise PredictError(f"{clash.source}: its mask would be written over this input scan; choose another -o")
-    model_dir = model_folder(config)
-    folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn)
-    device = _device(settings.device, warn)
-    setup_nnunet_env(config, device_type=device.type)
-    multitask = config.train.task == "multitask"
-    mirroring = settings.mirroring and not fast
-    stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size, mirroring)
-    outdated = {c.case: _outdated(out_dir, c, stamp) for c in cases}
-    foreign = [case for case, why in outdated.items() if why == NOT_PANCSEG]
-    if foreign:
-        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        raise OutputExistsError(
-            f"{out_dir / foreign[0]}.nii.gz{more} exists and was {NOT_PANCSEG} (no record in "
-            f"{out_dir / SIDECAR_DIR}): ground truth or another tool's mask? pancseg never replaces those, not "
-            "even with --force: choose another output folder, or move them away"
-        )
-    conflicts = [case for case, why in outdated.items() if why and why != INTERRUPTED]
-    if conflicts and not (overwrite or replace_outdated):
-        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
-        raise OutputExistsError(
-            f"{out_dir / conflicts[0]}.nii.gz{more} exists but was not predicted by this model with these "
-            f"settings ({outdated[conflicts[0]]}); pass --force to predict again, or choose another output folder"
-        )
-    log_file = config.project_dir / "logs" / "predict.log"
-    result = PredictResult(out_dir, model_dir, folds, str(device), log_file)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / SIDECAR_DIR).mkdir(exist_ok=True)
-    todo = [c for c in cases if overwrite or outdated[c.case] is not None]
-    for case in cases:
-        if case not in todo:
-            probabilities = (_record(out_dir, case.case) or {}).get("probabilities")
-            result.outcomes.append(CaseOutcome(case.case, case.source, "skipped", subtype=_subtype(probabilities),
-                                               probabilities=probabilities))
-    if todo:
-        with redirect_output(log_file) as terminal, \
-                tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch") as scratch:
-            try:
-                predictor = _load_model(model_dir, folds, checkpoint_name, device, settings.tile_step_size,
-                                        mirroring, multitask)
-            except (RuntimeError, ValueError, OSError, KeyError) as exc:
-                raise PredictError(f"cannot load the model in {model_dir}: {type(exc).__name__}: {exc}; "
-                                   f"nnU-Net log: {log_file}") from exc
-            if reporter is not None:
-                reporter.start(len(todo), terminal)
-            try:
-                for index, case in enumerate(todo, start=1):
-                    working = (lambda detail, name=case.case: reporter.working(name, detail)) if reporter else None
-                    outcome = _predict_case(predictor, case, out_dir, Path(scratch), multitask, stamp, working)
-                    result.outcomes.append(outcome)
-                    if reporter is not None:
-                        reporter.case(outcome, index)
-            except KeyboardInterrupt:
-                if multitask:  # the CSVs list the cases finished so far
-                    _write_csvs(out_dir, stamp)
-                raise
-    if multitask:
-        result.subtype_csv = _write_csvs(out_dir, stamp)
-    return result
+    with contextlib.ExitStack() as held:
+        held.enter_context(locks.project(config.project_dir, shared=True))  # no preprocess meanwhile
+        model_dir = model_folder(config)
+        held.enter_context(locks.output_folder(config.project_dir, out_dir))  # one predict per output folder
+        folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn)
+        device = _device(settings.device, warn)
+        setup_nnunet_env(config, device_type=device.type)
+        multitask = config.train.task == "multitask"
+        mirroring = settings.mirroring and not fast
+        stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size, mirroring)
+        outdated = {c.case: _outdated(out_dir, c, stamp) for c in cases}
+        foreign = [case for case, why in outdated.items() if why == NOT_PANCSEG]
+        if foreign:
+            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            raise OutputExistsError(
+                f"{out_dir / foreign[0]}.nii.gz{more} exists and was {NOT_PANCSEG} (no record in "
+                f"{out_dir / SIDECAR_DIR}): ground truth or another tool's mask? pancseg never replaces those, not "
+                "even with --force: choose another output folder, or move them away"
+            )
+        conflicts = [case for case, why in outdated.items() if why and why != INTERRUPTED]
+        if conflicts and not (overwrite or replace_outdated):
+            more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+            raise OutputExistsError(
+                f"{out_dir / conflicts[0]}.nii.gz{more} exists but was not predicted by this model with these "
+                f"settings ({outdated[conflicts[0]]}); pass --force to predict again, or choose another output folder"
+            )
+        log_file = config.project_dir / "logs" / "predict.log"
+        result = PredictResult(out_dir, model_dir, folds, str(device), log_file)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / SIDECAR_DIR).mkdir(exist_ok=True)
+        todo = [c for c in cases if overwrite or outdated[c.case] is not None]
+        for case in cases:
+            if case not in todo:
+                probabilities = (_record(out_dir, case.case) or {}).get("probabilities")
+                result.outcomes.append(CaseOutcome(case.case, case.source, "skipped", subtype=_subtype(probabilities),
+                                                   probabilities=probabilities))
+        if todo:
+            with redirect_output(log_file) as terminal, \
+                    tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch") as scratch:
+                try:
+                    predictor = _load_model(model_dir, folds, checkpoint_name, device, settings.tile_step_size,
+                                            mirroring, multitask)
+                except (RuntimeError, ValueError, OSError, KeyError) as exc:
+                    raise PredictError(f"cannot load the model in {model_dir}: {type(exc).__name__}: {exc}; "
+                                       f"nnU-Net log: {log_file}") from exc
+                if reporter is not None:
+                    reporter.start(len(todo), terminal)
+                try:
+                    for index, case in enumerate(todo, start=1):
+                        working = (lambda detail, name=case.case: reporter.working(name, detail)) if reporter else None
+                        outcome = _predict_case(predictor, case, out_dir, Path(scratch), multitask, stamp, working)
+                        result.outcomes.append(outcome)
+                        if reporter is not None:
+                            reporter.case(outcome, index)
+                except KeyboardInterrupt:
+                    if multitask:  # the CSVs list the cases finished so far
+                        _write_csvs(out_dir, stamp)
+                    raise
+        if multitask:
+            result.subtype_csv = _write_csvs(out_dir, stamp)
+        return result
 
 
 def _load_model(model_dir: Path, folds: list[int], checkpoint_name: str, device: torch.device, step: float,

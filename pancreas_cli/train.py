@@ -7,6 +7,7 @@ extend a finished run to more epochs.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import json
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO
 
 from pancreas_cli.config import Config, load_config
 from pancreas_cli.exceptions import PancsegError, TrainError, TrainingInterrupted
+from pancreas_cli import locks
 from pancreas_cli.logcapture import redirect_output, tail
 from pancreas_cli.multitask.settings import SETTINGS_NAME, TrainingSettings, write_settings
 from pancreas_cli.nnunet_env import scoped_env, setup_nnunet_env
@@ -196,25 +198,30 @@ def train(
     """Train ``config.train.task`` on each fold (None: every fold of the splits) with nnU-Net's machinery."""
     if config.train.wandb.enabled and importlib.util.find_spec("wandb") is None:
         raise TrainError("train.wandb.enabled needs wandb: pip install 'pancseg[wandb]'")
-    state = _preprocessed_state(config)
-    folds = _check_folds(config, folds)
-    device = resolve_device(config.train.device)
-    if config.train.num_gpus > 1 and device.type != "cuda":
-        raise TrainError("train.num_gpus > 1 needs CUDA GPUs")
-    setup_nnunet_env(config, device_type=device.type)
-    trainer_name = TRAINERS[config.train.task]
-    # Every fold is checked before anything is written: a refused fold changes nothing.
-    starts = [_fold_start(config, state, trainer_name, fold, resume=resume, force=force) for fold in folds]
-    if resume and all(start.checkpoint is None and not start.finished for start in starts):
-        # Most likely a wrong project_dir, fold or task; quietly starting over could cost hours.
-        where = starts[0].output_folder.parent
-        raise TrainError(f"nothing to resume: no checkpoint for fold(s) {', '.join(map(str, folds))} in {where}; "
-                         "check project_dir, --fold and --task, or drop --resume to start a new training")
-    write_training_inputs(config)
-    result = TrainResult(config.train.task, str(device), trainer_name)
-    for start in starts:
-        result.folds.append(_train_fold(config, state, trainer_name, start, device, reporter=reporter))
-    return result
+    with contextlib.ExitStack() as held:
+        held.enter_context(locks.project(config.project_dir, shared=True))  # no preprocess meanwhile
+        state = _preprocessed_state(config)
+        folds = _check_folds(config, folds)
+        device = resolve_device(config.train.device)
+        if config.train.num_gpus > 1 and device.type != "cuda":
+            raise TrainError("train.num_gpus > 1 needs CUDA GPUs")
+        setup_nnunet_env(config, device_type=device.type)
+        trainer_name = TRAINERS[config.train.task]
+        for fold in folds:  # other folds may train meanwhile, but not these
+            held.enter_context(locks.hold(config.project_dir, f"train-{trainer_name}-fold{fold}",
+                                          f"fold {fold} of {trainer_name}"))
+        # Every fold is checked before anything is written: a refused fold changes nothing.
+        starts = [_fold_start(config, state, trainer_name, fold, resume=resume, force=force) for fold in folds]
+        if resume and all(start.checkpoint is None and not start.finished for start in starts):
+            # Most likely a wrong project_dir, fold or task; quietly starting over could cost hours.
+            where = starts[0].output_folder.parent
+            raise TrainError(f"nothing to resume: no checkpoint for fold(s) {', '.join(map(str, folds))} in {where}; "
+                             "check project_dir, --fold and --task, or drop --resume to start a new training")
+        write_training_inputs(config)
+        result = TrainResult(config.train.task, str(device), trainer_name)
+        for start in starts:
+            result.folds.append(_train_fold(config, state, trainer_name, start, device, reporter=reporter))
+        return result
 
 
 def _check_folds(config: Config, folds: list[int] | None) -> list[int]:

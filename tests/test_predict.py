@@ -177,6 +177,17 @@ def test_sigterm_keeps_finished_cases(trained_project: Path, runner: CliRunner, 
     assert again["predicted"] == 1 and again["skipped"] == 1
 
 
+def test_two_predictions_into_one_folder(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
+    """The second is refused: both checked the folder at their start, then wrote over each other."""
+    from pancreas_cli import locks
+
+    source, out = _inputs(trained_project, tmp_path), tmp_path / "out"
+    with locks.output_folder(trained_project / "work", out):
+        result = _predict(runner, trained_project, source, out)
+    assert result.exit_code == 1 and f"the output folder {out} is in use by pid {os.getpid()}" in result.stderr
+    assert not out.exists()
+
+
 def test_an_input_scan_is_never_written_over(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
     scan = tmp_path / "scans" / "ct.nii.gz"
     scan.parent.mkdir()

@@ -177,6 +177,19 @@ def test_resume_with_nothing_to_resume(runner: CliRunner, project: Path) -> None
     assert "drop --resume to start a new training" in result.stderr
 
 
+def test_a_fold_in_training_is_not_trained_twice(runner: CliRunner, project: Path) -> None:
+    """Two terminals, same fold: the second is refused; another fold may train meanwhile."""
+    from pancreas_cli import locks
+
+    work = project / "work"
+    with locks.hold(work, "train-nnUNetTrainerMultiTask-fold2", "fold 2 of nnUNetTrainerMultiTask"):
+        result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "2", "--force"])
+        assert result.exit_code == 1
+        assert f"fold 2 of nnUNetTrainerMultiTask is in use by pid {os.getpid()}" in result.stderr
+        with locks.project(work, shared=True):  # what a training of fold 2 holds does not stop fold 3's
+            pass
+
+
 def test_unreadable_preprocess_state_is_named(runner: CliRunner, project: Path) -> None:
     state = project / "work" / "nnUNet_preprocessed" / "Dataset001_PancreasCancer" / "pancseg_preprocess.json"
     saved = state.read_bytes()
