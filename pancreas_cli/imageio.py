@@ -154,8 +154,8 @@ def write_text(text: str, path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Place ``src`` at ``dst`` by hard link when possible, else by copy; never moves ``src``.
+def link_or_copy(src: Path, dst: Path, *, link: bool = True) -> None:
+    """Place ``src`` at ``dst`` by hard link when possible (and ``link``), else by copy; never moves ``src``.
 
     Later stages replace files by rename, never write into them, so a hard link cannot
     change the user's source.
@@ -163,8 +163,11 @@ def link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp")
     tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
+    if link:
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or one without hard links: copy instead
+            shutil.copy2(src, tmp)
+    else:
         shutil.copy2(src, tmp)
     os.replace(tmp, dst)

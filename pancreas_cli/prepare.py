@@ -1,7 +1,8 @@
 """``pancseg prepare``: turn the user's raw dataset into an nnU-Net v2 raw dataset.
 
-The source is never modified: files are hard-linked (or copied) and converted to ``.nii.gz`` where
-needed. The dataset is built in a temporary folder and renamed into place, so an interrupted run
+The source is never modified: CTs are hard-linked (or copied), masks copied (small, and what
+clean repairs: a link would let an in-place edit of the source mask change them unseen) and
+converted to ``.nii.gz`` where needed. The dataset is built in a temporary folder and renamed into place, so an interrupted run
 leaves nothing half-written. A record of the source (``pancseg_prepare.json``) makes re-runs
 idempotent and lets a changed source be detected.
 """
@@ -340,10 +341,10 @@ def dataset_json(config: Config, num_training: int) -> dict[str, Any]:
     return data
 
 
-def _place(src: Path, dst: Path) -> bool:
-    """Link/copy ``.nii.gz`` sources, convert other formats. Returns True when converted."""
+def _place(src: Path, dst: Path, *, copy: bool = False) -> bool:
+    """Link (or ``copy``) ``.nii.gz`` sources, convert other formats. Returns True when converted."""
     if image_extension(src) == ".nii.gz":
-        link_or_copy(src, dst)
+        link_or_copy(src, dst, link=not copy)
         return False
     try:
         write_image(read_image(src, verify=True), dst)
@@ -398,7 +399,7 @@ def prepare(config: Config, *, force: bool = False) -> PrepareResult:
             continue
         assert case.mask is not None  # discover_cases guarantees labelled cases have masks
         converted += _place(case.image, tmp / "imagesTr" / f"{case.case_id}_0000.nii.gz")
-        converted += _place(case.mask, tmp / "labelsTr" / f"{case.case_id}.nii.gz")
+        converted += _place(case.mask, tmp / "labelsTr" / f"{case.case_id}.nii.gz", copy=True)
     (tmp / "imagesTs").mkdir(parents=True, exist_ok=True)
 
     labelled = sorted((c for c in cases if c.split != "test"), key=lambda c: c.case_id)

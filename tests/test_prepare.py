@@ -477,14 +477,20 @@ def test_source_is_never_modified(quiz_project: Path) -> None:
     prepare(config)
     prepare(config, force=True)
     assert snapshot(source) == before
-    # prepared files are hard links (or copies); replacing one by rename leaves the source alone
+    # CTs are hard links (or copies): replacing one by rename leaves the source alone
+    prepared_ct = config.dataset_raw_dir / "imagesTr" / "quiz_0_001_0000.nii.gz"
+    src_ct = source / "train" / "subtype0" / "quiz_0_001_0000.nii.gz"
+    assert prepared_ct.read_bytes() == src_ct.read_bytes()
+    write_image(sitk.GetImageFromArray(np.zeros((8, 16, 16), np.int16)), prepared_ct)
+    assert snapshot(source) == before
+    # masks are copies: a source mask edited in place (ITK writes into the same file) changes only itself
     prepared = config.dataset_raw_dir / "labelsTr" / "quiz_0_001.nii.gz"
     src = source / "train" / "subtype0" / "quiz_0_001.nii.gz"
-    assert prepared.read_bytes() == src.read_bytes()
-    if prepared.stat().st_ino == src.stat().st_ino:
-        assert src.stat().st_nlink >= 2
-    write_image(sitk.GetImageFromArray(np.zeros((8, 16, 16), np.uint8)), prepared)
-    assert snapshot(source) == before
+    assert prepared.read_bytes() == src.read_bytes() and prepared.stat().st_ino != src.stat().st_ino
+    kept = prepared.read_bytes()
+    with src.open("r+b") as fh:  # an in-place edit
+        fh.write(b"\0")
+    assert prepared.read_bytes() == kept
 
 
 def test_second_prepare_is_up_to_date_and_touches_nothing(quiz_project: Path) -> None:
