@@ -334,7 +334,7 @@ def predict(
         raise typer.BadParameter(f"must be best or final, got {checkpoint!r}", param_hint="--checkpoint")
     cfg = _config(config, set_, **{"predict.device": device, "predict.checkpoint": checkpoint})
     result = run_predict(cfg, input_path=input_, out_dir=out, folds=fold, fast=fast, overwrite=force,
-                         reporter=CasePrinter(quiet=output.verbosity < 0 or json_), warn=output.warn)
+                         reporter=CasePrinter(quiet=output.verbosity < 0), warn=output.warn)
     if json_:
         output.json(result.to_dict())
     else:
@@ -409,6 +409,7 @@ def report(
     gt: Annotated[Path | None, typer.Option("--gt", help="Ground-truth masks (for the overlays).")] = None,
     images: Annotated[Path | None, typer.Option("--images", help="CT images (for the overlays).")] = None,
     metrics: Annotated[Path | None, typer.Option("--metrics", help="Where `pancseg evaluate -o` wrote (default: --pred).")] = None,
+    json_: JsonOption = False,
 ) -> None:
     """One self-contained HTML report: training curves, evaluation, overlays and provenance."""
     from pancreas_cli.report import report as run_report
@@ -420,6 +421,9 @@ def report(
                         metrics_dir=metrics)
     for note in result.notes:
         output.warn(note)
+    if json_:
+        output.json(result.to_dict())
+        return
     for line in result.summary_lines:
         output.result(line)
     output.result(f"report: {result.html} ({len(result.pngs)} figures)")

@@ -35,6 +35,10 @@ class ReportResult:
     summary_lines: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"html": str(self.html.resolve()), "figures": [str(p.resolve()) for p in self.pngs],
+                "summary": self.summary_lines, "notes": self.notes}
+
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as fh:

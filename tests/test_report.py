@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -57,8 +58,10 @@ def test_missing_inputs_say_what_to_run(trained_project: Path, runner: CliRunner
     bad = runner.invoke(app, ["report", "-c", str(trained_project / "pancseg.yaml"), "--pred", str(tmp_path / "x")])
     assert bad.exit_code == 1 and "--pred folder not found" in bad.stderr
     again = runner.invoke(app, ["report", "-c", str(trained_project / "pancseg.yaml"), "--fold", "3", "-o",
-                                str(tmp_path / "r.html")])
+                                str(tmp_path / "r.html"), "--json"])
     assert again.exit_code == 0, again.output  # a report is replaced by the next one
+    data = json.loads(again.stdout)
+    assert data["html"] == str(tmp_path / "r.html") and any("no training metrics" in n for n in data["notes"])
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
