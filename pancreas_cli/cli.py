@@ -79,8 +79,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def handle_errors(func: F) -> F:
-    """Turn pancseg errors into one message on stderr and their exit code (tracebacks with --debug);
-    an interrupt (Ctrl-C, SIGTERM) says that finished work is kept and exits 130 (143 for SIGTERM)."""
+    """Turn pancseg errors, and the file system's (OSError), into one message on stderr and their exit
+    code (tracebacks with --debug); an interrupt (Ctrl-C, SIGTERM) says that finished work is kept and
+    exits 130 (143 for SIGTERM)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -93,6 +94,11 @@ def handle_errors(func: F) -> F:
             output.error(str(exc))
             raise typer.Exit(128 + signal.SIGTERM if isinstance(exc.__context__, _Terminated)
                              else exc.exit_code) from None
+        except OSError as exc:  # the machine's problem (a full disk, permissions), said without a traceback
+            if output.debug:
+                output.err.print(traceback.format_exc(), markup=False)
+            output.error(f"{exc}; check free space and permissions there (--debug shows where it happened)")
+            raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             if output.debug:
                 output.err.print(traceback.format_exc(), markup=False)

@@ -100,6 +100,19 @@ def test_set_override_error_and_debug_traceback(runner: CliRunner, tmp_path: Pat
     assert debug.exit_code == 1 and "Traceback" in debug.stderr
 
 
+def test_file_system_errors_are_one_line(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk or a read-only folder is the machine's problem: one message naming the file."""
+    from pancreas_cli import synth
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device", str(tmp_path / "syn" / "case.nii.gz"))
+
+    monkeypatch.setattr(synth, "synthesize", full)
+    result = runner.invoke(app, ["synth", str(tmp_path / "syn"), "--cases", "3"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"[Errno 28] No space left on device: '{tmp_path / 'syn' / 'case.nii.gz'}'; check free space" in result.stderr
+
+
 def test_synth_cli(runner: CliRunner, tmp_path: Path) -> None:
     out = tmp_path / "syn"
     result = runner.invoke(app, ["synth", str(out), "--cases", "3", "--shape", "16,32,32", "--quirks"])
