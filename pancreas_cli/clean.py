@@ -22,7 +22,7 @@ from pancreas_cli.config import CleanConfig, Config, kept_labels
 from pancreas_cli.console import count
 from pancreas_cli.exceptions import CleanError, DataError
 from pancreas_cli.imageio import read_image, scan_nifti, write_image, write_text
-from pancreas_cli.locks import exclusive_project
+from pancreas_cli.locks import project_stage, writing
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -323,7 +323,7 @@ def _audit_case(
     return audit, write_image_to, write_mask_to
 
 
-@exclusive_project
+@project_stage()
 def clean(config: Config, *, check: bool = False) -> CleanResult:
     """Audit imagesTr/labelsTr/imagesTs of the prepared dataset; fix unless ``check``."""
     dataset = config.dataset_raw_dir
@@ -345,6 +345,8 @@ def clean(config: Config, *, check: bool = False) -> CleanResult:
     result = CleanResult(dataset, len(jobs), check, [f for a, _, _ in audits for f in a.findings])
     if check:
         return result
+    if any(new_image is not None or new_mask is not None for _, new_image, new_mask in audits):
+        writing(config.project_dir)
     for (_, image_path, mask_path), (_, new_image, new_mask) in zip(jobs, audits):
         for path, new in ((image_path, new_image), (mask_path, new_mask)):
             if path is not None and new is not None:

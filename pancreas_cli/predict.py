@@ -341,7 +341,7 @@ def predict(
     with contextlib.ExitStack() as held:
         held.enter_context(locks.project(config.project_dir, shared=True))  # no preprocess meanwhile
         model_dir = model_folder(config)
-        held.enter_context(locks.output_folder(config.project_dir, out_dir))  # one predict per output folder
+        held.enter_context(locks.output_folder(out_dir))  # one predict per output folder
         folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn)
         device = _device(settings.device, warn)
         setup_nnunet_env(config, device_type=device.type)

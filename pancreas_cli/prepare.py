@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pancreas_cli.config import Config, DatasetConfig
 from pancreas_cli.exceptions import DataError, OutputExistsError, PrepareError
 from pancreas_cli.imageio import image_extension, image_stem, link_or_copy, read_image, write_image, write_text
-from pancreas_cli.locks import exclusive_project
+from pancreas_cli.locks import project_stage, writing
 
 Split = Literal["train", "validation", "test"]
 RECORD_NAME = "pancseg_prepare.json"
@@ -359,7 +359,7 @@ def _existing_datasets_with_id(raw_dir: Path, dataset_id: int) -> list[Path]:
     return sorted(p for p in raw_dir.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir())
 
 
-@exclusive_project
+@project_stage(creates=True)
 def prepare(config: Config, *, force: bool = False) -> PrepareResult:
     """Build ``project_dir/nnUNet_raw/DatasetXXX_Name`` from the configured source."""
     cases = discover_cases(config.dataset)
@@ -389,6 +389,7 @@ def prepare(config: Config, *, force: bool = False) -> PrepareResult:
                 "(cleaning will have to be re-run)"
             )
 
+    writing(config.project_dir)
     tmp = target.with_name(f".{target.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -21,7 +21,7 @@ from typing import Any
 from pancreas_cli.config import Config
 from pancreas_cli.exceptions import PreprocessError
 from pancreas_cli.imageio import write_text
-from pancreas_cli.locks import exclusive_project
+from pancreas_cli.locks import project_stage, writing
 from pancreas_cli.logcapture import redirect_output, tail
 from pancreas_cli.nnunet_env import scoped_env, setup_nnunet_env
 
@@ -171,7 +171,7 @@ def _explain_failure(exc: BaseException, log_file: Path, dataset_dir: Path) -> s
     return f"nnU-Net preprocessing failed{where}: {reason}{warned}\n  fix: {fix}\n  full nnU-Net output: {log_file}"
 
 
-@exclusive_project
+@project_stage()
 def preprocess(config: Config, *, force: bool = False,
                on_start: Callable[[], None] = lambda: None) -> PreprocessResult:
     """Fingerprint, plan with ``config.plan.planner`` and preprocess the configuration to train.
@@ -198,6 +198,7 @@ def preprocess(config: Config, *, force: bool = False,
                 _summaries(plans_file, dataset_json, (configuration,)), up_to_date=True,
             )
 
+    writing(config.project_dir)
     on_start()
     setup_nnunet_env(config)
     log_file.unlink(missing_ok=True)

@@ -208,7 +208,7 @@ def train(
         setup_nnunet_env(config, device_type=device.type)
         trainer_name = TRAINERS[config.train.task]
         for fold in folds:  # other folds may train meanwhile, but not these
-            held.enter_context(locks.hold(config.project_dir, f"train-{trainer_name}-fold{fold}",
+            held.enter_context(locks.hold(config.project_dir / locks.LOCK_DIR, f"train-{trainer_name}-fold{fold}",
                                           f"fold {fold} of {trainer_name}"))
         # Every fold is checked before anything is written: a refused fold changes nothing.
         starts = [_fold_start(config, state, trainer_name, fold, resume=resume, force=force) for fold in folds]
@@ -237,7 +237,7 @@ def _check_folds(config: Config, folds: list[int] | None) -> list[int]:
         why = (f"; the dataset has fewer labelled cases than dataset.num_folds = {config.dataset.num_folds}"
                if count < config.dataset.num_folds else "")
         raise TrainError(f"fold {missing[0]} does not exist: {path} has {count} folds (0-{count - 1}){why}")
-    return folds
+    return list(dict.fromkeys(folds))  # a fold named twice is trained once
 
 
 def write_training_inputs(config: Config) -> None:

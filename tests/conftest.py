@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -132,3 +137,31 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@contextmanager
+def held_elsewhere(lock: Callable[[], Any], *, writing: Path | None = None) -> Iterator[int]:
+    """Hold the lock that ``lock()`` makes in another process (a lock is re-entrant within one);
+    ``writing``: take that project exclusively. Yields the other process's pid."""
+    from pancreas_cli import locks
+
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # never back into pytest from here
+        try:
+            os.close(ready_r)
+            with lock():
+                if writing is not None:
+                    locks.writing(writing)
+                os.write(ready_w, b"x")
+                time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"x", "the other process did not get the lock"
+        yield pid
+    finally:
+        os.close(ready_r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

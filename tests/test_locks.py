@@ -3,54 +3,107 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_config
+from conftest import held_elsewhere, make_quiz, write_config
 from pancreas_cli import locks
 from pancreas_cli.cli import app
 from pancreas_cli.locks import BusyError
 
 
-def test_exclusive_and_shared(tmp_path: Path) -> None:
-    with locks.project(tmp_path):
-        with pytest.raises(BusyError, match=rf"the project {tmp_path} is in use by pid {os.getpid()} "):
-            with locks.project(tmp_path, shared=True):
-                pass
-    with locks.project(tmp_path, shared=True), locks.project(tmp_path, shared=True):  # e.g. two folds training
-        with pytest.raises(BusyError):
-            with locks.project(tmp_path):
-                pass
-    with locks.project(tmp_path):  # released when the blocks end
+def _exclusive(project_dir: Path) -> None:
+    """Take the project exclusively as a stage that writes would."""
+    with locks.project(project_dir):
+        locks.writing(project_dir)
+
+
+def test_shared_holders_pass_each_other_a_writer_does_not(tmp_path: Path) -> None:
+    pid = os.fork()
+    if pid == 0:  # another command: holds the project shared for a while
+        with locks.project(tmp_path):
+            time.sleep(3)
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while not list((tmp_path / locks.LOCK_DIR).glob("project.*.holder")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with locks.project(tmp_path):  # e.g. a second `pancseg run` finding prepare up to date
+            pass
+        with pytest.raises(BusyError, match=rf"the project {tmp_path} is in use by pid {pid} "):
+            _exclusive(tmp_path)
+    finally:
+        os.waitpid(pid, 0)
+    _exclusive(tmp_path)  # released when the other command ended
+
+
+def test_a_killed_command_leaves_no_lock(tmp_path: Path) -> None:
+    """Forked children (nnU-Net's data-loader workers) must not keep a killed command's lock."""
+    pid = os.fork()
+    if pid == 0:
+        with locks.project(tmp_path):
+            locks.writing(tmp_path)
+            if os.fork() == 0:  # a worker that outlives its parent
+                time.sleep(5)
+                os._exit(0)
+            time.sleep(30)
+        os._exit(0)
+    deadline = time.monotonic() + 10
+    while not list((tmp_path / locks.LOCK_DIR).glob("project.*.holder")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    _exclusive(tmp_path)  # the orphaned worker still runs, but holds nothing
+    assert not list((tmp_path / locks.LOCK_DIR).glob(f"project.{pid}.holder"))  # its note is cleared
+
+
+def test_nested_and_repeated_holds_in_one_process(tmp_path: Path) -> None:
+    with locks.project(tmp_path), locks.project(tmp_path):
+        locks.writing(tmp_path)
+    with locks.output_folder(tmp_path / "a"), locks.output_folder(tmp_path / "x" / ".." / "a"):
         pass
 
 
-def test_output_folders_are_locked_one_by_one(tmp_path: Path) -> None:
-    with locks.output_folder(tmp_path, tmp_path / "a"):
-        with locks.output_folder(tmp_path, tmp_path / "b"):
-            with pytest.raises(BusyError, match="the output folder .*a is in use"):
-                with locks.output_folder(tmp_path, tmp_path / "x" / ".." / "a"):
-                    pass
-    assert not (tmp_path / "a").exists()  # the lock lives in the project, not in the user's folder
+def test_output_folders_are_locked_outside_them(tmp_path: Path) -> None:
+    with locks.output_folder(tmp_path / "a"):
+        pass
+    assert not (tmp_path / "a").exists()  # nothing is written into the user's folder
 
 
 def test_a_shared_holder_creates_no_project(tmp_path: Path) -> None:
-    with locks.project(tmp_path / "typo", shared=True):
+    with locks.project(tmp_path / "typo"):
         pass
     assert not (tmp_path / "typo").exists()
 
 
-@pytest.mark.parametrize("command", [["prepare"], ["clean"], ["preprocess"], ["predict", "-i", "{in}", "-o", "{out}"]])
-def test_commands_refuse_a_project_in_use(runner: CliRunner, tmp_path: Path, command: list[str]) -> None:
+@pytest.mark.parametrize("command", [["prepare"], ["preprocess"], ["predict", "-i", "{in}", "-o", "{out}"]])
+def test_commands_refuse_a_project_being_changed(runner: CliRunner, tmp_path: Path, command: list[str]) -> None:
     command = [c.format(**{"in": tmp_path / "in", "out": tmp_path / "out"}) for c in command]
-    (tmp_path / "data").mkdir()
+    make_quiz(tmp_path / "data", per_subtype=1, validation=0, test=1)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "scan.nii.gz").write_bytes(b"")
-    cfg = write_config(tmp_path, "project_dir: ./work\n")
-    with locks.project(tmp_path / "work"):  # e.g. preprocess --force running in another terminal
+    cfg = write_config(tmp_path, "project_dir: ./work\nplan: {preset: smoke}\n")
+    assert runner.invoke(app, ["prepare", "-c", str(cfg)]).exit_code == 0
+    work = tmp_path / "work"
+    with held_elsewhere(lambda: locks.project(work), writing=work) as pid:  # e.g. preprocess --force
         result = runner.invoke(app, [*command, "-c", str(cfg)])
     assert result.exit_code == 1, result.output
-    assert f"the project {tmp_path / 'work'} is in use by pid {os.getpid()}" in result.stderr
+    assert f"the project {work} is in use by pid {pid}" in result.stderr
     assert "wait until it ends, or stop it" in result.stderr
+
+
+def test_up_to_date_stages_pass_a_reader(runner: CliRunner, tmp_path: Path) -> None:
+    """A second `pancseg run` (another fold, another GPU) passes prepare while the first one trains."""
+    make_quiz(tmp_path / "data", per_subtype=1, validation=0, test=1)
+    cfg = write_config(tmp_path, "project_dir: ./work\n")
+    assert runner.invoke(app, ["prepare", "-c", str(cfg)]).exit_code == 0
+    with held_elsewhere(lambda: locks.project(tmp_path / "work")):
+        again = runner.invoke(app, ["prepare", "-c", str(cfg)])
+        assert again.exit_code == 0 and "up to date" in again.stdout
+        forced = runner.invoke(app, ["prepare", "-c", str(cfg), "--force"])
+        assert forced.exit_code == 1 and "is in use by" in forced.stderr

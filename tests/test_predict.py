@@ -179,12 +179,13 @@ def test_sigterm_keeps_finished_cases(trained_project: Path, runner: CliRunner, 
 
 def test_two_predictions_into_one_folder(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
     """The second is refused: both checked the folder at their start, then wrote over each other."""
+    from conftest import held_elsewhere
     from pancreas_cli import locks
 
     source, out = _inputs(trained_project, tmp_path), tmp_path / "out"
-    with locks.output_folder(trained_project / "work", out):
+    with held_elsewhere(lambda: locks.output_folder(out)) as pid:
         result = _predict(runner, trained_project, source, out)
-    assert result.exit_code == 1 and f"the output folder {out} is in use by pid {os.getpid()}" in result.stderr
+    assert result.exit_code == 1 and f"the output folder {out} is in use by pid {pid}" in result.stderr
     assert not out.exists()
 
 

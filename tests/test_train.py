@@ -179,15 +179,18 @@ def test_resume_with_nothing_to_resume(runner: CliRunner, project: Path) -> None
 
 def test_a_fold_in_training_is_not_trained_twice(runner: CliRunner, project: Path) -> None:
     """Two terminals, same fold: the second is refused; another fold may train meanwhile."""
+    from conftest import held_elsewhere
     from pancreas_cli import locks
 
     work = project / "work"
-    with locks.hold(work, "train-nnUNetTrainerMultiTask-fold2", "fold 2 of nnUNetTrainerMultiTask"):
-        result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "2", "--force"])
+    cfg = str(project / "pancseg.yaml")
+    fold2 = lambda: locks.hold(work / locks.LOCK_DIR, "train-nnUNetTrainerMultiTask-fold2", "fold 2")  # noqa: E731
+    with held_elsewhere(lambda: locks.project(work)), held_elsewhere(fold2) as pid:
+        result = runner.invoke(app, ["train", "-c", cfg, "--fold", "2", "--force"])
         assert result.exit_code == 1
-        assert f"fold 2 of nnUNetTrainerMultiTask is in use by pid {os.getpid()}" in result.stderr
-        with locks.project(work, shared=True):  # what a training of fold 2 holds does not stop fold 3's
-            pass
+        assert f"fold 2 of nnUNetTrainerMultiTask is in use by pid {pid}" in result.stderr
+        other = runner.invoke(app, ["train", "-c", cfg, "--fold", "3", "--resume"])  # fold 3 is free
+        assert other.exit_code == 1 and "nothing to resume" in other.stderr
 
 
 def test_unreadable_preprocess_state_is_named(runner: CliRunner, project: Path) -> None:
