@@ -11,6 +11,7 @@ import contextlib
 import csv
 import importlib.util
 import json
+import multiprocessing
 import os
 import pickle
 import shlex
@@ -292,7 +293,10 @@ def _fold_start(config: Config, state: dict[str, Any], trainer_name: str, fold: 
             raise TrainError(f"fold {fold} stopped after epoch {done} of an unfinished run, but train.epochs is "
                              f"{config.train.epochs}: pass --epochs N with N > {done} to continue it")
         _check_resume_settings(config, fold, output_folder)
-        if final and done >= config.train.epochs and (output_folder / "validation" / "summary.json").is_file():
+        summary = output_folder / "validation" / "summary.json"
+        # The validation must be of this final checkpoint, not left from before the run was extended.
+        if (final and done >= config.train.epochs and summary.is_file()
+                and summary.stat().st_mtime_ns >= existing.stat().st_mtime_ns):
             return _FoldStart(fold, output_folder, None, discard=False, finished=True)
     return _FoldStart(fold, output_folder, existing if resume else None, discard=False)
 
@@ -323,7 +327,7 @@ def _check_resume_settings(config: Config, fold: int, output_folder: Path) -> No
         return  # trained by an older pancseg, or by nnU-Net's own command
     try:
         earlier = _fixed_settings(TrainingSettings.from_dict(json.loads(record.read_text(encoding="utf-8"))))
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
         raise TrainError(f"{record}: unreadable ({exc}); pass --force to train fold {fold} again") from exc
     now = _fixed_settings(training_settings(config))
     changed = [key for key in now if earlier.get(key) != now[key]]
@@ -380,13 +384,19 @@ def _train_single(config: Config, state: dict[str, Any], trainer_name: str, fold
                 _save_on_interrupt(trainer)
                 raise TrainingInterrupted(
                     f"training of fold {fold} interrupted at epoch {trainer.current_epoch + 1}; a checkpoint was "
-                    f"saved: continue with `{_resume_command(config, fold)} --epochs {trainer.num_epochs}`"
+                    f"saved: continue with `{_resume_command(config, fold)}`"
                 ) from None
             except RuntimeError as exc:
                 if "background workers are no longer alive" in str(exc):
                     _raise_worker_death(trainer, exc)
                 raise
-            trainer.perform_actual_validation(False)
+            try:
+                trainer.perform_actual_validation(False)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(
+                    f"validation of fold {fold} interrupted; its training is complete: "
+                    f"`{_resume_command(config, fold)}` validates it again"
+                ) from None
         except PancsegError:
             raise
         except (RuntimeError, ValueError, OSError, AssertionError, KeyError) as exc:
@@ -402,23 +412,44 @@ def _training_failed(exc: BaseException, log_file: Path) -> TrainError:
 
 
 def _resume_command(config: Config, fold: int, settings: dict[str, Any] | None = None) -> str:
-    """The command that continues ``fold`` with ``settings`` (default: this run's): ``--set`` for each
-    that the config file alone would not give, so that a run started with ``--set`` resumes as it ran."""
-    settings = _fixed_settings(training_settings(config)) if settings is None else settings
+    """The command that continues ``fold`` as this run went: its config file, ``--set`` for every value
+    that file alone would not give (the run's options and ``--set``), ``settings`` (by config key)
+    instead of the run's own, and its ``--epochs``."""
+    wanted = {**_flat(config), **(settings or {})}
     try:
-        from_file = _fixed_settings(training_settings(load_config(config.config_path, check_source=False)))
-    except PancsegError:  # the file changed since: name every setting
+        from_file = _flat(load_config(config.config_path, check_source=False))
+    except PancsegError:  # the file changed since: name every value
         from_file = {}
+    epochs = wanted.pop("train.epochs")
     options = [f"-c {shlex.quote(str(config.config_path))}"] if config.config_path is not None else []
     options.append(f"--fold {fold} --resume")
-    options += [f"--set {shlex.quote(f'{key}={_yaml(value)}')}" for key, value in settings.items()
-                if from_file.get(key, object()) != value]
-    return "pancseg train " + " ".join(options)
+    missing = object()
+    options += [f"--set {shlex.quote(f'{key}={_yaml(value)}')}" for key, value in wanted.items()
+                if from_file.get(key, missing) != value]
+    return "pancseg train " + " ".join([*options, f"--epochs {epochs}"])
+
+
+def _flat(model: Any, prefix: str = "") -> dict[str, Any]:
+    """A config's values by dotted key (``train.head_stages``); sections are pydantic models."""
+    from pydantic import BaseModel
+
+    out: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out.update(_flat(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
 
 
 def _yaml(value: Any) -> str:
-    """A setting as ``--set`` reads it (YAML; flow style for lists and mappings)."""
-    return value if isinstance(value, str) else json.dumps(value)
+    """A value as ``--set`` reads it (YAML; flow style for lists and mappings)."""
+    import yaml
+
+    if isinstance(value, str | Path):
+        return str(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
 def _finish_wandb() -> None:
@@ -453,6 +484,10 @@ def _train_ddp(config: Config, state: dict[str, Any], trainer_name: str, fold: i
                          state["plans_identifier"], num_gpus=config.train.num_gpus,
                          continue_training=checkpoint is not None, device=torch.device("cuda"))
         except KeyboardInterrupt:
+            # A SIGTERM reaches only this process (kill PID, docker stop), and the exit would wait
+            # for the GPU processes, which are no daemons: stop them.
+            for child in multiprocessing.active_children():
+                child.terminate()
             raise TrainingInterrupted(
                 f"training of fold {fold} interrupted; the GPU processes stop without saving, so "
                 f"`{_resume_command(config, fold)}` continues from the last periodic checkpoint "

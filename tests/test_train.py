@@ -287,9 +287,10 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(project: Path, runner: 
     result = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", "--epochs", "4", "--force", *args])
     assert result.exit_code == 130, result.output
     assert "interrupted at epoch 3" in result.stderr
-    # The command that continues repeats the --set options that change what is learned.
-    assert (f"continue with `pancseg train -c {cfg} --fold 1 --resume --set train.iterations_per_epoch=3 --epochs 4`"
-            in result.stderr)
+    # The command that continues repeats the run's --set options (all of them, any order) and --epochs.
+    hint = re.search(r"continue with `(pancseg train -c \S+ --fold 1 --resume .*)`", result.stderr)
+    assert hint is not None, result.stderr
+    assert sorted(re.findall(r"--set (\S+)", hint[1])) == sorted(args[1::2]) and hint[1].endswith(" --epochs 4")
     fold_dir = project / "work" / "nnUNet_results" / "Dataset001_PancreasCancer" / FOLDER / "fold_1"
     latest = torch.load(fold_dir / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
     assert latest["current_epoch"] == 2  # 0-based: epoch 3 is trained again
@@ -306,8 +307,10 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(project: Path, runner: 
     changed = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", "--resume", "--epochs", "3", *args,
                                   "--set", "train.cls_weight=0.5"])
     assert changed.exit_code == 1
-    assert ("fold 1 was trained with other settings: train.cls_weight = 0.05 (now 0.5); continue it with the same "
-            f"ones: `pancseg train -c {cfg} --fold 1 --resume --set train.iterations_per_epoch=3`") in changed.stderr
+    assert "fold 1 was trained with other settings: train.cls_weight = 0.05 (now 0.5); continue it" in changed.stderr
+    same = re.search(r"with the same ones: `(pancseg train -c \S+ --fold 1 --resume .*)`", changed.stderr)
+    assert same is not None and "cls_weight" not in same[1] and same[1].endswith(" --epochs 3")
+    assert sorted(re.findall(r"--set (\S+)", same[1])) == sorted(args[1::2])
     resumed = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", "--resume", "--epochs", "3", *args])
     assert resumed.exit_code == 0, resumed.output
     assert "resuming at epoch 3" in resumed.stderr
@@ -318,6 +321,19 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(project: Path, runner: 
     assert "fold 1 up to date: trained to epoch 3 and validated" in again.stderr
     assert json.loads(again.stdout)["folds"][0]["up_to_date"] is True
     assert [r["epoch"] for r in _rows(fold_dir)] == ["1", "2", "3"]
+    # A validation older than the final checkpoint (stopped after an extension) is not "up to date".
+    summary, final = fold_dir / "validation" / "summary.json", fold_dir / "checkpoint_final.pth"
+    os.utime(summary, ns=(final.stat().st_atime_ns, final.stat().st_mtime_ns - 10**9))
+    monkeypatch.setattr(nnUNetTrainerMultiTask, "perform_actual_validation",
+                        lambda self, save_probabilities=False: (_ for _ in ()).throw(KeyboardInterrupt))
+    stopped = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", "--resume", "--epochs", "3", *args])
+    assert stopped.exit_code == 130
+    assert "validation of fold 1 interrupted; its training is complete: `pancseg train" in stopped.stderr
+    assert "--epochs 3` validates it again" in stopped.stderr
+    monkeypatch.undo()
+    revalidated = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", "--resume", "--epochs", "3", *args])
+    assert revalidated.exit_code == 0 and "up to date" not in revalidated.stderr
+    assert summary.stat().st_mtime_ns >= final.stat().st_mtime_ns
 
 
 @pytest.mark.slow
@@ -416,7 +432,8 @@ def _ddp_config(project: Path) -> Any:
 
 
 @pytest.mark.parametrize(("error", "expected", "message"), [
-    (KeyboardInterrupt(), TrainingInterrupted, "--resume` continues from the last periodic checkpoint"),
+    (KeyboardInterrupt(), TrainingInterrupted,
+     "--resume --set train.num_gpus=2 --epochs 1000` continues from the last periodic checkpoint"),
     (ProcessRaisedException("Traceback ...\nDataError: case quiz_9 has no subtype", 1, 123), TrainError,
      "nnU-Net training failed: ProcessRaisedException: Traceback ...\nDataError: case quiz_9 has no subtype"),
 ])
