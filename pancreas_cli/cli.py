@@ -6,6 +6,7 @@ Heavy libraries (torch, nnU-Net) are imported inside the stages so that ``--help
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import signal
@@ -97,7 +98,10 @@ def handle_errors(func: F) -> F:
         except OSError as exc:  # the machine's problem (a full disk, permissions), said without a traceback
             if output.debug:
                 output.err.print(traceback.format_exc(), markup=False)
-            output.error(f"{exc}; check free space and permissions there (--debug shows where it happened)")
+            advice = {errno.ENOSPC: "; free some space there", errno.EDQUOT: "; free some space there",
+                      errno.EACCES: "; check the permissions there", errno.EPERM: "; check the permissions there",
+                      errno.EROFS: "; that file system is read-only"}.get(exc.errno or 0, "")
+            output.error(f"{exc}{advice} (--debug shows where it happened)")
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             if output.debug:

@@ -32,7 +32,6 @@ class DemoBudget:
 
 def demo_config_text(budget: DemoBudget) -> str:
     return (
-        # The case count is part of the text so that a workdir synthesized with another one is refused.
         f"# Written by `pancseg demo`: {budget.cases} synthetic cases, the smoke preset, CPU training.\n"
         "project_dir: ./work\n"
         "dataset:\n"
@@ -48,12 +47,21 @@ def demo_config_text(budget: DemoBudget) -> str:
     )
 
 
+def _settings(config_text: str) -> list[str]:
+    """The lines that matter (comments change between versions)."""
+    return [line for line in config_text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def prepare_demo(workdir: Path, budget: DemoBudget = DemoBudget()) -> Config:
     """Synthesize the data and write the config (once); returns the loaded config."""
     config_path = workdir / "pancseg.yaml"
     text = demo_config_text(budget)
-    if config_path.is_file() and config_path.read_text(encoding="utf-8") != text:
+    if config_path.is_file() and _settings(config_path.read_text(encoding="utf-8")) != _settings(text):
         raise OutputExistsError(f"{config_path} exists with other settings; use another --workdir or delete it")
+    cases = len(list((workdir / "data").rglob("*_0000.nii.gz")))
+    if cases and cases != budget.cases:
+        raise OutputExistsError(f"{workdir / 'data'} holds {cases} synthetic cases, not {budget.cases}; "
+                                "use another --workdir or delete it")
     if not (workdir / "data").is_dir():
         synthesize(workdir / "data", cases=budget.cases, shape=DEMO_SHAPE, quirks=True, seed=0)
     write_text(text, config_path)

@@ -78,11 +78,12 @@ def read_subtype_csv(path: Path) -> dict[str, int]:
         if name is None or text is None or any(v.strip() for v in row.get(None) or []):  # type: ignore[call-overload]
             raise DataError(f"{path}, line {line}: expected {len(header)} columns ({','.join(header)})")
         try:
-            value = int(float(text))
+            number = float(text)
         except ValueError:
             raise DataError(f"{path}, line {line}: subtype {text!r} is not a number") from None
-        if value not in SUBTYPES:
-            raise DataError(f"{path}, line {line}: subtype {value} is not 0, 1 or 2")
+        if number not in SUBTYPES:  # 1.0 is 1; 1.7 or inf are no subtype
+            raise DataError(f"{path}, line {line}: subtype {text.strip()} is not 0, 1 or 2")
+        value = int(number)
         out[case_id_from_name(name.strip())] = value
     return out
 

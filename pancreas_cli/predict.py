@@ -275,15 +275,17 @@ def _outdated(out_dir: Path, case: InputCase, stamp: dict[str, Any]) -> str | No
         return NOT_PANCSEG
     if record.get("pending"):
         return INTERRUPTED
-    if "model" not in record:
+    written = record.get("model")
+    if not isinstance(written, dict):
         return "its record is unreadable or from an older pancseg"
-    written = record["model"]
     for key, why in (("model", "another model"), ("folds", "other folds"), ("checkpoint", "another checkpoint"),
                      ("checkpoint_files", "the checkpoint changed since (retrained?)"),
                      ("tile_step_size", "another tile step size"), ("mirroring", "other mirroring (--fast)")):
         if written.get(key) != stamp[key]:
             return why
-    if record.get("source_stamp") != source_stamp(case):
+    if "source_stamp" not in record:
+        return "its record (by an older pancseg) does not say which scan it was made from"
+    if record["source_stamp"] != source_stamp(case):
         return f"made from another scan than {case.source}, or before it changed"
     return None
 

@@ -110,7 +110,7 @@ def test_file_system_errors_are_one_line(runner: CliRunner, tmp_path: Path, monk
     monkeypatch.setattr(synth, "synthesize", full)
     result = runner.invoke(app, ["synth", str(tmp_path / "syn"), "--cases", "3"])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert f"[Errno 28] No space left on device: '{tmp_path / 'syn' / 'case.nii.gz'}'; check free space" in result.stderr
+    assert f"[Errno 28] No space left on device: '{tmp_path / 'syn' / 'case.nii.gz'}'; free some space" in result.stderr
 
 
 def test_synth_cli(runner: CliRunner, tmp_path: Path) -> None:
