@@ -290,6 +290,26 @@ def _outdated(out_dir: Path, case: InputCase, stamp: dict[str, Any]) -> str | No
     return None
 
 
+def _refuse_conflicts(out_dir: Path, outdated: dict[str, str | None], *, replacing: bool) -> None:
+    """OutputExistsError for masks that may not be replaced: never those pancseg did not write, and
+    those of another model, settings or scan only when ``replacing``."""
+    foreign = [case for case, why in outdated.items() if why == NOT_PANCSEG]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise OutputExistsError(
+            f"{out_dir / foreign[0]}.nii.gz{more} exists and was {NOT_PANCSEG} (no record in "
+            f"{out_dir / SIDECAR_DIR}): ground truth or another tool's mask? pancseg never replaces those, not "
+            "even with --force: choose another output folder, or move them away"
+        )
+    conflicts = [case for case, why in outdated.items() if why and why != INTERRUPTED]
+    if conflicts and not replacing:
+        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+        raise OutputExistsError(
+            f"{out_dir / conflicts[0]}.nii.gz{more} exists but was not predicted by this model with these "
+            f"settings ({outdated[conflicts[0]]}); pass --force to predict again, or choose another output folder"
+        )
+
+
 def _subtype(probabilities: list[float] | None) -> int | None:
     return None if probabilities is None else max(range(3), key=lambda i: probabilities[i])
 
@@ -351,21 +371,7 @@ def predict(
         mirroring = settings.mirroring and not fast
         stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size, mirroring)
         outdated = {c.case: _outdated(out_dir, c, stamp) for c in cases}
-        foreign = [case for case, why in outdated.items() if why == NOT_PANCSEG]
-        if foreign:
-            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-            raise OutputExistsError(
-                f"{out_dir / foreign[0]}.nii.gz{more} exists and was {NOT_PANCSEG} (no record in "
-                f"{out_dir / SIDECAR_DIR}): ground truth or another tool's mask? pancseg never replaces those, not "
-                "even with --force: choose another output folder, or move them away"
-            )
-        conflicts = [case for case, why in outdated.items() if why and why != INTERRUPTED]
-        if conflicts and not (overwrite or replace_outdated):
-            more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
-            raise OutputExistsError(
-                f"{out_dir / conflicts[0]}.nii.gz{more} exists but was not predicted by this model with these "
-                f"settings ({outdated[conflicts[0]]}); pass --force to predict again, or choose another output folder"
-            )
+        _refuse_conflicts(out_dir, outdated, replacing=overwrite or replace_outdated)
         log_file = config.project_dir / "logs" / "predict.log"
         result = PredictResult(out_dir, model_dir, folds, str(device), log_file)
         out_dir.mkdir(parents=True, exist_ok=True)
