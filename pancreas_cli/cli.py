@@ -79,6 +79,11 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _show_traceback() -> None:
+    if output.debug:
+        output.err.print(traceback.format_exc(), markup=False)
+
+
 def handle_errors(func: F) -> F:
     """Turn pancseg errors, and the file system's (OSError), into one message on stderr and their exit
     code (tracebacks with --debug); an interrupt (Ctrl-C, SIGTERM) says that finished work is kept and
@@ -90,22 +95,19 @@ def handle_errors(func: F) -> F:
             with _sigterm_as_interrupt():
                 return func(*args, **kwargs)
         except PancsegError as exc:
-            if output.debug:
-                output.err.print(traceback.format_exc(), markup=False)
+            _show_traceback()
             output.error(str(exc))
             raise typer.Exit(128 + signal.SIGTERM if isinstance(exc.__context__, _Terminated)
                              else exc.exit_code) from None
         except OSError as exc:  # the machine's problem (a full disk, permissions), said without a traceback
-            if output.debug:
-                output.err.print(traceback.format_exc(), markup=False)
+            _show_traceback()
             advice = {errno.ENOSPC: "; free some space there", errno.EDQUOT: "; free some space there",
                       errno.EACCES: "; check the permissions there", errno.EPERM: "; check the permissions there",
                       errno.EROFS: "; that file system is read-only"}.get(exc.errno or 0, "")
             output.error(f"{exc}{advice} (--debug shows where it happened)")
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
-            if output.debug:
-                output.err.print(traceback.format_exc(), markup=False)
+            _show_traceback()
             output.error("interrupted; finished work is kept: run the same command again to continue")
             raise typer.Exit(128 + (signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)) from None
 

@@ -11,6 +11,7 @@ workers) close them at once, so a killed command leaves no lock behind.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -123,16 +124,17 @@ def hold(folder: Path, name: str, what: str, *, shared: bool = False) -> Iterato
 def project(project_dir: Path, *, shared: bool = True) -> Any:
     """The project's lock (shared: several stages may read it; see :func:`writing`)."""
     if shared and not project_dir.is_dir():  # nothing there to guard; the stage says what is missing
-        return _nothing()
+        return contextlib.nullcontext()
     return hold(project_dir / LOCK_DIR, PROJECT, f"the project {project_dir}", shared=shared)
 
 
 def writing(project_dir: Path) -> None:
     """Turn this command's shared hold of the project into an exclusive one, before changing what
     other stages read; BusyError if another command holds it."""
-    held = _held.get(project_dir / LOCK_DIR / f"{PROJECT}.lock")
+    lock_file = project_dir / LOCK_DIR / f"{PROJECT}.lock"
+    held = _held.get(lock_file)
     if held is not None and held.shared:
-        _flock(held, project_dir / LOCK_DIR / f"{PROJECT}.lock", shared=False)
+        _flock(held, lock_file, shared=False)
 
 
 def output_folder(folder: Path) -> Any:
@@ -157,8 +159,3 @@ def project_stage(*, creates: bool = False) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield

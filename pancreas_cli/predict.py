@@ -261,16 +261,15 @@ def source_stamp(case: InputCase) -> list[Any]:
     return [str(path), len(files), sum(f.st_size for f in files), max((f.st_mtime_ns for f in files), default=0)]
 
 
-def _outdated(out_dir: Path, case: InputCase, stamp: dict[str, Any]) -> str | None:
-    """None if ``stamp``'s model wrote the mask of ``case`` from its scan as it is now, "" if there is
-    no mask, else why the mask is not that.
+def _outdated(out_dir: Path, case: InputCase, record: dict[str, Any] | None, stamp: dict[str, Any]) -> str | None:
+    """None if ``stamp``'s model wrote the mask of ``case`` from its scan as it is now (by its
+    ``record``), "" if there is no mask, else why the mask is not that.
 
     :data:`NOT_PANCSEG` (no record) and :data:`INTERRUPTED` (a replacement was stopped half-way,
     so it was authorised already) are answered apart from the other reasons, which need ``--force``.
     """
     if not (out_dir / f"{case.case}.nii.gz").is_file():
         return ""
-    record = _record(out_dir, case.case)
     if record is None:
         return NOT_PANCSEG
     if record.get("pending"):
@@ -370,7 +369,8 @@ def predict(
         multitask = config.train.task == "multitask"
         mirroring = settings.mirroring and not fast
         stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size, mirroring)
-        outdated = {c.case: _outdated(out_dir, c, stamp) for c in cases}
+        records = {c.case: _record(out_dir, c.case) for c in cases}
+        outdated = {c.case: _outdated(out_dir, c, records[c.case], stamp) for c in cases}
         _refuse_conflicts(out_dir, outdated, replacing=overwrite or replace_outdated)
         log_file = config.project_dir / "logs" / "predict.log"
         result = PredictResult(out_dir, model_dir, folds, str(device), log_file)
@@ -379,7 +379,7 @@ def predict(
         todo = [c for c in cases if overwrite or outdated[c.case] is not None]
         for case in cases:
             if case not in todo:
-                probabilities = (_record(out_dir, case.case) or {}).get("probabilities")
+                probabilities = (records[case.case] or {}).get("probabilities")
                 result.outcomes.append(CaseOutcome(case.case, case.source, "skipped", subtype=_subtype(probabilities),
                                                    probabilities=probabilities))
         if todo:

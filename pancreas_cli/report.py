@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pancreas_cli.config import Config, dump_config
+from pancreas_cli.evaluate import PER_CASE_NAME, SUMMARY_NAME
 from pancreas_cli.exceptions import DataError, OutputExistsError
 from pancreas_cli.imageio import IMAGE_EXTENSIONS, atomic_target, publish, read_image, write_text
 
@@ -279,8 +280,8 @@ def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Pa
 
     # Evaluation
     parts.append("<h2 id='evaluation'>Evaluation</h2>")
-    summary_json = metrics_dir / "metrics_summary.json" if metrics_dir else None
-    per_case_csv = metrics_dir / "metrics_per_case.csv" if metrics_dir else None
+    summary_json = metrics_dir / SUMMARY_NAME if metrics_dir else None
+    per_case_csv = metrics_dir / PER_CASE_NAME if metrics_dir else None
     if summary_json and summary_json.is_file() and per_case_csv and per_case_csv.is_file():
         summary = json.loads(summary_json.read_text(encoding="utf-8"))
         per_case = _read_csv(per_case_csv)
@@ -341,7 +342,7 @@ def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Pa
         where = str(metrics_dir) if metrics_dir else "(no --pred or --metrics folder)"
         parts.append(f"<p class='note'>No evaluation in {html.escape(where)}: run <code>pancseg predict</code> "
                      "and <code>pancseg evaluate</code> (pass <code>--metrics</code> where its -o wrote).</p>")
-        result.notes.append(f"no evaluation (metrics_summary.json, metrics_per_case.csv) in {where}; run pancseg "
+        result.notes.append(f"no evaluation ({SUMMARY_NAME}, {PER_CASE_NAME}) in {where}; run pancseg "
                             "evaluate, or pass --metrics DIR where `pancseg evaluate -o DIR` wrote them")
 
     # Provenance

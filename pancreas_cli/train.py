@@ -26,7 +26,7 @@ from pancreas_cli.config import Config, load_config
 from pancreas_cli.exceptions import PancsegError, TrainError, TrainingInterrupted
 from pancreas_cli import locks
 from pancreas_cli.logcapture import redirect_output, tail
-from pancreas_cli.multitask.settings import SETTINGS_NAME, TrainingSettings, write_settings
+from pancreas_cli.multitask.settings import TrainingSettings, read_settings, settings_path, write_settings
 from pancreas_cli.nnunet_env import scoped_env, setup_nnunet_env
 from pancreas_cli.preprocess import read_state
 
@@ -322,11 +322,11 @@ def _fixed_settings(settings: TrainingSettings) -> dict[str, Any]:
 def _check_resume_settings(config: Config, fold: int, output_folder: Path) -> None:
     """Refuse to continue a fold with other learning settings than it was trained with (the schedule
     and the loss would change mid-run without a word); say which ``--set`` options continue it."""
-    record = output_folder / SETTINGS_NAME
+    record = settings_path(output_folder)
     if not record.is_file():
         return  # trained by an older pancseg, or by nnU-Net's own command
     try:
-        earlier = _fixed_settings(TrainingSettings.from_dict(json.loads(record.read_text(encoding="utf-8"))))
+        earlier = _fixed_settings(read_settings(output_folder))
     except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
         raise TrainError(f"{record}: unreadable ({exc}); pass --force to train fold {fold} again") from exc
     now = _fixed_settings(training_settings(config))

@@ -32,7 +32,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
 from pancreas_cli.exceptions import DataError
-from pancreas_cli.imageio import write_text
+from pancreas_cli.imageio import atomic_target, publish, write_text
 from pancreas_cli.metrics import classification_metrics
 from pancreas_cli.multitask.network import HeadSettings, build_multitask_network, tile_weights
 from pancreas_cli.multitask.optim import MultiTaskOptimizer, MultiTaskPolyLR, build_optimizer
@@ -214,13 +214,12 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
         if self.local_rank != 0 or self.disable_checkpointing:
             super().save_checkpoint(filename)  # writes nothing (or logs why)
             return
-        partial = f"{filename}.partial"
+        partial = atomic_target(Path(filename))
         try:
-            super().save_checkpoint(partial)
-            os.replace(partial, filename)
+            super().save_checkpoint(str(partial))
+            publish(partial, Path(filename))
         finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
+            partial.unlink(missing_ok=True)
 
     def _metrics_row(self, epoch: int, criterion: float, best: bool, epoch_time: float) -> dict[str, Any]:
         get = self.logger.get_value
