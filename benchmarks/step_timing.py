@@ -57,6 +57,33 @@ def _timed_step(trainer: Any, batch: dict, sync: Any) -> float:
     return time.perf_counter() - start
 
 
+def _profile(trainer: Any, batches: list[dict], sync: Any, steps: int, table: Path) -> dict[str, float]:
+    """Profile ``steps`` train steps: operator table (by device time, then by CPU time) to ``table``;
+    returns the kernels' busy time, the launches and the wall time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if sync is not _no_sync else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for i in range(steps):
+            trainer.train_step(batches[i % len(batches)])
+            sync()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    device_key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(events.table(sort_by=device_key, row_limit=40) + "\n\n"
+                     + events.table(sort_by="self_cpu_time_total", row_limit=25))
+    busy = sum(getattr(e, device_key) for e in events if e.device_type.name == "CUDA") / 1e6  # us -> s
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))
+    return {"device_busy_seconds_per_step": busy / steps, "kernel_launches_per_step": launches / steps,
+            "wall_seconds_per_step": wall / steps}
+
+
+def _no_sync() -> None:
+    pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workdir_arguments(parser)
@@ -65,6 +92,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per trainer first")
     parser.add_argument("--batches", type=int, default=4, help="distinct batches, cached and reused")
     parser.add_argument("--loader-batches", type=int, default=20, help="batches drawn to time the workers")
+    parser.add_argument("--profile-dir", type=Path, help="also profile --profile-steps steps of each trainer "
+                        "(torch.profiler): operator tables there, device-busy time per step in the report")
+    parser.add_argument("--profile-steps", type=int, default=10)
     args = parser.parse_args()
 
     config = setup_workdir(args, epochs=50, iterations=250, val_iterations=1)
@@ -76,7 +106,7 @@ def main() -> None:
 
     import torch
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else _no_sync
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as pancseg train
     with redirect_stdout(sys.stderr):  # nnU-Net's prints; the report alone goes to stdout
         trainers = {task: _build(config, task, args.fold, device) for task in ("segmentation", "multitask")}
@@ -89,6 +119,8 @@ def main() -> None:
             order = ("segmentation", "multitask") if i % 4 in (0, 3) else ("multitask", "segmentation")
             for task in order:
                 times[task].append(_timed_step(trainers[task], batches[i % len(batches)], sync))
+        profiles = {task: _profile(trainer, batches, sync, args.profile_steps, args.profile_dir / f"profile_{task}.txt")
+                    for task, trainer in trainers.items()} if args.profile_dir else None
         # The workers' queues are full by now: drain them (nnU-Net's two queues of max(6, n // 2)
         # batches and one per worker), then time steady delivery.
         loader = trainers["multitask"].dataloader_train
@@ -118,6 +150,8 @@ def main() -> None:
         "loader_seconds_per_batch": loader_seconds,
         "samples": times,
     }
+    if profiles:
+        report["profile"] = profiles
     print(json.dumps(report, indent=2))
 
 

@@ -409,23 +409,26 @@ def test_structure_probabilities_labels_and_regions() -> None:
     assert w.item() == pytest.approx(0.5 + 0.1 * 0.75, abs=1e-3)
 
 
+def _pooled(features: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The head's pooling of one stage: its averaging rows, then the product."""
+    from pancreas_cli.multitask.network import _averaging_rows, _pool
+
+    return _pool(features, _averaging_rows(weights, [features.shape[2:]], features.device)[0])
+
+
 def test_attention_pooling_weights_lesion_features() -> None:
     """Attention pooling averages features where the decoder sees lesion/pancreas, not the whole patch."""
-    from pancreas_cli.multitask.network import _pool
-
     features = torch.zeros(1, 1, 4, 4, 4)
     features[..., :2, :, :] = 1.0  # "lesion texture" in half of the patch
     weights = torch.zeros(1, 1, 8, 8, 8)  # full resolution mask, pooled to the feature size
     weights[..., :4, :, :] = 1.0
-    mean, weighted = _pool(features, weights)[0].tolist()
+    mean, weighted = _pooled(features, weights)[0].tolist()
     assert weighted == pytest.approx(1.0, abs=1e-3)
     assert mean == pytest.approx(0.5)
 
 
 def test_pool_matches_per_map_weighted_means() -> None:
     """[mean | lesion-weighted | pancreas-weighted] per channel, as products and sums would give them."""
-    from pancreas_cli.multitask.network import _pool
-
     torch.manual_seed(0)
     features = torch.randn(2, 5, 3, 4, 4)
     weights = torch.rand(2, 2, 6, 8, 8)
@@ -433,20 +436,32 @@ def test_pool_matches_per_map_weighted_means() -> None:
     expected = [features.mean((2, 3, 4))] + [
         (features * small[:, k : k + 1]).sum((2, 3, 4)) / (small[:, k : k + 1].sum((2, 3, 4)) + 1e-4) for k in range(2)
     ]
-    assert torch.allclose(_pool(features, weights), torch.cat(expected, dim=1), atol=1e-5)
-    assert torch.allclose(_pool(features, None), expected[0])
+    assert torch.allclose(_pooled(features, weights), torch.cat(expected, dim=1), atol=1e-5)
+    assert torch.allclose(_pooled(features, None), expected[0], atol=1e-6)
     # 2D networks: (B,C,H,W) features, maps pooled in 2D
-    assert _pool(features[:, :, 0], weights[:, :, 0]).shape == (2, 15)
+    assert _pooled(features[:, :, 0], weights[:, :, 0]).shape == (2, 15)
+
+
+def test_averaging_rows_pool_each_stage_from_the_finer_one() -> None:
+    """Maps pooled stage by stage give the same rows as pooling each stage from full resolution."""
+    from pancreas_cli.multitask.network import _averaging_rows
+
+    torch.manual_seed(0)
+    weights = torch.rand(2, 2, 8, 16, 16)
+    shapes = [torch.Size(s) for s in ((8, 8, 8), (4, 4, 4), (1, 1, 1))]
+    for rows, shape in zip(_averaging_rows(weights, shapes, weights.device), shapes):
+        direct = nn.functional.adaptive_avg_pool3d(weights, shape).flatten(2)
+        assert rows.shape == (2, 3, shape.numel())
+        assert torch.allclose(rows[:, 1:], direct / (direct.sum(2, keepdim=True) + 1e-4), atol=1e-6)
+        assert torch.allclose(rows[:, 0], torch.full((2, shape.numel()), 1 / shape.numel()))
 
 
 def test_pool_stays_float32_under_autocast() -> None:
     """Sums over many voxels must not run in half precision when training uses autocast."""
-    from pancreas_cli.multitask.network import _pool
-
     features = torch.full((1, 2, 16, 16, 16), 1.001)  # bfloat16 rounds it to 1.0
     weights = torch.ones(1, 2, 16, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        pooled = _pool(features, weights)
+        pooled = _pooled(features, weights)
     assert pooled.dtype == torch.float32
     assert torch.allclose(pooled, torch.full((1, 6), 1.001), rtol=1e-5)
 
