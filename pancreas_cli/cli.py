@@ -56,23 +56,47 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's or Colab's stop), delivered as an interrupt so that stages stop as on Ctrl-C."""
 
 
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _ours() -> bool:
+    return signal.getsignal(signal.SIGTERM) is _raise_terminated
+
+
+def _block_sigterm() -> None:
+    if _ours():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _unblock_sigterm() -> None:
+    if _ours():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _default_sigterm_in_child() -> None:
+    """Forked workers (nnU-Net's pools and data loaders) die on SIGTERM as they would have. Set at the
+    fork, with SIGTERM blocked across it, not from a handler: a SIGTERM that reaches a Python handler
+    just before the worker blocks on a lock is never acted on, and ``Pool.terminate()`` then waits
+    for that worker forever; one arriving during the fork stays pending until the default is back."""
+    if _ours():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+if hasattr(os, "register_at_fork") and hasattr(signal, "pthread_sigmask"):
+    os.register_at_fork(before=_block_sigterm, after_in_parent=_unblock_sigterm,
+                        after_in_child=_default_sigterm_in_child)
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Raise :class:`_Terminated` in this process on SIGTERM: the default would kill it at once, without
-    the checkpoint that Ctrl-C saves or any cleanup. Forked workers get the default back."""
+    the checkpoint that Ctrl-C saves or any cleanup."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    pid = os.getpid()
-
-    def handler(signum: int, frame: Any) -> None:
-        if os.getpid() != pid:  # a forked data-loader worker: die as it would have
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        raise _Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:

@@ -173,3 +173,25 @@ def test_doctor_reports_invalid_config(runner: CliRunner, tmp_path: Path) -> Non
     cfg = write_config(tmp_path, "dataset:\n  source: ./nope\n")
     result = runner.invoke(app, ["doctor", "-c", str(cfg)])
     assert result.exit_code == 1 and "dataset.source: folder not found" in result.stdout
+
+
+def test_forked_workers_die_on_sigterm() -> None:
+    """The commands turn SIGTERM into an interrupt; their forked workers must not inherit that (a
+    pool's terminate() would hang on a worker whose handler came too late), only the default."""
+    import multiprocessing
+    import os
+    import signal
+
+    from pancreas_cli.cli import _sigterm_as_interrupt
+
+    with _sigterm_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(2) as pool:
+            assert pool.map(signal.getsignal, [signal.SIGTERM] * 2) == [signal.SIG_DFL] * 2
+        worker = ctx.Process(target=signal.pause)
+        worker.start()
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.join(10)
+        assert worker.exitcode == -signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
