@@ -5,12 +5,15 @@
 #  2. benchmarks/learning_check.py with ResEnc-M plans (preset default) on DEVICE, with the
 #     multi-task/stock iteration-time ratio (whole epochs, data loading included);
 #  3. benchmarks/step_timing.py on the same data and plans: the two trainers' train_step side by side
-#     in one process on cached batches, and how fast the data-augmentation workers deliver.
+#     in one process on cached batches, how fast the data-augmentation workers deliver, and a
+#     torch.profiler table of each trainer's steps (profile_*.txt).
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR [DEVICE]   (env: PARTS="1 2", PYTHON, LC_EPOCHS, LC_ITERS,
-#        LC_CASES, DA_WORKERS, TIMING_REPEATS, TIMING_ITERS, STEPS, EXTRA_SET: one more --set for parts
-#        2 and 3; small values and EXTRA_SET=train.batch_size=2 give a dry run on a CPU)
-# On an H200 part 1 takes about 2.5 min and part 2 about 7 (30 x 40 epochs, 2 timing repeats): run
-# them as two calls where one call is limited to 10 minutes (BENCHMARKS.md).
+#        LC_CASES, DA_WORKERS, TIMING_REPEATS, TIMING_ITERS, STEPS, PART2_SECONDS: part 2's time limit,
+#        EXTRA_SET: one more --set for parts 2 and 3; small values and EXTRA_SET=train.batch_size=2
+#        give a dry run on a CPU)
+# On an H200 part 1 takes about 2.5 min, part 2 about 7 (30 x 40 epochs, 2 timing repeats) or 6
+# (1 x 5 epochs, 4 timing repeats), part 3 1.5 (session 8): the timing alone fits one 10-minute call:
+#   PARTS="3 2" LC_EPOCHS=1 LC_ITERS=5 TIMING_REPEATS=4 TIMING_ITERS=20 DA_WORKERS=12 PART2_SECONDS=420
 # A machine without a package index needs nnunetv2 and its dependencies brought along (session 3 did:
 # the wheels of SimpleITK, blosc2, connected-components-3d, pydantic(-core), nibabel, ... for cp312
 # unpacked with nnunetv2, acvl_utils, batchgenerators(v2), dynamic_network_architectures from a venv
@@ -55,13 +58,19 @@ EOF
 part2() {
     stamp "part 2: learning check, ResEnc-M on $device"
     cd "$repo"
-    "$py" benchmarks/learning_check.py --workdir "$work/lc" --preset default --device "$device" --shape 32,64,64 \
+    # The report is written after each stage and timing run, so a part stopped at PART2_SECONDS
+    # (0: no limit) still brings back what it measured.
+    local status=0
+    timeout "${PART2_SECONDS:-0}" "$py" benchmarks/learning_check.py --workdir "$work/lc" --preset default \
+        --device "$device" --shape 32,64,64 \
         --cases "${LC_CASES:-60}" --epochs "${LC_EPOCHS:-40}" --iterations "${LC_ITERS:-40}" --val-iterations 5 \
         --set "train.da_workers=${DA_WORKERS:-4}" --set plan.num_processes=8 "${extra[@]}" \
         --timing-repeats "${TIMING_REPEATS:-2}" --timing-iterations "${TIMING_ITERS:-30}" \
-        >"$out/part2_benchmark.json" 2>"$out/part2_stderr.txt" || { tail -n 40 "$out/part2_stderr.txt"; exit 1; }
-    cp "$work"/lc/work/nnUNet_results/*/nnUNetTrainerMultiTask__*/fold_0/metrics.csv "$out/part2_metrics.csv"
-    cp "$work"/lc/work/nnUNet_preprocessed/*/nnUNetResEncUNetMPlans.json "$out/part2_plans.json"
+        >/dev/null 2>"$out/part2_stderr.txt" || status=$?
+    cp "$work/lc/benchmark.json" "$out/part2_benchmark.json" 2>/dev/null || true
+    cp "$work"/lc/work/nnUNet_results/*/nnUNetTrainerMultiTask__*/fold_0/metrics.csv "$out/part2_metrics.csv" \
+        2>/dev/null || true
+    if ((status)); then tail -n 40 "$out/part2_stderr.txt"; exit "$status"; fi
 }
 
 part3() {
@@ -69,7 +78,7 @@ part3() {
     cd "$repo"
     "$py" benchmarks/step_timing.py --workdir "$work/lc" --preset default --device "$device" --shape 32,64,64 \
         --cases "${LC_CASES:-60}" --set "train.da_workers=${DA_WORKERS:-4}" --set plan.num_processes=8 "${extra[@]}" \
-        --steps "${STEPS:-40}" >"$out/part3_steps.json" 2>"$out/part3_stderr.txt" || { tail -n 40 "$out/part3_stderr.txt"; exit 1; }
+        --steps "${STEPS:-40}" --profile-dir "$out" >"$out/part3_steps.json" 2>"$out/part3_stderr.txt" || { tail -n 40 "$out/part3_stderr.txt"; exit 1; }
 }
 
 for part in ${PARTS:-1 2}; do "part$part"; done

@@ -137,6 +137,20 @@ def writing(project_dir: Path) -> None:
         _flock(held, lock_file, shared=False)
 
 
+def fold(project_dir: Path, trainer: str, fold_index: int) -> Any:
+    """The lock that ``pancseg train`` holds on a fold while it trains it."""
+    return hold(project_dir / LOCK_DIR, _fold_name(trainer, fold_index), f"fold {fold_index} of {trainer}")
+
+
+def fold_holders(project_dir: Path, trainer: str, fold_index: int) -> list[str]:
+    """The commands training this fold now (read from their notes, without touching the lock)."""
+    return _holders(project_dir / LOCK_DIR / f"{_fold_name(trainer, fold_index)}.lock")
+
+
+def _fold_name(trainer: str, fold_index: int) -> str:
+    return f"train-{trainer}-fold{fold_index}"
+
+
 def output_folder(folder: Path) -> Any:
     """The lock of an output folder, wherever it is (so predictions of two projects exclude each other)."""
     digest = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]

@@ -157,26 +157,31 @@ def model_folder(config: Config) -> Path:
 
 
 def _resolve_folds(model_dir: Path, requested: list[int] | None, checkpoint: str,
-                   warn: Callable[[str], None]) -> list[int]:
+                   warn: Callable[[str], None], training: Callable[[int], list[str]]) -> list[int]:
     """The folds to ensemble: those asked for, else every fold whose training finished.
 
-    A fold without checkpoint_final.pth is unfinished or still training; its checkpoint_best.pth is
-    used only when asked for by number, with a warning.
+    A fold without checkpoint_final.pth is unfinished, and so is one that ``training(fold)`` names a
+    command for (a finished fold trained further keeps its old final checkpoint meanwhile); their
+    checkpoint_best.pth is used only when asked for by number, with a warning.
     """
     available = sorted(int(p.name[5:]) for p in model_dir.glob("fold_*")
                        if p.name[5:].isdigit() and (p / checkpoint).is_file())
     if not available:
         raise PredictError(f"{model_dir}: no fold has {checkpoint}; train first (`pancseg train --fold 0`)")
-    finished = [f for f in available if (model_dir / f"fold_{f}" / "checkpoint_final.pth").is_file()]
+    running = {f: holders for f in available if (holders := training(f))}
+    finished = [f for f in available
+                if (model_dir / f"fold_{f}" / "checkpoint_final.pth").is_file() and f not in running]
     unfinished = [f for f in available if f not in finished]
     if requested:
         missing = [f for f in requested if f not in available]
         if missing:
             raise PredictError(f"fold {missing[0]} has no {checkpoint} in {model_dir}; trained folds: {available}")
-        early = [f for f in requested if f in unfinished]
-        if early:
-            warn(f"fold(s) {early} have not finished training (no checkpoint_final.pth; stopped, or still running): "
-                 f"predicting with their {checkpoint} so far")
+        for f in requested:
+            if f in running:
+                warn(f"fold {f} is training now ({', '.join(running[f])}): predicting with its {checkpoint} so far")
+            elif f in unfinished:
+                warn(f"fold {f} has not finished training (no checkpoint_final.pth; stopped, or still running): "
+                     f"predicting with its {checkpoint} so far")
         return requested
     if not finished:
         raise PredictError(f"{model_dir}: no fold has finished training (fold(s) {unfinished} stopped or are still "
@@ -363,7 +368,9 @@ def predict(
         held.enter_context(locks.project(config.project_dir, shared=True))  # no preprocess meanwhile
         model_dir = model_folder(config)
         held.enter_context(locks.output_folder(out_dir))  # one predict per output folder
-        folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn)
+        trainer = TRAINERS[config.train.task]
+        folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn,
+                               lambda fold: locks.fold_holders(config.project_dir, trainer, fold))
         device = _device(settings.device, warn)
         setup_nnunet_env(config, device_type=device.type)
         multitask = config.train.task == "multitask"

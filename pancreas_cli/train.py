@@ -209,8 +209,7 @@ def train(
         setup_nnunet_env(config, device_type=device.type)
         trainer_name = TRAINERS[config.train.task]
         for fold in folds:  # other folds may train meanwhile, but not these
-            held.enter_context(locks.hold(config.project_dir / locks.LOCK_DIR, f"train-{trainer_name}-fold{fold}",
-                                          f"fold {fold} of {trainer_name}"))
+            held.enter_context(locks.fold(config.project_dir, trainer_name, fold))
         # Every fold is checked before anything is written: a refused fold changes nothing.
         starts = [_fold_start(config, state, trainer_name, fold, resume=resume, force=force) for fold in folds]
         if resume and all(start.checkpoint is None and not start.finished for start in starts):

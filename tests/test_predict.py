@@ -288,17 +288,37 @@ def test_default_folds_are_the_finished_ones(tmp_path: Path) -> None:
         for name in names:
             (tmp_path / f"fold_{fold}" / name).touch()
     warnings: list[str] = []
-    assert _resolve_folds(tmp_path, None, "checkpoint_best.pth", warnings.append) == [0]
+    idle = lambda fold: []  # noqa: E731
+    assert _resolve_folds(tmp_path, None, "checkpoint_best.pth", warnings.append, idle) == [0]
     assert warnings == ["predicting with the finished fold(s) [0]; unfinished fold(s) [1] left out (pass --fold to "
                         "include them)"]
     warnings.clear()
-    assert _resolve_folds(tmp_path, [0, 1], "checkpoint_best.pth", warnings.append) == [0, 1]
-    assert "fold(s) [1] have not finished training" in warnings[0]
+    assert _resolve_folds(tmp_path, [0, 1], "checkpoint_best.pth", warnings.append, idle) == [0, 1]
+    assert warnings == ["fold 1 has not finished training (no checkpoint_final.pth; stopped, or still running): "
+                        "predicting with its checkpoint_best.pth so far"]
     with pytest.raises(PredictError, match=r"fold 2 has no checkpoint_best.pth .* trained folds: \[0, 1\]"):
-        _resolve_folds(tmp_path, [2], "checkpoint_best.pth", warnings.append)
+        _resolve_folds(tmp_path, [2], "checkpoint_best.pth", warnings.append, idle)
     (tmp_path / "fold_0" / "checkpoint_final.pth").unlink()
     with pytest.raises(PredictError, match=r"no fold has finished training \(fold\(s\) \[0, 1\] stopped"):
-        _resolve_folds(tmp_path, None, "checkpoint_best.pth", warnings.append)
+        _resolve_folds(tmp_path, None, "checkpoint_best.pth", warnings.append, idle)
+
+
+def test_a_fold_trained_further_is_not_finished(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
+    """`train --resume --epochs N` on a finished fold keeps its old checkpoint_final.pth while it trains:
+    predict must not take that fold's changing checkpoint_best.pth into the default ensemble."""
+    from conftest import held_elsewhere
+    from pancreas_cli import locks
+
+    cfg = str(trained_project / "pancseg.yaml")
+    args = ["predict", "-c", cfg, "-i", str(trained_project / "data" / "test"), "-o", str(tmp_path / "out")]
+    with held_elsewhere(lambda: locks.fold(trained_project / "work", "nnUNetTrainerMultiTask", 4)) as pid:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1
+        assert "no fold has finished training (fold(s) [4] stopped or are still running)" in result.stderr
+        asked = runner.invoke(app, [*args, "--fold", "4"])
+        assert asked.exit_code == 0, asked.output
+        assert f"fold 4 is training now (pid {pid} " in asked.stderr
+    assert not locks.fold_holders(trained_project / "work", "nnUNetTrainerMultiTask", 4)
 
 
 def test_predict_before_preprocessing_says_what_to_run(runner: CliRunner, tmp_path: Path) -> None:

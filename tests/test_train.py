@@ -184,7 +184,7 @@ def test_a_fold_in_training_is_not_trained_twice(runner: CliRunner, project: Pat
 
     work = project / "work"
     cfg = str(project / "pancseg.yaml")
-    fold2 = lambda: locks.hold(work / locks.LOCK_DIR, "train-nnUNetTrainerMultiTask-fold2", "fold 2")  # noqa: E731
+    fold2 = lambda: locks.fold(work, "nnUNetTrainerMultiTask", 2)  # noqa: E731
     with held_elsewhere(lambda: locks.project(work)), held_elsewhere(fold2) as pid:
         result = runner.invoke(app, ["train", "-c", cfg, "--fold", "2", "--force"])
         assert result.exit_code == 1
