@@ -10,6 +10,9 @@ by them (then the epoch ratio is nearer 1 than the step ratio).
 
     python benchmarks/step_timing.py --workdir /tmp/lc_steps --preset default --device cuda --shape 32,64,64
 
+``--profile-dir DIR`` adds a torch.profiler table per trainer (which operators the multi-task step
+adds, on the GPU and the CPU) and the kernels' busy time per step to the report.
+
 The workdir's data and preprocessing are made as for learning_check.py (and reused when present);
 the trainers write to a temporary results folder, so earlier training results are left alone.
 """
