@@ -65,7 +65,7 @@ def _profile(trainer: Any, batches: list[dict], sync: Any, steps: int, table: Pa
     returns the kernels' busy time, the launches and the wall time per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if sync is not _no_sync else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         for i in range(steps):
@@ -81,10 +81,6 @@ def _profile(trainer: Any, batches: list[dict], sync: Any, steps: int, table: Pa
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))
     return {"device_busy_seconds_per_step": busy / steps, "kernel_launches_per_step": launches / steps,
             "wall_seconds_per_step": wall / steps}
-
-
-def _no_sync() -> None:
-    pass
 
 
 def main() -> None:
@@ -109,7 +105,7 @@ def main() -> None:
 
     import torch
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else _no_sync
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as pancseg train
     with redirect_stdout(sys.stderr):  # nnU-Net's prints; the report alone goes to stdout
         trainers = {task: _build(config, task, args.fold, device) for task in ("segmentation", "multitask")}

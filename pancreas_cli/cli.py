@@ -64,14 +64,9 @@ def _ours() -> bool:
     return signal.getsignal(signal.SIGTERM) is _raise_terminated
 
 
-def _block_sigterm() -> None:
+def _mask_sigterm(how: int) -> None:
     if _ours():
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-
-
-def _unblock_sigterm() -> None:
-    if _ours():
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(how, {signal.SIGTERM})
 
 
 def _default_sigterm_in_child() -> None:
@@ -85,7 +80,8 @@ def _default_sigterm_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork") and hasattr(signal, "pthread_sigmask"):
-    os.register_at_fork(before=_block_sigterm, after_in_parent=_unblock_sigterm,
+    os.register_at_fork(before=functools.partial(_mask_sigterm, signal.SIG_BLOCK),
+                        after_in_parent=functools.partial(_mask_sigterm, signal.SIG_UNBLOCK),
                         after_in_child=_default_sigterm_in_child)
 
 

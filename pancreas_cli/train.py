@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO
 
+from pancreas_cli import locks
 from pancreas_cli.config import Config, load_config
 from pancreas_cli.exceptions import PancsegError, TrainError, TrainingInterrupted
-from pancreas_cli import locks
 from pancreas_cli.logcapture import redirect_output, tail
 from pancreas_cli.multitask.settings import TrainingSettings, read_settings, settings_path, write_settings
 from pancreas_cli.nnunet_env import scoped_env, setup_nnunet_env
