@@ -113,3 +113,27 @@ def test_is_what_nnunet_expects_of_an_optimizer() -> None:
         net.loss().backward()
         optimizer.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - 3 / 4) ** 0.9)
+
+
+def test_head_adamw_is_fused_and_resumes_unfused_state() -> None:
+    """One kernel per head step; optimizer states saved before the head's AdamW was fused still resume."""
+    net = Toy()
+    optimizer, _ = build_optimizer(net, net.head, initial_lr=0.01, head_lr=1e-3, weight_decay=0, max_steps=10)
+    assert optimizer.head.param_groups[0]["fused"] is True
+
+    head_ids = {id(p) for p in net.head.parameters()}
+    old = MultiTaskOptimizer(  # as build_optimizer made it up to pancseg's session-8 code
+        torch.optim.SGD([p for p in net.parameters() if id(p) not in head_ids], 0.01, momentum=0.99, nesterov=True),
+        torch.optim.AdamW(net.head.parameters(), 1e-3, weight_decay=HEAD_WEIGHT_DECAY),
+    )
+    net.loss().backward()
+    old.step()
+    resumed_net = copy.deepcopy(net)
+    resumed, _ = build_optimizer(resumed_net, resumed_net.head, initial_lr=0.01, head_lr=1e-3, weight_decay=0,
+                                 max_steps=10)
+    resumed.load_state_dict(copy.deepcopy(old.state_dict()))  # as from a checkpoint file: no shared tensors
+    for model, opt in ((net, old), (resumed_net, resumed)):
+        opt.zero_grad()
+        model.loss().backward()
+        opt.step()
+    torch.testing.assert_close(resumed_net.head.weight, net.head.weight)

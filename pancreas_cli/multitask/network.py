@@ -48,32 +48,34 @@ class HeadSettings:
 
 
 def _averaging_rows(
-    attention: torch.Tensor | None, shapes: list[torch.Size], device: torch.device, eps: float = 1e-4
+    attention: torch.Tensor | None, features: list[torch.Tensor], eps: float = 1e-4
 ) -> list[torch.Tensor]:
-    """Per feature shape (finest first), the rows (B,P,N) that average a stage's N voxels: uniform,
-    then each of the K maps in ``attention`` (B,K,*S) pooled to the stage's size and divided by its
-    sum (+``eps``), so P = 1 + K (without attention P = 1 and B = 1, broadcast over the batch).
+    """Per stage of ``features`` (B,C,*S, finest first), the rows (B,P,N) that average its N voxels:
+    uniform, then each of the K maps in ``attention`` (B,K,*S) pooled to the stage's size and divided by its
+    sum (+``eps``), so P = 1 + K (without attention P = 1).
 
     Each stage's maps are pooled from the previous, finer stage's (the same average where the sizes
-    divide, as nnU-Net's strides make them), not again from the full resolution.
+    divide, as nnU-Net's strides make them), not again from the full resolution. The uniform row is
+    a map of ones that goes through the same pooling and division (its sum N makes ``eps`` shift it
+    by a relative 1e-4 / N): on a GPU every operation is a launch, and the step is partly bound by them.
     """
+    if attention is None:
+        sizes = [(len(f), f.shape[2:].numel(), f.device) for f in features]
+        return [torch.full((1, 1, n), 1.0 / n, device=device).expand(b, 1, n) for b, n, device in sizes]
     rows = []
-    maps = None if attention is None else attention.float()
-    for shape in shapes:
-        n = torch.Size(shape).numel()
-        uniform = torch.full((1, 1, n), 1.0 / n, device=device)
-        if maps is None:
-            rows.append(uniform)
-            continue
+    maps = attention.float()
+    for i, shape in enumerate(f.shape[2:] for f in features):
         if maps.shape[2:] != shape:
             maps = (F.adaptive_avg_pool3d if maps.ndim == 5 else F.adaptive_avg_pool2d)(maps, shape)
+        if i == 0:
+            maps = torch.cat([torch.ones_like(maps[:, :1]), maps], dim=1)
         w = maps.flatten(2)
-        rows.append(torch.cat([uniform.expand(len(w), 1, n), w / (w.sum(2, keepdim=True) + eps)], dim=1))
+        rows.append(w / (w.sum(2, keepdim=True) + eps))
     return rows
 
 
 def _pool(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The averages of ``features`` (B,C,*S) that ``rows`` (B or 1,P,N) describe, as (B,P*C), row by row.
+    """The averages of ``features`` (B,C,*S) that ``rows`` (B,P,N) describe, as (B,P*C), row by row.
 
     One matrix product does all of them (and its backward is one more), where a product and a
     reduction per map cost full-size temporaries. In float32 outside autocast: the sums run over up
@@ -83,7 +85,7 @@ def _pool(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         flat = features.flatten(2).float()  # B,C,N
         # (B,C,N) @ (B,N,P), not (B,P,N) @ (B,N,C): the features' gradient then comes back contiguous
         # and its cast to half precision is one vectorised pass (a strided one cost ~1 ms on an H200).
-        return torch.matmul(flat, rows.transpose(1, 2)).transpose(1, 2).flatten(1)  # B,C,P -> B,P*C
+        return torch.bmm(flat, rows.transpose(1, 2)).transpose(1, 2).flatten(1)  # B,P*C
 
 
 class RunningStandardize(nn.Module):
@@ -107,16 +109,18 @@ class RunningStandardize(nn.Module):
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Few operations: on a GPU each is a launch, and the step is partly bound by them.
         if self.training:
             with torch.no_grad():
                 # A tensor, not float(self.batches): reading the counter would sync the GPU every step.
-                rate = (1.0 / (self.batches + 1)).clamp_min(self.momentum)
-                batch = x.detach().float()
-                self.mean.lerp_(batch.mean(0), rate)
-                self.mean_square.lerp_(batch.square().mean(0), rate)
+                rate = (self.batches + 1).reciprocal().clamp_min_(self.momentum)
+                variance, mean = torch.var_mean(x.detach().float(), 0, correction=0)
+                self.mean_square.lerp_(torch.addcmul(variance, mean, mean), rate)
+                self.mean.lerp_(mean, rate)
                 self.batches += 1
-        variance = (self.mean_square - self.mean.square()).clamp_min(0)
-        return (x - self.mean) / torch.sqrt(variance + self.eps)
+        variance = torch.addcmul(self.mean_square, self.mean, self.mean, value=-1).clamp_min_(0)
+        # (x - mean) / sqrt(variance + eps) as one kernel, and one for its gradient.
+        return F.batch_norm(x, self.mean, variance, training=False, eps=self.eps)
 
 
 class ClassificationHead(nn.Module):
@@ -141,7 +145,7 @@ class ClassificationHead(nn.Module):
         if self.settings.pooling == "attention" and attention is None:
             raise ValueError("attention pooling needs the segmentation probabilities")
         weights = attention if self.settings.pooling == "attention" else None
-        rows = _averaging_rows(weights, [f.shape[2:] for f in features], features[0].device)
+        rows = _averaging_rows(weights, features)
         return self.mlp(torch.cat([_pool(f, r) for f, r in zip(features, rows)], dim=1))
 
 
@@ -203,11 +207,10 @@ class MultiTaskNet(nn.Module):
 
 def structure_probabilities(seg_logits: torch.Tensor, regions: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(lesion, whole pancreas) probability maps (B,1,*S) from segmentation logits."""
-    logits = seg_logits.float()
     if regions:
-        probs = torch.sigmoid(logits)
+        probs = torch.sigmoid(seg_logits.float())
         return probs[:, 1:2], probs[:, 0:1]
-    probs = torch.softmax(logits, dim=1)
+    probs = torch.softmax(seg_logits, dim=1, dtype=torch.float32)  # the cast inside: one full-size pass less
     return probs[:, 2:3], probs[:, 1:3].sum(1, keepdim=True)
 
 

@@ -88,8 +88,12 @@ def build_optimizer(
     """nnU-Net's SGD (momentum 0.99, Nesterov) for everything but ``head``, AdamW for ``head``."""
     head_ids = {id(p) for p in head.parameters()}
     segmentation = [p for p in network.parameters() if id(p) not in head_ids]
+    # Fused on CPU and CUDA: one kernel per step instead of about ten launches for a handful of small
+    # tensors. On a GPU the head's step runs between the step's two syncs, where launches cost wall
+    # time (BENCHMARKS.md).
+    fused = all(p.device.type in ("cpu", "cuda") for p in head.parameters())
     optimizer = MultiTaskOptimizer(
         torch.optim.SGD(segmentation, initial_lr, weight_decay=weight_decay, momentum=0.99, nesterov=True),
-        torch.optim.AdamW(head.parameters(), head_lr, weight_decay=HEAD_WEIGHT_DECAY),
+        torch.optim.AdamW(head.parameters(), head_lr, weight_decay=HEAD_WEIGHT_DECAY, fused=fused),
     )
     return optimizer, MultiTaskPolyLR(optimizer, initial_lr, head_lr, max_steps)
