@@ -6,7 +6,8 @@ and the epoch times say little about what the head costs. Here both trainers are
 plans and fold, their ``train_step`` runs on the same cached batches, alternating (ABBA), each step
 timed to the end of its device work; the ratio of the medians is what the multi-task trainer adds
 to a step. It also times how fast the workers deliver batches, which says whether epochs are bound
-by them (then the epoch ratio is nearer 1 than the step ratio).
+by them (then the epoch ratio is nearer 1 than the step ratio), and counts the operators each step
+dispatches (what the CPU launches).
 
     python benchmarks/step_timing.py --workdir /tmp/lc_steps --preset default --device cuda --shape 32,64,64
 
@@ -58,6 +59,24 @@ def _timed_step(trainer: Any, batch: dict, sync: Any) -> float:
     trainer.train_step(batch)
     sync()
     return time.perf_counter() - start
+
+
+def _count_ops(trainer: Any, batch: dict, sync: Any) -> int:
+    """Operators dispatched by one train step (views and casts included): on a GPU each costs CPU
+    time to launch, which adds to the step wherever the GPU waits for the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        trainer.train_step(batch)
+        sync()
+    return Count.ops
 
 
 def _profile(trainer: Any, batches: list[dict], sync: Any, steps: int, table: Path) -> dict[str, float]:
@@ -118,6 +137,7 @@ def main() -> None:
             order = ("segmentation", "multitask") if i % 4 in (0, 3) else ("multitask", "segmentation")
             for task in order:
                 times[task].append(_timed_step(trainers[task], batches[i % len(batches)], sync))
+        ops = {task: _count_ops(trainer, batches[0], sync) for task, trainer in trainers.items()}
         profiles = {task: _profile(trainer, batches, sync, args.profile_steps, args.profile_dir / f"profile_{task}.txt")
                     for task, trainer in trainers.items()} if args.profile_dir else None
         # The workers' queues are full by now: drain them (nnU-Net's two queues of max(6, n // 2)
@@ -147,6 +167,7 @@ def main() -> None:
         "step_seconds_multitask": multi,
         "step_ratio": multi / stock,
         "loader_seconds_per_batch": loader_seconds,
+        "dispatched_ops_per_step": ops,
         "samples": times,
     }
     if profiles:
