@@ -5,8 +5,8 @@
 #  2. benchmarks/learning_check.py with ResEnc-M plans (preset default) on DEVICE, with the
 #     multi-task/stock iteration-time ratio (whole epochs, data loading included);
 #  3. benchmarks/step_timing.py on the same data and plans: the two trainers' train_step side by side
-#     in one process on cached batches, how fast the data-augmentation workers deliver, and a
-#     torch.profiler table of each trainer's steps (profile_*.txt).
+#     in one process on cached batches, how fast the data-augmentation workers deliver, the operators
+#     one step of each dispatches, and a torch.profiler table of each trainer's steps (profile_*.txt).
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR [DEVICE]   (env: PARTS="1 2", PYTHON, LC_EPOCHS, LC_ITERS,
 #        LC_CASES, DA_WORKERS, TIMING_REPEATS, TIMING_ITERS, STEPS, PART2_SECONDS: part 2's time limit,
 #        EXTRA_SET: one more --set for parts 2 and 3; small values and EXTRA_SET=train.batch_size=2

@@ -458,14 +458,20 @@ def test_averaging_rows_pool_each_stage_from_the_finer_one() -> None:
         assert torch.allclose(rows[:, 0], torch.full((2, shape.numel()), 1 / shape.numel()), rtol=2e-4, atol=0)
 
 
-def test_pool_stays_float32_under_autocast() -> None:
-    """Sums over many voxels must not run in half precision when training uses autocast."""
+def test_head_runs_in_float32_under_autocast() -> None:
+    """Training and inference run under autocast on a GPU; the head's sums over many voxels must not
+    run in half precision, and its logits are float32."""
+    torch.manual_seed(0)
+    head = ClassificationHead([2], HeadSettings(stages=(0,))).eval()
     features = torch.full((1, 2, 16, 16, 16), 1.001)  # bfloat16 rounds it to 1.0
     weights = torch.ones(1, 2, 16, 16, 16)
+    expected = head([features], weights)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        pooled = _pooled(features, weights)
-    assert pooled.dtype == torch.float32
-    assert torch.allclose(pooled, torch.full((1, 6), 1.001), rtol=1e-5)
+        logits = head([features.bfloat16()], weights)  # the encoder's output under autocast
+    assert logits.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head([features], weights)
+    torch.testing.assert_close(logits, expected)
 
 
 # ------------------------------------------------------------------ running standardisation

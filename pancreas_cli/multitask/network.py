@@ -78,14 +78,13 @@ def _pool(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The averages of ``features`` (B,C,*S) that ``rows`` (B,P,N) describe, as (B,P*C), row by row.
 
     One matrix product does all of them (and its backward is one more), where a product and a
-    reduction per map cost full-size temporaries. In float32 outside autocast: the sums run over up
-    to a few hundred thousand voxels, which float16 cannot hold.
+    reduction per map cost full-size temporaries. In float32, so call it with autocast off (as the
+    head does): the sums run over up to a few hundred thousand voxels, which float16 cannot hold.
     """
-    with torch.autocast(features.device.type, enabled=False):
-        flat = features.flatten(2).float()  # B,C,N
-        # (B,C,N) @ (B,N,P), not (B,P,N) @ (B,N,C): the features' gradient then comes back contiguous
-        # and its cast to half precision is one vectorised pass (a strided one cost ~1 ms on an H200).
-        return torch.bmm(flat, rows.transpose(1, 2)).transpose(1, 2).flatten(1)  # B,P*C
+    flat = features.flatten(2).float()  # B,C,N
+    # (B,C,N) @ (B,N,P), not (B,P,N) @ (B,N,C): the features' gradient then comes back contiguous
+    # and its cast to half precision is one vectorised pass (a strided one cost ~1 ms on an H200).
+    return torch.bmm(flat, rows.transpose(1, 2)).transpose(1, 2).flatten(1)  # B,P*C
 
 
 class RunningStandardize(nn.Module):
@@ -145,8 +144,11 @@ class ClassificationHead(nn.Module):
         if self.settings.pooling == "attention" and attention is None:
             raise ValueError("attention pooling needs the segmentation probabilities")
         weights = attention if self.settings.pooling == "attention" else None
-        rows = _averaging_rows(weights, features)
-        return self.mlp(torch.cat([_pool(f, r) for f, r in zip(features, rows)], dim=1))
+        # All in float32, autocast off: the pooling's sums need it, and the MLP is too small for half
+        # precision to gain anything but the casts of its inputs, weights and gradients (launches).
+        with torch.autocast(features[0].device.type, enabled=False):
+            rows = _averaging_rows(weights, features)
+            return self.mlp(torch.cat([_pool(f, r) for f, r in zip(features, rows)], dim=1))
 
 
 class MultiTaskNet(nn.Module):
