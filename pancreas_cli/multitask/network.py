@@ -51,8 +51,8 @@ def _averaging_rows(
     attention: torch.Tensor | None, features: list[torch.Tensor], eps: float = 1e-4
 ) -> list[torch.Tensor]:
     """Per stage of ``features`` (B,C,*S, finest first), the rows (B,P,N) that average its N voxels:
-    uniform, then each of the K maps in ``attention`` (B,K,*S) pooled to the stage's size and divided by its
-    sum (+``eps``), so P = 1 + K (without attention P = 1).
+    uniform, then each of the K maps in ``attention`` (B,K,*S) pooled to the stage's size and
+    divided by its sum (+``eps``), so P = 1 + K (without attention P = 1).
 
     Each stage's maps are pooled from the previous, finer stage's (the same average where the sizes
     divide, as nnU-Net's strides make them), not again from the full resolution. The uniform row is
