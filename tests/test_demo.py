@@ -22,6 +22,7 @@ def test_demo_runs_everything_then_skips_what_is_done(runner: CliRunner, tmp_pat
         assert stage in first.stderr
     report = tmp_path / "demo" / "work" / "report" / "report_fold0.html"
     assert f"report: {report}" in first.stdout
+    assert "the targets are the real data's" in first.stderr  # not a verdict on a minutes-long demo
     page = report.read_text()
     assert "id='overlays'" in page and page.count("data:image/png;base64,") == 4
     predictions = tmp_path / "demo" / "work" / "predictions" / "test"
