@@ -70,13 +70,13 @@ def _count_ops(trainer: Any, batch: dict, sync: Any) -> int:
         ops = 0
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            Count.ops += 1
+            self.ops += 1
             return func(*args, **(kwargs or {}))
 
-    with Count():
+    with Count() as count:
         trainer.train_step(batch)
         sync()
-    return Count.ops
+    return count.ops
 
 
 def _profile(trainer: Any, batches: list[dict], sync: Any, steps: int, table: Path) -> dict[str, float]:
