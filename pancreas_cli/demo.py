@@ -38,7 +38,7 @@ def demo_config_text(budget: DemoBudget) -> str:
         "  source: ./data\n"
         "  test_labels: ./data/test_ground_truth\n"
         "  test_subtypes_csv: ./data/test_ground_truth/subtypes.csv\n"
-        "plan:\n  preset: smoke\n"
+        "plan:\n  preset: smoke\n  num_processes: 1\n"
         "train:\n  device: cpu\n"
         f"  epochs: {budget.epochs}\n  iterations_per_epoch: {budget.iterations}\n"
         "  val_iterations: 4\n  save_every: 2\n"

@@ -23,7 +23,7 @@ from pancreas_cli.exceptions import PreprocessError
 from pancreas_cli.imageio import write_text
 from pancreas_cli.locks import project_stage, writing
 from pancreas_cli.logcapture import redirect_output, tail
-from pancreas_cli.nnunet_env import scoped_env, setup_nnunet_env
+from pancreas_cli.nnunet_env import nnunet_worker_pools, scoped_env, setup_nnunet_env
 
 STATE_NAME = "pancseg_preprocess.json"
 SMOKE_CONFIGURATION = "3d_smoke"
@@ -209,7 +209,7 @@ def preprocess(config: Config, *, force: bool = False,
     ds_id = config.dataset.id
     n = config.plan.num_processes
     try:
-        with redirect_output(log_file):
+        with redirect_output(log_file), nnunet_worker_pools(n):
             from nnunetv2.experiment_planning.plan_and_preprocess_api import (
                 extract_fingerprints,
                 plan_experiments,

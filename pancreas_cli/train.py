@@ -27,7 +27,7 @@ from pancreas_cli.config import Config, load_config
 from pancreas_cli.exceptions import PancsegError, TrainError, TrainingInterrupted
 from pancreas_cli.logcapture import redirect_output, tail
 from pancreas_cli.multitask.settings import TrainingSettings, read_settings, settings_path, write_settings
-from pancreas_cli.nnunet_env import scoped_env, setup_nnunet_env
+from pancreas_cli.nnunet_env import nnunet_worker_pools, scoped_env, setup_nnunet_env
 from pancreas_cli.preprocess import read_state
 
 if TYPE_CHECKING:
@@ -366,7 +366,7 @@ def _train_single(config: Config, state: dict[str, Any], trainer_name: str, fold
                   fold_result: FoldResult) -> None:
     import torch
 
-    with redirect_output(log_file) as terminal:
+    with redirect_output(log_file) as terminal, nnunet_worker_pools(config.plan.num_processes):
         try:
             trainer = build_trainer(config, state, trainer_name, fold, device, continue_training=checkpoint is not None)
             if checkpoint is not None:

@@ -119,7 +119,7 @@ def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     runner = CliRunner()
     assert runner.invoke(app, ["synth", str(root / "data"), "--cases", "8", "--shape", "24,48,48"]).exit_code == 0
-    write_config(root, "project_dir: ./work\ndataset: {source: ./data}\nplan: {preset: smoke}\n"
+    write_config(root, "project_dir: ./work\ndataset: {source: ./data}\nplan: {preset: smoke, num_processes: 1}\n"
                        "train: {device: cpu, epochs: 1, iterations_per_epoch: 2, val_iterations: 1}\n"
                        "predict: {device: cpu, mirroring: false}\nevaluate: {bootstrap: 100}\n")
     for args in (["prepare"], ["clean"], ["preprocess"], ["train", "--fold", "4"]):

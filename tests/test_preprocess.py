@@ -130,7 +130,7 @@ def test_real_ct_passes_prepare_clean_preprocess(runner: CliRunner, tmp_path: Pa
     cfg = write_config(
         tmp_path,
         "project_dir: ./work\ndataset: {layout: manifest, manifest: manifest.csv}\n"
-        "clean: {label_map: {7: 1, 250: 2}, unknown_labels: background}\nplan: {preset: smoke}\n",
+        "clean: {label_map: {7: 1, 250: 2}, unknown_labels: background}\nplan: {preset: smoke, num_processes: 1}\n",
     )
     assert runner.invoke(app, ["prepare", "-c", str(cfg)]).exit_code == 0
     cleaned = runner.invoke(app, ["clean", "-c", str(cfg), "--json"])
@@ -152,8 +152,10 @@ def test_real_ct_passes_prepare_clean_preprocess(runner: CliRunner, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_nnunet_failure_names_the_case(runner: CliRunner, tmp_path: Path) -> None:
-    """Skipping clean on a bad mask: nnU-Net's integrity check fails, the message names the case."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_nnunet_failure_names_the_case(runner: CliRunner, tmp_path: Path, processes: int) -> None:
+    """Skipping clean on a bad mask: nnU-Net's integrity check fails, the message names the case, whether
+    its workers are processes or (with one) a thread."""
     from conftest import make_quiz
 
     make_quiz(tmp_path / "data", per_subtype=1, validation=0, test=0)
@@ -161,7 +163,8 @@ def test_nnunet_failure_names_the_case(runner: CliRunner, tmp_path: Path) -> Non
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(bad)))
     labels[0, 0, 0] = 5
     write(labels, bad)
-    cfg = write_config(tmp_path, "project_dir: ./work\ndataset: {source: ./data}\nplan: {preset: smoke}\n")
+    cfg = write_config(tmp_path, "project_dir: ./work\ndataset: {source: ./data}\n"
+                                 f"plan: {{preset: smoke, num_processes: {processes}}}\n")
     assert runner.invoke(app, ["prepare", "-c", str(cfg)]).exit_code == 0
     result = runner.invoke(app, ["preprocess", "-c", str(cfg)])
     assert result.exit_code == 1

@@ -34,8 +34,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("train")
     runner = CliRunner()
     assert runner.invoke(app, ["synth", str(root / "data"), "--cases", "10", "--shape", "24,48,48"]).exit_code == 0
-    cfg = write_config(root, "project_dir: ./work\ndataset: {source: ./data}\nplan: {preset: smoke}\n"
-                             "train: {device: cpu}\n")
+    cfg = write_config(root, "project_dir: ./work\ndataset: {source: ./data}\n"
+                             "plan: {preset: smoke, num_processes: 1}\ntrain: {device: cpu}\n")
     for command in ("prepare", "clean", "preprocess"):
         result = runner.invoke(app, [command, "-c", str(cfg)])
         assert result.exit_code == 0, result.output
