@@ -129,6 +129,17 @@ def trained_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def no_spawned_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refuse to start any spawned process (nnU-Net starts its worker pools that way)."""
+    import multiprocessing.context
+
+    def refuse(process: Any) -> None:
+        raise AssertionError(f"a spawned process was started: {process}")
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "_Popen", staticmethod(refuse))
+
+
+@pytest.fixture
 def one_torch_thread():
     """Tiny convolutions: one torch thread is fastest, and far faster on a busy machine."""
     import torch

@@ -172,6 +172,22 @@ def test_nnunet_failure_names_the_case(runner: CliRunner, tmp_path: Path, proces
     assert "preprocess.log" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
+def test_one_process_spawns_no_workers(runner: CliRunner, tmp_path: Path, no_spawned_processes: None) -> None:
+    """plan.num_processes 1: nnU-Net's pools run on a thread (a spawned worker first imports torch and
+    nnU-Net, ~10 s per pool); with 2 they are nnU-Net's spawned processes, which the fixture refuses."""
+    from conftest import make_quiz
+
+    make_quiz(tmp_path / "data", per_subtype=1, validation=0, test=0)
+    cfg = write_config(tmp_path, "project_dir: ./work\ndataset: {source: ./data}\n"
+                                 "plan: {preset: smoke, num_processes: 1}\n")
+    for command in ("prepare", "clean", "preprocess"):
+        result = runner.invoke(app, [command, "-c", str(cfg)])
+        assert result.exit_code == 0, result.output
+    spawned = runner.invoke(app, ["preprocess", "-c", str(cfg), "--force", "--set", "plan.num_processes=2"])
+    assert spawned.exit_code == 1 and "a spawned process was started" in spawned.stderr
+
+
 def test_failure_reason_is_the_error_not_a_warning(tmp_path: Path) -> None:
     """nnU-Net warns about ordinary data (a case with only background); a full disk must not read as that."""
     from pancreas_cli.preprocess import _explain_failure

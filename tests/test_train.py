@@ -265,6 +265,16 @@ def test_wandb_offline_logs_the_multitask_values(project: Path, runner: CliRunne
 
 
 @pytest.mark.slow
+def test_one_process_validates_without_spawning(project: Path, runner: CliRunner, no_spawned_processes: None) -> None:
+    """nnU-Net's validation export and metrics pools run on a thread with plan.num_processes 1."""
+    cfg = str(project / "pancseg.yaml")
+    result = runner.invoke(app, ["train", "-c", cfg, "--fold", "2", "--epochs", "1", "--force", "--json", *FAST])
+    assert result.exit_code == 0, result.output
+    folder = Path(json.loads(result.stdout)["folds"][0]["output_folder"])
+    assert (folder / "validation" / "summary.json").is_file()  # nnU-Net's metrics over its exported masks
+
+
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_that_resume_continues(project: Path, runner: CliRunner,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
