@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -410,10 +411,10 @@ def test_structure_probabilities_labels_and_regions() -> None:
 
 
 def _pooled(features: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """The head's pooling of one stage: its averaging rows, then the product."""
-    from pancreas_cli.multitask.network import _averaging_rows, _pool
+    """The head's pooling of one stage: its weight maps, then the product."""
+    from pancreas_cli.multitask.network import _pool, _stage_maps
 
-    return _pool(features, _averaging_rows(weights, [features])[0])
+    return _pool(features, _stage_maps(weights, [features])[0])
 
 
 def test_attention_pooling_weights_lesion_features() -> None:
@@ -442,20 +443,51 @@ def test_pool_matches_per_map_weighted_means() -> None:
     assert _pooled(features[:, :, 0], weights[:, :, 0]).shape == (2, 15)
 
 
-def test_averaging_rows_pool_each_stage_from_the_finer_one() -> None:
-    """Maps pooled stage by stage give the same rows as pooling each stage from full resolution."""
-    from pancreas_cli.multitask.network import _averaging_rows
+def test_stage_maps_pool_each_stage_from_the_finer_one() -> None:
+    """Maps pooled stage by stage are the maps pooled to each stage from full resolution, after ones."""
+    from pancreas_cli.multitask.network import _stage_maps
 
     torch.manual_seed(0)
     weights = torch.rand(2, 2, 8, 16, 16)
     shapes = [torch.Size(s) for s in ((8, 8, 8), (4, 4, 4), (1, 1, 1))]
     features = [torch.empty(2, 1, *s) for s in shapes]
-    for rows, shape in zip(_averaging_rows(weights, features), shapes):
+    for maps, shape in zip(_stage_maps(weights, features), shapes):
         direct = nn.functional.adaptive_avg_pool3d(weights, shape).flatten(2)
-        assert rows.shape == (2, 3, shape.numel())
-        assert torch.allclose(rows[:, 1:], direct / (direct.sum(2, keepdim=True) + 1e-4), atol=1e-6)
-        # the uniform row: ones divided by their sum + eps, so 1 / (N + 1e-4)
-        assert torch.allclose(rows[:, 0], torch.full((2, shape.numel()), 1 / shape.numel()), rtol=2e-4, atol=0)
+        assert maps.shape == (2, 3, shape.numel())
+        assert torch.allclose(maps[:, 1:], direct, atol=1e-6)
+        assert torch.equal(maps[:, 0], torch.ones(2, shape.numel()))  # the plain average's weights
+
+
+@pytest.fixture
+def cpu_bmm_out_dtype() -> Iterator[None]:
+    """A CPU kernel for ``bmm`` with ``out_dtype`` (torch has it on CUDA only): the half-precision
+    product's forward and backward can then be checked here on half-precision inputs."""
+    library = torch.library.Library("aten", "IMPL")
+    library.impl("bmm.dtype", lambda a, b, out_dtype: torch.bmm(a.to(out_dtype), b.to(out_dtype)), "CPU")
+    yield
+    library._destroy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_product_sums_in_float32_and_returns_the_gradient_in_half(cpu_bmm_out_dtype: None,
+                                                                       dtype: torch.dtype) -> None:
+    """On a GPU under autocast the finest stage's features are pooled without a float32 copy: the
+    product returns float32 sums, and the features' gradient comes back in their dtype, contiguous."""
+    from pancreas_cli.multitask.network import _HalfProduct
+
+    torch.manual_seed(0)
+    flat = (torch.randn(2, 5, 4096) + 3).to(dtype).requires_grad_()
+    maps = torch.rand(2, 3, 4096).to(dtype)
+    sums = _HalfProduct.apply(flat, maps)
+    reference_input = flat.detach().float().requires_grad_()
+    reference = torch.bmm(reference_input, maps.float().transpose(1, 2))
+    assert sums.dtype == torch.float32 and sums.shape == (2, 5, 3)
+    torch.testing.assert_close(sums, reference, rtol=1e-5, atol=1e-3)
+    grad = torch.randn(2, 5, 3)
+    sums.backward(grad)
+    reference.backward(grad)
+    assert flat.grad is not None and flat.grad.dtype == dtype and flat.grad.is_contiguous()
+    torch.testing.assert_close(flat.grad.float(), reference_input.grad, rtol=2e-2, atol=2e-2)
 
 
 def test_head_runs_in_float32_under_autocast() -> None:

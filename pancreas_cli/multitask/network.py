@@ -18,6 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 
 Pooling = Literal["mean", "attention"]
+# CUDA's bmm from half-precision inputs to float32 output (torch >= 2.8; pancseg allows older).
+_HALF_BMM = "dtype" in torch.ops.aten.bmm.overloads()
 
 
 @dataclass(frozen=True)
@@ -47,44 +49,65 @@ class HeadSettings:
         return {**asdict(self), "stages": list(self.stages)}
 
 
-def _averaging_rows(
-    attention: torch.Tensor | None, features: list[torch.Tensor], eps: float = 1e-4
-) -> list[torch.Tensor]:
-    """Per stage of ``features`` (B,C,*S, finest first), the rows (B,P,N) that average its N voxels:
-    uniform, then each of the K maps in ``attention`` (B,K,*S) pooled to the stage's size and
-    divided by its sum (+``eps``), so P = 1 + K (without attention P = 1).
+def _stage_maps(attention: torch.Tensor | None, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per stage of ``features`` (B,C,*S, finest first), the weight maps (B,P,N) over its N voxels
+    whose weighted averages the head takes: ones (the plain average), then each of the K maps in
+    ``attention`` (B,K,*S) pooled to the stage's size, so P = 1 + K (without attention P = 1).
 
     Each stage's maps are pooled from the previous, finer stage's (the same average where the sizes
-    divide, as nnU-Net's strides make them), not again from the full resolution. The uniform row is
-    a map of ones that goes through the same pooling and division (its sum N makes ``eps`` shift it
-    by a relative 1e-4 / N): on a GPU every operation is a launch, and the step is partly bound by them.
+    divide, as nnU-Net's strides make them), not again from the full resolution. The ones go through
+    the same pooling instead of a ``full`` and ``cat`` per stage: on a GPU every operation is a launch,
+    and the step is partly bound by them.
     """
     if attention is None:
-        sizes = [(len(f), f.shape[2:].numel(), f.device) for f in features]
-        return [torch.full((1, 1, n), 1.0 / n, device=device).expand(b, 1, n) for b, n, device in sizes]
-    rows = []
+        return [f.new_ones(1, 1, f.shape[2:].numel()).expand(len(f), 1, -1) for f in features]
     maps = attention.float()
+    stages = []
     for i, shape in enumerate(f.shape[2:] for f in features):
         if maps.shape[2:] != shape:
             maps = (F.adaptive_avg_pool3d if maps.ndim == 5 else F.adaptive_avg_pool2d)(maps, shape)
         if i == 0:
             maps = torch.cat([torch.ones_like(maps[:, :1]), maps], dim=1)
-        w = maps.flatten(2)
-        rows.append(w / (w.sum(2, keepdim=True) + eps))
-    return rows
+        stages.append(maps.flatten(2))
+    return stages
 
 
-def _pool(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The averages of ``features`` (B,C,*S) that ``rows`` (B,P,N) describe, as (B,P*C), row by row.
+class _HalfProduct(torch.autograd.Function):
+    """``features (B,C,N) @ maps (B,P,N)^T`` from half-precision inputs, summed and returned in float32
+    (CUDA's ``bmm`` with ``out_dtype``, which has no derivative in torch); the features' gradient comes
+    back in their own dtype, contiguous."""
 
-    One matrix product does all of them (and its backward is one more), where a product and a
-    reduction per map cost full-size temporaries. In float32, so call it with autocast off (as the
-    head does): the sums run over up to a few hundred thousand voxels, which float16 cannot hold.
+    @staticmethod
+    def forward(ctx: Any, flat: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(maps)
+        return torch.bmm(flat, maps.transpose(1, 2), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (maps,) = ctx.saved_tensors
+        return torch.bmm(grad.to(maps.dtype), maps), None  # the maps are the detached decoder's
+
+
+def _pool(features: torch.Tensor, maps: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """The weighted averages of ``features`` (B,C,*S) by each of ``maps`` (B,P,N), as (B,P*C), map by
+    map: one product of the features with the maps, divided by each map's sum (+``eps``).
+
+    The sums run over up to a few hundred thousand voxels, which half precision cannot hold, so they
+    accumulate in float32. On a GPU under autocast the features are float16: there the product reads
+    them as they are and only accumulates in float32, where a float32 copy of the finest stage (and
+    the cast of its gradient back) cost ~2 ms per step on an H200. Elsewhere, as on the CPU, whose
+    ``bmm`` has no float32-output kernel for half inputs, all of it runs in float32.
     """
-    flat = features.flatten(2).float()  # B,C,N
-    # (B,C,N) @ (B,N,P), not (B,P,N) @ (B,N,C): the features' gradient then comes back contiguous
-    # and its cast to half precision is one vectorised pass (a strided one cost ~1 ms on an H200).
-    return torch.bmm(flat, rows.transpose(1, 2)).transpose(1, 2).flatten(1)  # B,P*C
+    flat = features.flatten(2)  # B,C,N
+    if _HALF_BMM and flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16):
+        maps = maps.to(flat.dtype)
+        sums = _HalfProduct.apply(flat, maps)
+    else:
+        maps = maps.float()
+        # (B,C,N) @ (B,N,P), not (B,P,N) @ (B,N,C): the features' gradient then comes back contiguous.
+        sums = torch.bmm(flat.float(), maps.transpose(1, 2))
+    totals = maps.sum(2, dtype=torch.float32).unsqueeze(1)  # B,1,P
+    return (sums / (totals + eps)).transpose(1, 2).flatten(1)  # B,P*C
 
 
 class RunningStandardize(nn.Module):
@@ -144,11 +167,11 @@ class ClassificationHead(nn.Module):
         if self.settings.pooling == "attention" and attention is None:
             raise ValueError("attention pooling needs the segmentation probabilities")
         weights = attention if self.settings.pooling == "attention" else None
-        # All in float32, autocast off: the pooling's sums need it, and the MLP is too small for half
+        # Autocast off: the pooling sums in float32 (see _pool), and the MLP is too small for half
         # precision to gain anything but the casts of its inputs, weights and gradients (launches).
         with torch.autocast(features[0].device.type, enabled=False):
-            rows = _averaging_rows(weights, features)
-            return self.mlp(torch.cat([_pool(f, r) for f, r in zip(features, rows)], dim=1))
+            maps = _stage_maps(weights, features)
+            return self.mlp(torch.cat([_pool(f, m) for f, m in zip(features, maps)], dim=1))
 
 
 class MultiTaskNet(nn.Module):
