@@ -5,15 +5,19 @@
 #  2. benchmarks/learning_check.py with ResEnc-M plans (preset default) on DEVICE, with the
 #     multi-task/stock iteration-time ratio (whole epochs, data loading included);
 #  3. benchmarks/step_timing.py on the same data and plans: the two trainers' train_step side by side
-#     in one process on cached batches, how fast the data-augmentation workers deliver, the operators
-#     one step of each dispatches, and a torch.profiler table of each trainer's steps (profile_*.txt).
+#     in one process on cached batches, how fast the data-augmentation workers deliver, real iterations
+#     (loader + step) in blocks as epochs run them, the operators one step of each dispatches, and
+#     torch.profiler tables of each trainer's steps (profile_*.txt).
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR [DEVICE]   (env: PARTS="1 2", PYTHON, LC_EPOCHS, LC_ITERS,
-#        LC_CASES, DA_WORKERS, TIMING_REPEATS, TIMING_ITERS, STEPS, PART2_SECONDS: part 2's time limit,
+#        LC_CASES, DA_WORKERS, TIMING_REPEATS, TIMING_ITERS, STEPS, LIVE_BLOCKS, PART2_SECONDS: part 2's time limit,
 #        EXTRA_SET: one more --set for parts 2 and 3; small values and EXTRA_SET=train.batch_size=2
 #        give a dry run on a CPU)
-# On an H200 part 1 takes about 2.5 min, part 2 about 7 (30 x 40 epochs, 2 timing repeats) or 6
-# (1 x 5 epochs, 4 timing repeats), part 3 1.5 (session 8): the timing alone fits one 10-minute call:
-#   PARTS="3 2" LC_EPOCHS=1 LC_ITERS=5 TIMING_REPEATS=4 TIMING_ITERS=20 DA_WORKERS=12 PART2_SECONDS=420
+# On an H200 part 1 takes about 2.5 min, part 2 about 7 (30 x 40 epochs, 2 timing repeats), 5 (20 x 40,
+# 2 repeats; session 11) or 6 (1 x 5 epochs, 4 timing repeats), part 3 2 without live blocks
+# (LIVE_BLOCKS=0; each block adds ~6 s per trainer at 70 iterations of ~85 ms). Whether whole epochs
+# cost the multi-task trainer more than its steps because the workers compete for the CPU (session 11;
+# compare the live blocks' step times with the cached steps', and their waits):
+#   PARTS=3 DA_WORKERS=12 LIVE_BLOCKS=6 bash benchmarks/gpu_check.sh $OUT cuda
 # A machine without a package index needs nnunetv2 and its dependencies brought along (session 3 did:
 # the wheels of SimpleITK, blosc2, connected-components-3d, pydantic(-core), nibabel, ... for cp312
 # unpacked with nnunetv2, acvl_utils, batchgenerators(v2), dynamic_network_architectures from a venv
@@ -78,7 +82,7 @@ part3() {
     cd "$repo"
     "$py" benchmarks/step_timing.py --workdir "$work/lc" --preset default --device "$device" --shape 32,64,64 \
         --cases "${LC_CASES:-60}" --set "train.da_workers=${DA_WORKERS:-4}" --set plan.num_processes=8 "${extra[@]}" \
-        --steps "${STEPS:-40}" --profile-dir "$out" >"$out/part3_steps.json" 2>"$out/part3_stderr.txt" || { tail -n 40 "$out/part3_stderr.txt"; exit 1; }
+        --steps "${STEPS:-40}" --live-blocks "${LIVE_BLOCKS:-4}" --profile-dir "$out" >"$out/part3_steps.json" 2>"$out/part3_stderr.txt" || { tail -n 40 "$out/part3_stderr.txt"; exit 1; }
 }
 
 for part in ${PARTS:-1 2}; do "part$part"; done

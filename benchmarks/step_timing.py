@@ -9,10 +9,16 @@ to a step. It also times how fast the workers deliver batches, which says whethe
 by them (then the epoch ratio is nearer 1 than the step ratio), and counts the operators each step
 dispatches (what the CPU launches).
 
+``--live-blocks N`` adds what whole epochs measure, without a process and a trainer per sample:
+blocks of real iterations (each trainer's own loader, then its ``train_step``), ABBA, the time per
+iteration per block, split into waiting for the batch and the step. Here the workers augment while
+the steps run, as in training, and compete with the main thread for the CPU (on an H200 in session
+11 whole epochs read 1.06-1.08 where cached steps read 1.02).
+
     python benchmarks/step_timing.py --workdir /tmp/lc_steps --preset default --device cuda --shape 32,64,64
 
-``--profile-dir DIR`` adds a torch.profiler table per trainer (which operators the multi-task step
-adds, on the GPU and the CPU) and the kernels' busy time per step to the report.
+``--profile-dir DIR`` adds torch.profiler tables (which operators the multi-task step adds, on the
+GPU and the CPU), two per trainer in ABBA order, and the kernels' busy time per step to the report.
 
 The workdir's data and preprocessing are made as for learning_check.py (and reused when present);
 the trainers write to a temporary results folder, so earlier training results are left alone.
@@ -79,6 +85,37 @@ def _count_ops(trainer: Any, batch: dict, sync: Any) -> int:
     return count.ops
 
 
+def _live(trainers: dict[str, Any], blocks: int, iterations: int, warmup: int, sync: Any) -> dict[str, Any]:
+    """Blocks of real training iterations per trainer (ABBA): seconds per iteration of each block, and
+    the mean wait for a batch and mean step over all blocks. Each block first runs ``warmup`` untimed
+    iterations: while the other trainer ran, this one's workers filled its queues, which would hide
+    how fast they deliver."""
+    blocks_s: dict[str, list[float]] = {task: [] for task in trainers}
+    wait: dict[str, float] = dict.fromkeys(trainers, 0.0)
+    step: dict[str, float] = dict.fromkeys(trainers, 0.0)
+    tasks = list(trainers)
+    for block in range(blocks):
+        for task in tasks if block % 4 in (0, 3) else tasks[::-1]:
+            trainer = trainers[task]
+            for i in range(warmup + iterations):
+                if i == warmup:
+                    begin = time.perf_counter()
+                start = time.perf_counter()
+                batch = next(trainer.dataloader_train)
+                loaded = time.perf_counter()
+                trainer.train_step(batch)
+                sync()
+                if i >= warmup:
+                    wait[task] += loaded - start
+                    step[task] += time.perf_counter() - loaded
+            blocks_s[task].append((time.perf_counter() - begin) / iterations)
+    n = blocks * iterations
+    medians = {task: statistics.median(v) for task, v in blocks_s.items()}
+    return {"iteration_seconds": medians, "ratio": medians["multitask"] / medians["segmentation"],
+            "wait_seconds_per_iteration": {t: v / n for t, v in wait.items()},
+            "step_seconds_per_iteration": {t: v / n for t, v in step.items()}, "blocks": blocks_s}
+
+
 def _profile(trainer: Any, batches: list[dict], sync: Any, steps: int, table: Path) -> dict[str, float]:
     """Profile ``steps`` train steps: operator table (by device time, then by CPU time) to ``table``;
     returns the kernels' busy time, the launches and the wall time per step."""
@@ -113,6 +150,10 @@ def main() -> None:
     parser.add_argument("--profile-dir", type=Path, help="also profile --profile-steps steps of each trainer "
                         "(torch.profiler): operator tables there, device-busy time per step in the report")
     parser.add_argument("--profile-steps", type=int, default=10)
+    parser.add_argument("--live-blocks", type=int, default=0, help="blocks of real iterations per trainer "
+                        "(loader + train_step, as in epochs); 0: none")
+    parser.add_argument("--live-iterations", type=int, default=40, help="timed iterations per block")
+    parser.add_argument("--live-warmup", type=int, default=30, help="untimed iterations first in each block")
     args = parser.parse_args()
 
     config = setup_workdir(args, epochs=50, iterations=250, val_iterations=1)
@@ -137,9 +178,14 @@ def main() -> None:
             order = ("segmentation", "multitask") if i % 4 in (0, 3) else ("multitask", "segmentation")
             for task in order:
                 times[task].append(_timed_step(trainers[task], batches[i % len(batches)], sync))
+        live = _live(trainers, args.live_blocks, args.live_iterations, args.live_warmup, sync) if args.live_blocks else None
         ops = {task: _count_ops(trainer, batches[0], sync) for task, trainer in trainers.items()}
-        profiles = {task: _profile(trainer, batches, sync, args.profile_steps, args.profile_dir / f"profile_{task}.txt")
-                    for task, trainer in trainers.items()} if args.profile_dir else None
+        # ABBA: whether a trainer's CPU side is slower under the profiler because of its own work or
+        # because of when it ran (session 11 saw every operator's CPU time higher in the one run second).
+        profiles: dict[str, list[dict[str, float]]] = {task: [] for task in trainers}
+        for i, task in enumerate(("segmentation", "multitask", "multitask", "segmentation") if args.profile_dir else ()):
+            profiles[task].append(_profile(trainers[task], batches, sync, args.profile_steps,
+                                           args.profile_dir / f"profile_{task}_{i}.txt"))
         # The workers' queues are full by now: drain them (nnU-Net's two queues of max(6, n // 2)
         # batches and one per worker), then time steady delivery.
         loader = trainers["multitask"].dataloader_train
@@ -170,7 +216,9 @@ def main() -> None:
         "dispatched_ops_per_step": ops,
         "samples": times,
     }
-    if profiles:
+    if live:
+        report["live"] = live
+    if args.profile_dir:
         report["profile"] = profiles
     print(json.dumps(report, indent=2))
 
