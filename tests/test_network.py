@@ -490,6 +490,21 @@ def test_half_product_sums_in_float32_and_returns_the_gradient_in_half(cpu_bmm_o
     torch.testing.assert_close(flat.grad.float(), reference_input.grad, rtol=2e-2, atol=2e-2)
 
 
+def test_half_product_traces_under_torch_compile(cpu_bmm_out_dtype: None) -> None:
+    """``train.compile`` compiles the network, head included: dynamo and AOTAutograd trace the product
+    and its backward (on a GPU inductor lowers ``bmm`` with ``out_dtype`` itself)."""
+    from pancreas_cli.multitask.network import _HalfProduct
+
+    flat = torch.randn(2, 5, 64).half().requires_grad_()
+    maps = torch.rand(2, 3, 64).half()
+    expected = _HalfProduct.apply(flat, maps)
+    compiled = torch.compile(lambda f, m: _HalfProduct.apply(f, m), backend="aot_eager", fullgraph=True)
+    sums = compiled(flat, maps)
+    torch.testing.assert_close(sums, expected)
+    sums.sum().backward()
+    assert flat.grad is not None and flat.grad.dtype == torch.float16
+
+
 def test_head_runs_in_float32_under_autocast() -> None:
     """Training and inference run under autocast on a GPU; the head's sums over many voxels must not
     run in half precision, and its logits are float32."""
