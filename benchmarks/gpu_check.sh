@@ -9,7 +9,8 @@
 #     (loader + step) in blocks as epochs run them, the operators one step of each dispatches, and
 #     torch.profiler tables of each trainer's steps (profile_*.txt).
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR [DEVICE]   (env: PARTS="1 2", PYTHON, LC_EPOCHS, LC_ITERS,
-#        LC_CASES, DA_WORKERS, TIMING_REPEATS, TIMING_ITERS, STEPS, LIVE_BLOCKS, PART2_SECONDS: part 2's time limit,
+#        LC_CASES, DA_WORKERS, TIMING_REPEATS, TIMING_ITERS, STEPS, LIVE_BLOCKS, COMPILE_HEAD=1: part 3 also
+#        times the multi-task trainer with its head compiled, PART2_SECONDS: part 2's time limit,
 #        EXTRA_SET: one more --set for parts 2 and 3; small values and EXTRA_SET=train.batch_size=2
 #        give a dry run on a CPU)
 # On an H200 part 1 takes about 2.5 min, part 2 about 7 (30 x 40 epochs, 2 timing repeats), 5 (20 x 40,
@@ -17,7 +18,7 @@
 # (LIVE_BLOCKS=0; each block adds ~6 s per trainer at 70 iterations of ~85 ms). Whether whole epochs
 # cost the multi-task trainer more than its steps because the workers compete for the CPU (session 11;
 # compare the live blocks' step times with the cached steps', and their waits):
-#   PARTS=3 DA_WORKERS=12 LIVE_BLOCKS=6 bash benchmarks/gpu_check.sh $OUT cuda
+#   PARTS=3 DA_WORKERS=12 LIVE_BLOCKS=6 COMPILE_HEAD=1 bash benchmarks/gpu_check.sh $OUT cuda
 # A machine without a package index needs nnunetv2 and its dependencies brought along (session 3 did:
 # the wheels of SimpleITK, blosc2, connected-components-3d, pydantic(-core), nibabel, ... for cp312
 # unpacked with nnunetv2, acvl_utils, batchgenerators(v2), dynamic_network_architectures from a venv
@@ -31,6 +32,8 @@ work=$(mktemp -d)
 mkdir -p "$out"
 extra=()
 [[ -n ${EXTRA_SET:-} ]] && extra=(--set "$EXTRA_SET")
+step_extra=()
+[[ -n ${COMPILE_HEAD:-} ]] && step_extra=(--compile-head)
 pancseg() { "$py" -m pancreas_cli "$@"; }
 stamp() { echo "== $(date +%T) $*" | tee -a "$out/timeline.txt"; }
 
@@ -82,7 +85,7 @@ part3() {
     cd "$repo"
     "$py" benchmarks/step_timing.py --workdir "$work/lc" --preset default --device "$device" --shape 32,64,64 \
         --cases "${LC_CASES:-60}" --set "train.da_workers=${DA_WORKERS:-4}" --set plan.num_processes=8 "${extra[@]}" \
-        --steps "${STEPS:-40}" --live-blocks "${LIVE_BLOCKS:-4}" --profile-dir "$out" >"$out/part3_steps.json" 2>"$out/part3_stderr.txt" || { tail -n 40 "$out/part3_stderr.txt"; exit 1; }
+        --steps "${STEPS:-40}" --live-blocks "${LIVE_BLOCKS:-4}" "${step_extra[@]}" --profile-dir "$out" >"$out/part3_steps.json" 2>"$out/part3_stderr.txt" || { tail -n 40 "$out/part3_stderr.txt"; exit 1; }
 }
 
 for part in ${PARTS:-1 2}; do "part$part"; done

@@ -17,6 +17,10 @@ the steps run, as in training, and compete with the main thread for the CPU (on 
 
     python benchmarks/step_timing.py --workdir /tmp/lc_steps --preset default --device cuda --shape 32,64,64
 
+``--compile-head`` adds a third trainer, the multi-task one with its head compiled (torch.compile,
+forward and backward): whether fusing the head's ~140 small operators into a few kernels takes its
+CPU-side work off the step.
+
 ``--profile-dir DIR`` adds torch.profiler tables (which operators the multi-task step adds, on the
 GPU and the CPU), two per trainer in ABBA order, and the kernels' busy time per step to the report.
 
@@ -111,9 +115,26 @@ def _live(trainers: dict[str, Any], blocks: int, iterations: int, warmup: int, s
             blocks_s[task].append((time.perf_counter() - begin) / iterations)
     n = blocks * iterations
     medians = {task: statistics.median(v) for task, v in blocks_s.items()}
-    return {"iteration_seconds": medians, "ratio": medians["multitask"] / medians["segmentation"],
+    ratios = {task: medians[task] / medians["segmentation"] for task in tasks if task != "segmentation"}
+    return {"iteration_seconds": medians, "ratios": ratios,
             "wait_seconds_per_iteration": {t: v / n for t, v in wait.items()},
             "step_seconds_per_iteration": {t: v / n for t, v in step.items()}, "blocks": blocks_s}
+
+
+def _add_compiled_head(trainers: dict[str, Any], config: Config, fold: int, device: Any, batch: dict) -> str | None:
+    """Add a multi-task trainer whose head is compiled, after one step that compiles it; a failure
+    (e.g. no Triton or C compiler on the machine) is returned for the report and the rest still runs."""
+    from pancreas_cli.multitask.predictor import unwrap
+
+    trainer = _build(config, "multitask", fold, device)
+    unwrap(trainer.network).head.compile()
+    try:
+        trainer.train_step(batch)
+    except Exception as exc:  # reported, not hidden: the report's compile_head_error
+        _stop_loaders(trainer)
+        return f"{type(exc).__name__}: {exc}"
+    trainers["multitask_compiled_head"] = trainer
+    return None
 
 
 def _profile(trainer: Any, batches: list[dict], sync: Any, steps: int, table: Path) -> dict[str, float]:
@@ -154,6 +175,8 @@ def main() -> None:
                         "(loader + train_step, as in epochs); 0: none")
     parser.add_argument("--live-iterations", type=int, default=40, help="timed iterations per block")
     parser.add_argument("--live-warmup", type=int, default=30, help="untimed iterations first in each block")
+    parser.add_argument("--compile-head", action="store_true",
+                        help="also time the multi-task trainer with its head compiled (torch.compile)")
     args = parser.parse_args()
 
     config = setup_workdir(args, epochs=50, iterations=250, val_iterations=1)
@@ -170,16 +193,17 @@ def main() -> None:
     with redirect_stdout(sys.stderr):  # nnU-Net's prints; the report alone goes to stdout
         trainers = {task: _build(config, task, args.fold, device) for task in ("segmentation", "multitask")}
         batches = [next(trainers["multitask"].dataloader_train) for _ in range(args.batches)]
+        compile_error = _add_compiled_head(trainers, config, args.fold, device, batches[0]) if args.compile_head else None
+        tasks = list(trainers)
         for trainer in trainers.values():
             for i in range(args.warmup):
                 _timed_step(trainer, batches[i % len(batches)], sync)
         times: dict[str, list[float]] = {task: [] for task in trainers}
         for i in range(args.steps):
-            order = ("segmentation", "multitask") if i % 4 in (0, 3) else ("multitask", "segmentation")
-            for task in order:
+            for task in tasks if i % 4 in (0, 3) else tasks[::-1]:
                 times[task].append(_timed_step(trainers[task], batches[i % len(batches)], sync))
         live = _live(trainers, args.live_blocks, args.live_iterations, args.live_warmup, sync) if args.live_blocks else None
-        ops = {task: _count_ops(trainer, batches[0], sync) for task, trainer in trainers.items()}
+        ops = {task: _count_ops(trainers[task], batches[0], sync) for task in ("segmentation", "multitask")}
         # ABBA: whether a trainer's CPU side is slower under the profiler because of its own work or
         # because of when it ran (session 11 saw every operator's CPU time higher in the one run second).
         profiles: dict[str, list[dict[str, float]]] = {task: [] for task in trainers}
@@ -200,7 +224,7 @@ def main() -> None:
             _stop_loaders(trainer)
     shutil.rmtree(results, ignore_errors=True)
 
-    stock, multi = statistics.median(times["segmentation"]), statistics.median(times["multitask"])
+    medians = {task: statistics.median(samples) for task, samples in times.items()}
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "torch": torch.__version__,
@@ -209,15 +233,16 @@ def main() -> None:
         "batch_shape": list(batches[0]["data"].shape),
         "data_augmentation_workers": workers,
         "steps_per_trainer": args.steps,
-        "step_seconds_stock": stock,
-        "step_seconds_multitask": multi,
-        "step_ratio": multi / stock,
+        "step_seconds": medians,
+        "step_ratios": {task: medians[task] / medians["segmentation"] for task in tasks if task != "segmentation"},
         "loader_seconds_per_batch": loader_seconds,
         "dispatched_ops_per_step": ops,
         "samples": times,
     }
     if live:
         report["live"] = live
+    if compile_error:
+        report["compile_head_error"] = compile_error
     if args.profile_dir:
         report["profile"] = profiles
     print(json.dumps(report, indent=2))

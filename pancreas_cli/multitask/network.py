@@ -60,7 +60,7 @@ def _stage_maps(attention: torch.Tensor | None, features: list[torch.Tensor]) ->
     and the step is partly bound by them.
     """
     if attention is None:
-        return [f.new_ones(1, 1, f.shape[2:].numel()).expand(len(f), 1, -1) for f in features]
+        return [f.new_ones(len(f), 1, f.shape[2:].numel()) for f in features]
     maps = attention.float()
     stages = []
     for i, shape in enumerate(f.shape[2:] for f in features):
