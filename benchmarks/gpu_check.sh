@@ -15,7 +15,8 @@
 #        give a dry run on a CPU)
 # On an H200 part 1 takes about 2.5 min, part 2 about 7 (30 x 40 epochs, 2 timing repeats), 5 (20 x 40,
 # 2 repeats; session 11) or 6 (1 x 5 epochs, 4 timing repeats), part 3 2 without live blocks
-# (LIVE_BLOCKS=0; each block adds ~6 s per trainer at 70 iterations of ~85 ms). Whether whole epochs
+# (LIVE_BLOCKS=0; each block adds ~6 s per trainer at 70 iterations of ~85 ms; COMPILE_HEAD=1 about
+# 1.5 min more: a third trainer and its compilation). Whether whole epochs
 # cost the multi-task trainer more than its steps because the workers compete for the CPU (session 11;
 # compare the live blocks' step times with the cached steps', and their waits):
 #   PARTS=3 DA_WORKERS=12 LIVE_BLOCKS=6 COMPILE_HEAD=1 bash benchmarks/gpu_check.sh $OUT cuda
