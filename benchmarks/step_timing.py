@@ -101,17 +101,17 @@ def _live(trainers: dict[str, Any], blocks: int, iterations: int, warmup: int, s
     for block in range(blocks):
         for task in tasks if block % 4 in (0, 3) else tasks[::-1]:
             trainer = trainers[task]
-            for i in range(warmup + iterations):
-                if i == warmup:
-                    begin = time.perf_counter()
+            for _ in range(warmup):
+                trainer.train_step(next(trainer.dataloader_train))
+            begin = time.perf_counter()
+            for _ in range(iterations):
                 start = time.perf_counter()
                 batch = next(trainer.dataloader_train)
                 loaded = time.perf_counter()
                 trainer.train_step(batch)
                 sync()
-                if i >= warmup:
-                    wait[task] += loaded - start
-                    step[task] += time.perf_counter() - loaded
+                wait[task] += loaded - start
+                step[task] += time.perf_counter() - loaded
             blocks_s[task].append((time.perf_counter() - begin) / iterations)
     n = blocks * iterations
     medians = {task: statistics.median(v) for task, v in blocks_s.items()}
