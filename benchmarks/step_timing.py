@@ -89,6 +89,16 @@ def _count_ops(trainer: Any, batch: dict, sync: Any) -> int:
     return count.ops
 
 
+def _abba(tasks: list[str], i: int) -> list[str]:
+    """Round ``i`` of an ABBA order: whichever runs second inherits the first one's process state."""
+    return tasks if i % 4 in (0, 3) else tasks[::-1]
+
+
+def _ratios(seconds: dict[str, float]) -> dict[str, float]:
+    """Each trainer's time over the stock trainer's."""
+    return {task: value / seconds["segmentation"] for task, value in seconds.items() if task != "segmentation"}
+
+
 def _live(trainers: dict[str, Any], blocks: int, iterations: int, warmup: int, sync: Any) -> dict[str, Any]:
     """Blocks of real training iterations per trainer (ABBA): seconds per iteration of each block, and
     the mean wait for a batch and mean step over all blocks. Each block first runs ``warmup`` untimed
@@ -97,9 +107,8 @@ def _live(trainers: dict[str, Any], blocks: int, iterations: int, warmup: int, s
     blocks_s: dict[str, list[float]] = {task: [] for task in trainers}
     wait: dict[str, float] = dict.fromkeys(trainers, 0.0)
     step: dict[str, float] = dict.fromkeys(trainers, 0.0)
-    tasks = list(trainers)
     for block in range(blocks):
-        for task in tasks if block % 4 in (0, 3) else tasks[::-1]:
+        for task in _abba(list(trainers), block):
             trainer = trainers[task]
             for _ in range(warmup):
                 trainer.train_step(next(trainer.dataloader_train))
@@ -115,8 +124,7 @@ def _live(trainers: dict[str, Any], blocks: int, iterations: int, warmup: int, s
             blocks_s[task].append((time.perf_counter() - begin) / iterations)
     n = blocks * iterations
     medians = {task: statistics.median(v) for task, v in blocks_s.items()}
-    ratios = {task: medians[task] / medians["segmentation"] for task in tasks if task != "segmentation"}
-    return {"iteration_seconds": medians, "ratios": ratios,
+    return {"iteration_seconds": medians, "ratios": _ratios(medians),
             "wait_seconds_per_iteration": {t: v / n for t, v in wait.items()},
             "step_seconds_per_iteration": {t: v / n for t, v in step.items()}, "blocks": blocks_s}
 
@@ -194,13 +202,12 @@ def main() -> None:
         trainers = {task: _build(config, task, args.fold, device) for task in ("segmentation", "multitask")}
         batches = [next(trainers["multitask"].dataloader_train) for _ in range(args.batches)]
         compile_error = _add_compiled_head(trainers, config, args.fold, device, batches[0]) if args.compile_head else None
-        tasks = list(trainers)
         for trainer in trainers.values():
             for i in range(args.warmup):
                 _timed_step(trainer, batches[i % len(batches)], sync)
         times: dict[str, list[float]] = {task: [] for task in trainers}
         for i in range(args.steps):
-            for task in tasks if i % 4 in (0, 3) else tasks[::-1]:
+            for task in _abba(list(trainers), i):
                 times[task].append(_timed_step(trainers[task], batches[i % len(batches)], sync))
         live = _live(trainers, args.live_blocks, args.live_iterations, args.live_warmup, sync) if args.live_blocks else None
         ops = {task: _count_ops(trainers[task], batches[0], sync) for task in ("segmentation", "multitask")}
@@ -234,7 +241,7 @@ def main() -> None:
         "data_augmentation_workers": workers,
         "steps_per_trainer": args.steps,
         "step_seconds": medians,
-        "step_ratios": {task: medians[task] / medians["segmentation"] for task in tasks if task != "segmentation"},
+        "step_ratios": _ratios(medians),
         "loader_seconds_per_batch": loader_seconds,
         "dispatched_ops_per_step": ops,
         "samples": times,
