@@ -11,9 +11,10 @@ dispatches (what the CPU launches).
 
 ``--live-blocks N`` adds what whole epochs measure, without a process and a trainer per sample:
 blocks of real iterations (each trainer's own loader, then its ``train_step``), ABBA, the time per
-iteration per block, split into waiting for the batch and the step. Here the workers augment while
-the steps run, as in training, and compete with the main thread for the CPU (on an H200 in session
-11 whole epochs read 1.06-1.08 where cached steps read 1.02).
+iteration per block, split into waiting for the batch and the step (the CPU's time in it: for a step
+that does not wait for the GPU, the time to queue its work). Here the workers augment while the
+steps run, as in training, and compete with the main thread for the CPU (on an H200 in session 11
+whole epochs read 1.06-1.08 where cached steps read 1.02).
 
     python benchmarks/step_timing.py --workdir /tmp/lc_steps --preset default --device cuda --shape 32,64,64
 
@@ -101,9 +102,11 @@ def _ratios(seconds: dict[str, float]) -> dict[str, float]:
 
 def _live(trainers: dict[str, Any], blocks: int, iterations: int, warmup: int, sync: Any) -> dict[str, Any]:
     """Blocks of real training iterations per trainer (ABBA): seconds per iteration of each block, and
-    the mean wait for a batch and mean step over all blocks. Each block first runs ``warmup`` untimed
-    iterations: while the other trainer ran, this one's workers filled its queues, which would hide
-    how fast they deliver."""
+    the mean time per iteration spent waiting for a batch and inside ``train_step``. Each block first
+    runs ``warmup`` untimed iterations: while the other trainer ran, this one's workers filled its
+    queues, which would hide how fast they deliver. The device is synchronised only around a block,
+    as in epochs: a step that does not wait for the GPU (the multi-task one) returns once its work is
+    queued, and its next iterations overlap that work."""
     blocks_s: dict[str, list[float]] = {task: [] for task in trainers}
     wait: dict[str, float] = dict.fromkeys(trainers, 0.0)
     step: dict[str, float] = dict.fromkeys(trainers, 0.0)
@@ -112,15 +115,16 @@ def _live(trainers: dict[str, Any], blocks: int, iterations: int, warmup: int, s
             trainer = trainers[task]
             for _ in range(warmup):
                 trainer.train_step(next(trainer.dataloader_train))
+            sync()
             begin = time.perf_counter()
             for _ in range(iterations):
                 start = time.perf_counter()
                 batch = next(trainer.dataloader_train)
                 loaded = time.perf_counter()
                 trainer.train_step(batch)
-                sync()
                 wait[task] += loaded - start
                 step[task] += time.perf_counter() - loaded
+            sync()
             blocks_s[task].append((time.perf_counter() - begin) / iterations)
     n = blocks * iterations
     medians = {task: statistics.median(v) for task, v in blocks_s.items()}

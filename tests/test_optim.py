@@ -115,8 +115,8 @@ def test_is_what_nnunet_expects_of_an_optimizer() -> None:
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - 3 / 4) ** 0.9)
 
 
-def test_head_adamw_is_fused_and_resumes_unfused_state() -> None:
-    """One kernel per head step; optimizer states saved before the head's AdamW was fused still resume."""
+def test_fused_optimizers_resume_unfused_state() -> None:
+    """Optimizer states saved before both parts were fused still resume, fused."""
     net = Toy()
     optimizer, _ = build_optimizer(net, net.head, initial_lr=0.01, head_lr=1e-3, weight_decay=0, max_steps=10)
     assert optimizer.head.param_groups[0]["fused"] is True
@@ -137,3 +137,50 @@ def test_head_adamw_is_fused_and_resumes_unfused_state() -> None:
         model.loss().backward()
         opt.step()
     torch.testing.assert_close(resumed_net.head.weight, net.head.weight)
+    torch.testing.assert_close(resumed_net.encoder.weight, net.encoder.weight)
+    assert all(g["fused"] for opt in resumed.optimizers for g in opt.param_groups)  # this machine's choice
+    assert all(s["step"].dtype == torch.float32 for s in resumed.head.state.values())
+
+
+def _nnunet_sgd(net: Toy) -> torch.optim.SGD:
+    """nnU-Net's own SGD (unfused) over the same parameters, the reference for the fused one."""
+    head_ids = {id(p) for p in net.head.parameters()}
+    return torch.optim.SGD([p for p in net.parameters() if id(p) not in head_ids], 0.01, weight_decay=3e-5,
+                           momentum=0.99, nesterov=True, foreach=False)
+
+
+def test_fused_sgd_is_nnunets_update() -> None:
+    """Zero momentum buffers, fused kernel: the same steps as nnU-Net's SGD, from the first one on."""
+    net, reference = Toy(), Toy()
+    optimizer, _ = build_optimizer(net, net.head, initial_lr=0.01, head_lr=1e-3, weight_decay=3e-5, max_steps=10)
+    assert optimizer.segmentation.param_groups[0]["fused"] and optimizer.head.param_groups[0]["fused"]
+    assert all(not s["momentum_buffer"].any() for s in optimizer.segmentation.state.values())
+    sgd = _nnunet_sgd(reference)
+    for _ in range(3):
+        for model, opt in ((net, optimizer.segmentation), (reference, sgd)):
+            opt.zero_grad()
+            model.loss().backward()
+            opt.step()
+    torch.testing.assert_close(net.encoder.weight, reference.encoder.weight)
+    torch.testing.assert_close(net.decoder.bias, reference.decoder.bias)
+
+
+def test_skipped_first_step_leaves_no_momentum() -> None:
+    """The gradient scaler skips a step whose gradients overflowed; when that is the first, the next
+    one must still be nnU-Net's first step (the fused kernel alone would keep uninitialised buffers)."""
+    net, reference = Toy(), Toy()
+    optimizer, _ = build_optimizer(net, net.head, initial_lr=0.01, head_lr=1e-3, weight_decay=3e-5, max_steps=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    hook = net.encoder.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    for _ in range(2):  # the first step overflows, the second does not
+        optimizer.zero_grad()
+        scaler.scale(net.loss()).backward()
+        hook.remove()
+        scaler.unscale_(optimizer.segmentation)
+        scaler.step(optimizer.segmentation)
+        scaler.update()
+    sgd = _nnunet_sgd(reference)
+    reference.loss().backward()
+    sgd.step()
+    torch.testing.assert_close(net.encoder.weight, reference.encoder.weight)
+    assert scaler.get_scale() == 512.0

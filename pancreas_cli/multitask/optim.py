@@ -7,6 +7,12 @@ encoder showed it lagging far behind what its features allow (BENCHMARKS.md). Ad
 not depend on the loss weight lambda, so the head tracks the features while lambda only sets how
 strongly the subtype loss shapes the shared encoder.
 
+Both are fused (one kernel per step) on the CPU and CUDA. Fused optimizers also take the gradient
+scaler's inf flag on the device, so a mixed-precision step needs no read-back to decide whether to
+skip (see the trainer's ``train_step``). nnU-Net's SGD is the same update as before: its momentum
+buffers start at zero, which gives the first step's ``buffer = gradient`` without the fused kernel
+creating them uninitialised (and leaving them so when the scaler skips that first step).
+
 :class:`MultiTaskOptimizer` exposes what nnU-Net's loop, checkpoints and ``torch.amp.GradScaler``
 use of an optimizer (``param_groups``, ``zero_grad``, ``step``, ``state_dict``, ``load_state_dict``);
 :class:`MultiTaskPolyLR` applies nnU-Net's poly schedule to both with their own initial rates.
@@ -63,8 +69,12 @@ class MultiTaskOptimizer:
                 "the checkpoint's optimizer state is not a multi-task one (saved by another trainer or an "
                 "older pancseg); train this fold again with --force"
             )
-        self.segmentation.load_state_dict(state["segmentation"])
-        self.head.load_state_dict(state["head"])
+        for optimizer, part in zip(self.optimizers, ("segmentation", "head")):
+            # The checkpoint restores its hyper-parameters, not how this machine runs the update.
+            implementation = [(g["fused"], g["foreach"]) for g in optimizer.param_groups]
+            optimizer.load_state_dict(state[part])
+            _restore_implementation(optimizer, implementation)
+        _zero_momentum(self.segmentation)  # parameters without a buffer in older checkpoints
 
 
 class MultiTaskPolyLR:
@@ -88,12 +98,34 @@ def build_optimizer(
     """nnU-Net's SGD (momentum 0.99, Nesterov) for everything but ``head``, AdamW for ``head``."""
     head_ids = {id(p) for p in head.parameters()}
     segmentation = [p for p in network.parameters() if id(p) not in head_ids]
-    # Fused on CPU and CUDA: one kernel per step instead of about ten launches for a handful of small
-    # tensors. On a GPU the head's step runs between the step's two syncs, where launches cost wall
-    # time (BENCHMARKS.md).
-    fused = all(p.device.type in ("cpu", "cuda") for p in head.parameters())
+    # Fused where torch has the kernels (CPU and CUDA): one kernel per step, and no sync under the
+    # gradient scaler (module docstring).
+    fused = all(p.device.type in ("cpu", "cuda") for p in network.parameters()) or None
     optimizer = MultiTaskOptimizer(
-        torch.optim.SGD(segmentation, initial_lr, weight_decay=weight_decay, momentum=0.99, nesterov=True),
+        torch.optim.SGD(segmentation, initial_lr, weight_decay=weight_decay, momentum=0.99, nesterov=True,
+                        fused=fused),
         torch.optim.AdamW(head.parameters(), head_lr, weight_decay=HEAD_WEIGHT_DECAY, fused=fused),
     )
+    _zero_momentum(optimizer.segmentation)
     return optimizer, MultiTaskPolyLR(optimizer, initial_lr, head_lr, max_steps)
+
+
+def _restore_implementation(optimizer: torch.optim.Optimizer, implementation: list[tuple[Any, Any]]) -> None:
+    """Set the groups' ``fused``/``foreach`` flags back after loading a state saved with others (by an
+    older pancseg, or on another device), with the step counts where fused kernels keep them."""
+    for group, (fused, foreach) in zip(optimizer.param_groups, implementation):
+        group["fused"], group["foreach"] = fused, foreach
+        for p in group["params"] if fused else ():
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[p]["step"] = step.to(p.device, torch.float32)
+
+
+def _zero_momentum(sgd: torch.optim.SGD) -> None:
+    """Give every parameter without one a zero momentum buffer (see the module docstring)."""
+    for group in sgd.param_groups:
+        if group["momentum"] and group["fused"]:
+            for p in group["params"]:
+                state = sgd.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)

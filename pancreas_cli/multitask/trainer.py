@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
@@ -308,8 +307,11 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
                 f"case {exc.args[0]} has no subtype in {self.subtypes_file}; re-run `pancseg prepare` "
                 "and `pancseg preprocess`"
             ) from None
-        # Non-blocking: a blocking copy to a GPU waits for the batch's own copies queued before it.
-        return torch.as_tensor(labels, dtype=torch.long).to(self.device, non_blocking=True)
+        tensor = torch.as_tensor(labels, dtype=torch.long)
+        if self.device.type == "cuda":
+            # Pinned, so the copy is queued like the batch's: one from pageable memory may wait for the GPU.
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def class_weights(self, train_keys: list[str]) -> torch.Tensor | None:
         """Class weights of the subtype loss: configured, none, or inverse frequency in this fold."""
@@ -350,8 +352,15 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
         return self.network(data)
 
     def train_step(self, batch: dict) -> dict:
-        data, target = self._to_device(batch)
+        """One step that never waits for the GPU: the CPU queues the next batch's work while this one's runs.
+
+        nnU-Net's step waits twice (the gradient scaler reading its inf flag, the loss read back), and
+        in between the GPU idles while the CPU launches the optimizer step and the next forward pass;
+        the multi-task step launches more (the head). Here the fused optimizers take the inf flag on
+        the device, and the losses stay there until :meth:`on_train_epoch_end` reads the epoch's at once.
+        """
         labels = self.labels_for(batch["keys"])
+        data, target = self._to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         lam = self.cls_lambda()
         with self._autocast():
@@ -362,26 +371,28 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
         # nnU-Net's gradient clipping for encoder and decoder; AdamW normalises the head's steps itself.
         optimizer: MultiTaskOptimizer = self.optimizer  # type: ignore[assignment]
         if self.grad_scaler is not None:
-            # The scaler unscales and steps both parts as one optimizer: it reads its inf flag back from
-            # the GPU once per step() (a sync, with the GPU idle until the next launch), as for nnU-Net's.
             self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(optimizer)  # type: ignore[arg-type]
+            self.grad_scaler.unscale_(optimizer.segmentation)
             torch.nn.utils.clip_grad_norm_(list(optimizer.segmentation_parameters()), 12)
-            self.grad_scaler.step(optimizer)  # type: ignore[arg-type]
+            # Each part skips its step if its own gradients overflowed (torch's rule for several
+            # optimizers); update() lowers the scale if either did.
+            for part in optimizer.optimizers:
+                self.grad_scaler.step(part)
             self.grad_scaler.update()
         else:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(optimizer.segmentation_parameters()), 12)
             optimizer.step()
-        # One device-to-host copy for the three values (each copy waits for the GPU).
-        values = torch.stack([loss.detach(), seg_loss.detach(), cls_loss.detach()]).float().cpu().numpy()
-        return {"loss": values[0], "seg_loss": values[1], "cls_loss": values[2]}
+        return {"loss": loss.detach(), "seg_loss": seg_loss.detach(), "cls_loss": cls_loss.detach()}
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
-        super().on_train_epoch_end(train_outputs)
-        outputs = collate_outputs(train_outputs)
-        for key in ("seg_loss", "cls_loss"):
-            value = float(np.mean(outputs[key]))
+        keys = ("loss", "seg_loss", "cls_loss")
+        # The epoch's losses in one read-back (train_step leaves them on the device).
+        values = torch.stack([o[k].float() for o in train_outputs for k in keys]).cpu().numpy()
+        outputs = [dict(zip(keys, row)) for row in values.reshape(len(train_outputs), len(keys))]
+        super().on_train_epoch_end(outputs)
+        for key in keys[1:]:
+            value = float(np.mean([o[key] for o in outputs]))
             if self.is_ddp:
                 gathered: list[Any] = [None] * torch.distributed.get_world_size()
                 torch.distributed.all_gather_object(gathered, value)
