@@ -16,10 +16,10 @@
 # On an H200 part 1 takes about 2.5 min, part 2 about 7 (30 x 40 epochs, 2 timing repeats), 5 (20 x 40,
 # 2 repeats; session 11) or 6 (1 x 5 epochs, 4 timing repeats), part 3 2 without live blocks
 # (LIVE_BLOCKS=0; each block adds ~6 s per trainer at 70 iterations of ~85 ms; COMPILE_HEAD=1 about
-# 1.5 min more: a third trainer and its compilation). Whether whole epochs
-# cost the multi-task trainer more than its steps because the workers compete for the CPU (session 11;
-# compare the live blocks' step times with the cached steps', and their waits):
-#   PARTS=3 DA_WORKERS=12 LIVE_BLOCKS=6 COMPILE_HEAD=1 bash benchmarks/gpu_check.sh $OUT cuda
+# 1.5 min more: a third trainer and its compilation). The iteration-time ratio after session 12's
+# step without syncs (whole epochs, the target, and live blocks with their waits; about 8 min):
+#   PARTS="3 2" LC_EPOCHS=1 LC_ITERS=5 TIMING_REPEATS=3 TIMING_ITERS=20 DA_WORKERS=12 LIVE_BLOCKS=4 \
+#       PART2_SECONDS=290 bash benchmarks/gpu_check.sh $OUT cuda
 # A machine without a package index needs nnunetv2 and its dependencies brought along (session 3 did:
 # the wheels of SimpleITK, blosc2, connected-components-3d, pydantic(-core), nibabel, ... for cp312
 # unpacked with nnunetv2, acvl_utils, batchgenerators(v2), dynamic_network_architectures from a venv
