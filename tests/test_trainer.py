@@ -296,12 +296,16 @@ def test_train_step_with_grad_scaler(initialized: Any) -> None:
     read-back of any value, so the CPU never waits for the GPU within or between steps."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    # On a GPU these wait for it: a tensor's value read into Python (item(), float(), bool()), and
+    # operators whose output size depends on the values (boolean masks).
+    waiting = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.masked_select.default}
+
     class Reads(TorchDispatchMode):
         count = 0
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            if func is torch.ops.aten._local_scalar_dense.default:  # item(), float(), bool() of a tensor
-                Reads.count += 1
+            Reads.count += func in waiting
             return func(*args, **(kwargs or {}))
 
     trainer = initialized
