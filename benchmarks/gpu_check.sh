@@ -20,10 +20,9 @@
 # step without syncs (whole epochs, the target, and live blocks with their waits; about 8 min):
 #   PARTS="3 2" LC_EPOCHS=1 LC_ITERS=5 TIMING_REPEATS=3 TIMING_ITERS=20 DA_WORKERS=12 LIVE_BLOCKS=4 \
 #       PART2_SECONDS=290 bash benchmarks/gpu_check.sh $OUT cuda
-# A machine without a package index needs nnunetv2 and its dependencies brought along (session 3 did:
-# the wheels of SimpleITK, blosc2, connected-components-3d, pydantic(-core), nibabel, ... for cp312
-# unpacked with nnunetv2, acvl_utils, batchgenerators(v2), dynamic_network_architectures from a venv
-# into one folder, as tar.xz 39 MB; there: tar -xJf ...; export PYTHONPATH=/tmp/devsite:$PWD).
+# A machine without a package index needs nnunetv2 and its dependencies brought along:
+# benchmarks/device_site.sh builds them as .whl/devsite.tar.xz (carry .whl; there:
+# tar -xJf .whl/devsite.tar.xz -C /tmp && export PYTHONPATH=/tmp/devsite:$PWD).
 set -euo pipefail  # pipefail: a failing pancseg command piped into tee stops the check
 out=$(realpath -m "$1")
 device=${2:-cuda}
