@@ -324,6 +324,25 @@ def test_train_step_with_grad_scaler(initialized: Any) -> None:
     assert int(next(iter(trainer.optimizer.head.state.values()))["step"]) == 1
 
 
+def test_train_step_with_grad_scaler_makes_the_unscaled_update(initialized: Any) -> None:
+    """With finite gradients the mixed-precision path is the plain step: the scaler's factor is
+    divided out of both parts' gradients exactly once (the SGD's by unscale_ before clipping, the
+    AdamW's inside its fused kernel)."""
+    scaled = initialized
+    plain = make_trainer()
+    plain.initialize()
+    plain.subtypes, plain.cls_loss = scaled.subtypes, scaled.cls_loss
+    unwrap(plain.network).return_class_logits = True
+    plain.network.load_state_dict(scaled.network.state_dict())
+    scaled.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    batch = _batch(scaled, _labels(2, scaled.configuration_manager.patch_size), ["case_a", "case_b"])
+    for trainer in (scaled, plain):
+        for _ in range(2):
+            trainer.train_step(batch)
+    for (name, a), b in zip(scaled.network.named_parameters(), plain.network.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("overflowing", ["encoder", "head", "both"])
 def test_train_step_with_grad_scaler_skips_what_overflowed(initialized: Any, overflowing: str) -> None:
     """A part whose gradients overflow skips its step (the other part's gradients are still true ones,
