@@ -245,16 +245,21 @@ def _labels(batch: int, patch: list[int]) -> torch.Tensor:
     return labels
 
 
-@pytest.fixture
-def initialized(preprocessed: Path) -> Any:
-    write_settings(TrainingSettings(epochs=5, cls_weight=0.5, cls_warmup_epochs=2, head={"dropout": 0.0}),
-                   preprocessed)
+def _ready_trainer() -> Any:
+    """A multi-task trainer set up as on_train_start leaves it, for cases case_a (1) and case_b (2)."""
     trainer = make_trainer()
     trainer.initialize()
     trainer.subtypes = {"case_a": 1, "case_b": 2}
     trainer.cls_loss = nn.CrossEntropyLoss()
     unwrap(trainer.network).return_class_logits = True
     return trainer
+
+
+@pytest.fixture
+def initialized(preprocessed: Path) -> Any:
+    write_settings(TrainingSettings(epochs=5, cls_weight=0.5, cls_warmup_epochs=2, head={"dropout": 0.0}),
+                   preprocessed)
+    return _ready_trainer()
 
 
 def test_train_step_combines_losses(initialized: Any) -> None:
@@ -329,10 +334,7 @@ def test_train_step_with_grad_scaler_makes_the_unscaled_update(initialized: Any)
     divided out of both parts' gradients exactly once (the SGD's by unscale_ before clipping, the
     AdamW's inside its fused kernel)."""
     scaled = initialized
-    plain = make_trainer()
-    plain.initialize()
-    plain.subtypes, plain.cls_loss = scaled.subtypes, scaled.cls_loss
-    unwrap(plain.network).return_class_logits = True
+    plain = _ready_trainer()
     plain.network.load_state_dict(scaled.network.state_dict())
     scaled.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     batch = _batch(scaled, _labels(2, scaled.configuration_manager.patch_size), ["case_a", "case_b"])
