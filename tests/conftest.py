@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
-REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+REALDATA = Path(__file__).resolve().parent / "data" / "realdata"  # shipped with the tests: see its README.md
 SPACING_XYZ = (0.75, 0.75, 2.0)
 
 
@@ -33,7 +33,7 @@ def runner() -> CliRunner:
 @pytest.fixture
 def realdata() -> Path:
     if not REALDATA.is_dir():
-        pytest.fail(f"real data not found at {REALDATA}: CI lays shared/ beside the clone")
+        pytest.fail(f"real data not found at {REALDATA}: it ships in the repository (tests/data/realdata)")
     return REALDATA
 
 

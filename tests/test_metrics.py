@@ -25,7 +25,7 @@ TS = REALDATA / "totalsegmentator"
 MSD = REALDATA / "msd_pancreas_masks"
 
 # (prediction, reference, binarise, DSC, NSD border_voxel, NSD surface_area, HD95, HD95 decimals)
-# from /work/shared/realdata/README.md (MONAI 1.6, Metrics Reloaded, surface-distance 0.1)
+# from tests/data/realdata/README.md (MONAI 1.6, Metrics Reloaded, surface-distance 0.1)
 KNOWN = {
     "totalsegmentator": (
         TS / "example_seg_fast.nii.gz",
