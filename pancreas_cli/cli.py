@@ -370,7 +370,10 @@ def predict(
     if json_:
         output.json(result.to_dict())
     else:
-        output.result(f"{result.count('predicted')} predicted, {result.count('skipped')} skipped (already done), "
+        speed = result.cases_per_minute()
+        output.result(f"{result.count('predicted')} predicted"
+                      + (f" in {result.seconds:.1f}s ({speed:.1f} cases/min)" if speed else "")
+                      + f", {result.count('skipped')} skipped (already done), "
                       f"{len(result.failed)} failed -> {result.out_dir}"
                       + (f"; subtypes: {result.subtype_csv}" if result.subtype_csv else ""))
     for failure in result.failed:

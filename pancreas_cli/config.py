@@ -175,6 +175,17 @@ class PredictConfig(_Section):
     tile_step_size: float = Field(0.5, gt=0, le=1)
     mirroring: bool = True
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    engine: Literal["pancseg", "nnunet"] = "pancseg"
+    batch_size: int | Literal["auto"] = "auto"
+    region: bool = True
+    region_margin_mm: float = Field(15.0, ge=0)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be >= 1 or auto")
+        return value
 
 
 class TargetsConfig(_Section):

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
@@ -31,6 +31,8 @@ from pancreas_cli.config import Config
 from pancreas_cli.console import count
 from pancreas_cli.exceptions import DataError, OutputExistsError, PancsegError
 from pancreas_cli.imageio import image_extension, image_stem, read_image, write_image, write_text
+from pancreas_cli.inference.pipeline import Finished, run_overlapped
+from pancreas_cli.inference.window import WindowStats
 from pancreas_cli.logcapture import redirect_output
 from pancreas_cli.nnunet_env import setup_nnunet_env
 from pancreas_cli.preprocess import read_state
@@ -70,10 +72,12 @@ class CaseOutcome:
     case: str
     source: Path
     status: str  # "predicted" | "skipped" | "failed"
-    seconds: float = 0.0
+    seconds: float = 0.0  # read + network + export (they overlap between cases: see ``times``)
     subtype: int | None = None
     probabilities: list[float] | None = None
     error: str | None = None
+    times: dict[str, float] = field(default_factory=dict)  # read, network, export (seconds)
+    window: WindowStats | None = None  # what pancseg's sliding window computed (None: nnU-Net's window)
 
 
 @dataclass
@@ -85,6 +89,12 @@ class PredictResult:
     log_file: Path | None = None  # nnU-Net's output and the tracebacks of failed cases
     outcomes: list[CaseOutcome] = field(default_factory=list)
     subtype_csv: Path | None = None
+    engine: str = "pancseg"
+    seconds: float = 0.0  # wall time of the cases predicted (model loading excluded)
+
+    def cases_per_minute(self) -> float | None:
+        done = self.count("predicted")
+        return 60.0 * done / self.seconds if done and self.seconds > 0 else None
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -100,8 +110,13 @@ class PredictResult:
             "failed": [{"case": o.case, "source": str(o.source), "error": o.error} for o in self.failed],
             "subtype_csv": str(self.subtype_csv.resolve()) if self.subtype_csv else None,
             "log_file": str(self.log_file) if self.log_file else None,
-            "cases": [{"case": o.case, "status": o.status, "seconds": round(o.seconds, 2), "subtype": o.subtype,
-                       "probabilities": o.probabilities} for o in self.outcomes],
+            "engine": self.engine, "seconds": round(self.seconds, 3), "cases_per_minute": self.cases_per_minute(),
+            "cases": [{"case": o.case, "status": o.status, "seconds": round(o.seconds, 3), "subtype": o.subtype,
+                       "probabilities": o.probabilities, "times": {k: round(v, 3) for k, v in o.times.items()},
+                       "window": None if o.window is None else {
+                           "tiles": o.window.tiles, "mirrored": o.window.full, "passes": o.window.passes,
+                           "stock_passes": o.window.stock_passes, "fallback": o.window.fallback}}
+                      for o in self.outcomes],
         }
 
 
@@ -230,18 +245,26 @@ def _load_input(case: InputCase, scratch: Path) -> Path:
                         f"{image.GetNumberOfComponentsPerPixel()} component(s)")
     if not case.dicom and image_extension(case.source) == ".nii.gz":
         return case.source
+    scratch.mkdir(parents=True, exist_ok=True)
     target = scratch / f"{case.case}_0000.nii.gz"
     write_image(image, target)
     return target
 
 
 def model_stamp(model_dir: Path, folds: list[int], checkpoint_name: str, tile_step_size: float,
-                mirroring: bool) -> dict[str, Any]:
+                mirroring: bool, engine: str = "nnunet") -> dict[str, Any]:
     """What decides a prediction: the model folder, its checkpoints as they are now, and the settings."""
     checkpoints = [model_dir / f"fold_{fold}" / checkpoint_name for fold in folds]
     return {"model": str(model_dir.resolve()), "folds": folds, "checkpoint": checkpoint_name,
             "checkpoint_files": [[p.stat().st_size, p.stat().st_mtime_ns] for p in checkpoints],
-            "tile_step_size": tile_step_size, "mirroring": mirroring}
+            "tile_step_size": tile_step_size, "mirroring": mirroring, "engine": engine}
+
+
+def engine_stamp(settings: Any) -> str:
+    """The engine settings that can change a voxel (batching only changes float rounding)."""
+    if settings.engine == "nnunet":
+        return "nnunet"
+    return f"pancseg region={settings.region_margin_mm:g}mm" if settings.region else "pancseg"
 
 
 def _record(out_dir: Path, case: str) -> dict[str, Any] | None:
@@ -284,7 +307,8 @@ def _outdated(out_dir: Path, case: InputCase, record: dict[str, Any] | None, sta
         return "its record is unreadable or from an older pancseg"
     for key, why in (("model", "another model"), ("folds", "other folds"), ("checkpoint", "another checkpoint"),
                      ("checkpoint_files", "the checkpoint changed since (retrained?)"),
-                     ("tile_step_size", "another tile step size"), ("mirroring", "other mirroring (--fast)")):
+                     ("tile_step_size", "another tile step size"), ("mirroring", "other mirroring (--fast)"),
+                     ("engine", "another prediction engine (predict.engine, predict.region)")):
         if written.get(key) != stamp[key]:
             return why
     if "source_stamp" not in record:
@@ -375,12 +399,13 @@ def predict(
         setup_nnunet_env(config, device_type=device.type)
         multitask = config.train.task == "multitask"
         mirroring = settings.mirroring and not fast
-        stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size, mirroring)
+        stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size, mirroring,
+                            engine_stamp(settings))
         records = {c.case: _record(out_dir, c.case) for c in cases}
         outdated = {c.case: _outdated(out_dir, c, records[c.case], stamp) for c in cases}
         _refuse_conflicts(out_dir, outdated, replacing=overwrite or replace_outdated)
         log_file = config.project_dir / "logs" / "predict.log"
-        result = PredictResult(out_dir, model_dir, folds, str(device), log_file)
+        result = PredictResult(out_dir, model_dir, folds, str(device), log_file, engine=settings.engine)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / SIDECAR_DIR).mkdir(exist_ok=True)
         todo = [c for c in cases if overwrite or outdated[c.case] is not None]
@@ -393,17 +418,16 @@ def predict(
             with redirect_output(log_file) as terminal, \
                     tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch") as scratch:
                 try:
-                    predictor = _load_model(model_dir, folds, checkpoint_name, device, settings.tile_step_size,
-                                            mirroring, multitask)
+                    predictor = _load_model(config, model_dir, folds, checkpoint_name, device, mirroring)
                 except (RuntimeError, ValueError, OSError, KeyError) as exc:
                     raise PredictError(f"cannot load the model in {model_dir}: {type(exc).__name__}: {exc}; "
                                        f"nnU-Net log: {log_file}") from exc
+                runner = _CaseRunner(predictor, out_dir, Path(scratch), multitask, stamp, device, reporter)
                 if reporter is not None:
                     reporter.start(len(todo), terminal)
+                start = time.perf_counter()
                 try:
-                    for index, case in enumerate(todo, start=1):
-                        working = (lambda detail, name=case.case: reporter.working(name, detail)) if reporter else None
-                        outcome = _predict_case(predictor, case, out_dir, Path(scratch), multitask, stamp, working)
+                    for index, outcome in enumerate(runner.run(todo), start=1):
                         result.outcomes.append(outcome)
                         if reporter is not None:
                             reporter.case(outcome, index)
@@ -411,22 +435,37 @@ def predict(
                     if multitask:  # the CSVs list the cases finished so far
                         _write_csvs(out_dir, stamp)
                     raise
+                finally:
+                    result.seconds = time.perf_counter() - start
         if multitask:
             result.subtype_csv = _write_csvs(out_dir, stamp)
         return result
 
 
-def _load_model(model_dir: Path, folds: list[int], checkpoint_name: str, device: torch.device, step: float,
-                mirroring: bool, multitask: bool) -> Any:
-    from pancreas_cli.multitask.predictor import MultiTaskPredictor, ProgressPredictor
+def _load_model(config: Config, model_dir: Path, folds: list[int], checkpoint_name: str, device: torch.device,
+                mirroring: bool) -> Any:
+    from pancreas_cli.multitask.predictor import MultiTaskPredictor, ProgressPredictor, WindowSettings
 
-    cls = MultiTaskPredictor if multitask else ProgressPredictor
-    predictor = cls(tile_step_size=step, use_gaussian=True, use_mirroring=mirroring,
+    settings = config.predict
+    window = None
+    if settings.engine == "pancseg":
+        window = WindowSettings(batch_size=batch_size(settings.batch_size, device), region=settings.region,
+                                margin_mm=settings.region_margin_mm, keep_on_device=True)
+    cls = MultiTaskPredictor if config.train.task == "multitask" else ProgressPredictor
+    predictor = cls(tile_step_size=settings.tile_step_size, use_gaussian=True, use_mirroring=mirroring,
                     perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
-                    allow_tqdm=False)
+                    allow_tqdm=False, window=window)
     predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=tuple(folds),
                                                    checkpoint_name=checkpoint_name)
     return predictor
+
+
+def batch_size(setting: int | str, device: torch.device) -> int:
+    """Network passes per batch: ``auto`` is 2 on a CPU (torch's fast convolutions need a batch of 2 or
+    more; larger batches measured slower there) and 8 elsewhere (a tile's 8 mirrors at once)."""
+    if setting != "auto":
+        return int(setting)
+    return 2 if device.type == "cpu" else 8
 
 
 def _workload(predictor: Any, shape: tuple[int, ...]) -> str:
@@ -441,48 +480,114 @@ def _workload(predictor: Any, shape: tuple[int, ...]) -> str:
     return f"{'x'.join(map(str, shape))} voxels at the model's spacing, {count(tiles, 'tile')}; network passes: {passes}"
 
 
-def _predict_case(predictor: Any, case: InputCase, out_dir: Path, scratch: Path, multitask: bool,
-                  stamp: dict[str, Any], working: Callable[[str], None] | None = None) -> CaseOutcome:
-    import torch
-    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+class _CaseRunner:
+    """One case's stages, run overlapped by :func:`~pancreas_cli.inference.pipeline.run_overlapped`:
+    read and preprocess (reader thread), network and, with pancseg's engine, the export on the device
+    (here), writing the mask and its record (writer thread). A failing case ends as a failed outcome."""
 
-    start = time.perf_counter()
-    partial = out_dir / f".partial_{case.case}"
-    try:
-        scan = source_stamp(case)  # before reading: a scan replaced meanwhile counts as changed next time
-        image_file = _load_input(case, scratch)
-        preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-        data, _, properties = preprocessor.run_case([str(image_file)], None, predictor.plans_manager,
-                                                    predictor.configuration_manager, predictor.dataset_json)
-        if working is not None:
-            working(_workload(predictor, tuple(data.shape[1:])))
-        predictor.on_progress = working
+    def __init__(self, predictor: Any, out_dir: Path, scratch: Path, multitask: bool, stamp: dict[str, Any],
+                 device: torch.device, reporter: CaseReporter | None) -> None:
+        from pancreas_cli.inference.resample import DeviceResampling
+
+        self.predictor, self.out_dir, self.scratch, self.multitask = predictor, out_dir, scratch, multitask
+        self.stamp, self.reporter = stamp, reporter
+        self.fast = predictor.window is not None
+        manager = predictor.configuration_manager
+        self.manager = DeviceResampling(manager, device) if self.fast else manager
+        self.preprocessor = manager.preprocessor_class(verbose=False)
+
+    def run(self, cases: list[InputCase]) -> Iterator[CaseOutcome]:
+        for outcome in run_overlapped(cases, self.read, self.compute, self.write):
+            shutil.rmtree(self.scratch / outcome.case, ignore_errors=True)
+            yield outcome
+
+    def read(self, case: InputCase) -> Any:
+        import torch
+
+        start = time.perf_counter()
         try:
-            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+            scan = source_stamp(case)  # before reading: a scan replaced meanwhile counts as changed next time
+            image_file = _load_input(case, self.scratch / case.case)
+            with torch.inference_mode():
+                data, _, properties = self.preprocessor.run_case(
+                    [str(image_file)], None, self.predictor.plans_manager, self.manager, self.predictor.dataset_json)
+            return {"scan": scan, "data": data, "properties": properties, "read": time.perf_counter() - start}
+        except (DataError, RuntimeError, ValueError, OSError) as exc:
+            return Finished(_failed(case, exc, start))
+
+    def compute(self, case: InputCase, ready: dict[str, Any]) -> Any:
+        import torch
+
+        start = time.perf_counter()
+        predictor = self.predictor
+        working = (lambda detail: self.reporter.working(case.case, detail)) if self.reporter else None
+        try:
+            data = torch.as_tensor(ready.pop("data"))
+            if working is not None:
+                working(_workload(predictor, tuple(data.shape[1:])))
+            predictor.on_progress = working
+            try:
+                logits = predictor.predict_logits_from_preprocessed_data(data)
+            finally:
+                predictor.on_progress = None
+            ready["network"] = time.perf_counter() - start
+            ready["window"] = predictor.window_stats if self.fast else None
+            ready["probabilities"] = ([float(p) for p in predictor.case_class_probabilities[-1]]
+                                      if self.multitask else None)
+            start = time.perf_counter()
+            ready["mask"] = self._mask(logits, ready["properties"]) if self.fast else logits.cpu()
+            ready["export"] = time.perf_counter() - start
+            return ready
+        except (RuntimeError, ValueError) as exc:
+            return Finished(_failed(case, exc, start - ready["read"]))
+
+    def _mask(self, logits: torch.Tensor, properties: dict[str, Any]) -> Any:
+        from pancreas_cli.inference.export import segmentation_from_logits
+
+        predictor = self.predictor
+        return segmentation_from_logits(logits, properties, predictor.plans_manager, self.manager,
+                                        predictor.label_manager)
+
+    def write(self, case: InputCase, done: dict[str, Any]) -> CaseOutcome:
+        start = time.perf_counter()
+        partial = self.out_dir / f".partial_{case.case}"
+        predictor = self.predictor
+        try:
+            if self.fast:
+                from pancreas_cli.inference.export import write_segmentation
+
+                write_segmentation(done["mask"], done["properties"], predictor.plans_manager, predictor.dataset_json,
+                                   partial)
+            else:
+                from nnunetv2.inference.export_prediction import export_prediction_from_logits
+
+                export_prediction_from_logits(done["mask"], done["properties"], predictor.configuration_manager,
+                                              predictor.plans_manager, predictor.dataset_json, str(partial), False)
+            self._replace(case, done, partial)
+        except (DataError, RuntimeError, ValueError, OSError) as exc:
+            return _failed(case, exc, start - done["read"] - done["network"] - done["export"])
         finally:
-            predictor.on_progress = None
-        export_prediction_from_logits(logits, properties, predictor.configuration_manager, predictor.plans_manager,
-                                      predictor.dataset_json, str(partial), False)
-        probabilities = [float(p) for p in predictor.case_class_probabilities[-1]] if multitask else None
-        record = {"case": case.case, "source": str(case.source), "source_stamp": scan,
-                  "probabilities": probabilities, "model": stamp}
-        # Marked pending while the mask is replaced: a run stopped in between redoes the case.
-        sidecar = out_dir / SIDECAR_DIR / f"{case.case}.json"
+            Path(f"{partial}.nii.gz").unlink(missing_ok=True)
+        times = {"read": done["read"], "network": done["network"],
+                 "export": done["export"] + time.perf_counter() - start}
+        return CaseOutcome(case.case, case.source, "predicted", sum(times.values()), _subtype(done["probabilities"]),
+                           done["probabilities"], times=times, window=done["window"])
+
+    def _replace(self, case: InputCase, done: dict[str, Any], partial: Path) -> None:
+        """The mask into place, its record marked pending meanwhile: a run stopped in between redoes the case."""
+        record = {"case": case.case, "source": str(case.source), "source_stamp": done["scan"],
+                  "probabilities": done["probabilities"], "model": self.stamp}
+        sidecar = self.out_dir / SIDECAR_DIR / f"{case.case}.json"
         write_text(json.dumps({**record, "pending": True}), sidecar)
-        os.replace(f"{partial}.nii.gz", out_dir / f"{case.case}.nii.gz")
+        os.replace(f"{partial}.nii.gz", self.out_dir / f"{case.case}.nii.gz")
         write_text(json.dumps(record), sidecar)
-        return CaseOutcome(case.case, case.source, "predicted", time.perf_counter() - start, _subtype(probabilities),
-                           probabilities)
-    except (DataError, RuntimeError, ValueError, OSError) as exc:
-        # The whole error goes to predict.log (stderr is redirected there); the summary gets its first line.
-        print(f"{case.source}: prediction failed", file=sys.stderr)
-        traceback.print_exc(file=sys.stderr)
-        # The report names the source already; a DataError's own message starts with it too.
-        text = str(exc).removeprefix(f"{case.source}: ") if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
-        return CaseOutcome(case.case, case.source, "failed", time.perf_counter() - start,
-                           error=text.strip().splitlines()[0])
-    finally:
-        Path(f"{partial}.nii.gz").unlink(missing_ok=True)
-        if scratch.is_dir():
-            for leftover in scratch.iterdir():
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+
+def _failed(case: InputCase, exc: Exception, start: float) -> CaseOutcome:
+    """The failed outcome of ``case``: its first line for the summary, the whole error for predict.log."""
+    print(f"{case.source}: prediction failed", file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)
+    # The report names the source already; a DataError's own message starts with it too.
+    text = str(exc).removeprefix(f"{case.source}: ") if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+    return CaseOutcome(case.case, case.source, "failed", time.perf_counter() - start,
+                       error=text.strip().splitlines()[0])

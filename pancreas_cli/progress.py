@@ -72,6 +72,20 @@ class EpochPrinter:
             self.console.print(text, markup=False)
 
 
+def case_detail(outcome: Any) -> str:
+    """Time (and its split), the tiles pancseg's window computed and skipped, and the subtype of a case."""
+    if outcome.status == "failed":
+        return f"{outcome.seconds:.1f}s FAILED: {outcome.error}"
+    parts = [f"{outcome.seconds:.1f}s"]
+    if outcome.times:
+        parts[0] += " (" + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in outcome.times.items()) + ")"
+    if outcome.window is not None:
+        parts.append(outcome.window.describe())
+    if outcome.subtype is not None:
+        parts.append(f"subtype {outcome.subtype}")
+    return "; ".join(parts)
+
+
 class CasePrinter:
     """Implements :class:`pancreas_cli.predict.CaseReporter`: a progress bar on a terminal, lines otherwise."""
 
@@ -101,10 +115,7 @@ class CasePrinter:
     def case(self, outcome: Any, index: int) -> None:
         if self.quiet or self.console is None:
             return
-        detail = f"subtype {outcome.subtype}" if outcome.subtype is not None else ""
-        if outcome.status == "failed":
-            detail = f"FAILED: {outcome.error}"
-        text = f"[{index}/{self.total}] {outcome.case} {outcome.seconds:.1f}s {detail}".rstrip()
+        text = f"[{index}/{self.total}] {outcome.case} {case_detail(outcome)}"
         if self.progress is not None:
             self.progress.console.print(text, markup=False)
             self.progress.update(self.task, advance=1, description=f"predicting ({outcome.seconds:.1f}s/case)")

@@ -155,16 +155,16 @@ def test_sigterm_keeps_finished_cases(trained_project: Path, runner: CliRunner, 
 
     from pancreas_cli import predict as predict_module
 
-    real_case = predict_module._predict_case
+    real_compute = predict_module._CaseRunner.compute
     calls: list[str] = []
 
-    def terminated(*args, **kwargs):
-        calls.append(args[1].case)
-        if len(calls) == 2:
+    def terminated(self, case, ready):
+        calls.append(case.case)
+        if len(calls) == 2:  # the first case is being written meanwhile: that write completes
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_case(*args, **kwargs)
+        return real_compute(self, case, ready)
 
-    monkeypatch.setattr(predict_module, "_predict_case", terminated)
+    monkeypatch.setattr(predict_module._CaseRunner, "compute", terminated)
     source, out = _inputs(trained_project, tmp_path), tmp_path / "out"
     result = _predict(runner, trained_project, source, out)
     assert result.exit_code == 143, result.output
@@ -172,7 +172,7 @@ def test_sigterm_keeps_finished_cases(trained_project: Path, runner: CliRunner, 
     assert [p.name for p in out.glob("*.nii.gz")] == [f"{calls[0]}.nii.gz"]
     assert (out / "subtype_results.csv").read_text().splitlines()[1].startswith(f"{calls[0]}.nii.gz,")
     assert not list(out.glob(".scratch*")) and not list(out.glob(".partial*"))
-    monkeypatch.setattr(predict_module, "_predict_case", real_case)
+    monkeypatch.setattr(predict_module._CaseRunner, "compute", real_compute)
     again = json.loads(_predict(runner, trained_project, source, out, "--json").stdout)
     assert again["predicted"] == 1 and again["skipped"] == 1
 

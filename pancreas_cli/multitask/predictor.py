@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from nnunetv2.utilities.helpers import empty_cache
 from torch._dynamo import OptimizedModule
 
+from pancreas_cli.inference.window import (AT_BORDER, NOTHING_FOUND, WindowStats, foreground, mirror_combinations,
+                                           tiles_near, touches_border)
 from pancreas_cli.multitask.network import MultiTaskNet, tile_weights
+
+
+@dataclass
+class WindowSettings:
+    """How pancseg's window runs (the answer is nnU-Net's either way; see ProgressPredictor)."""
+
+    batch_size: int = 2  # network passes per batch (halved on running out of GPU memory)
+    region: bool = True  # mirror only near the first pass's foreground
+    margin_mm: float = 15.0  # how near
+    keep_on_device: bool = False  # return the logits where they were computed (for an export there)
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -20,24 +38,53 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
 
 
 class ProgressPredictor(nnUNetPredictor):
-    """nnU-Net's predictor that says how far a case's sliding window has got.
+    """nnU-Net's predictor that says how far a case's sliding window has got, with pancseg's window.
 
     A large or finely resampled scan takes many minutes on a CPU; ``on_progress`` (when set)
     receives a line at most every ``report_every_s`` seconds.
+
+    With ``window`` set, :meth:`_fast_window` replaces nnU-Net's sliding window: the same tiles,
+    Gaussian weights, mirrors and half-precision sums, computed in batches and, with
+    ``window.region``, mirrored only near what an un-mirrored first pass calls foreground
+    (:mod:`pancreas_cli.inference.window`). Without it, nnU-Net's own window runs unchanged.
+    ``window_stats`` tells what the last case cost.
     """
 
     report_every_s = 15.0
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: object, window: WindowSettings | None = None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.on_progress: Callable[[str], None] | None = None
+        self.window = window
+        self.window_stats = WindowStats()
         self._model = 0  # which of the folds' weights is predicting
         self._tiles = [0, 0]  # done, total of this sliding window
         self._reported = 0.0
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         self._model = 0
-        return super().predict_logits_from_preprocessed_data(data)
+        self.window_stats = WindowStats()
+        if self.window is None or not self.window.keep_on_device:
+            return super().predict_logits_from_preprocessed_data(data)
+        return self._ensemble_on_device(data)
+
+    @torch.inference_mode()
+    def _ensemble_on_device(self, data: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's fold loop, except that the logits stay where the window left them (for the export)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(min(default_num_processes, threads))
+        try:
+            prediction = None
+            for params in self.list_of_parameters:
+                unwrap(self.network).load_state_dict(params)
+                logits = self.predict_sliding_window_return_logits(data)
+                prediction = logits if prediction is None else prediction + logits
+            assert prediction is not None  # list_of_parameters is never empty
+            if len(self.list_of_parameters) > 1:
+                prediction /= len(self.list_of_parameters)
+            return prediction
+        finally:
+            torch.set_num_threads(threads)
 
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
         self._model += 1  # once per fold; nnU-Net's retry on the CPU after running out of memory is inside
@@ -46,17 +93,141 @@ class ProgressPredictor(nnUNetPredictor):
     def _internal_predict_sliding_window_return_logits(self, data, slicers, do_on_device: bool = True):  # type: ignore[no-untyped-def]
         self._tiles = [0, len(slicers)]
         self._reported = time.monotonic()
-        return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
+        if self.window is None:
+            return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
+        return self._fast_window(data, slicers, do_on_device)
 
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
         prediction = super()._internal_maybe_mirror_and_predict(x)
         self._tiles[0] += 1
+        self._report("tiles")
+        return prediction
+
+    def _report(self, what: str) -> None:
         if self.on_progress is not None and time.monotonic() - self._reported >= self.report_every_s:
             self._reported = time.monotonic()
             models = len(self.list_of_parameters)
-            self.on_progress(f"{self._tiles[0]}/{self._tiles[1]} tiles"
+            self.on_progress(f"{self._tiles[0]}/{self._tiles[1]} {what}"
                              + (f" (model {self._model} of {models})" if models > 1 else ""))
-        return prediction
+
+    # --- pancseg's window -------------------------------------------------------------------------
+
+    def _network_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Segmentation logits (and class logits, for the multi-task network) of a batch of tiles."""
+        return self.network(x), None
+
+    def _tile_done(self, prediction: torch.Tensor, class_logits: list[torch.Tensor]) -> None:
+        """Called per tile, in window order, with its averaged logits (1,C,*P) and its passes' class logits."""
+
+    @torch.inference_mode()
+    def _fast_window(self, data: torch.Tensor, slicers: list, do_on_device: bool) -> torch.Tensor:
+        """nnU-Net's Gaussian-weighted, mirrored sliding window, batched and (optionally) region-restricted."""
+        assert self.window is not None
+        results_device = self.device if do_on_device else torch.device("cpu")
+        data = data.to(results_device)
+        combos = mirror_combinations(self.allowed_mirroring_axes if self.use_mirroring else None)
+        stats = WindowStats(tiles=len(slicers), stock_passes=len(slicers) * len(combos))
+        gaussian = (compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
+                                     value_scaling_factor=10, device=results_device) if self.use_gaussian else 1)
+        first: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self._passes(data, [(i, ()) for i in range(len(slicers))], slicers, stats,
+                     lambda i, axes, seg, cls: first.__setitem__(i, (seg, cls)), "tiles (first pass)")
+        full = self._tiles_to_mirror(data.shape[1:], first, slicers, gaussian, results_device, stats, len(combos))
+        logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]), dtype=torch.half,
+                             device=results_device)
+        counts = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
+        sums: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        flushed = [0]
+
+        def add(i: int) -> None:  # tile i into the weighted sums, in window order as nnU-Net adds them
+            was_mirrored = i in sums
+            seg, cls = sums.pop(i) if was_mirrored else first[i]
+            del first[i]
+            if was_mirrored:
+                seg /= len(combos)
+            self._tile_done(seg, cls)
+            prediction = seg[0].to(results_device)
+            if self.use_gaussian:
+                prediction *= gaussian
+            logits[slicers[i]] += prediction
+            counts[slicers[i][1:]] += gaussian
+
+        def mirrored(i: int, axes: tuple[int, ...], seg: torch.Tensor, cls: list[torch.Tensor]) -> None:
+            if i not in sums:
+                base_seg, base_cls = first[i]
+                sums[i] = (base_seg.clone(), list(base_cls))
+            sums[i][0].add_(seg)
+            sums[i][1].extend(cls)
+            if axes == combos[-1]:  # tile i is complete: add it and every skipped tile before it
+                while flushed[0] <= i:
+                    add(flushed[0])
+                    flushed[0] += 1
+
+        work = [(i, axes) for i in range(len(slicers)) if full[i] for axes in combos[1:]]
+        self._passes(data, work, slicers, stats, mirrored, "mirrored passes")
+        while flushed[0] < len(slicers):
+            add(flushed[0])
+            flushed[0] += 1
+        stats.full = sum(full)
+        self.window_stats.add(stats)
+        torch.div(logits, counts, out=logits)
+        if torch.any(torch.isinf(logits)):
+            raise RuntimeError("Encountered inf in predicted array (as nnU-Net would say): the half-precision "
+                               "sums overflowed")
+        return logits
+
+    def _tiles_to_mirror(self, shape: torch.Size, first: dict, slicers: list, gaussian: Any,
+                         device: torch.device, stats: WindowStats, n_combos: int) -> list[bool]:
+        """Per tile: does it get every mirrored pass? All, unless region restriction applies."""
+        assert self.window is not None
+        if not self.window.region or n_combos == 1:
+            return [True] * len(slicers)
+        sums = torch.zeros((self.label_manager.num_segmentation_heads, *shape), dtype=torch.float32, device=device)
+        counts = torch.zeros(shape, dtype=torch.float32, device=device)
+        for i, sl in enumerate(slicers):
+            sums[sl] += first[i][0][0].to(device) * gaussian
+            counts[sl[1:]] += gaussian
+        found = foreground(sums / counts, self.label_manager.has_regions)
+        del sums, counts
+        if not found.any():
+            stats.fallback = NOTHING_FOUND
+        elif touches_border(found):
+            stats.fallback = AT_BORDER
+        if stats.fallback:
+            return [True] * len(slicers)
+        spacing = self.configuration_manager.spacing
+        margin = tuple(math.ceil(self.window.margin_mm / s) for s in spacing[-len(shape):])
+        return tiles_near(found, slicers, margin)
+
+    def _passes(self, data: torch.Tensor, work: list[tuple[int, tuple[int, ...]]], slicers: list,
+                stats: WindowStats, done: Callable[..., None], what: str) -> None:
+        """Every (tile, flip) of ``work`` through the network, ``window.batch_size`` at a time; ``done``
+        gets each output flipped back. On running out of GPU memory the batch size is halved."""
+        assert self.window is not None
+        queue = list(work)
+        self._tiles = [0, len(work)]
+        while queue:
+            batch, queue = queue[:self.window.batch_size], queue[self.window.batch_size:]
+            x = torch.cat([_flip(data[slicers[i]][None], axes) for i, axes in batch]).to(self.device)
+            try:
+                seg, cls = self._network_batch(x)
+            except torch.OutOfMemoryError:
+                if len(batch) == 1:
+                    raise
+                del x
+                empty_cache(self.device)
+                self.window.batch_size = max(1, len(batch) // 2)
+                queue = batch + queue
+                continue
+            stats.passes += len(batch)
+            for j, (i, axes) in enumerate(batch):
+                done(i, axes, _flip(seg[j:j + 1], axes), [] if cls is None else [cls[j:j + 1]])
+            self._tiles[0] += len(batch)
+            self._report(what)
+
+
+def _flip(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    return torch.flip(x, axes) if axes else x
 
 
 class MultiTaskPredictor(ProgressPredictor):
@@ -87,15 +258,28 @@ class MultiTaskPredictor(ProgressPredictor):
             logits = net.class_logits_sink
         finally:
             net.class_logits_sink = None
-        probs = torch.stack([torch.softmax(item.float(), dim=1) for item in logits]).mean(0)  # (B, K)
-        weights = tile_weights(prediction, net.regions)  # (B,)
+        self._tile_done(prediction, logits)
+        return prediction
+
+    def _network_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        net = self._multitask_net()
+        net.class_logits_sink = []
+        try:
+            seg = self.network(x)
+            return seg, torch.cat(net.class_logits_sink)
+        finally:
+            net.class_logits_sink = None
+
+    def _tile_done(self, prediction: torch.Tensor, class_logits: list[torch.Tensor]) -> None:
+        """Adds a tile's class probabilities (averaged over its passes), weighted by its predicted lesion."""
+        probs = torch.stack([torch.softmax(item.float(), dim=1) for item in class_logits]).mean(0)  # (B, K)
+        weights = tile_weights(prediction, self._multitask_net().regions)  # (B,)
         contribution = (weights[:, None] * probs).sum(0)
         if self._weighted_sum is None or self._weight_total is None:
             self._weighted_sum, self._weight_total = contribution, weights.sum()
         else:
             self._weighted_sum = self._weighted_sum + contribution
             self._weight_total = self._weight_total + weights.sum()
-        return prediction
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         """One case through every fold: nnU-Net averages the logits, this averages the fold probabilities."""

@@ -1,0 +1,1 @@
+"""pancseg's inference engine: the batched, region-restricted sliding window, export on the device, overlapped cases."""

@@ -1,0 +1,64 @@
+"""Cases through three stages at once: the next one is read while this one is on the network and
+the previous one is written.
+
+Reading and preprocessing (files, NumPy, SimpleITK) and writing (compression, file system) wait on
+the disk or run in C without the GIL, so one thread each overlaps them with the network, which keeps
+the main thread. Memory stays bounded: at most ``ahead`` cases are read ahead and one finished case
+waits for the writer while another is written. Results come back in input order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class Finished(Generic[Result]):
+    """Returned by a stage when the case needs no later stage (it failed, say)."""
+
+    result: Result
+
+
+def run_overlapped(items: list[Item], read: Callable[[Item], Any], compute: Callable[[Item, Any], Any],
+                   write: Callable[[Item, Any], Result], ahead: int = 1) -> Iterator[Result]:
+    """Yields each item's result in order, the stages of neighbouring items overlapping.
+
+    ``read(item)`` runs on a reader thread, ``compute(item, read's value)`` here, ``write(item,
+    compute's value)`` on a writer thread; a stage that returns :class:`Finished` ends its case.
+    On an exception here (Ctrl-C, SIGTERM), reads not yet started are cancelled and the write in
+    progress finishes, so no case is left half-written.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="pancseg-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="pancseg-write") as writer:
+        reads: deque[Future[Any]] = deque(reader.submit(read, item) for item in items[:ahead + 1])
+        writes: deque[Future[Result] | Finished[Result]] = deque()
+        try:
+            for index, item in enumerate(items):
+                value = reads.popleft().result()
+                if index + ahead + 1 < len(items):
+                    reads.append(reader.submit(read, items[index + ahead + 1]))
+                if not isinstance(value, Finished):
+                    value = compute(item, value)
+                writes.append(value if isinstance(value, Finished) else writer.submit(write, item, value))
+                while writes and (len(writes) > 2 or _ready(writes[0])):
+                    yield _result(writes.popleft())
+            while writes:
+                yield _result(writes.popleft())
+        finally:
+            for future in reads:
+                future.cancel()
+
+
+def _ready(entry: Future[Any] | Finished[Any]) -> bool:
+    return isinstance(entry, Finished) or entry.done()
+
+
+def _result(entry: Future[Result] | Finished[Result]) -> Result:
+    return entry.result if isinstance(entry, Finished) else entry.result()
