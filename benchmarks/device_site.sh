@@ -19,9 +19,11 @@ mkdir -p "$dest" "$repo/.whl"
 grep -qx '/.whl/' "$repo/.git/info/exclude" 2>/dev/null || echo '/.whl/' >>"$repo/.git/info/exclude"
 
 site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-version() { "$py" -c "from importlib.metadata import version; print(version('$1'))"; }
+version() { "$py" -c "from importlib.metadata import version; print(version('$1'))" 2>/dev/null; }
+installed() { for name in "$@"; do [[ -n $(version "$name") ]] && echo "$name"; done; }
 
-compiled=(blosc2 connected-components-3d ndindex numexpr pydantic-core simpleitk)
+# numexpr: only where the installed blosc2 still needs it (blosc2 >= 4 does not); absent ones are left out
+compiled=($(installed blosc2 connected-components-3d ndindex numexpr pydantic-core simpleitk))
 pure=(acvl_utils annotated_types batchgenerators batchgeneratorsv2 dynamic_network_architectures graphviz nibabel
       nnunetv2 pydantic typing_inspection yacs)
 

@@ -4,6 +4,9 @@
 #     `train --resume` to one more epoch, `predict --device DEVICE` twice (the second skips every case);
 #  2. benchmarks/learning_check.py with ResEnc-M plans (preset default) on DEVICE, with the
 #     multi-task/stock iteration-time ratio (whole epochs, data loading included);
+#  4. benchmarks/predict_speed.py with ResEnc-M plans: a model trained briefly on DEVICE, then stock
+#     nnU-Net's prediction against `pancseg predict` on quiz-sized crops and full-CT-sized scans
+#     (in-process step table first, then whole commands ABBA; PS_* variables size it);
 #  3. benchmarks/step_timing.py on the same data and plans: the two trainers' train_step side by side
 #     in one process on cached batches, how fast the data-augmentation workers deliver, real iterations
 #     (loader + step) in blocks as epochs run them, the operators one step of each dispatches, and
@@ -86,6 +89,21 @@ part3() {
     "$py" benchmarks/step_timing.py --workdir "$work/lc" --preset default --device "$device" --shape 32,64,64 \
         --cases "${LC_CASES:-60}" --set "train.da_workers=${DA_WORKERS:-4}" --set plan.num_processes=8 "${extra[@]}" \
         --steps "${STEPS:-40}" --live-blocks "${LIVE_BLOCKS:-4}" "${step_extra[@]}" --profile-dir "$out" >"$out/part3_steps.json" 2>"$out/part3_stderr.txt" || { tail -n 40 "$out/part3_stderr.txt"; exit 1; }
+}
+
+part4() {
+    stamp "part 4: predict speed, ResEnc-M on $device"
+    cd "$repo"
+    local status=0
+    timeout "${PART4_SECONDS:-0}" "$py" benchmarks/predict_speed.py --workdir "$work/ps" --device "$device" \
+        --preset "${PS_PRESET:-default}" --cases "${PS_CASES:-5}" --sizes "${PS_SIZES:-64x128x176,120x256x256}" \
+        --train-cases "${PS_TRAIN_CASES:-24}" --epochs "${PS_EPOCHS:-12}" --iterations "${PS_ITERS:-40}" \
+        --processes "${PS_PROCESSES:-8}" --crop "${PS_CROP:-64x128x176}" --batch-sweep "${PS_BATCHES:-1,2,4,8,16}" --contributions --reference \
+        >"$out/part4_summary.json" 2>"$out/part4_stderr.txt" || status=$?
+    cp "$work/ps/predict_speed.json" "$out/part4_predict_speed.json" 2>/dev/null || true
+    cp "$work"/ps/project/work/nnUNet_results/*/nnUNetTrainerMultiTask__*/fold_0/metrics.csv "$out/part4_metrics.csv" \
+        2>/dev/null || true
+    if ((status)); then tail -n 40 "$out/part4_stderr.txt"; exit "$status"; fi
 }
 
 for part in ${PARTS:-1 2}; do "part$part"; done

@@ -3,8 +3,9 @@ the previous one is written.
 
 Reading and preprocessing (files, NumPy, SimpleITK) and writing (compression, file system) wait on
 the disk or run in C without the GIL, so one thread each overlaps them with the network, which keeps
-the main thread. Memory stays bounded: at most ``ahead`` cases are read ahead and one finished case
-waits for the writer while another is written. Results come back in input order.
+the main thread. Memory stays bounded: while a case is on the network, at most ``ahead`` later ones
+are read, and at most two earlier ones wait for or are in the writer. Results come back in input
+order.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ def run_overlapped(items: list[Item], read: Callable[[Item], Any], compute: Call
     """
     with ThreadPoolExecutor(1, thread_name_prefix="pancseg-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="pancseg-write") as writer:
-        reads: deque[Future[Any]] = deque(reader.submit(read, item) for item in items[:ahead + 1])
+        reads: deque[Future[Any]] = deque(reader.submit(read, item) for item in items[:ahead])
         writes: deque[Future[Result] | Finished[Result]] = deque()
         try:
             for index, item in enumerate(items):
+                if index + ahead < len(items):
+                    reads.append(reader.submit(read, items[index + ahead]))
                 value = reads.popleft().result()
-                if index + ahead + 1 < len(items):
-                    reads.append(reader.submit(read, items[index + ahead + 1]))
                 if not isinstance(value, Finished):
                     value = compute(item, value)
                 writes.append(value if isinstance(value, Finished) else writer.submit(write, item, value))

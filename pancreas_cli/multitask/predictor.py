@@ -211,7 +211,7 @@ class ProgressPredictor(nnUNetPredictor):
             x = torch.cat([_flip(data[slicers[i]][None], axes) for i, axes in batch]).to(self.device)
             try:
                 seg, cls = self._network_batch(x)
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 if len(batch) == 1:
                     raise
                 del x
