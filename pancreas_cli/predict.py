@@ -32,6 +32,7 @@ from pancreas_cli.console import count
 from pancreas_cli.exceptions import DataError, OutputExistsError, PancsegError
 from pancreas_cli.imageio import image_extension, image_stem, read_image, write_image, write_text
 from pancreas_cli.inference.pipeline import Finished, run_overlapped
+from pancreas_cli.inference.reading import nnunet_input, reads_like_simpleitk
 from pancreas_cli.inference.window import WindowStats
 from pancreas_cli.logcapture import redirect_output
 from pancreas_cli.nnunet_env import setup_nnunet_env
@@ -39,6 +40,7 @@ from pancreas_cli.preprocess import read_state
 from pancreas_cli.train import TRAINERS
 
 if TYPE_CHECKING:
+    import SimpleITK as sitk
     import torch
 
 SIDECAR_DIR = ".pancseg"  # per-case record: the model that wrote the mask, and its class probabilities
@@ -226,8 +228,8 @@ def _device(requested: str, warn: Callable[[str], None]) -> torch.device:
         raise PredictError(str(exc)) from exc
 
 
-def _load_input(case: InputCase, scratch: Path) -> Path:
-    """A 3D single-channel ``.nii.gz`` nnU-Net can read (converted if needed); DataError if unusable."""
+def _read_input(case: InputCase) -> sitk.Image:
+    """The case's scan, verified: a 3D single-channel image (DataError naming the file otherwise)."""
     import SimpleITK as sitk
 
     if case.dicom:
@@ -243,6 +245,11 @@ def _load_input(case: InputCase, scratch: Path) -> Path:
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(f"{case.source}: expected a 3D single-channel CT, got {image.GetDimension()}D with "
                         f"{image.GetNumberOfComponentsPerPixel()} component(s)")
+    return image
+
+
+def _as_nifti(case: InputCase, image: sitk.Image, scratch: Path) -> Path:
+    """A ``.nii.gz`` of the case nnU-Net's own reader can take: the source itself, or a copy in ``scratch``."""
     if not case.dicom and image_extension(case.source) == ".nii.gz":
         return case.source
     scratch.mkdir(parents=True, exist_ok=True)
@@ -450,7 +457,8 @@ def _load_model(config: Config, model_dir: Path, folds: list[int], checkpoint_na
     window = None
     if settings.engine == "pancseg":
         window = WindowSettings(batch_size=batch_size(settings.batch_size, device), region=settings.region,
-                                margin_mm=settings.region_margin_mm, keep_on_device=True)
+                                margin_mm=settings.region_margin_mm, keep_on_device=True,
+                                pad_batches=device.type == "cuda")
     cls = MultiTaskPredictor if config.train.task == "multitask" else ProgressPredictor
     predictor = cls(tile_step_size=settings.tile_step_size, use_gaussian=True, use_mirroring=mirroring,
                     perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
@@ -507,10 +515,17 @@ class _CaseRunner:
         start = time.perf_counter()
         try:
             scan = source_stamp(case)  # before reading: a scan replaced meanwhile counts as changed next time
-            image_file = _load_input(case, self.scratch / case.case)
+            image = _read_input(case)
+            predictor = self.predictor
             with torch.inference_mode():
-                data, _, properties = self.preprocessor.run_case(
-                    [str(image_file)], None, self.predictor.plans_manager, self.manager, self.predictor.dataset_json)
+                if self.fast and reads_like_simpleitk(predictor.plans_manager):  # no second read
+                    array, properties = nnunet_input(image)
+                    data, _, properties = self.preprocessor.run_case_npy(
+                        array, None, properties, predictor.plans_manager, self.manager, predictor.dataset_json)
+                else:
+                    data, _, properties = self.preprocessor.run_case(
+                        [str(_as_nifti(case, image, self.scratch / case.case))], None, predictor.plans_manager,
+                        self.manager, predictor.dataset_json)
             return {"scan": scan, "data": data, "properties": properties, "read": time.perf_counter() - start}
         except (DataError, RuntimeError, ValueError, OSError) as exc:
             return Finished(_failed(case, exc, start))

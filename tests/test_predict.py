@@ -331,3 +331,26 @@ def test_predict_before_preprocessing_says_what_to_run(runner: CliRunner, tmp_pa
                                  str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "no finished preprocessing (never run, or interrupted)" in result.stderr and "pancseg preprocess" in result.stderr
+
+
+def test_engines_agree_and_the_summary_says_how_fast(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
+    """pancseg's engine (mirrored, batched, region-restricted, overlapped) against nnU-Net's own path on the
+    same scans: the same masks and subtypes; the output names the tiles and the speed."""
+    source = _inputs(trained_project, tmp_path)
+    mirrored = ("--set", "predict.mirroring=true")
+    ours = _predict(runner, trained_project, source, tmp_path / "ours", *mirrored)
+    assert ours.exit_code == 0, ours.output
+    assert re.search(r"2 predicted in [\d.]+s \([\d.]+ cases/min\)", ours.stdout)
+    assert re.search(r"\] \S+ [\d.]+s \(read [\d.]+s, network [\d.]+s, export [\d.]+s\); \d+/\d+ tiles mirrored",
+                     ours.stderr), ours.stderr
+    reference = _predict(runner, trained_project, source, tmp_path / "ref", *mirrored, "--set",
+                         "predict.engine=nnunet", "--json")
+    assert reference.exit_code == 0, reference.output
+    assert json.loads(reference.stdout)["engine"] == "nnunet"
+    for mask in sorted((tmp_path / "ref").glob("*.nii.gz")):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(mask)))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ours" / mask.name)))
+        assert (a != b).mean() < 1e-4, mask.name
+    assert (tmp_path / "ref" / "subtype_results.csv").read_text() == (tmp_path / "ours" / "subtype_results.csv").read_text()
+    other = _predict(runner, trained_project, source, tmp_path / "ours", *mirrored, "--set", "predict.engine=nnunet")
+    assert other.exit_code == 1 and "another prediction engine" in other.stderr

@@ -98,3 +98,23 @@ def test_export_equals_nnunets(regions: bool) -> None:
     assert result.dtype == expected.dtype and result.shape == expected.shape
     # float16 rounding may flip a voxel whose two largest logits tie to the last place
     assert (result != expected).mean() < 1e-3
+
+
+def test_a_read_scan_is_what_nnunets_reader_gives(tmp_path) -> None:
+    """pancseg hands the scan it verified to nnU-Net's preprocessing instead of letting it read the file again."""
+    import SimpleITK as sitk
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from pancreas_cli.inference.reading import nnunet_input, reads_like_simpleitk
+
+    array = np.random.default_rng(0).integers(-1024, 2000, size=(7, 9, 11)).astype(np.int16)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.7, 0.8, 2.5))
+    image.SetOrigin((1.0, -2.0, 3.0))
+    image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    sitk.WriteImage(image, str(tmp_path / "ct_0000.nii.gz"))
+    expected, expected_properties = SimpleITKIO().read_images([str(tmp_path / "ct_0000.nii.gz")])
+    data, properties = nnunet_input(sitk.ReadImage(str(tmp_path / "ct_0000.nii.gz")))
+    assert data.dtype == expected.dtype and np.array_equal(data, expected)
+    assert properties == expected_properties
+    assert reads_like_simpleitk(PlansManager(make_plans()))

@@ -168,3 +168,15 @@ def test_running_out_of_gpu_memory_halves_the_batch(monkeypatch: pytest.MonkeyPa
     logits = predictor.predict_sliding_window_return_logits(image)
     assert predictor.window.batch_size == 2
     assert torch.equal(labels(logits), labels(expected))
+
+
+def test_padded_batches_keep_one_shape_and_the_answer() -> None:
+    """On a GPU every batch is filled up to the batch size (one shape for cuDNN to tune), padding ignored."""
+    image = phantom()
+    expected = phantom_predictor(None).predict_sliding_window_return_logits(image)
+    predictor = phantom_predictor(WindowSettings(batch_size=8, region=True, pad_batches=True))
+    shapes: set[int] = set()
+    predictor.network.register_forward_hook(lambda module, args, out: shapes.add(args[0].shape[0]))
+    logits = predictor.predict_sliding_window_return_logits(image)
+    assert shapes == {8}
+    assert torch.equal(labels(logits), labels(expected))

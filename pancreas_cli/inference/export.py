@@ -26,7 +26,11 @@ def segmentation_from_logits(logits: torch.Tensor, properties: dict[str, Any], p
     current = (configuration_manager.spacing if len(configuration_manager.spacing) == len(cropped_shape)
                else [spacing[0], *configuration_manager.spacing])
     resampled = configuration_manager.resampling_fn_probabilities(logits, cropped_shape, current, spacing)
-    segmentation = label_manager.convert_logits_to_segmentation(torch.as_tensor(resampled))
+    resampled = torch.as_tensor(resampled)
+    if label_manager.has_regions:
+        segmentation = label_manager.convert_logits_to_segmentation(resampled)
+    else:  # nnU-Net's argmax goes through NumPy, which a GPU tensor cannot; the first maximum wins in both
+        segmentation = resampled.argmax(0)
     dtype = np.uint8 if len(label_manager.foreground_labels) < 255 else np.uint16
     full = np.zeros(properties["shape_before_cropping"], dtype=dtype)
     crop = tuple(slice(*bounds) for bounds in properties["bbox_used_for_cropping"])

@@ -29,6 +29,8 @@ class WindowSettings:
     region: bool = True  # mirror only near the first pass's foreground
     margin_mm: float = 15.0  # how near
     keep_on_device: bool = False  # return the logits where they were computed (for an export there)
+    pad_batches: bool = False  # fill the last batch up to batch_size: cuDNN then tunes one input shape, not one per
+    # remainder (each new shape cost ~2 s of tuning on an H200, more than a crop's whole window)
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -209,6 +211,8 @@ class ProgressPredictor(nnUNetPredictor):
         while queue:
             batch, queue = queue[:self.window.batch_size], queue[self.window.batch_size:]
             x = torch.cat([_flip(data[slicers[i]][None], axes) for i, axes in batch]).to(self.device)
+            if self.window.pad_batches and len(batch) < self.window.batch_size:
+                x = torch.cat([x, x.new_zeros((self.window.batch_size - len(batch), *x.shape[1:]))])
             try:
                 seg, cls = self._network_batch(x)
             except torch.cuda.OutOfMemoryError:
