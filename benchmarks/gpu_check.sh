@@ -98,7 +98,7 @@ part4() {
     timeout "${PART4_SECONDS:-0}" "$py" benchmarks/predict_speed.py --workdir "$work/ps" --device "$device" \
         --preset "${PS_PRESET:-default}" --cases "${PS_CASES:-5}" --sizes "${PS_SIZES:-64x128x176,120x256x256}" \
         --train-cases "${PS_TRAIN_CASES:-24}" --epochs "${PS_EPOCHS:-12}" --iterations "${PS_ITERS:-40}" \
-        --processes "${PS_PROCESSES:-8}" --crop "${PS_CROP:-64x128x176}" --batch-sweep "${PS_BATCHES:-1,2,4,8,16}" --contributions --reference \
+        --processes "${PS_PROCESSES:-8}" --crop "${PS_CROP:-64x128x176}" ${PS_COMPILE:+--compile-variant} --batch-sweep "${PS_BATCHES:-1,2,4,8,16}" --contributions --reference \
         >"$out/part4_summary.json" 2>"$out/part4_stderr.txt" || status=$?
     cp "$work/ps/predict_speed.json" "$out/part4_predict_speed.json" 2>/dev/null || true
     cp "$work"/ps/project/work/nnUNet_results/*/nnUNetTrainerMultiTask__*/fold_0/metrics.csv "$out/part4_metrics.csv" \

@@ -206,7 +206,7 @@ def contributions(args: argparse.Namespace, project: Path, scans: Path) -> dict:
 
     from pancreas_cli.inference.export import segmentation_from_logits, write_segmentation
     from pancreas_cli.inference.resample import DeviceResampling
-    from pancreas_cli.multitask.predictor import MultiTaskPredictor, WindowSettings
+    from pancreas_cli.multitask.predictor import MultiTaskPredictor, WindowSettings, unwrap
     from pancreas_cli.predict import batch_size
 
     predictor = MultiTaskPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
@@ -214,6 +214,7 @@ def contributions(args: argparse.Namespace, project: Path, scans: Path) -> dict:
                                    allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(_model_dir(project)), use_folds=(0,),
                                                    checkpoint_name="checkpoint_best.pth")
+    predictor._compiled = {}  # per variant: its forward function (compiled once for the compile variant)
     scan = str(sorted(scans.glob("*_0000.nii.gz"))[0])
     pre = predictor.configuration_manager.preprocessor_class(verbose=False)
     on_device = DeviceResampling(predictor.configuration_manager, device)
@@ -224,16 +225,29 @@ def contributions(args: argparse.Namespace, project: Path, scans: Path) -> dict:
         [scan], None, predictor.plans_manager, on_device, predictor.dataset_json))[1]
     x = torch.from_numpy(data)
     auto = batch_size("auto", device)
-    variants = {"nnunet": None, **{f"batch{b}": WindowSettings(batch_size=b, region=False, keep_on_device=True)
-                                   for b in args.batch_sweep},
-                f"batch{auto}+region": WindowSettings(batch_size=auto, region=True, keep_on_device=True)}
+    pad = device.type == "cuda"
+    variants = {"nnunet": None, **{f"batch{b}": WindowSettings(batch_size=b, region=False, keep_on_device=True,
+                                                               pad_batches=pad) for b in args.batch_sweep},
+                f"batch{auto}+region": WindowSettings(batch_size=auto, region=True, keep_on_device=True,
+                                                      pad_batches=pad)}
+    if device.type == "cuda":  # tensor cores prefer channels-last activations (not a setting yet: measured first)
+        variants[f"batch{auto}+channels_last"] = WindowSettings(batch_size=auto, region=False, keep_on_device=True,
+                                                                pad_batches=pad)
+    if args.compile_variant:  # its first (untimed on CUDA) round includes compiling
+        variants[f"batch{auto}+compile"] = WindowSettings(batch_size=auto, region=False, keep_on_device=True,
+                                                          pad_batches=pad, compile=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     logits = None
+    network = unwrap(predictor.network)
     for round_ in range(args.contrib_rounds + (device.type == "cuda")):
         names = list(variants) if round_ % 2 == 0 else list(reversed(variants))
         for name in names:
             predictor.window = variants[name]
+            predictor._batch_forward = predictor._compiled.get(name)
+            network.to(memory_format=torch.channels_last_3d if name.endswith("channels_last")
+                       else torch.contiguous_format)
             logits, seconds = _timed(device, lambda: predictor.predict_logits_from_preprocessed_data(x))
+            predictor._compiled[name] = predictor._batch_forward
             if round_ or device.type != "cuda":
                 times[name].append(seconds)
             table[f"window_{name}_stats"] = predictor.window_stats.describe() if variants[name] else "nnU-Net's"
@@ -309,6 +323,7 @@ def main() -> None:
                         help="first time each engine step in-process on one scan per size")
     parser.add_argument("--contributions-only", action="store_true")
     parser.add_argument("--contrib-rounds", type=int, default=2)
+    parser.add_argument("--compile-variant", action="store_true", help="also time the window with predict.compile")
     parser.add_argument("--batch-sweep", default="1,2,4,8", help="batch sizes of the window timed in-process")
     parser.add_argument("--train-cases", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=40)

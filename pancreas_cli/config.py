@@ -179,6 +179,7 @@ class PredictConfig(_Section):
     batch_size: int | Literal["auto"] = "auto"
     region: bool = True
     region_margin_mm: float = Field(15.0, ge=0)
+    compile: bool = False
 
     @field_validator("batch_size")
     @classmethod

@@ -458,7 +458,7 @@ def _load_model(config: Config, model_dir: Path, folds: list[int], checkpoint_na
     if settings.engine == "pancseg":
         window = WindowSettings(batch_size=batch_size(settings.batch_size, device), region=settings.region,
                                 margin_mm=settings.region_margin_mm, keep_on_device=True,
-                                pad_batches=device.type == "cuda")
+                                pad_batches=device.type == "cuda", compile=settings.compile)
     cls = MultiTaskPredictor if config.train.task == "multitask" else ProgressPredictor
     predictor = cls(tile_step_size=settings.tile_step_size, use_gaussian=True, use_mirroring=mirroring,
                     perform_everything_on_device=device.type == "cuda", device=device, verbose=False,

@@ -180,3 +180,27 @@ def test_padded_batches_keep_one_shape_and_the_answer() -> None:
     logits = predictor.predict_sliding_window_return_logits(image)
     assert shapes == {8}
     assert torch.equal(labels(logits), labels(expected))
+
+
+def test_compiled_forward_gives_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``predict.compile``: the batched forward pass (segmentation and class logits of the multi-task
+    network) goes through torch.compile once; the eager backend stands in for inductor here."""
+    real_compile = torch.compile
+    compiled: list[object] = []
+
+    def eager_compile(fn, **kwargs):  # type: ignore[no-untyped-def]
+        compiled.append(fn)
+        return real_compile(fn, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    image = _image(4)
+    plain = make_predictor()
+    plain.window = WindowSettings(batch_size=4, region=False)
+    expected = plain.predict_sliding_window_return_logits(image)
+    fast = make_predictor()
+    fast.window = WindowSettings(batch_size=4, region=False, compile=True)
+    logits = fast.predict_sliding_window_return_logits(image)
+    fast.predict_sliding_window_return_logits(image)
+    assert len(compiled) == 1
+    torch.testing.assert_close(logits, expected)
+    np.testing.assert_allclose(fast.case_class_probabilities[0], plain.case_class_probabilities[0], atol=1e-6)

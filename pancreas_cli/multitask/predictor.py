@@ -31,6 +31,7 @@ class WindowSettings:
     keep_on_device: bool = False  # return the logits where they were computed (for an export there)
     pad_batches: bool = False  # fill the last batch up to batch_size: cuDNN then tunes one input shape, not one per
     # remainder (each new shape cost ~2 s of tuning on an H200, more than a crop's whole window)
+    compile: bool = False  # torch.compile the batched forward pass (pays over many cases: compiling takes minutes)
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -62,6 +63,7 @@ class ProgressPredictor(nnUNetPredictor):
         self._model = 0  # which of the folds' weights is predicting
         self._tiles = [0, 0]  # done, total of this sliding window
         self._reported = 0.0
+        self._batch_forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         self._model = 0
@@ -116,7 +118,15 @@ class ProgressPredictor(nnUNetPredictor):
 
     def _network_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Segmentation logits (and class logits, for the multi-task network) of a batch of tiles."""
-        return self.network(x), None
+        if self._batch_forward is None:
+            forward = self._forward_function()
+            self._batch_forward = torch.compile(forward, dynamic=False) if self.window and self.window.compile \
+                else forward
+        return self._batch_forward(x)
+
+    def _forward_function(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+        network = unwrap(self.network)  # the folds' weights are loaded into this module in place
+        return lambda x: (network(x), None)
 
     def _tile_done(self, prediction: torch.Tensor, class_logits: list[torch.Tensor]) -> None:
         """Called per tile, in window order, with its averaged logits (1,C,*P) and its passes' class logits."""
@@ -265,14 +275,8 @@ class MultiTaskPredictor(ProgressPredictor):
         self._tile_done(prediction, logits)
         return prediction
 
-    def _network_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        net = self._multitask_net()
-        net.class_logits_sink = []
-        try:
-            seg = self.network(x)
-            return seg, torch.cat(net.class_logits_sink)
-        finally:
-            net.class_logits_sink = None
+    def _forward_function(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+        return self._multitask_net().forward_multitask  # (segmentation, class logits) from one encoder pass
 
     def _tile_done(self, prediction: torch.Tensor, class_logits: list[torch.Tensor]) -> None:
         """Adds a tile's class probabilities (averaged over its passes), weighted by its predicted lesion."""
