@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
-from types import SimpleNamespace
+from pathlib import Path
 
+from pancreas_cli.inference.window import WindowStats
+from pancreas_cli.predict import CaseOutcome
 from pancreas_cli.progress import CasePrinter, EpochPrinter
 
 
@@ -13,9 +15,10 @@ class Terminal(io.StringIO):
         return True
 
 
-def _outcome(case: str, seconds: float, subtype: int | None, error: str | None = None) -> SimpleNamespace:
+def _outcome(case: str, seconds: float, subtype: int | None, error: str | None = None, **extra: object) -> CaseOutcome:
     """What predict reports per case (see pancreas_cli.predict.CaseReporter)."""
-    return SimpleNamespace(case=case, seconds=seconds, subtype=subtype, status="failed" if error else "ok", error=error)
+    return CaseOutcome(case, Path(f"{case}_0000.nii.gz"), "failed" if error else "predicted", seconds, subtype,
+                       error=error, **extra)  # type: ignore[arg-type]
 
 
 def _row(epoch: int, seconds: float = 10.0, best: bool = False, **extra: object) -> dict:
@@ -79,10 +82,12 @@ def test_case_lines_plain() -> None:
     stream = io.StringIO()
     printer = CasePrinter()
     printer.start(2, stream)
-    printer.case(_outcome("quiz_001", 1.25, 2), 1)
+    window = WindowStats(tiles=45, full=12, passes=129, stock_passes=360)
+    printer.case(_outcome("quiz_001", 1.25, 2, times={"read": 0.1, "network": 1.0, "export": 0.15}, window=window), 1)
     printer.case(_outcome("quiz_002", 0.5, None, error="unreadable header"), 2)
     assert stream.getvalue().splitlines() == [
-        "[1/2] quiz_001 1.2s subtype 2",
+        "[1/2] quiz_001 1.2s (read 0.1s, network 1.0s, export 0.1s); 12/45 tiles mirrored, 33 skipped "
+        "(129 of nnU-Net's 360 passes); subtype 2",
         "[2/2] quiz_002 0.5s FAILED: unreadable header",
     ]
 

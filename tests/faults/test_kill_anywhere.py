@@ -1,0 +1,126 @@
+"""kill -9 at a random point of every stage, then the same command again: the result of an uninterrupted run.
+
+One chain per seed on a tiny synthetic project: prepare, clean, preprocess, train (continued with
+``--resume``, the documented way on), predict. Each stage is started as its own process, killed with
+SIGKILL after a random delay within the time an uninterrupted run of it took, and run again to the
+end. The outputs are then compared with an uninterrupted chain (and, for predict, an uninterrupted
+prediction by the same model), and nothing temporary may be left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_config
+
+pytestmark = pytest.mark.slow
+
+CONFIG = ("project_dir: ./work\ndataset: {source: ./data}\nplan: {preset: smoke, num_processes: 1}\n"
+          "train: {device: cpu, epochs: 2, iterations_per_epoch: 2, val_iterations: 1, save_every: 1, da_workers: 0}\n"
+          "predict: {device: cpu, mirroring: false}\n")
+STAGES = [["prepare"], ["clean"], ["preprocess"], ["train", "--fold", "0"], ["predict", "-i", "data/test", "-o", "pred"]]
+LEFTOVERS = ("*.tmp*", ".partial_*", ".scratch*")
+
+
+def _command(root: Path, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pancreas_cli", *args, "-c", str(root / "pancseg.yaml")]
+
+
+def _run(root: Path, args: list[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(_command(root, args), cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, f"{args}: {done.stdout}\n{done.stderr}"
+    assert "Traceback" not in done.stderr
+    return time.perf_counter() - start
+
+
+def _killed(root: Path, args: list[str], delay: float) -> None:
+    process = subprocess.Popen(_command(root, args), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        process.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the command and any worker it started
+        process.wait()
+
+
+def _project(root: Path) -> Path:
+    from pancreas_cli.synth import synthesize
+
+    synthesize(root / "data", cases=6, shape=(16, 32, 32), seed=2)
+    write_config(root, CONFIG)
+    return root
+
+
+def _raw(root: Path) -> Path:
+    return next((root / "work" / "nnUNet_raw").glob("Dataset*"))
+
+
+def _state(root: Path, stage: str) -> dict[str, object]:
+    """What an uninterrupted run of ``stage`` leaves, independent of where the project lies."""
+    if stage in ("prepare", "clean"):
+        raw = _raw(root)
+        # pancseg's own state files record absolute paths and times: compared by presence only
+        files = {str(p.relative_to(raw)): b"" if p.name.startswith("pancseg_") else p.read_bytes()
+                 for p in sorted(raw.rglob("*")) if p.is_file() and p.name != "clean_report.csv"}
+        return {"files": files, "dataset": json.loads((raw / "dataset.json").read_text())}
+    if stage == "preprocess":
+        pre = next((root / "work" / "nnUNet_preprocessed").glob("Dataset*"))
+        return {"files": sorted(str(p.relative_to(pre)) for p in pre.rglob("*") if p.is_file())}
+    if stage == "train":
+        fold = next((root / "work" / "nnUNet_results").glob("Dataset*/*/fold_0"))
+        rows = (fold / "metrics.csv").read_text().splitlines()
+        return {"final": (fold / "checkpoint_final.pth").is_file(), "epochs": len(rows) - 1}
+    out = root / "pred"
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.nii.gz"))} | {
+        "csv": (out / "subtype_results.csv").read_text()}
+
+
+def _leftovers(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for pattern in LEFTOVERS for p in root.rglob(pattern))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, dict], dict[str, float]]:
+    root = _project(tmp_path_factory.mktemp("uninterrupted"))
+    states, seconds = {}, {}
+    for args in STAGES:
+        seconds[args[0]] = _run(root, args)
+        if args[0] != "predict":  # predictions depend on the model, which another training changes
+            states[args[0]] = _state(root, args[0])
+    return states, seconds
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_any_stage_then_run_it_again(seed: int, reference, tmp_path: Path) -> None:
+    states, seconds = reference
+    rng = random.Random(seed)
+    root = _project(tmp_path)
+    for args in STAGES:
+        stage = args[0]
+        delay = rng.uniform(0.2, seconds[stage])
+        if stage == "predict":  # the same model's uninterrupted prediction, to compare with
+            _run(root, [*args[:-1], "pred_ref"])
+        _killed(root, args, delay)
+        _run(root, [*args, "--resume"] if stage == "train" and _has_training(root) else args)
+        if stage == "predict":
+            expected = _state(root, stage)
+            (root / "pred").rename(root / "pred_killed")
+            (root / "pred_ref").rename(root / "pred")
+            assert _state(root, stage) == expected, f"seed {seed}: predict killed after {delay:.1f}s"
+        else:
+            assert _state(root, stage) == states[stage], f"seed {seed}: {stage} killed after {delay:.1f}s"
+        assert not _leftovers(root), f"seed {seed}: {stage} killed after {delay:.1f}s left {_leftovers(root)}"
+
+
+def _has_training(root: Path) -> bool:
+    return any((root / "work" / "nnUNet_results").glob("Dataset*/*/fold_0/checkpoint_*.pth"))
