@@ -13,12 +13,13 @@ import csv
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import label_volume, write
+from conftest import ct_volume, label_volume, write, write_config
 from pancreas_cli.cli import app
 
 CASES = ("c1", "c2", "c3")
@@ -221,3 +222,129 @@ def test_records_of_a_real_prediction(trained_project: Path, runner: CliRunner, 
     redone = _evaluate(runner, pred, truth, *args)
     assert redone.exit_code == 0 and f"for {len(lines) - 1} case(s)" in redone.stderr
     assert json.loads(redone.stdout)["classification"] == json.loads(plain.stdout)["classification"]
+
+
+# --------------------------------------------------------------------------- report and run
+
+
+@pytest.fixture
+def project(tmp_path: Path, runner: CliRunner) -> SimpleNamespace:
+    """A project whose preprocessing and fold-0 training are only their records, plus an evaluation."""
+    from pancreas_cli.config import load_config
+    from pancreas_cli.multitask.trainer import METRICS_COLUMNS
+    from pancreas_cli.predict import model_folder
+    from pancreas_cli.preprocess import STATE_NAME
+
+    (tmp_path / "data").mkdir()
+    cfg = write_config(tmp_path, "project_dir: ./work\ndataset: {source: ./data}\nevaluate: {bootstrap: 0}\n"
+                                 "train: {epochs: 2}\n")
+    config = load_config(cfg, check_source=False)
+    config.dataset_preprocessed_dir.mkdir(parents=True)
+    (config.dataset_preprocessed_dir / STATE_NAME).write_text(json.dumps(
+        {"state": "done", "plans_identifier": "nnUNetPlans", "configuration": "3d_fullres", "data_identifier": "d"}))
+    fold = model_folder(config) / "fold_0"
+    fold.mkdir(parents=True)
+    rows = [{"epoch": e, "train_loss": 1 - e / 4, "dice_pancreas": 0.5, "dice_lesion": "", "criterion": 0.5,
+             "best": 1} for e in (0, 1)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, METRICS_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    (fold / "metrics.csv").write_text(buffer.getvalue())
+    for i, case in enumerate(CASES):
+        write(ct_volume(seed=i), tmp_path / "images" / f"{case}_0000.nii.gz")
+        for folder in ("pred", "gt"):
+            write(label_volume(), tmp_path / folder / f"{case}.nii.gz")
+    assert _evaluate(runner, tmp_path / "pred", tmp_path / "gt").exit_code == 0
+    return SimpleNamespace(root=tmp_path, cfg=cfg, fold=fold, pred=tmp_path / "pred", gt=tmp_path / "gt",
+                           images=tmp_path / "images", html=tmp_path / "out" / "r.html")
+
+
+def _report(runner: CliRunner, p: SimpleNamespace, images: Path | None = None):  # type: ignore[no-untyped-def]
+    return _invoke(runner, ["report", "-c", str(p.cfg), "-o", str(p.html), "--pred", str(p.pred), "--gt", str(p.gt),
+                            "--images", str(images or p.images)])
+
+
+def _without_column(path: Path, column: str) -> None:
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, [c for c in rows[0] if c != column], extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buffer.getvalue())
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda p: (p.pred / "metrics_summary.json").write_text((p.pred / "metrics_summary.json").read_text()[:300]),
+     "metrics_summary.json: unreadable evaluation summary, cut short or edited"),
+    (lambda p: (p.pred / "metrics_summary.json").write_text('{"cases": 3, "nsd_definition": "border_voxel"}'),
+     "metrics_summary.json: not an evaluation summary of this pancseg (no segmentation)"),
+    (lambda p: _without_column(p.pred / "metrics_per_case.csv", "dice_pancreas"),
+     "metrics_per_case.csv: no column dice_pancreas (not written by this pancseg?)"),
+    (lambda p: (p.pred / "metrics_per_case.csv").write_text(
+        (p.pred / "metrics_per_case.csv").read_text().rsplit("\n", 2)[0] + "\n"),
+     "metrics_per_case.csv holds 2 case(s) but"),
+    (lambda p: (p.fold / "metrics.csv").write_text((p.fold / "metrics.csv").read_text() + "<<<<<<< HEAD\n"),
+     "metrics.csv, line 4: a line pancseg did not write (1 cells, the header has 17)"),
+    (lambda p: (p.fold / "metrics.csv").write_text((p.fold / "metrics.csv").read_text() + "2" + ",oops" * 16 + "\n"),
+     "metrics.csv, line 4: not a training metrics row (train_loss = 'oops')"),
+    (lambda p: _without_column(p.fold / "metrics.csv", "dice_pancreas"),
+     "metrics.csv: no column dice_pancreas"),
+])
+def test_report_refuses_damaged_metrics(runner: CliRunner, project: SimpleNamespace, damage, message: str) -> None:
+    damage(project)
+    result = _report(runner, project)
+    assert result.exit_code == 1 and message in result.stderr, result.output
+    assert "pancseg evaluate" in result.stderr or "restore the file" in result.stderr
+    assert not project.html.parent.exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize(("shape", "spacing", "message"), [
+    ((6, 16, 16), (0.75, 0.75, 2.0), "differ in size: (16, 16, 6) vs (16, 16, 8)"),  # was an IndexError
+    ((8, 20, 16), (0.75, 0.75, 2.0), "differ in size: (16, 20, 8) vs (16, 16, 8)"),  # was drawn misaligned
+    ((8, 16, 16), (1.0, 1.0, 2.0), "differ in spacing"),
+])
+def test_report_refuses_ct_of_another_grid(runner: CliRunner, project: SimpleNamespace, shape: tuple[int, int, int],
+                                           spacing: tuple[float, float, float], message: str) -> None:
+    other = project.root / "other"
+    for case in CASES:
+        write(ct_volume(shape), other / f"{case}_0000.nii.gz", spacing=spacing)
+    result = _report(runner, project, images=other)
+    assert result.exit_code == 1, result.output
+    shown = f"CT {other / 'c1_0000.nii.gz'} and ground truth {project.gt / 'c1.nii.gz'} {message}"
+    assert shown in result.stderr and "pass as --images the CT scans these masks belong to" in result.stderr
+    assert not project.html.parent.exists()
+
+
+def test_report_refuses_a_mask_truncated_after_evaluation(runner: CliRunner, project: SimpleNamespace) -> None:
+    mask = write(_random_labels((8, 16, 16)), project.pred / "c2.nii")  # ranked by the per-case CSV, read now
+    (project.pred / "c2.nii.gz").unlink()
+    mask.write_bytes(mask.read_bytes()[:-500])
+    result = _report(runner, project)
+    assert result.exit_code == 1 and f"{mask}: cannot read image (truncated: " in result.stderr
+
+
+def test_report_with_sound_inputs_and_an_unreadable_nnunet_debug_file(runner: CliRunner,
+                                                                    project: SimpleNamespace) -> None:
+    (project.fold / "debug.json").write_text('{"device": "cu')
+    result = _report(runner, project)
+    assert result.exit_code == 0, result.output
+    assert f"{project.fold / 'debug.json'}: unreadable" in result.stderr
+    assert project.html.read_text().count("data:image/png;base64,") == 3  # curves, distributions, overlays
+
+
+def test_run_refuses_a_foreign_last_metrics_line(runner: CliRunner, project: SimpleNamespace,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which epoch the fold reached decides between keeping and resuming the training: never guessed."""
+    from pancreas_cli import run as run_module
+
+    done = SimpleNamespace(up_to_date=True, cases=[], errors=[], changed_files=[], warnings=[], plans=[])
+    for stage in ("prepare", "clean", "preprocess"):  # the stages before are not what this test is about
+        monkeypatch.setattr(run_module, stage, lambda config, done=done: done)
+    (project.fold / "checkpoint_final.pth").write_bytes(b"")
+    metrics = project.fold / "metrics.csv"
+    metrics.write_text(metrics.read_text() + "garbage\n")
+    result = _invoke(runner, ["run", "-c", str(project.cfg)])
+    assert result.exit_code == 1, result.output
+    assert f"{metrics}, line 4: a line pancseg did not write (1 cells, the header has 17)" in result.stderr
+    assert "restore the file, or delete the lines pancseg's trainer did not write" in result.stderr
