@@ -19,16 +19,26 @@ from typing import Any
 
 import numpy as np
 
-from pancreas_cli.config import Config, EvaluateConfig, kept_labels
+from pancreas_cli.config import CleanConfig, Config, EvaluateConfig, kept_labels
 from pancreas_cli.exceptions import DataError, OutputExistsError
 from pancreas_cli.imageio import IMAGE_EXTENSIONS, image_extension, image_stem, write_text
-from pancreas_cli.metrics import bootstrap_ci, classification_metrics, dice, hd95, iou, load_mask_pair, nsd
+from pancreas_cli.metrics import (bootstrap_ci, classification_metrics, dice, hd95, iou, load_mask_pair, nsd,
+                                  read_label_image)
 
 STRUCTURES = ("pancreas", "lesion")
 SEG_METRICS = ("dice", "iou", "nsd", "hd95")
 SUBTYPES = (0, 1, 2)
 PER_CASE_NAME = "metrics_per_case.csv"
 SUMMARY_NAME = "metrics_summary.json"
+#: Float masks hold labels like 1.0000152587890625: evaluate accepts what clean accepts
+#: (``clean.label_tolerance``); this is its default, for callers without a config.
+DEFAULT_LABEL_TOLERANCE: float = CleanConfig.model_fields["label_tolerance"].default
+
+
+#: The numeric columns of metrics_per_case.csv, and all of its columns in order.
+PER_CASE_VALUES = (*(f"{m}_{s}" for s in STRUCTURES for m in SEG_METRICS),
+                   *(f"volume_{w}_{s}_ml" for s in STRUCTURES for w in ("pred", "ref")))
+PER_CASE_COLUMNS = ("case", *PER_CASE_VALUES, "subtype_true", "subtype_pred", "missing_prediction")
 
 
 @dataclass
@@ -62,7 +72,7 @@ def read_subtype_csv(path: Path) -> dict[str, int]:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             header = [c for c in reader.fieldnames or [] if c]
-            rows = list(reader)
+            rows = [(reader.line_num, row) for row in reader]  # line numbers as an editor shows them
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read as a UTF-8 CSV ({exc})") from exc
     if not rows:
@@ -73,7 +83,8 @@ def read_subtype_csv(path: Path) -> dict[str, int]:
     if name_col is None or value_col is None:
         raise DataError(f"{path}: expected columns Names,Subtype or case_id,subtype, got {','.join(header)}")
     out: dict[str, int] = {}
-    for line, row in enumerate(rows, start=2):
+    lines: dict[str, int] = {}
+    for line, row in rows:
         name, text = row.get(name_col), row.get(value_col)
         if name is None or text is None or any(v.strip() for v in row.get(None) or []):  # type: ignore[call-overload]
             raise DataError(f"{path}, line {line}: expected {len(header)} columns ({','.join(header)})")
@@ -83,8 +94,12 @@ def read_subtype_csv(path: Path) -> dict[str, int]:
             raise DataError(f"{path}, line {line}: subtype {text!r} is not a number") from None
         if number not in SUBTYPES:  # 1.0 is 1; 1.7 or inf are no subtype
             raise DataError(f"{path}, line {line}: subtype {text.strip()} is not 0, 1 or 2")
-        value = int(number)
-        out[case_id_from_name(name.strip())] = value
+        case, value = case_id_from_name(name.strip()), int(number)
+        if case in out and out[case] != value:  # an identical repeat is harmless; of two, which is right?
+            raise DataError(f"{path}: conflicting subtypes for case {case}: {out[case]} on line "
+                            f"{lines[case]}, {value} on line {line}; keep one row per case")
+        out[case] = value
+        lines.setdefault(case, line)
     return out
 
 
@@ -94,25 +109,28 @@ def _masks(folder: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and image_extension(path) and not path.name.startswith("."):
-            found.setdefault(case_id_from_name(path.name), path)
+            case = case_id_from_name(path.name)
+            if case in found:  # quiz_1.nii.gz and quiz_1.nrrd: which one is the mask?
+                raise DataError(f"{folder}: two masks for case {case}, {found[case].name} and {path.name}; "
+                                "keep one of them in the folder")
+            found[case] = path
     return found
 
 
-def evaluate_case(case: str, pred_path: Path | None, ref_path: Path, settings: EvaluateConfig) -> CaseResult:
+def evaluate_case(case: str, pred_path: Path | None, ref_path: Path, settings: EvaluateConfig,
+                  label_tolerance: float = DEFAULT_LABEL_TOLERANCE) -> CaseResult:
     """All segmentation metrics of one case (a missing prediction counts as empty)."""
     import SimpleITK as sitk
 
-    from pancreas_cli.imageio import read_image
-
     if pred_path is None:
-        ref_image = read_image(ref_path)
+        ref_image = read_label_image(ref_path)
         ref = sitk.GetArrayFromImage(ref_image)
-        pred = np.zeros_like(ref)
+        pred = np.zeros(ref.shape, dtype=np.uint8)
         spacing = tuple(float(s) for s in reversed(ref_image.GetSpacing()))
     else:
         pred, ref, spacing = load_mask_pair(pred_path, ref_path)
-    pred = _labels(np.rint(pred).astype(np.int16), pred_path, settings)  # float masks (1.0000152)
-    ref = _labels(np.rint(ref).astype(np.int16), ref_path, settings)
+        pred = as_labels(pred, pred_path, settings, label_tolerance)
+    ref = as_labels(ref, ref_path, settings, label_tolerance)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     values: dict[str, float] = {}
     tolerances = {"pancreas": settings.nsd_tolerance_pancreas_mm, "lesion": settings.nsd_tolerance_lesion_mm}
@@ -128,23 +146,45 @@ def evaluate_case(case: str, pred_path: Path | None, ref_path: Path, settings: E
     return CaseResult(case, values, diagonal, missing_prediction=pred_path is None)
 
 
-def _labels(mask: np.ndarray, path: Path | None, settings: EvaluateConfig) -> np.ndarray:
-    """``mask`` in labels 0/1/2 through ``evaluate.label_map``; other values are an error or background.
+def _integer_valued(values: np.ndarray, path: Path, tolerance: float) -> np.ndarray:
+    """A float mask's values rounded, if every one is within ``tolerance`` of an integer."""
+    if not np.isfinite(values).all():
+        raise DataError(f"{path}: NaN/Inf label values; replace the mask")
+    rounded = np.rint(values)
+    off = np.abs(values - rounded) > tolerance
+    if off.any():
+        shown = ", ".join(f"{v:.6g}" for v in np.unique(values[off])[:5])
+        raise DataError(f"{path}: label values like {shown} are not integers (beyond clean.label_tolerance = "
+                        f"{tolerance:g}); the mask looks interpolated: re-export it with nearest-neighbour "
+                        "resampling")
+    return rounded
 
-    Scoring any value > 0 as pancreas would turn a multi-organ mask into a plausible-looking result.
+
+def as_labels(values: np.ndarray, path: Path, settings: EvaluateConfig,
+              label_tolerance: float = DEFAULT_LABEL_TOLERANCE) -> np.ndarray:
+    """``values`` as labels 0/1/2 (uint8) through ``evaluate.label_map``; others are an error or background.
+
+    Every check runs on the values as stored, before any cast: a cast would round 0.5 to 0 and wrap
+    int32 65537 to 1. Float masks may hold labels like 1.0000152587890625 (within ``clean.label_tolerance``
+    of an integer, as clean accepts them). Scoring any value > 0 as pancreas would turn a multi-organ
+    mask into a plausible-looking result.
     """
-    if not settings.label_map and 0 <= mask.min() and mask.max() <= 2:
-        return mask  # the usual case, without np.unique's sort of the whole volume (0.5 s at 512x512x100)
+    if np.issubdtype(values.dtype, np.floating):
+        values = _integer_valued(values, path, label_tolerance)
+    elif not np.issubdtype(values.dtype, np.integer):
+        raise DataError(f"{path}: label values of type {values.dtype}; masks hold integer labels 0/1/2")
+    if not settings.label_map and 0 <= values.min() and values.max() <= 2:
+        return values.astype(np.uint8)  # the usual case, without np.unique's sort of the whole volume
     mapping = kept_labels(settings.label_map)
-    unknown = [int(v) for v in np.unique(mask) if int(v) not in mapping]
+    unknown = [int(v) for v in np.unique(values) if int(v) not in mapping]
     if unknown and settings.unknown_labels == "error":
         shown = ", ".join(map(str, unknown[:10])) + (f", ... ({len(unknown)} values)" if len(unknown) > 10 else "")
         raise DataError(f"{path}: label values {shown} are not among {sorted(mapping)}; map them with "
                         "evaluate.label_map (e.g. --set 'evaluate.label_map={7: 1}' for TotalSegmentator's "
                         "pancreas) or set evaluate.unknown_labels: background")
-    out = np.zeros_like(mask)
+    out = np.zeros(values.shape, dtype=np.uint8)
     for source, target in mapping.items():
-        out[mask == source] = target
+        out[values == source] = target
     return out
 
 
@@ -201,13 +241,11 @@ def summarize(cases: list[CaseResult], settings: EvaluateConfig) -> dict[str, An
 
 
 def _per_case_csv(cases: list[CaseResult]) -> str:
-    keys = [f"{m}_{s}" for s in STRUCTURES for m in SEG_METRICS]
-    keys += [f"volume_{w}_{s}_ml" for s in STRUCTURES for w in ("pred", "ref")]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case", *keys, "subtype_true", "subtype_pred", "missing_prediction"])
+    writer.writerow(PER_CASE_COLUMNS)
     for c in cases:
-        writer.writerow([c.case, *(f"{c.values[k]:.6g}" for k in keys),
+        writer.writerow([c.case, *(f"{c.values[k]:.6g}" for k in PER_CASE_VALUES),
                          "" if c.subtype_true is None else c.subtype_true,
                          "" if c.subtype_pred is None else c.subtype_pred, int(c.missing_prediction)])
     return buffer.getvalue()
@@ -233,6 +271,101 @@ def _check_earlier_metrics(summary_json: Path, inputs: dict[str, Any]) -> None:
         why = f"computed with {changed[0]} = {earlier.get(changed[0])}"
     raise OutputExistsError(f"{summary_json} holds other metrics ({why}); pass --force to replace them, "
                             "or -o another folder")
+
+
+def _record_problem(record: Any, case: str) -> str | None:
+    """What makes ``record`` no pancseg prediction record of ``case`` (None: it is one)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if record.get("case", case) != case:
+        return f"it names case {record['case']!r}"
+    if not isinstance(record.get("model"), dict) or "probabilities" not in record:
+        return "no model or no probabilities"
+    p = record["probabilities"]
+    if p is not None and not (isinstance(p, list) and len(p) == len(SUBTYPES) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p)):
+        return f"probabilities {p!r} are not {len(SUBTYPES)} numbers"
+    return None
+
+
+def _prediction_records(pred_dir: Path, cases: list[str]) -> dict[str, dict[str, Any]]:
+    """The per-case records ``pancseg predict`` keeps beside its masks, for the cases that have one.
+
+    Format dependency, read here directly rather than through predict's private helpers: predict
+    (``_CaseRunner._replace``) writes ``PRED/.pancseg/<case>.json`` with ``case``, ``probabilities``
+    (three subtype probabilities, or null for a segmentation-only model), ``model`` (what wrote the
+    mask) and ``pending`` (true while the mask is being replaced). Keep this in step with predict.
+    """
+    from pancreas_cli.predict import SIDECAR_DIR
+
+    records: dict[str, dict[str, Any]] = {}
+    fix = "predict this folder again with `pancseg predict --force`"
+    for case in cases:
+        path = pred_dir / SIDECAR_DIR / f"{case}.json"
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: unreadable prediction record ({exc}); {fix}") from exc
+        if why := _record_problem(record, case):
+            raise DataError(f"{path}: not a pancseg prediction record ({why}); {fix}")
+        if record.get("pending"):
+            raise DataError(f"{path}: the prediction of {case} was stopped while its mask was being "
+                            "replaced, so the mask may be the old or the new one; run the same `pancseg "
+                            "predict` again to finish it")
+        records[case] = record
+    return records
+
+
+def _predicted_subtypes(pred_dir: Path, cases: list[str], notes: list[str]) -> dict[str, int]:
+    """The predictions' subtypes: ``subtype_results.csv``, unless predict's per-case records say otherwise.
+
+    A ``predict --force`` killed half-way leaves the CSV of the earlier run beside new masks; the
+    records are written with each mask, so they are the ones that match it.
+    """
+    from pancreas_cli.predict import SIDECAR_DIR
+
+    csv_path = pred_dir / "subtype_results.csv"
+    rows = read_subtype_csv(csv_path) if csv_path.is_file() else {}
+    records = _prediction_records(pred_dir, cases)
+    wanted = {c: None if (p := r["probabilities"]) is None else max(range(len(SUBTYPES)), key=p.__getitem__)
+              for c, r in records.items()}  # the argmax, the first of equals, as predict's
+    stale = [c for c in sorted(wanted) if rows.get(c) != wanted[c]]
+    if stale:
+        c = stale[0]
+        notes.append(f"{csv_path} disagrees with the per-case records in {pred_dir / SIDECAR_DIR} for "
+                     f"{len(stale)} case(s), e.g. {c} (CSV: {rows.get(c, 'no row')}, record: "
+                     f"{'no subtype' if wanted[c] is None else wanted[c]}), as a stopped `pancseg predict` "
+                     "leaves it: the subtypes are taken from the records; predicting again rewrites the CSV")
+        rows = {c: v for c, v in {**rows, **wanted}.items() if v is not None}
+    models = {json.dumps(r["model"], sort_keys=True) for r in records.values()}
+    if len(models) > 1:
+        notes.append(f"{pred_dir}: the masks come from {len(models)} different models or prediction settings "
+                     f"(their records in {SIDECAR_DIR}), as a stopped `pancseg predict --force` leaves them; "
+                     "predict again to score one model")
+    return rows
+
+
+def _attach_subtypes(results: list[CaseResult], predicted: dict[str, int], truth: dict[str, int],
+                     pred_dir: Path, subtypes_csv: Path | None, notes: list[str], *, all_cases: bool) -> None:
+    """Set each case's true and predicted subtype; notes for cases without one."""
+    predicted_csv = pred_dir / "subtype_results.csv"
+    if subtypes_csv is not None and not predicted:
+        notes.append(f"no predicted subtypes ({predicted_csv} not found or empty): no classification metrics")
+    for r in results:
+        r.subtype_true = truth.get(r.case)
+        r.subtype_pred = predicted.get(r.case)
+    stray = sorted(set(truth) - {r.case for r in results})
+    if stray and all_cases:
+        notes.append(f"{len(stray)} case(s) of {subtypes_csv} have no ground-truth mask, e.g. {stray[0]}")
+    unlabelled = [r.case for r in results if truth and r.subtype_true is None]
+    if unlabelled:
+        notes.append(f"{len(unlabelled)} case(s) have no true subtype in {subtypes_csv}, e.g. {unlabelled[0]}")
+    no_pred = [r.case for r in results if r.subtype_true is not None and r.subtype_pred is None
+               and not r.missing_prediction]
+    if no_pred and predicted:
+        raise DataError(f"{predicted_csv}: no subtype for case {no_pred[0]} ({len(no_pred)} case(s))")
 
 
 def evaluate(
@@ -280,27 +413,14 @@ def evaluate(
     extra = sorted(set(preds) - set(refs))
     if extra:
         notes.append(f"{len(extra)} prediction(s) without ground truth ignored, e.g. {extra[0]}")
-    with ThreadPoolExecutor(max_workers=settings.num_workers) as pool:
-        results = list(pool.map(lambda c: evaluate_case(c, preds.get(c), refs[c], settings), sorted(refs)))
-
-    predicted_csv = pred_dir / "subtype_results.csv"
-    predicted = read_subtype_csv(predicted_csv) if predicted_csv.is_file() else {}
+    # The subtype files first: a bad row is reported before minutes of metrics, not after.
+    predicted = _predicted_subtypes(pred_dir, sorted(set(refs) & set(preds)), notes)
     truth = read_subtype_csv(subtypes_csv) if subtypes_csv is not None else {}
-    if subtypes_csv is not None and not predicted:
-        notes.append(f"{predicted_csv} not found: no classification metrics")
-    for r in results:
-        r.subtype_true = truth.get(r.case)
-        r.subtype_pred = predicted.get(r.case)
-    stray = sorted(set(truth) - set(refs))
-    if stray and cases is None:
-        notes.append(f"{len(stray)} case(s) of {subtypes_csv} have no ground-truth mask, e.g. {stray[0]}")
-    unlabelled = [r.case for r in results if truth and r.subtype_true is None]
-    if unlabelled:
-        notes.append(f"{len(unlabelled)} case(s) have no true subtype in {subtypes_csv}, e.g. {unlabelled[0]}")
-    no_pred = [r.case for r in results if r.subtype_true is not None and r.subtype_pred is None
-               and not r.missing_prediction]
-    if no_pred and predicted:
-        raise DataError(f"{predicted_csv}: no subtype for case {no_pred[0]} ({len(no_pred)} case(s))")
+    tolerance = config.clean.label_tolerance
+    with ThreadPoolExecutor(max_workers=settings.num_workers) as pool:
+        results = list(pool.map(lambda c: evaluate_case(c, preds.get(c), refs[c], settings, tolerance),
+                                sorted(refs)))
+    _attach_subtypes(results, predicted, truth, pred_dir, subtypes_csv, notes, all_cases=cases is None)
 
     summary = summarize(results, settings)
     if not summary["lesion_cases"]:

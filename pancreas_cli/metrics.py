@@ -25,12 +25,15 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from pancreas_cli.exceptions import DataError
 from pancreas_cli.imageio import read_image
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 NsdDefinition = Literal["border_voxel", "surface_area"]
 
@@ -265,38 +268,51 @@ def _differs(a: Sequence[float], b: Sequence[float], scale: float) -> bool:
     return bool(np.any(np.abs(np.asarray(a) - np.asarray(b)) > GEOMETRY_RTOL * scale))
 
 
+def read_label_image(path: Path) -> sitk.Image:
+    """A 3D single-channel image, read to its end (:func:`read_image` with ``verify``).
+
+    Without the check a mask truncated to half reads without complaint and is scored as if complete.
+    """
+    img = read_image(Path(path), verify=True)
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(
+            f"{path}: expected a 3D single-channel label image, got {img.GetDimension()}D "
+            f"with {img.GetNumberOfComponentsPerPixel()} component(s)"
+        )
+    return img
+
+
+def check_same_grid(a: sitk.Image, b: sitk.Image, where: str, fix: str = "") -> None:
+    """DataError unless ``a`` and ``b`` (named together by ``where``) lie on the same voxel grid.
+
+    Equal size, and spacing, origin and direction equal to a relative tolerance of 1e-3 (origin
+    relative to the largest voxel size, direction as unit vectors). ``fix`` ends the message.
+    """
+    if a.GetSize() != b.GetSize():
+        raise DataError(f"{where} differ in size: {a.GetSize()} vs {b.GetSize()} (x, y, z){fix}")
+    sa, sb = a.GetSpacing(), b.GetSpacing()
+    if any(abs(x - y) > GEOMETRY_RTOL * max(abs(x), abs(y)) for x, y in zip(sa, sb)):
+        raise DataError(f"{where} differ in spacing: {sa} vs {sb} (x, y, z){fix}")
+    if _differs(a.GetOrigin(), b.GetOrigin(), max(*sa, *sb)):
+        raise DataError(f"{where} differ in origin: {a.GetOrigin()} vs {b.GetOrigin()}{fix}")
+    if _differs(a.GetDirection(), b.GetDirection(), 1.0):
+        raise DataError(f"{where} differ in direction: {a.GetDirection()} vs {b.GetDirection()}{fix}")
+
+
 def load_mask_pair(
     pred_path: Path, ref_path: Path
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """Read a prediction and a reference label image.
+    """Read a prediction and a reference label image, each verified (:func:`read_label_image`).
 
     Returns both label arrays in (z, y, x) order and the spacing in (z, y, x). Raises
-    :class:`DataError` naming both files if they are not 3D single-channel images on the
-    same grid: equal size, and spacing, origin and direction equal to a relative tolerance
-    of 1e-3 (origin relative to the largest voxel size, direction as unit vectors).
+    :class:`DataError` naming both files if they are not on the same grid (:func:`check_same_grid`).
     """
-    pred_path, ref_path = Path(pred_path), Path(ref_path)
-    images = [read_image(pred_path), read_image(ref_path)]
-    for img, path in zip(images, (pred_path, ref_path)):
-        if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-            raise DataError(
-                f"{path}: expected a 3D single-channel label image, got {img.GetDimension()}D "
-                f"with {img.GetNumberOfComponentsPerPixel()} component(s)"
-            )
-    p, r = images
-    where = f"prediction {pred_path} and reference {ref_path}"
-    if p.GetSize() != r.GetSize():
-        raise DataError(f"{where} differ in size: {p.GetSize()} vs {r.GetSize()} (x, y, z)")
-    sp, sr = p.GetSpacing(), r.GetSpacing()
-    if any(abs(a - b) > GEOMETRY_RTOL * max(abs(a), abs(b)) for a, b in zip(sp, sr)):
-        raise DataError(f"{where} differ in spacing: {sp} vs {sr} (x, y, z)")
-    if _differs(p.GetOrigin(), r.GetOrigin(), max(*sp, *sr)):
-        raise DataError(f"{where} differ in origin: {p.GetOrigin()} vs {r.GetOrigin()}")
-    if _differs(p.GetDirection(), r.GetDirection(), 1.0):
-        raise DataError(f"{where} differ in direction: {p.GetDirection()} vs {r.GetDirection()}")
     import SimpleITK as sitk
 
-    z, y, x = (float(v) for v in reversed(sr))
+    pred_path, ref_path = Path(pred_path), Path(ref_path)
+    p, r = read_label_image(pred_path), read_label_image(ref_path)
+    check_same_grid(p, r, f"prediction {pred_path} and reference {ref_path}")
+    z, y, x = (float(v) for v in reversed(r.GetSpacing()))
     return sitk.GetArrayFromImage(p), sitk.GetArrayFromImage(r), (z, y, x)
 
 

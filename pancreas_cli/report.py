@@ -41,13 +41,62 @@ class ReportResult:
                 "summary": self.summary_lines, "notes": self.notes}
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+def _read_table(path: Path, required: tuple[str, ...], fix: str) -> list[tuple[int, dict[str, str]]]:
+    """(line, row) of a CSV pancseg wrote, every row with exactly the header's cells."""
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            rows = [(reader.line_num, row) for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: not a CSV table pancseg wrote ({exc}); {fix}") from exc
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path}: no column {missing[0]} (not written by this pancseg?); {fix}")
+    for line, row in rows:
+        if None in row or None in row.values():
+            cells = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+            raise DataError(f"{path}, line {line}: a line pancseg did not write ({cells} cells, the header "
+                            f"has {len(header)}); {fix}")
+    return rows
+
+
+def _number(text: str) -> float:
+    """A cell as a float; ValueError for anything else (empty: NaN, not measured)."""
+    return float(text) if text.strip() else float("nan")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        _number(text)
+    except ValueError:
+        return False
+    return True
+
+
+#: The metrics.csv columns that report and run read (pancseg's trainer writes them, all numbers).
+TRAINING_COLUMNS = ("epoch", "dice_pancreas", "dice_lesion", "criterion", "best")
+
+
+def read_training_log(path: Path) -> list[dict[str, str]]:
+    """The rows of a fold's ``metrics.csv`` (written by pancseg's trainer), each checked.
+
+    A foreign line (an edit, another file appended) would otherwise end ``report`` and ``run`` in a
+    traceback, or make ``run`` misjudge how far the training got.
+    """
+    fix = "restore the file, or delete the lines pancseg's trainer did not write"
+    rows = _read_table(path, TRAINING_COLUMNS, fix)
+    for line, row in rows:
+        bad = next((k for k, v in row.items() if not _is_number(v)), None)
+        if bad is None and not row["epoch"].strip().isdigit():
+            bad = "epoch"
+        if bad is not None:
+            raise DataError(f"{path}, line {line}: not a training metrics row ({bad} = {row[bad]!r}); {fix}")
+    return [row for _, row in rows]
 
 
 def _floats(rows: list[dict[str, str]], key: str) -> np.ndarray:
-    return np.array([float(r[key]) if r.get(key) not in (None, "") else np.nan for r in rows])
+    return np.array([_number(r[key]) if r.get(key) is not None else np.nan for r in rows])
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -93,7 +142,7 @@ def training_figure(rows: list[dict[str, str]], path: Path) -> Path:
     time_ax.set_title("epoch time (s)")
     crit_ax.plot(epochs, _floats(rows, "criterion"), label="selection criterion")
     best = [e for e, r in zip(epochs, rows) if r.get("best") == "1"]
-    crit_ax.plot(best, [float(r["criterion"]) for r in rows if r.get("best") == "1"], "o", label="new best")
+    crit_ax.plot(best, [_number(r["criterion"]) for r in rows if r.get("best") == "1"], "o", label="new best")
     crit_ax.set_title("checkpoint selection")
     for ax in axes.flat:
         ax.set_xlabel("epoch")
@@ -145,31 +194,138 @@ def _find_image(folder: Path, case: str) -> Path | None:
     return None
 
 
-def overlay_figure(cases: list[tuple[str, str, Path, Path, Path]], path: Path) -> Path:
-    """Axial CT slices with ground-truth (green) and predicted (red) contours; lesion dashed.
+@dataclass
+class OverlaySlice:
+    """One case's axial slice for the overlays: CT, ground truth and prediction (labels 0/1/2)."""
 
-    ``cases``: (title, case id, CT, ground truth, prediction). The slice is the one with the most
-    ground-truth pancreas (or prediction, when the ground truth is empty).
+    title: str
+    case: str
+    z: int
+    ct: np.ndarray
+    gt: np.ndarray
+    pred: np.ndarray
+
+
+def overlay_slice(title: str, case: str, paths: tuple[Path, Path, Path], config: Config) -> OverlaySlice:
+    """The slice with the most ground-truth pancreas (or prediction, when the ground truth is empty).
+
+    ``paths``: CT, ground truth, prediction. Each is read to its end, the masks' labels are checked as
+    evaluate checks them, and all three must lie on one grid: a CT of another size would end in an
+    IndexError or, with the same number of slices, draw the contours on the wrong anatomy.
     """
-    import matplotlib.pyplot as plt
     import SimpleITK as sitk
 
+    from pancreas_cli.evaluate import as_labels
+    from pancreas_cli.metrics import check_same_grid, read_label_image
+
+    ct_path, gt_path, pred_path = paths
+    ct_image = read_image(ct_path, verify=True)
+    gt_image, pred_image = read_label_image(gt_path), read_label_image(pred_path)
+    check_same_grid(ct_image, gt_image, f"CT {ct_path} and ground truth {gt_path}",
+                    "; pass as --images the CT scans these masks belong to")
+    check_same_grid(pred_image, gt_image, f"prediction {pred_path} and ground truth {gt_path}",
+                    "; pass the --pred and --gt folders that were evaluated together")
+    tolerance = config.clean.label_tolerance
+    gt = as_labels(sitk.GetArrayFromImage(gt_image), gt_path, config.evaluate, tolerance)
+    pred = as_labels(sitk.GetArrayFromImage(pred_image), pred_path, config.evaluate, tolerance)
+    area = (gt > 0).sum(axis=(1, 2)) if (gt > 0).any() else (pred > 0).sum(axis=(1, 2))
+    z = int(np.argmax(area))
+    ct = sitk.GetArrayFromImage(ct_image)[z].astype(np.float32)
+    return OverlaySlice(title, case, z, ct, gt[z], pred[z])
+
+
+def overlay_figure(cases: list[OverlaySlice], path: Path) -> Path:
+    """Axial CT slices with ground-truth (green) and predicted (red) contours; lesion dashed."""
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 5), squeeze=False)
-    for ax, (title, case, ct_path, gt_path, pred_path) in zip(axes[0], cases):
-        ct = sitk.GetArrayFromImage(read_image(ct_path)).astype(np.float32)
-        gt = np.rint(sitk.GetArrayFromImage(read_image(gt_path))).astype(np.int16)
-        pred = sitk.GetArrayFromImage(read_image(pred_path)).astype(np.int16)
-        area = (gt > 0).sum(axis=(1, 2)) if (gt > 0).any() else (pred > 0).sum(axis=(1, 2))
-        z = int(np.argmax(area))
-        ax.imshow(np.clip(ct[z], *CT_WINDOW), cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1])
-        for mask, color in ((gt, "lime"), (pred, "red")):
-            for structure, style in (((mask[z] > 0), "solid"), ((mask[z] == 2), "dashed")):
+    for ax, case in zip(axes[0], cases):
+        ax.imshow(np.clip(case.ct, *CT_WINDOW), cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1])
+        for mask, color in ((case.gt, "lime"), (case.pred, "red")):
+            for structure, style in (((mask > 0), "solid"), ((mask == 2), "dashed")):
                 if structure.any():
                     ax.contour(structure.astype(float), levels=[0.5], colors=color, linestyles=style, linewidths=1.2)
-        ax.set_title(f"{title}: {case} (slice {z})")
+        ax.set_title(f"{case.title}: {case.case} (slice {case.z})")
         ax.axis("off")
     fig.text(0.5, 0.01, "green: ground truth, red: prediction; solid: pancreas, dashed: lesion", ha="center")
     return _save(fig, path)
+
+
+_EVALUATE_AGAIN = "run `pancseg evaluate` again (with --force) to rewrite it"
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _segmentation_problem(summary: dict[str, Any]) -> str | None:
+    """What is wrong with the summary's segmentation statistics and targets (None: nothing)."""
+    for key, stats in summary["segmentation"].items():
+        keys = ("mean", "median", "ci95_low", "ci95_high")
+        values = [stats.get(k, "-") if isinstance(stats, dict) else "-" for k in keys]
+        if not all(v is None or _is_num(v) for v in values) or (values[2] is None) != (values[3] is None):
+            return f"segmentation.{key} is not mean, median, ci95_low and ci95_high"
+    for key, target in summary["targets"].items():
+        if not (isinstance(target, dict) and _is_num(target.get("target"))
+                and (target.get("value") is None or _is_num(target["value"]))
+                and target.get("passed", "-") in (True, False, None)):
+            return f"targets.{key} is not target, value and passed"
+    return None
+
+
+def _classification_problem(cls: Any, targets: dict[str, Any]) -> str | None:
+    """What is wrong with the summary's classification block (None: nothing)."""
+    if cls is None:
+        return None
+    if not isinstance(cls, dict) or not all(_is_num(cls.get(k)) for k in ("macro_f1", "accuracy")):
+        return "classification has no macro_f1 or accuracy"
+    if "macro_f1" not in targets:
+        return "no targets.macro_f1"
+    matrix = cls.get("confusion_matrix")
+    square = isinstance(matrix, list) and matrix and all(isinstance(row, list) and len(row) == len(matrix)
+                                                         for row in matrix)
+    if not square or not all(isinstance(v, int) for row in matrix for v in row):
+        return "classification.confusion_matrix is not a square table of counts"
+    scores = [cls.get(k) for k in ("precision", "recall", "f1")]
+    if not all(isinstance(d, dict) and d.keys() == scores[2].keys() and all(map(_is_num, d.values()))
+               for d in scores):
+        return "classification precision, recall and f1 are not scores per subtype"
+    return None
+
+
+def load_summary(path: Path) -> dict[str, Any]:
+    """``metrics_summary.json`` as ``pancseg evaluate`` wrote it, checked before anything is drawn."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: unreadable evaluation summary, cut short or edited ({exc}); "
+                        f"{_EVALUATE_AGAIN}") from exc
+    kinds = (("cases", int), ("nsd_definition", str), ("segmentation", dict), ("targets", dict))
+    why = "not a JSON object" if not isinstance(summary, dict) else next(
+        (f"no {k}" for k, kind in kinds if not isinstance(summary.get(k), kind)), None)
+    why = why or _segmentation_problem(summary) or _classification_problem(summary.get("classification"),
+                                                                           summary["targets"])
+    if why:
+        raise DataError(f"{path}: not an evaluation summary of this pancseg ({why}); {_EVALUATE_AGAIN}")
+    return summary
+
+
+def load_per_case(path: Path, summary_json: Path, cases: int) -> list[dict[str, str]]:
+    """``metrics_per_case.csv``, checked: evaluate's columns, numbers, and as many cases as its summary."""
+    from pancreas_cli.evaluate import PER_CASE_COLUMNS, PER_CASE_VALUES
+
+    rows = _read_table(path, PER_CASE_COLUMNS, _EVALUATE_AGAIN)
+    for line, row in rows:
+        bad = next((k for k in PER_CASE_VALUES if not _is_number(row[k])), None)
+        if bad is None and not np.isfinite(_number(row["dice_pancreas"])):
+            bad = "dice_pancreas"
+        if bad is not None or not row["case"].strip():
+            shown = f"{bad} = {row[bad]!r}" if bad else "no case"
+            raise DataError(f"{path}, line {line}: not a per-case metrics row ({shown}); {_EVALUATE_AGAIN}")
+    if len(rows) != cases:
+        raise DataError(f"{path} holds {len(rows)} case(s) but {summary_json} {cases}: they come from "
+                        f"different evaluations; {_EVALUATE_AGAIN}")
+    return [row for _, row in rows]
 
 
 def _versions() -> dict[str, str]:
@@ -248,117 +404,147 @@ def report(
         return _write_report(config, fold, out_html, pred_dir, gt_dir, images_dir, metrics_dir or pred_dir)
 
 
-def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Path | None, gt_dir: Path | None,
-                  images_dir: Path | None, metrics_dir: Path | None) -> ReportResult:
+@dataclass
+class _Inputs:
+    """Everything the report reads, read and checked before anything is drawn or written."""
+
+    fold_dir: Path
+    training: list[dict[str, str]]
+    metrics_dir: Path | None
+    summary: dict[str, Any] | None = None
+    per_case: list[dict[str, str]] = field(default_factory=list)
+    overlays: list[OverlaySlice] = field(default_factory=list)
+
+
+def _read_inputs(config: Config, fold: int, pred_dir: Path | None, gt_dir: Path | None,
+                 images_dir: Path | None, metrics_dir: Path | None) -> _Inputs:
     from pancreas_cli.predict import model_folder
 
-    out_html = out_html or config.project_dir / "report" / f"report_fold{fold}.html"
-    if out_html.is_file() and _TITLE not in out_html.read_text(encoding="utf-8", errors="replace")[:2000]:
-        raise OutputExistsError(f"{out_html} exists and is not a pancseg report; choose another --out or move it")
-    png_dir = out_html.parent
-    stem = out_html.stem
-    result = ReportResult(out_html)
-    parts: list[str] = []
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-    # Training
     fold_dir = model_folder(config) / f"fold_{fold}"
     metrics_csv = fold_dir / "metrics.csv"
-    parts.append("<h2 id='training'>Training</h2>")
-    if metrics_csv.is_file() and (rows := _read_csv(metrics_csv)):
-        png = training_figure(rows, png_dir / f"{stem}_training.png")
-        result.pngs.append(png)
-        last = rows[-1]
-        parts.append(f"<p>{len(rows)} epochs of fold {fold} in <code>{html.escape(str(fold_dir))}</code>.</p>")
-        parts.append(_img_tag(png, "training curves"))
-        result.summary_lines.append(
-            f"training: {len(rows)} epochs; last validation pseudo-Dice pancreas {last['dice_pancreas'] or '-'}, "
-            f"lesion {last['dice_lesion'] or '-'}, macro-F1 {last.get('val_macro_f1') or '-'}")
-    else:
-        parts.append(f"<p class='note'>No metrics.csv in {html.escape(str(fold_dir))}: run <code>pancseg train --fold {fold}</code>.</p>")
-        result.notes.append(f"no training metrics for fold {fold}")
-
-    # Evaluation
-    parts.append("<h2 id='evaluation'>Evaluation</h2>")
+    inputs = _Inputs(fold_dir, read_training_log(metrics_csv) if metrics_csv.is_file() else [], metrics_dir)
     summary_json = metrics_dir / SUMMARY_NAME if metrics_dir else None
     per_case_csv = metrics_dir / PER_CASE_NAME if metrics_dir else None
-    if summary_json and summary_json.is_file() and per_case_csv and per_case_csv.is_file():
-        summary = json.loads(summary_json.read_text(encoding="utf-8"))
-        per_case = _read_csv(per_case_csv)
-        rows_, classes = [], []
-        for key, stats in summary["segmentation"].items():
-            target = summary["targets"].get(key)
-            ci = "-" if stats["ci95_low"] is None else f"{stats['ci95_low']:.3f} - {stats['ci95_high']:.3f}"
-            passed = None if not target or target["passed"] is None else ("pass" if target["passed"] else "FAIL")
-            rows_.append([key, stats["mean"], stats["median"], ci, target["target"] if target else None, passed])
-            classes.append("" if passed is None else ("pass" if passed == "pass" else "fail"))
-        cls = summary.get("classification")
-        if cls:
-            target = summary["targets"]["macro_f1"]
-            rows_.append(["macro_f1 (subtype)", cls["macro_f1"], None, "-", target["target"],
-                          "pass" if target["passed"] else "FAIL"])
-            classes.append("pass" if target["passed"] else "fail")
-            rows_.append(["accuracy (subtype)", cls["accuracy"], None, "-", None, None])
-            classes.append("")
-        parts.append(f"<p>{summary['cases']} cases evaluated in <code>{html.escape(str(metrics_dir))}</code> "
-                     f"(NSD: {summary['nsd_definition']}).</p>")
-        parts.append(_table(["metric", "mean", "median", "95% CI (bootstrap)", "target", "result"], rows_, classes))
-        png = distribution_figure(per_case, png_dir / f"{stem}_distributions.png")
-        result.pngs.append(png)
-        parts.append(_img_tag(png, "per-case metric distributions"))
-        if cls:
-            png = confusion_figure(cls["confusion_matrix"], png_dir / f"{stem}_confusion.png")
-            result.pngs.append(png)
-            parts.append(_img_tag(png, "subtype confusion matrix"))
-            per_class = [[c, cls["precision"][c], cls["recall"][c], cls["f1"][c]] for c in sorted(cls["f1"])]
-            parts.append(_table(["subtype", "precision", "recall", "F1"], per_class))
-        for key, t in summary["targets"].items():
-            if t["value"] is not None:
-                result.summary_lines.append(f"{key}: {t['value']:.4f} (target {t['target']}: "
-                                            f"{'pass' if t['passed'] else 'FAIL'})")
+    if not (summary_json and summary_json.is_file() and per_case_csv and per_case_csv.is_file()):
+        return inputs
+    inputs.summary = load_summary(summary_json)
+    inputs.per_case = load_per_case(per_case_csv, summary_json, inputs.summary["cases"])
+    # Overlays: best, median and worst by whole-pancreas Dice; each case once (with two cases the
+    # median is the best one).
+    ranked = sorted(inputs.per_case, key=lambda r: float(r["dice_pancreas"]))
+    picks = {0: "worst", len(ranked) // 2: "median", len(ranked) - 1: "best"} if ranked else {}
+    for index, title in sorted(picks.items()):
+        row = ranked[index]
+        case = row["case"]
+        paths = [_find_image(folder, case) if folder else None for folder in (images_dir, gt_dir, pred_dir)]
+        if all(paths):
+            inputs.overlays.append(overlay_slice(f"{title} (Dice {float(row['dice_pancreas']):.3f})", case,
+                                                 tuple(paths), config))  # type: ignore[arg-type]
+    return inputs
 
-        # Overlays: best, median and worst by whole-pancreas Dice.
-        parts.append("<h2 id='overlays'>Examples</h2>")
-        ranked = sorted(per_case, key=lambda r: float(r["dice_pancreas"]))
-        # Each case once: with two cases the median is the best one.
-        picks = {0: "worst", len(ranked) // 2: "median", len(ranked) - 1: "best"}
-        chosen = []
-        for index, title in sorted(picks.items()):
-            case = ranked[index]["case"]
-            row = ranked[index]
-            ct = _find_image(images_dir, case) if images_dir else None
-            gt = _find_image(gt_dir, case) if gt_dir else None
-            pred = _find_image(pred_dir, case) if pred_dir else None
-            if ct and gt and pred:
-                chosen.append((f"{title} (Dice {float(row['dice_pancreas']):.3f})", case, ct, gt, pred))
-        if chosen:
-            png = overlay_figure(chosen, png_dir / f"{stem}_overlays.png")
-            result.pngs.append(png)
-            parts.append(_img_tag(png, "best, median and worst cases by whole-pancreas Dice"))
-        else:
-            parts.append("<p class='note'>No overlays: pass --images (CT) and --gt folders with the cases.</p>")
-            result.notes.append("no overlays: CT or ground-truth folder missing")
-    else:
+
+def _training_section(inputs: _Inputs, fold: int, png: Path, result: ReportResult) -> list[str]:
+    rows, fold_dir = inputs.training, inputs.fold_dir
+    if not rows:
+        result.notes.append(f"no training metrics for fold {fold}")
+        return [f"<p class='note'>No metrics.csv in {html.escape(str(fold_dir))}: run "
+                f"<code>pancseg train --fold {fold}</code>.</p>"]
+    result.pngs.append(training_figure(rows, png))
+    last = rows[-1]
+    result.summary_lines.append(
+        f"training: {len(rows)} epochs; last validation pseudo-Dice pancreas {last['dice_pancreas'] or '-'}, "
+        f"lesion {last['dice_lesion'] or '-'}, macro-F1 {last.get('val_macro_f1') or '-'}")
+    return [f"<p>{len(rows)} epochs of fold {fold} in <code>{html.escape(str(fold_dir))}</code>.</p>",
+            _img_tag(png, "training curves")]
+
+
+def _summary_table(summary: dict[str, Any]) -> str:
+    rows, classes = [], []
+    for key, stats in summary["segmentation"].items():
+        target = summary["targets"].get(key)
+        ci = "-" if stats["ci95_low"] is None else f"{stats['ci95_low']:.3f} - {stats['ci95_high']:.3f}"
+        passed = None if not target or target["passed"] is None else ("pass" if target["passed"] else "FAIL")
+        rows.append([key, stats["mean"], stats["median"], ci, target["target"] if target else None, passed])
+        classes.append("" if passed is None else ("pass" if passed == "pass" else "fail"))
+    cls = summary.get("classification")
+    if cls:
+        target = summary["targets"]["macro_f1"]
+        rows.append(["macro_f1 (subtype)", cls["macro_f1"], None, "-", target["target"],
+                     "pass" if target["passed"] else "FAIL"])
+        classes.append("pass" if target["passed"] else "fail")
+        rows.append(["accuracy (subtype)", cls["accuracy"], None, "-", None, None])
+        classes.append("")
+    return _table(["metric", "mean", "median", "95% CI (bootstrap)", "target", "result"], rows, classes)
+
+
+def _evaluation_section(inputs: _Inputs, png_stem: Path, result: ReportResult) -> list[str]:
+    summary, metrics_dir = inputs.summary, inputs.metrics_dir
+    if summary is None:
         where = str(metrics_dir) if metrics_dir else "(no --pred or --metrics folder)"
-        parts.append(f"<p class='note'>No evaluation in {html.escape(where)}: run <code>pancseg predict</code> "
-                     "and <code>pancseg evaluate</code> (pass <code>--metrics</code> where its -o wrote).</p>")
         result.notes.append(f"no evaluation ({SUMMARY_NAME}, {PER_CASE_NAME}) in {where}; run pancseg "
                             "evaluate, or pass --metrics DIR where `pancseg evaluate -o DIR` wrote them")
+        return [f"<p class='note'>No evaluation in {html.escape(where)}: run <code>pancseg predict</code> "
+                "and <code>pancseg evaluate</code> (pass <code>--metrics</code> where its -o wrote).</p>"]
+    parts = [f"<p>{summary['cases']} cases evaluated in <code>{html.escape(str(metrics_dir))}</code> "
+             f"(NSD: {summary['nsd_definition']}).</p>", _summary_table(summary)]
+    png = distribution_figure(inputs.per_case, png_stem.with_name(f"{png_stem.name}_distributions.png"))
+    result.pngs.append(png)
+    parts.append(_img_tag(png, "per-case metric distributions"))
+    cls = summary.get("classification")
+    if cls:
+        png = confusion_figure(cls["confusion_matrix"], png_stem.with_name(f"{png_stem.name}_confusion.png"))
+        result.pngs.append(png)
+        parts.append(_img_tag(png, "subtype confusion matrix"))
+        per_class = [[c, cls["precision"][c], cls["recall"][c], cls["f1"][c]] for c in sorted(cls["f1"])]
+        parts.append(_table(["subtype", "precision", "recall", "F1"], per_class))
+    for key, t in summary["targets"].items():
+        if t["value"] is not None:
+            result.summary_lines.append(f"{key}: {t['value']:.4f} (target {t['target']}: "
+                                        f"{'pass' if t['passed'] else 'FAIL'})")
+    parts.append("<h2 id='overlays'>Examples</h2>")
+    if inputs.overlays:
+        png = overlay_figure(inputs.overlays, png_stem.with_name(f"{png_stem.name}_overlays.png"))
+        result.pngs.append(png)
+        parts.append(_img_tag(png, "best, median and worst cases by whole-pancreas Dice"))
+    else:
+        parts.append("<p class='note'>No overlays: pass --images (CT) and --gt folders with the cases.</p>")
+        result.notes.append("no overlays: CT or ground-truth folder missing")
+    return parts
 
-    # Provenance
-    parts.append("<h2 id='provenance'>Provenance</h2>")
-    versions = _versions()
+
+def _provenance_section(config: Config, fold_dir: Path, now: str, result: ReportResult) -> list[str]:
     device = "-"
     debug = fold_dir / "debug.json"
-    if debug.is_file():
-        device = json.loads(debug.read_text(encoding="utf-8")).get("device", "-")
+    if debug.is_file():  # nnU-Net's record of the training run: only the device is shown from it
+        try:
+            device = str(json.loads(debug.read_text(encoding="utf-8")).get("device", "-"))
+        except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+            result.notes.append(f"{debug}: unreadable ({type(exc).__name__}); the training device is not "
+                                "shown")
     dates = [["report written", now]]
+    metrics_csv = fold_dir / "metrics.csv"
     if metrics_csv.is_file():
         dates.append(["training last updated", datetime.fromtimestamp(metrics_csv.stat().st_mtime, timezone.utc)
                       .strftime("%Y-%m-%d %H:%M UTC")])
-    parts.append(_table(["item", "value"], [[k, v] for k, v in versions.items()] + [["training device", device]] + dates))
-    parts.append(f"<p>Config: {html.escape(str(config.config_path or 'defaults'))}</p><pre>{html.escape(dump_config(config))}</pre>")
+    rows = [[k, v] for k, v in _versions().items()] + [["training device", device]] + dates
+    return ["<h2 id='provenance'>Provenance</h2>", _table(["item", "value"], rows),
+            f"<p>Config: {html.escape(str(config.config_path or 'defaults'))}</p>"
+            f"<pre>{html.escape(dump_config(config))}</pre>"]
 
+
+def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Path | None, gt_dir: Path | None,
+                  images_dir: Path | None, metrics_dir: Path | None) -> ReportResult:
+    out_html = out_html or config.project_dir / "report" / f"report_fold{fold}.html"
+    if out_html.is_file() and _TITLE not in out_html.read_text(encoding="utf-8", errors="replace")[:2000]:
+        raise OutputExistsError(f"{out_html} exists and is not a pancseg report; choose another --out or move it")
+    inputs = _read_inputs(config, fold, pred_dir, gt_dir, images_dir, metrics_dir)
+    png_stem = out_html.parent / out_html.stem
+    result = ReportResult(out_html)
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = ["<h2 id='training'>Training</h2>",
+             *_training_section(inputs, fold, png_stem.with_name(f"{png_stem.name}_training.png"), result),
+             "<h2 id='evaluation'>Evaluation</h2>", *_evaluation_section(inputs, png_stem, result),
+             *_provenance_section(config, inputs.fold_dir, now, result)]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{_TITLE}"
             f"{html.escape(config.dataset.folder_name)} fold {fold}</title><style>{_STYLE}</style></head><body>"
             f"<h1>pancseg report</h1><p>{html.escape(config.dataset.folder_name)}, fold {fold}, "

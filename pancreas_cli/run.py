@@ -21,7 +21,7 @@ from pancreas_cli.exceptions import CleanError
 from pancreas_cli.predict import CaseReporter, model_folder, predict
 from pancreas_cli.prepare import prepare
 from pancreas_cli.preprocess import preprocess
-from pancreas_cli.report import ReportResult, report
+from pancreas_cli.report import ReportResult, read_training_log, report
 from pancreas_cli.train import EpochReporter, newest_checkpoint, train
 
 
@@ -37,8 +37,8 @@ def _finished(config: Config, fold: int) -> bool:
     metrics = fold_dir / "metrics.csv"
     if not (fold_dir / "checkpoint_final.pth").is_file() or not metrics.is_file():
         return False
-    lines = metrics.read_text(encoding="utf-8").strip().splitlines()
-    return len(lines) > 1 and int(lines[-1].split(",")[0]) >= config.train.epochs
+    rows = read_training_log(metrics)  # a foreign line is an error naming it, not a guess either way
+    return bool(rows) and int(rows[-1]["epoch"]) >= config.train.epochs
 
 
 def run(
