@@ -21,7 +21,7 @@ import numpy as np
 from pancreas_cli.config import CleanConfig, Config, kept_labels
 from pancreas_cli.console import count
 from pancreas_cli.exceptions import CleanError, DataError
-from pancreas_cli.imageio import read_image, scan_nifti, write_image, write_text
+from pancreas_cli.imageio import ct_value_problem, read_image, scan_nifti, write_image, write_text
 from pancreas_cli.locks import project_stage, writing
 
 if TYPE_CHECKING:
@@ -148,12 +148,8 @@ def _audit_image(audit: _CaseAudit, path: Path, hu_range: tuple[float, float]) -
         audit.error("NaN/Inf voxels", f"{path.name}: {bad} non-finite voxels", "replace them in the source (e.g. with -1024)")
         return None
     lo, hi = float(array.min()), float(array.max())
-    if lo < hu_range[0] or hi > hu_range[1] or lo > -500 or hi < 100:
-        audit.warning(
-            "not CT-like values",
-            f"{path.name}: range [{lo:g}, {hi:g}] (expected Hounsfield units, air about -1000, within "
-            f"[{hu_range[0]:g}, {hu_range[1]:g}])",
-        )
+    if problem := ct_value_problem(lo, hi, hu_range):
+        audit.warning("not CT-like values", f"{path.name}: {problem}")
     if array.dtype in (np.int32, np.int64, np.uint32, np.uint64) and lo >= -32768 and hi <= 32767:
         audit.fixed("image", "wide integer CT", f"{path.name} stored as {array.dtype}", "stored as int16 (all values fit)")
         image = sitk.Cast(image, sitk.sitkInt16)

@@ -356,6 +356,8 @@ def predict(
     fast: Annotated[bool, typer.Option("--fast", help="No test-time mirroring: about 8x faster, slightly less accurate.")] = False,
     force: Annotated[bool, typer.Option("--force", "--overwrite",
                                         help="Predict every case again, replacing existing masks.")] = False,
+    series: Annotated[str | None, typer.Option("--series", help="The series of a DICOM folder to segment (default: "
+                                               "the one with the most slices).", metavar="UID")] = None,
     json_: JsonOption = False,
 ) -> None:
     """Predict masks (labels 0/1/2) and lesion subtypes (subtype_results.csv) for new CT scans."""
@@ -365,7 +367,7 @@ def predict(
     if checkpoint not in (None, "best", "final"):
         raise typer.BadParameter(f"must be best or final, got {checkpoint!r}", param_hint="--checkpoint")
     cfg = _config(config, set_, **{"predict.device": device, "predict.checkpoint": checkpoint})
-    result = run_predict(cfg, input_path=input_, out_dir=out, folds=fold, fast=fast, overwrite=force,
+    result = run_predict(cfg, input_path=input_, out_dir=out, folds=fold, fast=fast, overwrite=force, series=series,
                          reporter=CasePrinter(quiet=output.verbosity < 0), warn=output.warn)
     if json_:
         output.json(result.to_dict())

@@ -56,6 +56,33 @@ def read_image(path: Path, *, verify: bool = False) -> sitk.Image:
         ) from exc
 
 
+
+def verify_image(path: Path) -> None:
+    """:class:`DataError` unless ``path`` is a complete image: all of its compressed stream and voxel
+    data (:func:`scan_nifti`) and a header SimpleITK reads. Cheaper than reading it: no voxel array."""
+    import SimpleITK as sitk
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    scan_nifti(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise DataError(f"{path}: cannot read image ({first}); the file may be truncated or not an image") from exc
+
+
+def ct_value_problem(lo: float, hi: float, hu_range: tuple[float, float]) -> str | None:
+    """Why voxel values from ``lo`` to ``hi`` do not look like CT in Hounsfield units (None if they do):
+    CT has air (about -1000, so some value below -500) and tissue or bone (above 100), within ``hu_range``
+    (``clean.hu_range``). Shared by clean (training data) and predict (new scans)."""
+    if lo < hu_range[0] or hi > hu_range[1] or lo > -500 or hi < 100:
+        return (f"range [{lo:g}, {hi:g}] (expected Hounsfield units, air about -1000, within "
+                f"[{hu_range[0]:g}, {hu_range[1]:g}])")
+    return None
+
 _NIFTI_FLOATS = {16: np.dtype("float32"), 64: np.dtype("float64")}
 
 

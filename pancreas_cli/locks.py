@@ -75,8 +75,9 @@ def _holders(lock_file: Path) -> list[str]:
             continue
         if _alive(int(pid)):
             found.append(note.read_text(encoding="utf-8").strip())
-        else:
-            note.unlink(missing_ok=True)  # its process was killed before it could remove it
+        else:  # its process was killed before it could remove it (kept on read-only storage)
+            with contextlib.suppress(OSError):
+                note.unlink(missing_ok=True)
     return found
 
 

@@ -6,8 +6,10 @@ Every output is written under a temporary name and renamed. Each mask has a reco
 of the model, checkpoint and settings that wrote it: a case with a record of this model and these
 settings is skipped, so an interrupted run just continues; a mask written otherwise (another model,
 a retrained checkpoint, or not by pancseg) is refused unless ``overwrite`` (or ``replace_outdated``,
-which keeps up-to-date cases). The CSVs are rebuilt at the end from every case predicted by this
-model. A case that fails is reported and the others go on.
+which keeps up-to-date cases). A mask that is not a complete image (cut short) is predicted again.
+The CSVs are rebuilt from the records (:func:`rebuild_csvs`) before the first case, after each and at
+the end, so they never disagree with the masks. A case that fails is reported and the others go on.
+A project on read-only storage is used as it is: no project lock, nnU-Net's log in the output folder.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
@@ -29,8 +32,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from pancreas_cli import locks
 from pancreas_cli.config import Config
 from pancreas_cli.console import count
+from pancreas_cli.dicom import choose_series, series_ids
 from pancreas_cli.exceptions import DataError, OutputExistsError, PancsegError
-from pancreas_cli.imageio import image_extension, image_stem, read_image, write_image, write_text
+from pancreas_cli.imageio import (ct_value_problem, image_extension, image_stem, read_image, verify_image, write_image,
+                                  write_text)
 from pancreas_cli.inference.pipeline import Finished, run_overlapped
 from pancreas_cli.inference.reading import nnunet_input, reads_like_simpleitk
 from pancreas_cli.inference.window import WindowStats
@@ -46,6 +51,8 @@ if TYPE_CHECKING:
 SIDECAR_DIR = ".pancseg"  # per-case record: the model that wrote the mask, and its class probabilities
 NOT_PANCSEG = "not written by pancseg predict"
 INTERRUPTED = "interrupted while being replaced"
+DAMAGED = "not a complete image"  # cut short (a full disk, an interrupted copy): predicted again
+UNREADABLE = "its record is unreadable or from an older pancseg"
 
 
 class PredictError(PancsegError):
@@ -61,12 +68,16 @@ class CaseReporter(Protocol):
 
     def case(self, outcome: CaseOutcome, index: int) -> None: ...
 
+    def warn(self, text: str) -> None: ...  # about a case (not CT-like, say); shown even when quiet
+
 
 @dataclass(frozen=True)
 class InputCase:
     case: str
-    source: Path  # a file, or a DICOM series folder
+    source: Path  # a file, or a DICOM folder
     dicom: bool = False
+    series: str | None = None  # the DICOM series segmented (its UID; see pancreas_cli.dicom)
+    files: tuple[str, ...] = ()  # that series' files, in slice order
 
 
 @dataclass
@@ -80,6 +91,7 @@ class CaseOutcome:
     error: str | None = None
     times: dict[str, float] = field(default_factory=dict)  # read, network, export (seconds)
     window: WindowStats | None = None  # what pancseg's sliding window computed (None: nnU-Net's window)
+    warnings: list[str] = field(default_factory=list)  # about the scan (not CT-like)
 
 
 @dataclass
@@ -115,6 +127,7 @@ class PredictResult:
             "engine": self.engine, "seconds": round(self.seconds, 3), "cases_per_minute": self.cases_per_minute(),
             "cases": [{"case": o.case, "status": o.status, "seconds": round(o.seconds, 3), "subtype": o.subtype,
                        "probabilities": o.probabilities, "times": {k: round(v, 3) for k, v in o.times.items()},
+                       "warnings": o.warnings,
                        "window": None if o.window is None else {
                            "tiles": o.window.tiles, "mirrored": o.window.full, "passes": o.window.passes,
                            "stock_passes": o.window.stock_passes, "fallback": o.window.fallback}}
@@ -122,31 +135,28 @@ class PredictResult:
         }
 
 
-def _is_dicom_folder(folder: Path) -> bool:
-    import SimpleITK as sitk
-
-    # ITK warns on stderr when it finds no series; here that is an answer, not a problem.
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
-def find_inputs(path: Path) -> list[InputCase]:
-    """Cases in a file, a folder of images (``_0000`` optional) or a DICOM series folder."""
+def find_inputs(path: Path, *, series: str | None = None,
+                warn: Callable[[str], None] = lambda text: None) -> list[InputCase]:
+    """Cases in a file, a folder of images (``_0000`` optional) or a DICOM folder: its series ``series``,
+    else its CT series by :func:`~pancreas_cli.dicom.choose_series`'s rule (a warning names it)."""
     if path.is_file():
         if not image_extension(path):
             raise PredictError(f"{path}: not a .nii.gz, .nii, .nrrd or .mha image")
-        return [InputCase(_case_name(path), path)]
-    if not path.is_dir():
+        cases = [InputCase(_case_name(path), path)]
+    elif path.is_dir():
+        images = sorted(p for p in path.iterdir()
+                        if p.is_file() and image_extension(p) and not p.name.startswith("."))
+        if not images:
+            return [_dicom_case(path, series, warn)]
+        cases = _image_cases(images)
+    else:
         raise PredictError(f"{path}: no such file or folder")
-    images = sorted(p for p in path.iterdir() if p.is_file() and image_extension(p) and not p.name.startswith("."))
-    if not images:
-        if _is_dicom_folder(path):
-            return [InputCase(path.name, path, dicom=True)]
-        raise PredictError(f"{path}: no images (.nii.gz, .nii, .nrrd, .mha) and no DICOM series found")
+    if series is not None:
+        raise PredictError(f"{path}: --series chooses a series of a DICOM folder, and this is not one")
+    return cases
+
+
+def _image_cases(images: list[Path]) -> list[InputCase]:
     cases: dict[str, InputCase] = {}
     for image in images:
         case = _case_name(image)
@@ -156,9 +166,26 @@ def find_inputs(path: Path) -> list[InputCase]:
     return list(cases.values())
 
 
+def _dicom_case(folder: Path, series: str | None, warn: Callable[[str], None]) -> InputCase:
+    """The case of a DICOM folder, named after the folder (resolved: ``-i .`` is not a case named '')."""
+    if not series_ids(folder):
+        raise PredictError(f"{folder}: no images (.nii.gz, .nii, .nrrd, .mha) and no DICOM series found")
+    chosen = choose_series(folder, series, warn)
+    return InputCase(_checked_name(folder.resolve().name, folder), folder, dicom=True, series=chosen.uid,
+                     files=chosen.files)
+
+
 def _case_name(path: Path) -> str:
     stem = image_stem(path)
-    return stem[:-5] if stem.endswith("_0000") else stem
+    return _checked_name(stem[:-5] if stem.endswith("_0000") else stem, path)
+
+
+def _checked_name(case: str, source: Path) -> str:
+    """``case``, unless it is empty (``_0000.nii.gz``, the root folder): its mask would be ``.nii.gz``."""
+    if not case.strip():
+        raise PredictError(f"{source}: gives an empty case name, so its mask would be named {case}.nii.gz; "
+                           "rename the file (or folder) to the case's name")
+    return case
 
 
 def model_folder(config: Config) -> Path:
@@ -234,8 +261,7 @@ def _read_input(case: InputCase) -> sitk.Image:
 
     if case.dicom:
         reader = sitk.ImageSeriesReader()
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(case.source))
-        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(case.source), series[0]))
+        reader.SetFileNames(list(case.files))
         try:
             image = reader.Execute()
         except RuntimeError as exc:
@@ -296,9 +322,11 @@ def source_stamp(case: InputCase) -> list[Any]:
     return [str(path), len(files), sum(f.st_size for f in files), max((f.st_mtime_ns for f in files), default=0)]
 
 
-def _outdated(out_dir: Path, case: InputCase, record: dict[str, Any] | None, stamp: dict[str, Any]) -> str | None:
+def _outdated(out_dir: Path, case: InputCase, record: dict[str, Any] | None, stamp: dict[str, Any],
+              multitask: bool) -> str | None:
     """None if ``stamp``'s model wrote the mask of ``case`` from its scan as it is now (by its
-    ``record``), "" if there is no mask, else why the mask is not that.
+    ``record``), "" if there is no mask, else why the mask is not that (a multitask record without
+    valid probabilities counts as unreadable: its CSV row cannot be written).
 
     :data:`NOT_PANCSEG` (no record) and :data:`INTERRUPTED` (a replacement was stopped half-way,
     so it was authorised already) are answered apart from the other reasons, which need ``--force``.
@@ -310,8 +338,8 @@ def _outdated(out_dir: Path, case: InputCase, record: dict[str, Any] | None, sta
     if record.get("pending"):
         return INTERRUPTED
     written = record.get("model")
-    if not isinstance(written, dict):
-        return "its record is unreadable or from an older pancseg"
+    if not isinstance(written, dict) or (multitask and _probabilities(record) is None):
+        return UNREADABLE
     for key, why in (("model", "another model"), ("folds", "other folds"), ("checkpoint", "another checkpoint"),
                      ("checkpoint_files", "the checkpoint changed since (retrained?)"),
                      ("tile_step_size", "another tile step size"), ("mirroring", "other mirroring (--fast)"),
@@ -322,7 +350,31 @@ def _outdated(out_dir: Path, case: InputCase, record: dict[str, Any] | None, sta
         return "its record (by an older pancseg) does not say which scan it was made from"
     if record["source_stamp"] != source_stamp(case):
         return f"made from another scan than {case.source}, or before it changed"
+    if case.dicom and record.get("series", case.series) != case.series:
+        return f"made from another DICOM series of {case.source} ({record['series']!r})"
     return None
+
+
+def _damaged(out_dir: Path, cases: list[str]) -> dict[str, str]:
+    """The masks of ``cases`` that are not complete images (cut short by a full disk or a copy), with why.
+
+    Checked before a case is skipped as done; decompressing runs outside the GIL, so a few threads
+    check a large output folder in a fraction of the time.
+    """
+
+    def problem(case: str) -> str | None:
+        mask = out_dir / f"{case}.nii.gz"
+        try:
+            verify_image(mask)
+        except DataError as exc:
+            return str(exc).removeprefix(f"{mask}: ")
+        return None
+
+    if not cases:
+        return {}
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="pancseg-verify") as pool:
+        found = dict(zip(cases, pool.map(problem, cases)))
+    return {case: why for case, why in found.items() if why}
 
 
 def _refuse_conflicts(out_dir: Path, outdated: dict[str, str | None], *, replacing: bool) -> None:
@@ -336,7 +388,7 @@ def _refuse_conflicts(out_dir: Path, outdated: dict[str, str | None], *, replaci
             f"{out_dir / SIDECAR_DIR}): ground truth or another tool's mask? pancseg never replaces those, not "
             "even with --force: choose another output folder, or move them away"
         )
-    conflicts = [case for case, why in outdated.items() if why and why != INTERRUPTED]
+    conflicts = [case for case, why in outdated.items() if why and why not in (INTERRUPTED, DAMAGED)]
     if conflicts and not replacing:
         more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
         raise OutputExistsError(
@@ -349,20 +401,66 @@ def _subtype(probabilities: list[float] | None) -> int | None:
     return None if probabilities is None else max(range(3), key=lambda i: probabilities[i])
 
 
-def _write_csvs(out_dir: Path, stamp: dict[str, Any]) -> Path:
-    """``subtype_results.csv`` and ``subtype_probabilities.csv`` from every case this model predicted."""
+def _probabilities(record: dict[str, Any] | None) -> list[float] | None:
+    """The record's three class probabilities, or None where they are missing or not three numbers."""
+    values = (record or {}).get("probabilities")
+    if not isinstance(values, list) or len(values) != 3:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        return None
+    return [float(v) for v in values]
+
+
+def rebuild_csvs(out_dir: Path, model: dict[str, Any] | None = None) -> Path:
+    """Write ``subtype_results.csv`` and ``subtype_probabilities.csv`` of ``out_dir`` from its case records:
+    a row for each mask whose record is finished (not pending) and has probabilities, and, when ``model``
+    (a :func:`model_stamp`) is given, was written by that model. Returns the results CSV.
+
+    The CSVs are derived data, never updated row by row: predict rebuilds them before its first case,
+    after each case and at the end, so that a killed run or a retrained model cannot leave rows that
+    disagree with the masks. Other commands may call it on an output folder too (cheap: small files).
+    """
     rows = []
     for path in sorted((out_dir / SIDECAR_DIR).glob("*.json")):
         case = path.stem
         record = _record(out_dir, case) or {}
-        if (out_dir / f"{case}.nii.gz").is_file() and record.get("model") == stamp and not record.get("pending"):
-            rows.append((case, record["probabilities"]))
+        probabilities = _probabilities(record)
+        if (probabilities is not None and not record.get("pending") and (out_dir / f"{case}.nii.gz").is_file()
+                and (model is None or record.get("model") == model)):
+            rows.append((case, probabilities))
     results = out_dir / "subtype_results.csv"
-    write_text("Names,Subtype\n" + "".join(f"{c}.nii.gz,{_subtype(p)}\n" for c, p in rows),
-               results)
+    write_text("Names,Subtype\n" + "".join(f"{c}.nii.gz,{_subtype(p)}\n" for c, p in rows), results)
     write_text("Names,p0,p1,p2\n" + "".join(f"{c}.nii.gz," + ",".join(f"{v:.6f}" for v in p) + "\n"
                                             for c, p in rows), out_dir / "subtype_probabilities.csv")
     return results
+
+
+def sweep_leftovers(out_dir: Path) -> None:
+    """Remove what a killed predict left in ``out_dir``: scratch folders, partial masks and the temporary
+    files of atomic writes. Called with the folder's lock held: no living predict owns them then."""
+    if not out_dir.is_dir():
+        return
+    for scratch in out_dir.glob(".scratch*"):
+        if scratch.is_dir():
+            shutil.rmtree(scratch, ignore_errors=True)
+    leftovers = [*out_dir.glob(".partial_*"), *out_dir.glob(".subtype_*.csv.*.tmp"),
+                 *(out_dir / SIDECAR_DIR).glob(".*.json.*.tmp")]
+    for path in leftovers:
+        if path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def project_writable(project_dir: Path) -> bool:
+    """Whether predict may write its lock and log into the project. A model on read-only storage (or
+    another user's) may not be: it is used without a project lock (this user cannot preprocess it
+    meanwhile either) and nnU-Net's log goes to the output folder (:func:`predict_log`)."""
+    folders = (project_dir, project_dir / locks.LOCK_DIR, project_dir / "logs")
+    return all(os.access(p, os.W_OK | os.X_OK) for p in folders if p.is_dir())
+
+
+def predict_log(project_dir: Path, out_dir: Path, writable: bool) -> Path:
+    """Where nnU-Net's output and the tracebacks of failed cases go: the project's logs, else the output folder."""
+    return project_dir / "logs" / "predict.log" if writable else out_dir / SIDECAR_DIR / "predict.log"
 
 
 def predict(
@@ -375,6 +473,7 @@ def predict(
     fast: bool = False,
     overwrite: bool = False,
     replace_outdated: bool = False,
+    series: str | None = None,
     reporter: CaseReporter | None = None,
     warn: Callable[[str], None] = lambda text: None,
 ) -> PredictResult:
@@ -383,70 +482,115 @@ def predict(
     ``overwrite`` predicts every case again; ``replace_outdated`` only those whose masks another
     model or other settings wrote (``pancseg run`` after more training). Without either, such
     masks are refused with :class:`OutputExistsError` before anything is written. Masks pancseg
-    did not write (ground truth, another tool's) and input scans are never replaced.
+    did not write (ground truth, another tool's) and input scans are never replaced. ``series``
+    names the series of a DICOM folder to segment.
     """
     settings = config.predict
     checkpoint_name = f"checkpoint_{checkpoint or settings.checkpoint}.pth"
-    if input_path.is_dir() and out_dir.resolve() == input_path.resolve():
-        raise PredictError(f"{out_dir}: the output folder is the input folder; its masks would be read as new "
-                           "scans next time: choose another -o")
-    cases = find_inputs(input_path)
-    sources = {c.source.resolve() for c in cases if not c.dicom}
-    clash = next((c for c in cases if (out_dir / f"{c.case}.nii.gz").resolve() in sources), None)
-    if clash is not None:
-        raise PredictError(f"{clash.source}: its mask would be written over this input scan; choose another -o")
+    cases = _checked_inputs(input_path, out_dir, series, warn)
+    writable = project_writable(config.project_dir)
     with contextlib.ExitStack() as held:
-        held.enter_context(locks.project(config.project_dir, shared=True))  # no preprocess meanwhile
+        if writable:  # no preprocess meanwhile (a read-only project cannot be preprocessed by us anyway)
+            held.enter_context(locks.project(config.project_dir, shared=True))
         model_dir = model_folder(config)
         held.enter_context(locks.output_folder(out_dir))  # one predict per output folder
+        sweep_leftovers(out_dir)  # what a killed run left: no living run owns it now
         trainer = TRAINERS[config.train.task]
         folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn,
                                lambda fold: locks.fold_holders(config.project_dir, trainer, fold))
         device = _device(settings.device, warn)
         setup_nnunet_env(config, device_type=device.type)
         multitask = config.train.task == "multitask"
-        mirroring = settings.mirroring and not fast
-        stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size, mirroring,
-                            engine_stamp(settings))
+        stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size,
+                            settings.mirroring and not fast, engine_stamp(settings))
         records = {c.case: _record(out_dir, c.case) for c in cases}
-        outdated = {c.case: _outdated(out_dir, c, records[c.case], stamp) for c in cases}
-        _refuse_conflicts(out_dir, outdated, replacing=overwrite or replace_outdated)
-        log_file = config.project_dir / "logs" / "predict.log"
+        todo = _cases_to_predict(out_dir, cases, records, stamp, multitask, overwrite=overwrite,
+                                 replace_outdated=replace_outdated, warn=warn)
+        log_file = predict_log(config.project_dir, out_dir, writable)
         result = PredictResult(out_dir, model_dir, folds, str(device), log_file, engine=settings.engine)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / SIDECAR_DIR).mkdir(exist_ok=True)
-        todo = [c for c in cases if overwrite or outdated[c.case] is not None]
+        (out_dir / SIDECAR_DIR).mkdir(parents=True, exist_ok=True)
+        _rebuild(out_dir, stamp, multitask)  # a killed run's CSVs may disagree with its masks
         for case in cases:
             if case not in todo:
-                probabilities = (records[case.case] or {}).get("probabilities")
+                probabilities = _probabilities(records[case.case])
                 result.outcomes.append(CaseOutcome(case.case, case.source, "skipped", subtype=_subtype(probabilities),
                                                    probabilities=probabilities))
         if todo:
-            with redirect_output(log_file) as terminal, \
-                    tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch") as scratch:
-                try:
-                    predictor = _load_model(config, model_dir, folds, checkpoint_name, device, mirroring)
-                except (RuntimeError, ValueError, OSError, KeyError) as exc:
-                    raise PredictError(f"cannot load the model in {model_dir}: {type(exc).__name__}: {exc}; "
-                                       f"nnU-Net log: {log_file}") from exc
-                runner = _CaseRunner(predictor, out_dir, Path(scratch), multitask, stamp, device, reporter)
-                if reporter is not None:
-                    reporter.start(len(todo), terminal)
-                start = time.perf_counter()
-                try:
-                    for index, outcome in enumerate(runner.run(todo), start=1):
-                        result.outcomes.append(outcome)
-                        if reporter is not None:
-                            reporter.case(outcome, index)
-                except KeyboardInterrupt:
-                    if multitask:  # the CSVs list the cases finished so far
-                        _write_csvs(out_dir, stamp)
-                    raise
-                finally:
-                    result.seconds = time.perf_counter() - start
-        if multitask:
-            result.subtype_csv = _write_csvs(out_dir, stamp)
+            _predict_cases(config, result, todo, stamp, device, log_file, reporter, warn)
+        result.subtype_csv = _rebuild(out_dir, stamp, multitask)
         return result
+
+
+def _checked_inputs(input_path: Path, out_dir: Path, series: str | None,
+                    warn: Callable[[str], None]) -> list[InputCase]:
+    """The cases of ``input_path``; PredictError if a mask would be written over an input."""
+    if input_path.is_dir() and out_dir.resolve() == input_path.resolve():
+        raise PredictError(f"{out_dir}: the output folder is the input folder; its masks would be read as new "
+                           "scans next time: choose another -o")
+    cases = find_inputs(input_path, series=series, warn=warn)
+    sources = {c.source.resolve() for c in cases if not c.dicom}
+    clash = next((c for c in cases if (out_dir / f"{c.case}.nii.gz").resolve() in sources), None)
+    if clash is not None:
+        raise PredictError(f"{clash.source}: its mask would be written over this input scan; choose another -o")
+    return cases
+
+
+def _cases_to_predict(out_dir: Path, cases: list[InputCase], records: dict[str, dict[str, Any] | None],
+                      stamp: dict[str, Any], multitask: bool, *, overwrite: bool, replace_outdated: bool,
+                      warn: Callable[[str], None]) -> list[InputCase]:
+    """The cases to predict: every one with ``overwrite``, else those without an up-to-date, complete mask.
+
+    Masks that may not be replaced are refused (:func:`_refuse_conflicts`) before anything is written. A
+    damaged mask's record is then marked pending: its CSV row goes, and a run stopped before the case is
+    done again still redoes it.
+    """
+    outdated = {c.case: _outdated(out_dir, c, records[c.case], stamp, multitask) for c in cases}
+    damaged = _damaged(out_dir, [case for case, why in outdated.items() if why is None])
+    outdated.update(dict.fromkeys(damaged, DAMAGED))
+    _refuse_conflicts(out_dir, outdated, replacing=overwrite or replace_outdated)
+    for case, why in damaged.items():
+        warn(f"{out_dir / case}.nii.gz is {DAMAGED} ({why}): predicting it again")
+        write_text(json.dumps({**(records[case] or {}), "pending": True}), out_dir / SIDECAR_DIR / f"{case}.json")
+    return [c for c in cases if overwrite or outdated[c.case] is not None]
+
+
+def _rebuild(out_dir: Path, stamp: dict[str, Any], multitask: bool) -> Path | None:
+    """The CSVs from this model's records (:func:`rebuild_csvs`); a segmentation-only model writes none."""
+    return rebuild_csvs(out_dir, stamp) if multitask else None
+
+
+def _predict_cases(config: Config, result: PredictResult, todo: list[InputCase], stamp: dict[str, Any],
+                   device: torch.device, log_file: Path, reporter: CaseReporter | None,
+                   warn: Callable[[str], None]) -> None:
+    """Load the model and predict ``todo`` into ``result`` (nnU-Net's output into ``log_file``),
+    rebuilding the CSVs after each case, and when stopped (the cases finished so far)."""
+    out_dir, multitask = result.out_dir, config.train.task == "multitask"
+    with redirect_output(log_file) as terminal, \
+            tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch") as scratch:
+        try:
+            predictor = _load_model(config, result.model_dir, result.folds, stamp["checkpoint"], device,
+                                    stamp["mirroring"])
+        except (RuntimeError, ValueError, OSError, KeyError) as exc:
+            raise PredictError(f"cannot load the model in {result.model_dir}: {type(exc).__name__}: {exc}; "
+                               f"nnU-Net log: {log_file}") from exc
+        notify = reporter.warn if reporter is not None else warn  # the terminal: stderr is the log now
+        runner = _CaseRunner(predictor, out_dir, Path(scratch), multitask, stamp, device, reporter, notify,
+                             config.clean.hu_range)
+        if reporter is not None:
+            reporter.start(len(todo), terminal)
+        start = time.perf_counter()
+        try:
+            for index, outcome in enumerate(runner.run(todo), start=1):
+                result.outcomes.append(outcome)
+                _rebuild(out_dir, stamp, multitask)
+                if reporter is not None:
+                    reporter.case(outcome, index)
+        except BaseException:
+            with contextlib.suppress(OSError):  # the case being written when stopped completes first
+                _rebuild(out_dir, stamp, multitask)
+            raise
+        finally:
+            result.seconds = time.perf_counter() - start
 
 
 def _load_model(config: Config, model_dir: Path, folds: list[int], checkpoint_name: str, device: torch.device,
@@ -494,11 +638,12 @@ class _CaseRunner:
     (here), writing the mask and its record (writer thread). A failing case ends as a failed outcome."""
 
     def __init__(self, predictor: Any, out_dir: Path, scratch: Path, multitask: bool, stamp: dict[str, Any],
-                 device: torch.device, reporter: CaseReporter | None) -> None:
+                 device: torch.device, reporter: CaseReporter | None, notify: Callable[[str], None],
+                 hu_range: tuple[float, float]) -> None:
         from pancreas_cli.inference.resample import DeviceResampling
 
         self.predictor, self.out_dir, self.scratch, self.multitask = predictor, out_dir, scratch, multitask
-        self.stamp, self.reporter = stamp, reporter
+        self.stamp, self.reporter, self.notify, self.hu_range = stamp, reporter, notify, hu_range
         self.fast = predictor.window is not None
         manager = predictor.configuration_manager
         self.manager = DeviceResampling(manager, device) if self.fast else manager
@@ -516,6 +661,7 @@ class _CaseRunner:
         try:
             scan = source_stamp(case)  # before reading: a scan replaced meanwhile counts as changed next time
             image = _read_input(case)
+            warnings = _not_ct(case, image, self.hu_range)
             predictor = self.predictor
             with torch.inference_mode():
                 if self.fast and reads_like_simpleitk(predictor.plans_manager):  # no second read
@@ -526,7 +672,8 @@ class _CaseRunner:
                     data, _, properties = self.preprocessor.run_case(
                         [str(_as_nifti(case, image, self.scratch / case.case))], None, predictor.plans_manager,
                         self.manager, predictor.dataset_json)
-            return {"scan": scan, "data": data, "properties": properties, "read": time.perf_counter() - start}
+            return {"scan": scan, "data": data, "properties": properties, "warnings": warnings,
+                    "read": time.perf_counter() - start}
         except (DataError, RuntimeError, ValueError, OSError) as exc:
             return Finished(_failed(case, exc, start))
 
@@ -534,6 +681,8 @@ class _CaseRunner:
         import torch
 
         start = time.perf_counter()
+        for text in ready["warnings"]:  # here, on the main thread, in the order of the cases
+            self.notify(text)
         predictor = self.predictor
         working = (lambda detail: self.reporter.working(case.case, detail)) if self.reporter else None
         try:
@@ -586,16 +735,28 @@ class _CaseRunner:
         times = {"read": done["read"], "network": done["network"],
                  "export": done["export"] + time.perf_counter() - start}
         return CaseOutcome(case.case, case.source, "predicted", sum(times.values()), _subtype(done["probabilities"]),
-                           done["probabilities"], times=times, window=done["window"])
+                           done["probabilities"], times=times, window=done["window"], warnings=done["warnings"])
 
     def _replace(self, case: InputCase, done: dict[str, Any], partial: Path) -> None:
         """The mask into place, its record marked pending meanwhile: a run stopped in between redoes the case."""
         record = {"case": case.case, "source": str(case.source), "source_stamp": done["scan"],
-                  "probabilities": done["probabilities"], "model": self.stamp}
+                  "probabilities": done["probabilities"], "model": self.stamp,
+                  **({"series": case.series} if case.dicom else {})}
         sidecar = self.out_dir / SIDECAR_DIR / f"{case.case}.json"
         write_text(json.dumps({**record, "pending": True}), sidecar)
         os.replace(f"{partial}.nii.gz", self.out_dir / f"{case.case}.nii.gz")
         write_text(json.dumps(record), sidecar)
+
+
+def _not_ct(case: InputCase, image: sitk.Image, hu_range: tuple[float, float]) -> list[str]:
+    """A warning when the scan's values do not look like CT in HU (an MR, a rescaled export): the model was
+    trained on CT and would still give a subtype. The same check as clean's on training data."""
+    import SimpleITK as sitk
+
+    values = sitk.MinimumMaximumImageFilter()
+    values.Execute(image)
+    problem = ct_value_problem(values.GetMinimum(), values.GetMaximum(), hu_range)
+    return [f"{case.source}: does not look like CT in HU: {problem}; the model was trained on CT"] if problem else []
 
 
 def _failed(case: InputCase, exc: Exception, start: float) -> CaseOutcome:

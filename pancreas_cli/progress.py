@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -111,6 +112,13 @@ class CasePrinter:
         if self.quiet or self.console is None:
             return
         (self.progress.console if self.progress is not None else self.console).print(f"{case}: {detail}", markup=False)
+
+    def warn(self, text: str) -> None:
+        """Shown even when quiet, as the CLI's warnings are (on stderr while nnU-Net's output is logged)."""
+        console = self.progress.console if self.progress is not None else self.console
+        if console is None:
+            console = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+        console.print(f"warning: {text}", markup=False, style="yellow")
 
     def case(self, outcome: Any, index: int) -> None:
         if self.quiet or self.console is None:

@@ -216,20 +216,6 @@ def test_failing_case_is_reported_others_complete(trained_project: Path, runner:
     assert len((out / "subtype_results.csv").read_text().splitlines()) == 3
 
 
-def test_dicom_series_input(trained_project: Path, runner: CliRunner, tmp_path: Path, realdata: Path) -> None:
-    dicom = realdata / "totalsegmentator" / "example_ct_dicom"
-    out = tmp_path / "out"
-    result = _predict(runner, trained_project, dicom, out, "--fast", "--set", "predict.tile_step_size=1.0")
-    assert result.exit_code == 0, result.output
-    mask = sitk.ReadImage(str(out / "example_ct_dicom.nii.gz"))
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(dicom)))
-    image = reader.Execute()
-    assert mask.GetSize() == image.GetSize() == (512, 512, 20)
-    assert np.allclose(mask.GetSpacing(), image.GetSpacing()) and np.allclose(mask.GetOrigin(), image.GetOrigin())
-    assert (out / "subtype_results.csv").read_text().splitlines()[1].startswith("example_ct_dicom.nii.gz,")
-
-
 def test_errors(trained_project: Path, runner: CliRunner, tmp_path: Path) -> None:
     cfg = str(trained_project / "pancseg.yaml")
     missing = runner.invoke(app, ["predict", "-c", cfg, "-i", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
