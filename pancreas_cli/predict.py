@@ -30,7 +30,8 @@ from pancreas_cli import locks
 from pancreas_cli.config import Config
 from pancreas_cli.console import count
 from pancreas_cli.exceptions import DataError, OutputExistsError, PancsegError
-from pancreas_cli.imageio import image_extension, image_stem, read_image, write_image, write_text
+from pancreas_cli.imageio import (PARTIAL_PREFIX, image_extension, image_stem, read_image, sweep_partials,
+                                  write_image, write_text)
 from pancreas_cli.inference.pipeline import Finished, run_overlapped
 from pancreas_cli.inference.reading import nnunet_input, reads_like_simpleitk
 from pancreas_cli.inference.window import WindowStats
@@ -415,6 +416,8 @@ def predict(
         result = PredictResult(out_dir, model_dir, folds, str(device), log_file, engine=settings.engine)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / SIDECAR_DIR).mkdir(exist_ok=True)
+        for folder in (out_dir, out_dir / SIDECAR_DIR):  # what a killed predict left (the folder is ours now)
+            sweep_partials(folder)
         todo = [c for c in cases if overwrite or outdated[c.case] is not None]
         for case in cases:
             if case not in todo:
@@ -423,7 +426,7 @@ def predict(
                                                    probabilities=probabilities))
         if todo:
             with redirect_output(log_file) as terminal, \
-                    tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch") as scratch:
+                    tempfile.TemporaryDirectory(dir=out_dir, prefix=PARTIAL_PREFIX) as scratch:
                 try:
                     predictor = _load_model(config, model_dir, folds, checkpoint_name, device, mirroring)
                 except (RuntimeError, ValueError, OSError, KeyError) as exc:
@@ -565,7 +568,8 @@ class _CaseRunner:
 
     def write(self, case: InputCase, done: dict[str, Any]) -> CaseOutcome:
         start = time.perf_counter()
-        partial = self.out_dir / f".partial_{case.case}"
+        partial = self.scratch / case.case / "mask"  # the writers add .nii.gz; no data name in out_dir
+        partial.parent.mkdir(parents=True, exist_ok=True)
         predictor = self.predictor
         try:
             if self.fast:

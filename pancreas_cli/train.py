@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO
 from pancreas_cli import locks
 from pancreas_cli.config import Config, load_config
 from pancreas_cli.exceptions import PancsegError, TrainError, TrainingInterrupted
+from pancreas_cli.imageio import sweep_partials
 from pancreas_cli.logcapture import redirect_output, tail
 from pancreas_cli.multitask.settings import TrainingSettings, read_settings, settings_path, write_settings
 from pancreas_cli.nnunet_env import nnunet_worker_pools, scoped_env, setup_nnunet_env
@@ -341,6 +342,7 @@ def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start:
     fold, output_folder = start.fold, start.output_folder
     if start.discard:
         shutil.rmtree(output_folder)
+    sweep_partials(output_folder)  # checkpoints a killed training was writing (this fold is locked)
     log_file = config.project_dir / "logs" / f"train_{config.train.task}_fold{fold}.log"
     fold_result = FoldResult(fold, output_folder, log_file)
     if start.finished:
