@@ -116,6 +116,9 @@ def _preprocessed_state(config: Config) -> dict[str, Any]:
     state = read_state(config.dataset_preprocessed_dir)
     if state is None:
         raise TrainError(f"{config.dataset_preprocessed_dir}: not preprocessed; run `pancseg preprocess` first")
+    if state.get("pending"):
+        raise TrainError(f"{config.dataset_preprocessed_dir}: the last preprocessing did not finish (it "
+                         "failed or was stopped); run `pancseg preprocess` first")
     if state["configuration"] != config.plan.configuration:
         raise TrainError(
             f"the data was preprocessed for {state['configuration']} but plan.preset asks for "
