@@ -21,7 +21,8 @@ import numpy as np
 from pancreas_cli.config import CleanConfig, Config, kept_labels
 from pancreas_cli.console import count
 from pancreas_cli.exceptions import CleanError, DataError
-from pancreas_cli.imageio import ct_value_problem, read_image, scan_nifti, write_image, write_text
+from pancreas_cli.imageio import (PARTIAL_PREFIX, ct_value_problem, partials, read_image, scan_nifti, sweep_partials,
+                                  write_image, write_text)
 from pancreas_cli.locks import project_stage, writing
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 Severity = Literal["error", "fixed", "warning"]
 REPORT_NAME = "clean_report.csv"
+DATA_FOLDERS = ("imagesTr", "labelsTr", "imagesTs")
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,7 @@ def _replace(path: Path, new: sitk.Image) -> None:
     keep = _original(path)
     if not keep.exists():
         keep.parent.mkdir(parents=True, exist_ok=True)
-        tmp = keep.with_name(f".{keep.name}.tmp")
+        tmp = keep.with_name(f"{PARTIAL_PREFIX}{keep.name}.tmp")
         try:
             os.link(path, tmp)
         except OSError:
@@ -341,8 +343,12 @@ def clean(config: Config, *, check: bool = False) -> CleanResult:
     result = CleanResult(dataset, len(jobs), check, [f for a, _, _ in audits for f in a.findings])
     if check:
         return result
-    if any(new_image is not None or new_mask is not None for _, new_image, new_mask in audits):
+    folders = [dataset, *(dataset / f"{name}{end}" for name in DATA_FOLDERS for end in ("", "_original"))]
+    leftovers = any(partials(folder) for folder in folders)
+    if leftovers or any(new_image is not None or new_mask is not None for _, new_image, new_mask in audits):
         writing(config.project_dir)
+    for folder in folders:  # what a killed clean left (nnU-Net would count a leftover image as a case)
+        sweep_partials(folder)
     for (_, image_path, mask_path), (_, new_image, new_mask) in zip(jobs, audits):
         for path, new in ((image_path, new_image), (mask_path, new_mask)):
             if path is not None and new is not None:

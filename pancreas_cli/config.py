@@ -93,6 +93,30 @@ class DatasetConfig(_Section):
         """nnU-Net's folder name, e.g. ``Dataset001_PancreasCancer``."""
         return f"Dataset{self.id:03d}_{self.name}"
 
+    def inputs(self) -> dict[str, Path]:
+        """The configured paths pancseg reads the user's data from, by key (the source only where the
+        layout reads it)."""
+        found = {"source": self.source} if self.layout != "manifest" else {}
+        keys = ("manifest", "subtypes_csv", "test_labels", "test_subtypes_csv")
+        return found | {key: path for key in keys if (path := getattr(self, key)) is not None}
+
+
+def project_overlap(path: Path, folders: list[Path]) -> str | None:
+    """How ``path`` lies in one of ``folders`` (:attr:`Config.written_folders`), links followed on both
+    sides (a ``project_dir/nnUNet_raw`` may be a link to an older nnU-Net folder); None when apart.
+
+    Only a source equal to or inside such a folder is at risk: those are replaced or deleted whole.
+    A project inside the source folder (``source: .``) only adds pancseg's own files next to it.
+    """
+    real = path.resolve()
+    for folder in folders:
+        target = folder.resolve()
+        if real == target:
+            return f"{path} is {folder}, which pancseg replaces (prepare --force, preprocess, train --force)"
+        if real.is_relative_to(target):
+            return f"{path} is inside {folder}, which pancseg replaces (prepare --force, preprocess, train --force)"
+    return None
+
 
 def kept_labels(label_map: dict[int, int]) -> dict[int, int]:
     """Source value -> label for a ``label_map`` setting (clean's and evaluate's): a map lists every
@@ -219,6 +243,19 @@ class Config(_Section):
 
     _resolve_paths = field_validator("project_dir")(_resolve)
 
+    @model_validator(mode="after")
+    def _inputs_apart_from_project(self, info: ValidationInfo) -> Config:
+        """A source in the project would be deleted by ``prepare --force`` (an older nnU-Net layout:
+        source ``project_dir/nnUNet_raw/Dataset001_X``); a project in the source writes into it."""
+        if not (info.context or {}).get("check_source", True):
+            return self  # stages after prepare never read the source
+        for key, path in self.dataset.inputs().items():
+            if (problem := project_overlap(path, self.written_folders)) is None:
+                continue
+            raise ValueError(f"dataset.{key}: {problem}; copy the data to a folder outside it and point this "
+                             "setting there, or set project_dir to another folder")
+        return self
+
     _config_path: Path | None = PrivateAttr(None)
 
     @property
@@ -237,6 +274,13 @@ class Config(_Section):
     @property
     def results_dir(self) -> Path:
         return self.project_dir / "nnUNet_results"
+
+    @property
+    def written_folders(self) -> list[Path]:
+        """The folders pancseg replaces or deletes in whole or in part (``prepare --force`` the raw dataset,
+        ``preprocess`` and ``train --force`` theirs); any of them may be a link elsewhere."""
+        return [self.raw_dir, self.preprocessed_dir, self.results_dir, self.dataset_raw_dir,
+                self.dataset_preprocessed_dir]
 
     @property
     def dataset_raw_dir(self) -> Path:

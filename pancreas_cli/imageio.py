@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -148,31 +151,65 @@ def publish(tmp: Path | str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def atomic_target(path: Path) -> Path:
-    """A temporary path in the same folder as ``path`` that keeps its extension."""
-    ext = image_extension(path) or path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{ext}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+#: How every temporary file or folder pancseg writes is named: a dot name that never ends in an
+#: image or data extension, so that no glob of data (nnU-Net counts ``imagesTr/*.nii.gz``) takes one
+#: a killed command left, and :func:`sweep_partials` can recognise it.
+PARTIAL_PREFIX = ".pancseg.tmp-"
+#: Temporary names of older pancseg versions (``.CASE_0000.nii.gz.k3j2h1x9.tmp.nii.gz``, ``.NAME.tmp``,
+#: predict's ``.partial_CASE.nii.gz`` and ``.scratchXXXXXXXX``), swept too.
+_OLD_PARTIAL = re.compile(r"\..+\.tmp(\.nii\.gz|\.nii|\.nrrd|\.mha|\.png|\.pth)?"
+                          r"|\.partial_.+\.nii\.gz|\.scratch\w{8}")
+
+
+@contextmanager
+def atomic_target(path: Path) -> Iterator[Path]:
+    """A temporary path to write ``path``'s content to, then :func:`publish` it.
+
+    The file keeps ``path``'s name (writers such as SimpleITK choose the format by extension), in
+    a temporary folder beside ``path`` (the same file system, so publishing is a rename); the
+    folder's name is no data name (see :data:`PARTIAL_PREFIX`). The folder is removed on leaving.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=path.parent))
+    try:
+        yield folder / path.name
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def partials(folder: Path) -> list[Path]:
+    """The temporary files and folders that killed pancseg commands left directly in ``folder``."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.name.startswith(PARTIAL_PREFIX) or _OLD_PARTIAL.fullmatch(p.name))
+
+
+def sweep_partials(folder: Path) -> list[Path]:
+    """Remove :func:`partials` of ``folder``; only while holding the lock that keeps other pancseg
+    commands from writing there (theirs would go too)."""
+    found = partials(folder)
+    for entry in found:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return found
 
 
 def write_image(image: sitk.Image, path: Path) -> None:
     """Write ``image`` to ``path`` atomically (temporary file, then rename), compressed."""
     import SimpleITK as sitk
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_target(path)
-    try:
+    with atomic_target(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
         publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_text(text: str, path: Path) -> None:
     """Write a text file atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{PARTIAL_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
@@ -188,7 +225,7 @@ def link_or_copy(src: Path, dst: Path, *, link: bool = True) -> None:
     change the user's source.
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp = dst.with_name(f"{PARTIAL_PREFIX}{dst.name}.tmp")
     tmp.unlink(missing_ok=True)
     if link:
         try:

@@ -34,8 +34,8 @@ from pancreas_cli.config import Config
 from pancreas_cli.console import count
 from pancreas_cli.dicom import choose_series, series_ids
 from pancreas_cli.exceptions import DataError, OutputExistsError, PancsegError
-from pancreas_cli.imageio import (ct_value_problem, image_extension, image_stem, read_image, verify_image, write_image,
-                                  write_text)
+from pancreas_cli.imageio import (PARTIAL_PREFIX, ct_value_problem, image_extension, image_stem, read_image,
+                                  sweep_partials, verify_image, write_image, write_text)
 from pancreas_cli.inference.pipeline import Finished, run_overlapped
 from pancreas_cli.inference.reading import nnunet_input, reads_like_simpleitk
 from pancreas_cli.inference.window import WindowStats
@@ -437,9 +437,12 @@ def rebuild_csvs(out_dir: Path, model: dict[str, Any] | None = None) -> Path:
 
 def sweep_leftovers(out_dir: Path) -> None:
     """Remove what a killed predict left in ``out_dir``: scratch folders, partial masks and the temporary
-    files of atomic writes. Called with the folder's lock held: no living predict owns them then."""
+    files of atomic writes (older pancseg's names too). Called with the folder's lock held: no living
+    predict owns them then."""
     if not out_dir.is_dir():
         return
+    for folder in (out_dir, out_dir / SIDECAR_DIR):
+        sweep_partials(folder)
     for scratch in out_dir.glob(".scratch*"):
         if scratch.is_dir():
             shutil.rmtree(scratch, ignore_errors=True)
@@ -566,7 +569,7 @@ def _predict_cases(config: Config, result: PredictResult, todo: list[InputCase],
     rebuilding the CSVs after each case, and when stopped (the cases finished so far)."""
     out_dir, multitask = result.out_dir, config.train.task == "multitask"
     with redirect_output(log_file) as terminal, \
-            tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch") as scratch:
+            tempfile.TemporaryDirectory(dir=out_dir, prefix=PARTIAL_PREFIX) as scratch:
         try:
             predictor = _load_model(config, result.model_dir, result.folds, stamp["checkpoint"], device,
                                     stamp["mirroring"])
@@ -714,7 +717,8 @@ class _CaseRunner:
 
     def write(self, case: InputCase, done: dict[str, Any]) -> CaseOutcome:
         start = time.perf_counter()
-        partial = self.out_dir / f".partial_{case.case}"
+        partial = self.scratch / case.case / "mask"  # the writers add .nii.gz; no data name in out_dir
+        partial.parent.mkdir(parents=True, exist_ok=True)
         predictor = self.predictor
         try:
             if self.fast:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 from collections import Counter
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pancreas_cli.config import Config, DatasetConfig
+from pancreas_cli.config import Config, DatasetConfig, project_overlap
 from pancreas_cli.exceptions import DataError, OutputExistsError, PrepareError
 from pancreas_cli.imageio import image_extension, image_stem, link_or_copy, read_image, write_image, write_text
 from pancreas_cli.locks import project_stage, writing
@@ -87,8 +88,22 @@ def _parse_subtype(value: object, where: str) -> int:
     return int(number)
 
 
+def _check_link(path: Path, where: str = "") -> None:
+    """A source file behind a symbolic link that leads nowhere (git-annex, DataLad: content not
+    fetched) is an error, not a file quietly left out."""
+    if path.is_symlink() and not path.exists():
+        raise PrepareError(f"{where}{path}: broken symbolic link (to {os.readlink(path)}); fetch its content "
+                           "(e.g. `git annex get`, `datalad get`) or remove the link")
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and image_extension(p) and not p.name.startswith("."))
+    found = []
+    for path in sorted(folder.iterdir()):
+        if image_extension(path) and not path.name.startswith("."):
+            _check_link(path)
+            if path.is_file():
+                found.append(path)
+    return found
 
 
 def _strip_channel(stem: str) -> str:
@@ -159,10 +174,7 @@ def _seed_cases(source: Path, subtypes_csv: Path) -> list[SourceCase]:
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
             raise PrepareError(f"{folder}: folder not found; the seed layout needs imagesTr/ and labelsTr/")
-    subtypes: dict[str, int] = {}
-    for row in _read_csv(subtypes_csv, ("case_id", "subtype")):
-        if row["case_id"]:
-            subtypes[row["case_id"]] = _parse_subtype(row["subtype"], f"{subtypes_csv}, case {row['case_id']}")
+    subtypes = _subtype_rows(subtypes_csv)
 
     def mask_key(stem: str) -> str:
         return "img" + stem[4:] if stem.startswith("mask") else stem
@@ -174,9 +186,14 @@ def _seed_cases(source: Path, subtypes_csv: Path) -> list[SourceCase]:
         mask = masks.pop(case_id, None)
         if mask is None:
             raise PrepareError(f"{image}: image without mask; expected {labels_dir}/mask{case_id[3:]}.nii.gz")
-        subtype = subtypes.get(case_id, subtypes.get(image_stem(mask)))
-        if subtype is None:
+        rows = [subtypes[key] for key in (case_id, image_stem(mask)) if key in subtypes]
+        if not rows:
             raise PrepareError(f"{subtypes_csv}: no subtype for case {case_id}; add a row '{case_id},<0|1|2>'")
+        if len({value for value, _ in rows}) > 1:
+            (a, line_a), (b, line_b) = rows
+            raise PrepareError(f"{subtypes_csv}: case {case_id} has subtype {a} on line {line_a} and {b} on "
+                               f"line {line_b} (as {image_stem(mask)}); keep one")
+        subtype = rows[0][0]
         cases.append(SourceCase(case_id, "train", image, mask, subtype))
     if masks:
         orphan = next(iter(masks.values()))
@@ -186,30 +203,59 @@ def _seed_cases(source: Path, subtypes_csv: Path) -> list[SourceCase]:
     return cases
 
 
-def _manifest_cases(manifest: Path) -> list[SourceCase]:
-    """CSV ``case_id,image,mask,subtype,split``; relative paths are relative to the CSV."""
-    cases: list[SourceCase] = []
-    for line, row in enumerate(_read_csv(manifest, ("case_id", "image", "mask", "subtype", "split")), start=2):
-        where = f"{manifest}, line {line}"
-        split = row["split"].lower()
-        if split not in ("train", "validation", "test"):
-            raise PrepareError(f"{where}: split must be train, validation or test, got {row['split']!r}")
-        if not row["image"]:
-            raise PrepareError(f"{where}: no image path")
-        image = (manifest.parent / row["image"]).absolute()
-        mask = (manifest.parent / row["mask"]).absolute() if row["mask"] else None
-        for path in (image, mask):
-            if path is not None and not path.is_file():
-                raise PrepareError(f"{where}: file not found: {path}")
-            if path is not None and not image_extension(path):
-                raise PrepareError(f"{where}: {path.name} is not a .nii.gz, .nii, .nrrd or .mha file")
-        if split == "test":
-            cases.append(SourceCase(row["case_id"], "test", image, mask, None))
+def _subtype_rows(path: Path) -> dict[str, tuple[int, int]]:
+    """Case id -> (subtype, line) of a ``case_id,subtype`` CSV. A case listed twice with one subtype
+    passes; with two it is an error (last-wins would quietly change a training label)."""
+    subtypes: dict[str, tuple[int, int]] = {}
+    for line, row in enumerate(_read_csv(path, ("case_id", "subtype")), start=2):
+        if not row["case_id"]:
             continue
-        if mask is None:
-            raise PrepareError(f"{where}: {split} case {row['case_id']} needs a mask")
-        cases.append(SourceCase(row["case_id"], split, image, mask, _parse_subtype(row["subtype"], where)))  # type: ignore[arg-type]
-    return cases
+        value = _parse_subtype(row["subtype"], f"{path}, line {line}, case {row['case_id']}")
+        first, first_line = subtypes.setdefault(row["case_id"], (value, line))
+        if first != value:
+            raise PrepareError(f"{path}: case {row['case_id']} has subtype {first} on line {first_line} and "
+                               f"{value} on line {line}; keep one row per case")
+    return subtypes
+
+
+def _manifest_cases(manifest: Path) -> list[SourceCase]:
+    """CSV ``case_id,image,mask,subtype,split``; relative paths are relative to the CSV. A case listed
+    twice the same way passes; two different rows for a case are an error naming both lines."""
+    cases: dict[str, tuple[SourceCase, int]] = {}
+    for line, row in enumerate(_read_csv(manifest, ("case_id", "image", "mask", "subtype", "split")), start=2):
+        case = _manifest_case(manifest, line, row)
+        first, first_line = cases.setdefault(case.case_id, (case, line))
+        if first != case:
+            differ = ", ".join(f"{key} {getattr(first, key)} vs {getattr(case, key)}"
+                               for key in ("split", "subtype", "image", "mask")
+                               if getattr(first, key) != getattr(case, key))
+            raise PrepareError(f"{manifest}: case {case.case_id} is on line {first_line} and line {line} "
+                               f"with different values ({differ}); keep one row per case")
+    return [case for case, _ in cases.values()]
+
+
+def _manifest_case(manifest: Path, line: int, row: dict[str, str]) -> SourceCase:
+    where = f"{manifest}, line {line}"
+    split = row["split"].lower()
+    if split not in ("train", "validation", "test"):
+        raise PrepareError(f"{where}: split must be train, validation or test, got {row['split']!r}")
+    if not row["image"]:
+        raise PrepareError(f"{where}: no image path")
+    image = (manifest.parent / row["image"]).absolute()
+    mask = (manifest.parent / row["mask"]).absolute() if row["mask"] else None
+    for path in (image, mask):
+        if path is not None:
+            _check_link(path, f"{where}: ")
+        if path is not None and not path.is_file():
+            raise PrepareError(f"{where}: file not found: {path}")
+        if path is not None and not image_extension(path):
+            raise PrepareError(f"{where}: {path.name} is not a .nii.gz, .nii, .nrrd or .mha file")
+    if split == "test":
+        return SourceCase(row["case_id"], "test", image, mask, None)
+    if mask is None:
+        raise PrepareError(f"{where}: {split} case {row['case_id']} needs a mask")
+    subtype = _parse_subtype(row["subtype"], where)
+    return SourceCase(row["case_id"], split, image, mask, subtype)  # type: ignore[arg-type]
 
 
 def discover_cases(dataset: DatasetConfig) -> list[SourceCase]:
@@ -284,8 +330,12 @@ def make_splits(cases: list[SourceCase], num_folds: int, seed: int) -> list[dict
 
 
 def _file_record(path: Path) -> dict[str, Any]:
+    """What identifies a source file as it is now: the file a symbolic link leads to, not the link."""
     stat = path.stat()
-    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    record = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if path.is_symlink():
+        record["target"] = str(path.resolve())
+    return record
 
 
 def _record(config: Config, cases: list[SourceCase]) -> dict[str, Any]:
@@ -342,9 +392,13 @@ def dataset_json(config: Config, num_training: int) -> dict[str, Any]:
 
 
 def _place(src: Path, dst: Path, *, copy: bool = False) -> bool:
-    """Link (or ``copy``) ``.nii.gz`` sources, convert other formats. Returns True when converted."""
+    """Link (or ``copy``) ``.nii.gz`` sources, convert other formats. Returns True when converted.
+
+    A symbolic link (git-annex, DataLad) is followed: a hard link to the link itself would be a
+    relative link that leads nowhere from the dataset folder.
+    """
     if image_extension(src) == ".nii.gz":
-        link_or_copy(src, dst, link=not copy)
+        link_or_copy(src.resolve(strict=True), dst, link=not copy)
         return False
     try:
         write_image(read_image(src, verify=True), dst)
@@ -359,12 +413,36 @@ def _existing_datasets_with_id(raw_dir: Path, dataset_id: int) -> list[Path]:
     return sorted(p for p in raw_dir.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir())
 
 
+def prepared_files(config: Config, cases: list[SourceCase]) -> dict[str, str]:
+    """The text of the files prepare writes beside the images, by name. It depends only on the
+    config and the cases, so a re-run can tell a damaged or edited file."""
+    labelled = sorted((c for c in cases if c.split != "test"), key=lambda c: c.case_id)
+    splits = make_splits(cases, config.dataset.num_folds, config.dataset.split_seed)
+    return {
+        "dataset.json": json.dumps(dataset_json(config, len(labelled)), indent=2),
+        "splits_final.json": json.dumps(splits, indent=2),
+        "subtypes.csv": "case_id,subtype\n" + "".join(f"{c.case_id},{c.subtype}\n" for c in labelled),
+    }
+
+
+def _refuse_project_files(config: Config, cases: list[SourceCase]) -> None:
+    """No source file may lie in the project, links followed (a manifest's paths, a link in the
+    source): ``prepare --force`` deletes the dataset folder, clean replaces files there."""
+    for case in cases:
+        for path in (case.image, case.mask):
+            if path is not None and (problem := project_overlap(path, config.written_folders)) is not None:
+                raise PrepareError(f"{problem}; copy the data to a folder outside the project and prepare "
+                                   "from there, or set project_dir to another folder")
+
+
 @project_stage(creates=True)
 def prepare(config: Config, *, force: bool = False) -> PrepareResult:
     """Build ``project_dir/nnUNet_raw/DatasetXXX_Name`` from the configured source."""
     cases = discover_cases(config.dataset)
+    _refuse_project_files(config, cases)
     target = config.dataset_raw_dir
     record = _record(config, cases)
+    files = prepared_files(config, cases)
 
     others = [p for p in _existing_datasets_with_id(config.raw_dir, config.dataset.id) if p != target]
     if others and not force:
@@ -373,26 +451,40 @@ def prepare(config: Config, *, force: bool = False) -> PrepareResult:
             "or pass --force to replace it"
         )
     notes: list[str] = []
-    if target.exists():
+    if target.exists() and not force:
         old = _load_record(target)
-        if old == record and not force and _complete(target, cases):
-            splits = json.loads((target / "splits_final.json").read_text())
-            return PrepareResult(target, cases, up_to_date=True, folds=len(splits),
-                                 official_split=any(c.split == "validation" for c in cases))
-        if old == record and not force:
-            # Same source, but prepared files are missing: rebuilding loses nothing of the user's.
-            notes.append(f"{target} was incomplete and has been rebuilt; re-run `pancseg clean`")
-        elif not force:
-            why = _describe_difference(old, record) if old else "it was not made by pancseg prepare"
+        if old == record and _complete(target, cases):
+            return _refresh(config, target, cases, files)
+        if old != record:
+            why = (_describe_difference(old, record) if old else f"its record {RECORD_NAME} is damaged"
+                   if (target / RECORD_NAME).exists() else "it was not made by pancseg prepare")
             raise OutputExistsError(
                 f"{target} exists and differs from the source ({why}); pass --force to rebuild it "
                 "(cleaning will have to be re-run)"
             )
+        # Same source, but prepared images are missing: rebuilding loses nothing of the user's.
+        notes.append(f"{target} was incomplete and has been rebuilt; re-run `pancseg clean`")
 
     writing(config.project_dir)
     tmp = target.with_name(f".{target.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    converted = _build(tmp, cases, files, record)
+    for other in others:
+        shutil.rmtree(other)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    labelled, folds = sum(c.split != "test" for c in cases), len(json.loads(files["splits_final.json"]))
+    if folds < config.dataset.num_folds:
+        notes.append(f"{labelled} labelled cases: {folds} folds instead of dataset.num_folds = "
+                     f"{config.dataset.num_folds}")
+    return PrepareResult(target, cases, converted=converted, folds=folds,
+                         official_split=any(c.split == "validation" for c in cases), notes=notes)
+
+
+def _build(tmp: Path, cases: list[SourceCase], files: dict[str, str], record: dict[str, Any]) -> int:
+    """Write the dataset into ``tmp``; returns the number of converted files."""
     converted = 0
     for case in cases:
         if case.split == "test":
@@ -402,43 +494,73 @@ def prepare(config: Config, *, force: bool = False) -> PrepareResult:
         converted += _place(case.image, tmp / "imagesTr" / f"{case.case_id}_0000.nii.gz")
         converted += _place(case.mask, tmp / "labelsTr" / f"{case.case_id}.nii.gz", copy=True)
     (tmp / "imagesTs").mkdir(parents=True, exist_ok=True)
-
-    labelled = sorted((c for c in cases if c.split != "test"), key=lambda c: c.case_id)
-    splits = make_splits(cases, config.dataset.num_folds, config.dataset.split_seed)
-    if len(splits) < config.dataset.num_folds:
-        notes.append(f"{len(labelled)} labelled cases: {len(splits)} folds instead of dataset.num_folds = "
-                     f"{config.dataset.num_folds}")
-    write_text(json.dumps(dataset_json(config, len(labelled)), indent=2), tmp / "dataset.json")
-    write_text(json.dumps(splits, indent=2), tmp / "splits_final.json")
-    write_text(
-        "case_id,subtype\n" + "".join(f"{c.case_id},{c.subtype}\n" for c in labelled), tmp / "subtypes.csv"
-    )
+    for name, text in files.items():
+        write_text(text, tmp / name)
     write_text(json.dumps(record, indent=2), tmp / RECORD_NAME)
+    return converted
 
-    for other in others:
-        shutil.rmtree(other)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    return PrepareResult(
-        target,
-        cases,
-        converted=converted,
-        folds=len(splits),
-        official_split=any(c.split == "validation" for c in cases),
-        notes=notes,
-    )
+
+def _refresh(config: Config, target: Path, cases: list[SourceCase], files: dict[str, str]) -> PrepareResult:
+    """The dataset is prepared from this very source: write again only the files prepare wrote that
+    are missing or differ (truncated, edited), keeping the images and clean's fixes."""
+    damaged = [name for name, text in files.items() if _read_text(target / name) != text]
+    if damaged:
+        writing(config.project_dir)
+        for name in damaged:
+            write_text(files[name], target / name)
+    notes = [f"{', '.join(damaged)} in {target} differed from what prepare writes (damaged or edited): "
+             "written again"] if damaged else []
+    folds = len(json.loads(files["splits_final.json"]))
+    return PrepareResult(target, cases, up_to_date=not damaged, folds=folds,
+                         official_split=any(c.split == "validation" for c in cases), notes=notes)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _complete(dataset_dir: Path, cases: list[SourceCase]) -> bool:
-    """Whether every file a prepared dataset should hold is there."""
-    expected = [dataset_dir / n for n in ("dataset.json", "splits_final.json", "subtypes.csv")]
+    """Whether every image and mask a prepared dataset should hold is there (the other files:
+    :func:`_refresh`)."""
+    expected = []
     for c in cases:
         if c.split == "test":
             expected.append(dataset_dir / "imagesTs" / f"{c.case_id}_0000.nii.gz")
         else:
             expected += [dataset_dir / "imagesTr" / f"{c.case_id}_0000.nii.gz", dataset_dir / "labelsTr" / f"{c.case_id}.nii.gz"]
     return all(p.is_file() for p in expected)
+
+
+def read_prepared(dataset_dir: Path) -> dict[str, Any]:
+    """``dataset.json``, after checking that it and ``splits_final.json`` are what prepare writes (a
+    truncated file would otherwise surface as nnU-Net's JSONDecodeError)."""
+    data = _read_json(dataset_dir / "dataset.json")
+    required = {"channel_names", "labels", "numTraining", "file_ending"}
+    if not isinstance(data, dict) or not required <= data.keys():
+        raise PrepareError(_damaged(dataset_dir / "dataset.json", "not an nnU-Net dataset.json"))
+    splits = _read_json(dataset_dir / "splits_final.json")
+    folds_ok = all(isinstance(f, dict) and isinstance(f.get("train"), list) and isinstance(f.get("val"), list)
+                   for f in splits) if isinstance(splits, list) else False
+    if not splits or not folds_ok:
+        raise PrepareError(_damaged(dataset_dir / "splits_final.json", "not a list of train/val folds"))
+    return data
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise PrepareError(_damaged(path, "missing")) from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PrepareError(_damaged(path, f"not valid JSON: {exc}")) from exc
+
+
+def _damaged(path: Path, why: str) -> str:
+    return (f"{path}: damaged ({why}); run `pancseg prepare` to write it again "
+            "(or `pancseg prepare --force` to rebuild the dataset)")
 
 
 def _load_record(dataset_dir: Path) -> dict[str, Any] | None:

@@ -20,10 +20,11 @@ from typing import Any
 
 from pancreas_cli.config import Config
 from pancreas_cli.exceptions import PreprocessError
-from pancreas_cli.imageio import write_text
+from pancreas_cli.imageio import sweep_partials, write_text
 from pancreas_cli.locks import project_stage, writing
 from pancreas_cli.logcapture import redirect_output, tail
 from pancreas_cli.nnunet_env import nnunet_worker_pools, scoped_env, setup_nnunet_env
+from pancreas_cli.prepare import read_prepared
 
 STATE_NAME = "pancseg_preprocess.json"
 SMOKE_CONFIGURATION = "3d_smoke"
@@ -69,7 +70,8 @@ def raw_state(config: Config) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(config.plan.model_dump(mode="json"), sort_keys=True).encode())
     files = [dataset / "dataset.json", dataset / "splits_final.json"]
-    files += sorted((dataset / "imagesTr").glob("*.nii.gz")) + sorted((dataset / "labelsTr").glob("*.nii.gz"))
+    files += sorted(p for folder in ("imagesTr", "labelsTr") for p in (dataset / folder).glob("*.nii.gz")
+                    if not p.name.startswith("."))  # a dot name is no case (a temporary file: swept)
     for path in files:
         if path.is_file():
             stat = path.stat()
@@ -147,6 +149,35 @@ def read_state(out_dir: Path) -> dict[str, Any] | None:
     return state
 
 
+def _mark_pending(out_dir: Path) -> None:
+    """Mark the state of the last preprocessing as being redone, before nnU-Net overwrites its files.
+
+    The state is kept, not deleted: it names the plans of the trained model, which predict needs
+    (nnU-Net keeps its own copy of the plans with the model), so a failed or interrupted re-run
+    leaves that model usable. A pending state is never up to date, and train refuses it.
+    """
+    try:
+        saved = read_state(out_dir)
+    except PreprocessError:  # unreadable: it names nothing usable
+        (out_dir / STATE_NAME).unlink(missing_ok=True)
+        return
+    if saved is not None and not saved.get("pending"):
+        write_text(json.dumps({**saved, "state": "", "pending": True}, indent=2), out_dir / STATE_NAME)
+
+
+def _replace_splits(dataset_dir: Path, out_dir: Path) -> None:
+    """Put prepare's ``splits_final.json`` beside the preprocessed data.
+
+    nnU-Net's planner copies it there only when there is none, and otherwise asserts that the two
+    match: after ``pancseg prepare --force`` with another split (other ``split_seed``, added cases)
+    every preprocessing would fail on that assertion.
+    """
+    raw, copy = dataset_dir / "splits_final.json", out_dir / "splits_final.json"
+    text = raw.read_text(encoding="utf-8")
+    if not copy.is_file() or copy.read_text(encoding="utf-8", errors="replace") != text:
+        write_text(text, copy)
+
+
 def _explain_failure(exc: BaseException, log_file: Path, dataset_dir: Path) -> str:
     """One message with nnU-Net's own error and the case(s) it names, instead of 'check the output above'.
 
@@ -181,6 +212,7 @@ def preprocess(config: Config, *, force: bool = False,
     dataset_dir = config.dataset_raw_dir
     if not (dataset_dir / "dataset.json").is_file():
         raise PreprocessError(f"{dataset_dir}: no prepared dataset; run `pancseg prepare` (and `pancseg clean`) first")
+    dataset_json = read_prepared(dataset_dir)  # a damaged file: one line, not nnU-Net's JSONDecodeError
     out_dir = config.dataset_preprocessed_dir
     log_file = config.project_dir / "logs" / "preprocess.log"
     state_file = out_dir / STATE_NAME
@@ -188,11 +220,10 @@ def preprocess(config: Config, *, force: bool = False,
     configuration = config.plan.configuration
 
     saved = None if force else read_state(out_dir)
-    if saved is not None:
+    if saved is not None and not saved.get("pending"):
         plans_file = out_dir / f"{saved['plans_identifier']}.json"
         if saved.get("state") == state and plans_file.is_file() and (out_dir / saved["data_identifier"]).is_dir():
             setup_nnunet_env(config)
-            dataset_json = json.loads((dataset_dir / "dataset.json").read_text(encoding="utf-8"))
             return PreprocessResult(
                 saved["plans_identifier"], out_dir, log_file,
                 _summaries(plans_file, dataset_json, (configuration,)), up_to_date=True,
@@ -202,9 +233,11 @@ def preprocess(config: Config, *, force: bool = False,
     on_start()
     setup_nnunet_env(config)
     log_file.unlink(missing_ok=True)
-    state_file.unlink(missing_ok=True)
-    # nnU-Net copies labels into gt_segmentations only when newer: stale ones must go.
-    shutil.rmtree(out_dir / "gt_segmentations", ignore_errors=True)
+    for folder in (dataset_dir / "imagesTr", dataset_dir / "labelsTr", out_dir):  # nnU-Net would count them
+        sweep_partials(folder)
+    state = raw_state(config)
+    _mark_pending(out_dir)
+    _replace_splits(dataset_dir, out_dir)
     start = time.perf_counter()
     ds_id = config.dataset.id
     n = config.plan.num_processes
@@ -225,12 +258,13 @@ def preprocess(config: Config, *, force: bool = False,
             if configuration == SMOKE_CONFIGURATION:
                 plans = add_smoke_configuration(json.loads(plans_file.read_text(encoding="utf-8")))
                 write_text(json.dumps(plans, indent=4), plans_file)
+            # nnU-Net copies labels into gt_segmentations only when newer: stale ones must go.
+            shutil.rmtree(out_dir / "gt_segmentations", ignore_errors=True)
             nnunet_preprocess([ds_id], plans_identifier, configurations=(configuration,), num_processes=(n,),
                               verbose=False, show_progress_bar=False)
     except (AssertionError, RuntimeError, ValueError, OSError, KeyError, IndexError) as exc:
         raise PreprocessError(_explain_failure(exc, log_file, dataset_dir)) from exc
 
-    dataset_json = json.loads((dataset_dir / "dataset.json").read_text(encoding="utf-8"))
     plans = json.loads(plans_file.read_text(encoding="utf-8"))
     data_identifier = plans["configurations"]["3d_fullres"]["data_identifier"]
     write_text(

@@ -102,13 +102,11 @@ def _floats(rows: list[dict[str, str]], key: str) -> np.ndarray:
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_target(path)
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        publish(tmp, path)
+        with atomic_target(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+            publish(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
     return path
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO
 from pancreas_cli import locks
 from pancreas_cli.config import Config, load_config
 from pancreas_cli.exceptions import PancsegError, TrainError, TrainingInterrupted
+from pancreas_cli.imageio import sweep_partials
 from pancreas_cli.logcapture import redirect_output, tail
 from pancreas_cli.multitask.settings import TrainingSettings, read_settings, settings_path, write_settings
 from pancreas_cli.nnunet_env import nnunet_worker_pools, scoped_env, setup_nnunet_env
@@ -115,6 +116,9 @@ def _preprocessed_state(config: Config) -> dict[str, Any]:
     state = read_state(config.dataset_preprocessed_dir)
     if state is None:
         raise TrainError(f"{config.dataset_preprocessed_dir}: not preprocessed; run `pancseg preprocess` first")
+    if state.get("pending"):
+        raise TrainError(f"{config.dataset_preprocessed_dir}: the last preprocessing did not finish (it "
+                         "failed or was stopped); run `pancseg preprocess` first")
     if state["configuration"] != config.plan.configuration:
         raise TrainError(
             f"the data was preprocessed for {state['configuration']} but plan.preset asks for "
@@ -341,6 +345,7 @@ def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start:
     fold, output_folder = start.fold, start.output_folder
     if start.discard:
         shutil.rmtree(output_folder)
+    sweep_partials(output_folder)  # checkpoints a killed training was writing (this fold is locked)
     log_file = config.project_dir / "logs" / f"train_{config.train.task}_fold{fold}.log"
     fold_result = FoldResult(fold, output_folder, log_file)
     if start.finished:

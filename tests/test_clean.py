@@ -214,7 +214,8 @@ def test_clean_dataset_has_no_findings(tmp_path: Path) -> None:
 
 
 def test_clean_before_prepare_is_an_error(tmp_path: Path) -> None:
-    config = load_config(write_config(tmp_path, "project_dir: ./work\ndataset:\n  source: .\n"))
+    (tmp_path / "data").mkdir()
+    config = load_config(write_config(tmp_path, "project_dir: ./work\ndataset:\n  source: ./data\n"))
     with pytest.raises(CleanError, match=r"no prepared dataset; run `pancseg prepare` first"):
         clean(config)
 

@@ -213,12 +213,9 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
         if self.local_rank != 0 or self.disable_checkpointing:
             super().save_checkpoint(filename)  # writes nothing (or logs why)
             return
-        partial = atomic_target(Path(filename))
-        try:
+        with atomic_target(Path(filename)) as partial:
             super().save_checkpoint(str(partial))
             publish(partial, Path(filename))
-        finally:
-            partial.unlink(missing_ok=True)
 
     def _metrics_row(self, epoch: int, criterion: float, best: bool, epoch_time: float) -> dict[str, Any]:
         get = self.logger.get_value
