@@ -325,6 +325,16 @@ def _outdated(out_dir: Path, case: InputCase, record: dict[str, Any] | None, sta
     return None
 
 
+def _check_output(out_dir: Path, cases: list[InputCase], stamp: dict[str, Any], *,
+                  replacing: bool) -> tuple[dict[str, dict[str, Any] | None], dict[str, str | None]]:
+    """Each case's record and why its mask is not this model's (see :func:`_outdated`); refuses what may
+    not be replaced (:func:`_refuse_conflicts`)."""
+    records = {c.case: _record(out_dir, c.case) for c in cases}
+    outdated = {c.case: _outdated(out_dir, c, records[c.case], stamp) for c in cases}
+    _refuse_conflicts(out_dir, outdated, replacing=replacing)
+    return records, outdated
+
+
 def _refuse_conflicts(out_dir: Path, outdated: dict[str, str | None], *, replacing: bool) -> None:
     """OutputExistsError for masks that may not be replaced: never those pancseg did not write, and
     those of another model, settings or scan only when ``replacing``."""
@@ -377,6 +387,7 @@ def predict(
     replace_outdated: bool = False,
     reporter: CaseReporter | None = None,
     warn: Callable[[str], None] = lambda text: None,
+    trust_model: bool = False,
 ) -> PredictResult:
     """Predict every case under ``input_path`` into ``out_dir``.
 
@@ -384,6 +395,7 @@ def predict(
     model or other settings wrote (``pancseg run`` after more training). Without either, such
     masks are refused with :class:`OutputExistsError` before anything is written. Masks pancseg
     did not write (ground truth, another tool's) and input scans are never replaced.
+    ``trust_model``: load the checkpoints in full, not only what nnU-Net's hold (see checkpoints).
     """
     settings = config.predict
     checkpoint_name = f"checkpoint_{checkpoint or settings.checkpoint}.pth"
@@ -398,7 +410,6 @@ def predict(
     with contextlib.ExitStack() as held:
         held.enter_context(locks.project(config.project_dir, shared=True))  # no preprocess meanwhile
         model_dir = model_folder(config)
-        held.enter_context(locks.output_folder(out_dir))  # one predict per output folder
         trainer = TRAINERS[config.train.task]
         folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn,
                                lambda fold: locks.fold_holders(config.project_dir, trainer, fold))
@@ -408,9 +419,11 @@ def predict(
         mirroring = settings.mirroring and not fast
         stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size, mirroring,
                             engine_stamp(settings))
-        records = {c.case: _record(out_dir, c.case) for c in cases}
-        outdated = {c.case: _outdated(out_dir, c, records[c.case], stamp) for c in cases}
-        _refuse_conflicts(out_dir, outdated, replacing=overwrite or replace_outdated)
+        _check_output(out_dir, cases, stamp, replacing=overwrite or replace_outdated)  # before anything is written
+        # One predict per output folder. Its lock is taken only now (a refused predict leaves nothing
+        # beside the folder); another predict may have finished meanwhile, so the checks are repeated.
+        held.enter_context(locks.output_folder(out_dir))
+        records, outdated = _check_output(out_dir, cases, stamp, replacing=overwrite or replace_outdated)
         log_file = config.project_dir / "logs" / "predict.log"
         result = PredictResult(out_dir, model_dir, folds, str(device), log_file, engine=settings.engine)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -425,7 +438,7 @@ def predict(
             with redirect_output(log_file) as terminal, \
                     tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch") as scratch:
                 try:
-                    predictor = _load_model(config, model_dir, folds, checkpoint_name, device, mirroring)
+                    predictor = _load_model(config, model_dir, folds, checkpoint_name, device, mirroring, trust_model)
                 except (RuntimeError, ValueError, OSError, KeyError) as exc:
                     raise PredictError(f"cannot load the model in {model_dir}: {type(exc).__name__}: {exc}; "
                                        f"nnU-Net log: {log_file}") from exc
@@ -450,7 +463,7 @@ def predict(
 
 
 def _load_model(config: Config, model_dir: Path, folds: list[int], checkpoint_name: str, device: torch.device,
-                mirroring: bool) -> Any:
+                mirroring: bool, trust_model: bool = False) -> Any:
     from pancreas_cli.multitask.predictor import MultiTaskPredictor, ProgressPredictor, WindowSettings
 
     settings = config.predict
@@ -462,7 +475,7 @@ def _load_model(config: Config, model_dir: Path, folds: list[int], checkpoint_na
     cls = MultiTaskPredictor if config.train.task == "multitask" else ProgressPredictor
     predictor = cls(tile_step_size=settings.tile_step_size, use_gaussian=True, use_mirroring=mirroring,
                     perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
-                    allow_tqdm=False, window=window)
+                    allow_tqdm=False, window=window, trust_model=trust_model)
     predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=tuple(folds),
                                                    checkpoint_name=checkpoint_name)
     return predictor
