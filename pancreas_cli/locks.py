@@ -120,8 +120,9 @@ def _notes(lock_file: Path) -> list[_Note]:
         note = _read_note(path)
         if note is None or (note.here and note.pid == os.getpid()):
             continue
-        if note.here and not _alive(note.pid):
-            path.unlink(missing_ok=True)  # its process was killed before it could remove it
+        if note.here and not _alive(note.pid):  # killed before it could remove it (kept on read-only storage)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             continue
         found.append(note)
     return found
