@@ -50,6 +50,10 @@ SetOption = Annotated[
                  metavar="KEY=VALUE"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+# Not a config key: a config shipped with a model could otherwise switch the check off.
+TrustModelOption = Annotated[bool, typer.Option(
+    "--trust-model", help="Load checkpoints in full even if they hold more than nnU-Net's (a model file can then run "
+                          "code: only for files from a source you trust).")]
 
 
 class _Terminated(KeyboardInterrupt):
@@ -320,6 +324,7 @@ def train(
     task: Annotated[str | None, typer.Option(help="multitask or segmentation (stock nnU-Net).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs (overrides train.epochs).")] = None,
     num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="GPUs for nnU-Net's DDP training.")] = None,
+    trust_model: TrustModelOption = False,
     json_: JsonOption = False,
 ) -> None:
     """Train the multi-task model (or stock nnU-Net) with nnU-Net v2's machinery."""
@@ -331,7 +336,7 @@ def train(
     if cfg.train.device == "cpu":
         output.warn("training on the CPU is very slow; use it for smoke runs only")
     result = run_train(cfg, folds=_folds(fold, cfg.dataset.num_folds), resume=resume, force=force,
-                       reporter=EpochPrinter(quiet=output.verbosity < 0))
+                       reporter=EpochPrinter(quiet=output.verbosity < 0), trust_model=trust_model, warn=output.warn)
     for done in (f for f in result.folds if f.up_to_date):
         output.info(f"fold {done.fold} up to date: trained to epoch {done.epochs_done} and validated")
     if json_:
@@ -358,6 +363,7 @@ def predict(
                                         help="Predict every case again, replacing existing masks.")] = False,
     series: Annotated[str | None, typer.Option("--series", help="The series of a DICOM folder to segment (default: "
                                                "the one with the most slices).", metavar="UID")] = None,
+    trust_model: TrustModelOption = False,
     json_: JsonOption = False,
 ) -> None:
     """Predict masks (labels 0/1/2) and lesion subtypes (subtype_results.csv) for new CT scans."""
@@ -368,7 +374,7 @@ def predict(
         raise typer.BadParameter(f"must be best or final, got {checkpoint!r}", param_hint="--checkpoint")
     cfg = _config(config, set_, **{"predict.device": device, "predict.checkpoint": checkpoint})
     result = run_predict(cfg, input_path=input_, out_dir=out, folds=fold, fast=fast, overwrite=force, series=series,
-                         reporter=CasePrinter(quiet=output.verbosity < 0), warn=output.warn)
+                         reporter=CasePrinter(quiet=output.verbosity < 0), warn=output.warn, trust_model=trust_model)
     if json_:
         output.json(result.to_dict())
     else:
@@ -471,13 +477,13 @@ class _StagePrinter:
         output.info(f"[{stage}] {what} ({seconds:.0f}s)")
 
 
-def _run(cfg: Config, fold: int) -> None:
+def _run(cfg: Config, fold: int, trust_model: bool = False) -> None:
     from pancreas_cli.progress import CasePrinter, EpochPrinter
     from pancreas_cli.run import run as run_pipeline
 
     quiet = output.verbosity < 0
     result = run_pipeline(cfg, fold=fold, on_stage=_StagePrinter(), epoch_reporter=EpochPrinter(quiet=quiet),
-                          case_reporter=CasePrinter(quiet=quiet), warn=output.warn)
+                          case_reporter=CasePrinter(quiet=quiet), warn=output.warn, trust_model=trust_model)
     for line in result.report.summary_lines:
         output.result(line)
     if result.predictions:
@@ -491,9 +497,10 @@ def run(
     config: ConfigOption = None,
     set_: SetOption = None,
     fold: Annotated[int, typer.Option("--fold", "-f", help="Fold to train and evaluate.")] = 0,
+    trust_model: TrustModelOption = False,
 ) -> None:
     """prepare -> clean -> preprocess -> train -> predict -> evaluate -> report, skipping what is up to date."""
-    _run(_config(config, set_, check_source=True), fold)
+    _run(_config(config, set_, check_source=True), fold, trust_model)
 
 
 @app.command()

@@ -294,6 +294,49 @@ class Config(_Section):
 # --------------------------------------------------------------------------------------------
 # Loading and layering
 
+#: Values a config may stand for with its aliases expanded (the whole template has about 150).
+MAX_YAML_VALUES = 10_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing aliases that expand beyond :data:`MAX_YAML_VALUES` values.
+
+    Loading shares an alias's value, but validation and its messages walk every copy: a 419-byte
+    file of nested aliases (``[&a0 [...], &a1 [*a0, *a0, ...], ...]``) stood for 9^9 values and hung
+    every command. The size is counted on the composed nodes, each once, before anything is built.
+    """
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _expanded_size(node, {}, set())
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values ``node`` stands for, aliases expanded (``sizes``: per node, counted once)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise yaml.composer.ComposerError(None, None, "an alias (*name) refers to a value that contains it",
+                                          node.start_mark)
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+    total = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(id(node))
+    if total > MAX_YAML_VALUES:
+        raise yaml.composer.ComposerError(
+            None, None, f"its aliases (*name) expand to more than {MAX_YAML_VALUES} values (an alias bomb?); "
+            "write the values out", node.start_mark)
+    sizes[id(node)] = total
+    return total
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=c`` -> (["a", "b"], c); the value is parsed as a YAML scalar or list."""
@@ -302,7 +345,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise OverrideSyntaxError([f"--set {text!r}: expected dotted.key=value, e.g. train.epochs=50"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise OverrideSyntaxError([f"--set {text!r}: value is not valid YAML ({exc.problem})"]) from exc
     return key.split("."), value
@@ -323,7 +366,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"config file not found: {path} (create one with `pancseg init {path}`)"])
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _load_yaml(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ConfigError(["not valid YAML: nested too deeply"], str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

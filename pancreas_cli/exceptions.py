@@ -55,6 +55,18 @@ class OutputExistsError(PancsegError):
     """An output exists and differs from what would be written; ``--force`` replaces it."""
 
 
+class CheckpointError(PancsegError):
+    """A checkpoint (model file) is missing, damaged, not nnU-Net's, or not safe to load."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint holds Python objects beyond nnU-Net's: loading it could run code (``--trust-model``)."""
+
+
+class DiskFullError(PancsegError):
+    """A file could not be written because its file system is full."""
+
+
 class TrainError(PancsegError):
     """Training cannot start or failed."""
 

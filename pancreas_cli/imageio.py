@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pancreas_cli.exceptions import DataError
+from pancreas_cli.exceptions import DataError, DiskFullError
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -197,11 +198,41 @@ def sweep_partials(folder: Path) -> list[Path]:
     return found
 
 
+#: torch.save's words for a write that failed (a full disk): they name no file and no reason.
+_TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
+
+
+@contextmanager
+def naming_full_disk(path: Path) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into a :class:`DiskFullError` naming it: a failed
+    ``write()`` names no file, and torch.save says only ``[enforce fail at inline_container.cc]
+    ... unexpected pos N vs M``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _disk_full(path, exc.strerror or str(exc)) from exc
+    except RuntimeError as exc:
+        if not any(words in str(exc) for words in _TORCH_WRITE_FAILED):
+            raise
+        raise _disk_full(path, str(exc).strip().splitlines()[0] if str(exc).strip() else "write failed") from exc
+
+
+def _disk_full(path: Path, said: str) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(f"{path}: could not be written, the disk is full ({said}; {free} there); free some space "
+                         "and run the command again")
+
+
 def write_image(image: sitk.Image, path: Path) -> None:
     """Write ``image`` to ``path`` atomically (temporary file, then rename), compressed."""
     import SimpleITK as sitk
 
-    with atomic_target(path) as tmp:
+    with atomic_target(path) as tmp, naming_full_disk(path):
         sitk.WriteImage(image, str(tmp), useCompression=True)
         publish(tmp, path)
 
@@ -209,9 +240,10 @@ def write_image(image: sitk.Image, path: Path) -> None:
 def write_text(text: str, path: Path) -> None:
     """Write a text file atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{PARTIAL_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
+    with naming_full_disk(path):
+        fd, tmp = tempfile.mkstemp(prefix=f"{PARTIAL_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        with naming_full_disk(path), os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
         publish(tmp, path)
     finally:
@@ -227,11 +259,17 @@ def link_or_copy(src: Path, dst: Path, *, link: bool = True) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f"{PARTIAL_PREFIX}{dst.name}.tmp")
     tmp.unlink(missing_ok=True)
-    if link:
-        try:
-            os.link(src, tmp)
-        except OSError:  # another file system, or one without hard links: copy instead
-            shutil.copy2(src, tmp)
-    else:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+    try:
+        with naming_full_disk(dst):
+            if link:
+                try:
+                    os.link(src, tmp)
+                except OSError as exc:  # another file system, or one without hard links: copy instead
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    shutil.copy2(src, tmp)
+            else:
+                shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)

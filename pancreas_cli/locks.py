@@ -3,20 +3,26 @@
 Every stage holds its project shared; prepare, clean and preprocess turn that into an exclusive
 hold (:func:`writing`) only when they are about to change something, so up-to-date stages (two
 ``pancseg run`` on two GPUs) pass each other. train also holds each fold it trains, and predict its
-output folder (by a digest of its path, in the user's temporary folder: a lock file inside the
-folder would be written into a user's folder before predict has checked it). Locks are ``flock``
-locks, which the system drops when the process ends; forked children (nnU-Net's data-loader
-workers) close them at once, so a killed command leaves no lock behind.
+output folder (:func:`output_folder`). Locks are ``flock`` locks, which the system drops when the
+process ends; forked children (nnU-Net's data-loader workers) close them at once, so a killed
+command leaves no lock behind.
+
+Every lock lives on the file system of what it guards (not in a temporary folder, which differs
+between cluster jobs), and each holder leaves a note with its host, pid and command. Some network
+file systems keep ``flock`` locks per machine: a note of another machine's holder that conflicts
+is therefore refused as well, and reported, never removed (its process cannot be seen from here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
+import glob
+import json
 import os
+import re
+import socket
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +32,9 @@ from typing import Any, TypeVar
 from pancreas_cli.exceptions import PancsegError
 
 LOCK_DIR = ".locks"
+OUTPUT_LOCK_DIR = ".pancseg-locks"  # beside an output folder
 PROJECT = "project"
+HOST = socket.gethostname()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,6 +48,25 @@ class _Held:
     fd: int
     what: str
     shared: bool
+    note: Path
+
+
+@dataclass(frozen=True)
+class _Note:
+    """Another holder of a lock, as its note says."""
+
+    path: Path
+    pid: int
+    host: str
+    shared: bool
+    command: str
+
+    @property
+    def here(self) -> bool:
+        return self.host == HOST
+
+    def describe(self) -> str:
+        return f"pid {self.pid}{'' if self.here else f' on host {self.host}'} (`{self.command}`)"
 
 
 _held: dict[Path, _Held] = {}  # by lock file: a stage inside another (pancseg run) holds it once
@@ -65,32 +92,70 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _holders(lock_file: Path) -> list[str]:
-    """Who else holds ``lock_file``, from the notes its living holders left beside it (the notes of
-    killed holders are removed)."""
+def _note_path(lock_file: Path) -> Path:
+    host = re.sub(r"[^A-Za-z0-9-]", "_", HOST) or "host"
+    return lock_file.with_name(f"{lock_file.name}.{host}.{os.getpid()}.holder")
+
+
+def _write_note(held: _Held) -> None:
+    from pancreas_cli.imageio import write_text
+
+    write_text(json.dumps({"pid": os.getpid(), "host": HOST, "shared": held.shared,
+                           "command": f"pancseg {' '.join(sys.argv[1:])}"}), held.note)
+
+
+def _read_note(path: Path) -> _Note | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return _Note(path, int(data["pid"]), str(data["host"]), bool(data["shared"]), str(data["command"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # removed meanwhile, or not a note pancseg wrote
+
+
+def _notes(lock_file: Path) -> list[_Note]:
+    """The other holders of ``lock_file``, from the notes they left beside it. Notes of this machine's
+    killed holders are removed; another machine's are kept (its processes cannot be seen)."""
     found = []
-    for note in sorted(lock_file.parent.glob(f"{lock_file.stem}.*.holder")):
-        pid = note.name.split(".")[-2]
-        if not pid.isdigit() or int(pid) == os.getpid():
+    for path in sorted(lock_file.parent.glob(f"{glob.escape(lock_file.name)}.*.holder")):
+        note = _read_note(path)
+        if note is None or (note.here and note.pid == os.getpid()):
             continue
-        if _alive(int(pid)):
-            found.append(note.read_text(encoding="utf-8").strip())
-        else:  # its process was killed before it could remove it (kept on read-only storage)
+        if note.here and not _alive(note.pid):  # killed before it could remove it (kept on read-only storage)
             with contextlib.suppress(OSError):
-                note.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+            continue
+        found.append(note)
     return found
+
+
+def _holders(lock_file: Path) -> list[str]:
+    """Who else holds ``lock_file`` (host, pid and command)."""
+    return [note.describe() for note in _notes(lock_file)]
+
+
+def _busy(what: str, notes: list[_Note]) -> BusyError:
+    holders = ", ".join(note.describe() for note in notes) or "another pancseg command"
+    away = [note for note in notes if not note.here]
+    hint = (f" (pancseg cannot see processes on {away[0].host}: if that command has ended, delete {away[0].path})"
+            if away else "")
+    return BusyError(f"{what} is in use by {holders}; wait until it ends, or stop it{hint}")
 
 
 def _flock(held: _Held, lock_file: Path, *, shared: bool) -> None:
     import fcntl
 
+    locked = True
     try:
         fcntl.flock(held.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
-        holders = ", ".join(_holders(lock_file)) or "another pancseg command"
-        raise BusyError(f"{held.what} is in use by {holders}; wait until it ends, or stop it") from None
+        raise _busy(held.what, _notes(lock_file)) from None
     except OSError:
-        return  # a file system without locks (some network and FUSE mounts): the command runs unguarded
+        locked = False  # a file system without locks (some network and FUSE mounts): only the notes guard it
+    # Where flock is per machine, another machine's holder shows only by its note.
+    conflicts = [note for note in _notes(lock_file)
+                 if (not note.here or not locked) and not (shared and note.shared)]
+    if conflicts:
+        raise _busy(held.what, conflicts)
     held.shared = shared
 
 
@@ -105,20 +170,19 @@ def hold(folder: Path, name: str, what: str, *, shared: bool = False) -> Iterato
     if held is not None:  # already ours (a fold named twice): held until the outer block ends
         if held.shared and not shared:
             _flock(held, lock_file, shared=False)
+            _write_note(held)
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
-    held = _Held(os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644), what, shared)
-    note = folder / f"{name}.{os.getpid()}.holder"
+    held = _Held(os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644), what, shared, _note_path(lock_file))
     try:
         _flock(held, lock_file, shared=shared)
-        _holders(lock_file)  # clears notes that killed commands left
-        note.write_text(f"pid {os.getpid()} (`pancseg {' '.join(sys.argv[1:])}`)\n", encoding="utf-8")
+        _write_note(held)
         _held[lock_file] = held
         yield
     finally:
         _held.pop(lock_file, None)
-        note.unlink(missing_ok=True)
+        held.note.unlink(missing_ok=True)
         os.close(held.fd)
 
 
@@ -136,6 +200,7 @@ def writing(project_dir: Path) -> None:
     held = _held.get(lock_file)
     if held is not None and held.shared:
         _flock(held, lock_file, shared=False)
+        _write_note(held)  # now exclusive: another machine's holders must see it
 
 
 def fold(project_dir: Path, trainer: str, fold_index: int) -> Any:
@@ -153,10 +218,16 @@ def _fold_name(trainer: str, fold_index: int) -> str:
 
 
 def output_folder(folder: Path) -> Any:
-    """The lock of an output folder, wherever it is (so predictions of two projects exclude each other)."""
-    digest = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]
-    where = Path(tempfile.gettempdir()) / f"pancseg-locks-{getattr(os, 'getuid', lambda: 0)()}"
-    return hold(where, f"output-{digest}", f"the output folder {folder}")
+    """The lock of an output folder, whatever project predicts into it. It is kept in
+    ``.pancseg-locks`` beside the folder, on the folder's own file system: one in the temporary folder
+    was not seen by a job on another node or with another TMPDIR, which then predicted into the same
+    folder. Inside the folder only where its parent cannot be written (a container's mount point).
+    predict takes it after its checks of the folder passed, so a refused predict leaves nothing there."""
+    real = folder.resolve()
+    where = real.parent / OUTPUT_LOCK_DIR
+    if real.is_dir() and not os.access(real.parent, os.W_OK) and not where.is_dir():
+        where = real / OUTPUT_LOCK_DIR
+    return hold(where, real.name or "root", f"the output folder {folder}")
 
 
 def project_stage(*, creates: bool = False) -> Callable[[F], F]:

@@ -377,6 +377,14 @@ def _damaged(out_dir: Path, cases: list[str]) -> dict[str, str]:
     return {case: why for case, why in found.items() if why}
 
 
+def _check_output(out_dir: Path, cases: list[InputCase], stamp: dict[str, Any], multitask: bool, *,
+                  replacing: bool) -> None:
+    """Refuses masks that may not be replaced (:func:`_refuse_conflicts`), reading only: predict runs it
+    before it takes the output folder's lock, so that a refused predict leaves nothing behind."""
+    outdated = {c.case: _outdated(out_dir, c, _record(out_dir, c.case), stamp, multitask) for c in cases}
+    _refuse_conflicts(out_dir, outdated, replacing=replacing)
+
+
 def _refuse_conflicts(out_dir: Path, outdated: dict[str, str | None], *, replacing: bool) -> None:
     """OutputExistsError for masks that may not be replaced: never those pancseg did not write, and
     those of another model, settings or scan only when ``replacing``."""
@@ -479,6 +487,7 @@ def predict(
     series: str | None = None,
     reporter: CaseReporter | None = None,
     warn: Callable[[str], None] = lambda text: None,
+    trust_model: bool = False,
 ) -> PredictResult:
     """Predict every case under ``input_path`` into ``out_dir``.
 
@@ -486,7 +495,8 @@ def predict(
     model or other settings wrote (``pancseg run`` after more training). Without either, such
     masks are refused with :class:`OutputExistsError` before anything is written. Masks pancseg
     did not write (ground truth, another tool's) and input scans are never replaced. ``series``
-    names the series of a DICOM folder to segment.
+    names the series of a DICOM folder to segment. ``trust_model``: load the checkpoints in full,
+    not only what nnU-Net's hold (see :mod:`pancreas_cli.checkpoints`).
     """
     settings = config.predict
     checkpoint_name = f"checkpoint_{checkpoint or settings.checkpoint}.pth"
@@ -496,8 +506,6 @@ def predict(
         if writable:  # no preprocess meanwhile (a read-only project cannot be preprocessed by us anyway)
             held.enter_context(locks.project(config.project_dir, shared=True))
         model_dir = model_folder(config)
-        held.enter_context(locks.output_folder(out_dir))  # one predict per output folder
-        sweep_leftovers(out_dir)  # what a killed run left: no living run owns it now
         trainer = TRAINERS[config.train.task]
         folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn,
                                lambda fold: locks.fold_holders(config.project_dir, trainer, fold))
@@ -506,6 +514,12 @@ def predict(
         multitask = config.train.task == "multitask"
         stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size,
                             settings.mirroring and not fast, engine_stamp(settings))
+        replacing = overwrite or replace_outdated
+        _check_output(out_dir, cases, stamp, multitask, replacing=replacing)  # before anything is written
+        # One predict per output folder. Its lock is taken only now (a refused predict leaves nothing
+        # beside the folder); another predict may have finished meanwhile, so the checks are repeated.
+        held.enter_context(locks.output_folder(out_dir))
+        sweep_leftovers(out_dir)  # what a killed run left: no living run owns it now
         records = {c.case: _record(out_dir, c.case) for c in cases}
         todo = _cases_to_predict(out_dir, cases, records, stamp, multitask, overwrite=overwrite,
                                  replace_outdated=replace_outdated, warn=warn)
@@ -519,7 +533,7 @@ def predict(
                 result.outcomes.append(CaseOutcome(case.case, case.source, "skipped", subtype=_subtype(probabilities),
                                                    probabilities=probabilities))
         if todo:
-            _predict_cases(config, result, todo, stamp, device, log_file, reporter, warn)
+            _predict_cases(config, result, todo, stamp, device, log_file, reporter, warn, trust_model)
         result.subtype_csv = _rebuild(out_dir, stamp, multitask)
         return result
 
@@ -564,7 +578,7 @@ def _rebuild(out_dir: Path, stamp: dict[str, Any], multitask: bool) -> Path | No
 
 def _predict_cases(config: Config, result: PredictResult, todo: list[InputCase], stamp: dict[str, Any],
                    device: torch.device, log_file: Path, reporter: CaseReporter | None,
-                   warn: Callable[[str], None]) -> None:
+                   warn: Callable[[str], None], trust_model: bool = False) -> None:
     """Load the model and predict ``todo`` into ``result`` (nnU-Net's output into ``log_file``),
     rebuilding the CSVs after each case, and when stopped (the cases finished so far)."""
     out_dir, multitask = result.out_dir, config.train.task == "multitask"
@@ -572,7 +586,7 @@ def _predict_cases(config: Config, result: PredictResult, todo: list[InputCase],
             tempfile.TemporaryDirectory(dir=out_dir, prefix=PARTIAL_PREFIX) as scratch:
         try:
             predictor = _load_model(config, result.model_dir, result.folds, stamp["checkpoint"], device,
-                                    stamp["mirroring"])
+                                    stamp["mirroring"], trust_model)
         except (RuntimeError, ValueError, OSError, KeyError) as exc:
             raise PredictError(f"cannot load the model in {result.model_dir}: {type(exc).__name__}: {exc}; "
                                f"nnU-Net log: {log_file}") from exc
@@ -597,7 +611,7 @@ def _predict_cases(config: Config, result: PredictResult, todo: list[InputCase],
 
 
 def _load_model(config: Config, model_dir: Path, folds: list[int], checkpoint_name: str, device: torch.device,
-                mirroring: bool) -> Any:
+                mirroring: bool, trust_model: bool = False) -> Any:
     from pancreas_cli.multitask.predictor import MultiTaskPredictor, ProgressPredictor, WindowSettings
 
     settings = config.predict
@@ -609,7 +623,7 @@ def _load_model(config: Config, model_dir: Path, folds: list[int], checkpoint_na
     cls = MultiTaskPredictor if config.train.task == "multitask" else ProgressPredictor
     predictor = cls(tile_step_size=settings.tile_step_size, use_gaussian=True, use_mirroring=mirroring,
                     perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
-                    allow_tqdm=False, window=window)
+                    allow_tqdm=False, window=window, trust_model=trust_model)
     predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=tuple(folds),
                                                    checkpoint_name=checkpoint_name)
     return predictor

@@ -18,10 +18,11 @@ from pancreas_cli.config import Config
 from pancreas_cli.console import count
 from pancreas_cli.evaluate import evaluate
 from pancreas_cli.exceptions import CleanError
+from pancreas_cli.multitask.history import METRICS_NAME, read_metrics
 from pancreas_cli.predict import CaseReporter, model_folder, predict
 from pancreas_cli.prepare import prepare
 from pancreas_cli.preprocess import preprocess
-from pancreas_cli.report import ReportResult, read_training_log, report
+from pancreas_cli.report import ReportResult, report
 from pancreas_cli.train import EpochReporter, newest_checkpoint, train
 
 
@@ -32,13 +33,16 @@ class RunResult:
 
 
 def _finished(config: Config, fold: int) -> bool:
-    """The fold's training reached the configured number of epochs."""
+    """The fold's training reached the configured number of epochs (by metrics.csv; if that was edited
+    since, train finds out from the checkpoint)."""
     fold_dir = model_folder(config) / f"fold_{fold}"
-    metrics = fold_dir / "metrics.csv"
-    if not (fold_dir / "checkpoint_final.pth").is_file() or not metrics.is_file():
+    if not (fold_dir / "checkpoint_final.pth").is_file():
         return False
-    rows = read_training_log(metrics)  # a foreign line is an error naming it, not a guess either way
-    return bool(rows) and int(rows[-1]["epoch"]) >= config.train.epochs
+    try:
+        rows = read_metrics(fold_dir / METRICS_NAME)
+    except ValueError:
+        return False
+    return bool(rows) and int(rows[-1]["epoch"] or 0) >= config.train.epochs
 
 
 def run(
@@ -49,8 +53,9 @@ def run(
     epoch_reporter: EpochReporter | None = None,
     case_reporter: CaseReporter | None = None,
     warn: Callable[[str], None] = lambda text: None,
+    trust_model: bool = False,
 ) -> RunResult:
-    """Run every stage for ``config`` (training and evaluating ``fold``)."""
+    """Run every stage for ``config`` (training and evaluating ``fold``; ``trust_model``: see checkpoints)."""
     def stage(name: str, what: str, start: float) -> None:
         on_stage(name, what, time.perf_counter() - start)
 
@@ -75,7 +80,8 @@ def run(
         stage("train", f"fold {fold} up to date", start)
     else:
         resume = newest_checkpoint(model_folder(config) / f"fold_{fold}") is not None
-        trained = train(config, folds=[fold], resume=resume, reporter=epoch_reporter)
+        trained = train(config, folds=[fold], resume=resume, reporter=epoch_reporter, trust_model=trust_model,
+                        warn=warn)
         stage("train", f"fold {fold}: {count(trained.folds[0].epochs_done, 'epoch')}", start)
 
     raw = config.dataset_raw_dir
@@ -85,7 +91,7 @@ def run(
     predicted_test = any(test_images.glob("*.nii.gz"))
     if predicted_test:
         predicted = predict(config, input_path=test_images, out_dir=predictions, folds=[fold],
-                            replace_outdated=True, reporter=case_reporter, warn=warn)
+                            replace_outdated=True, reporter=case_reporter, warn=warn, trust_model=trust_model)
         stage("predict", f"{predicted.count('predicted')} predicted, {predicted.count('skipped')} up to date, "
                          f"{len(predicted.failed)} failed", start)
     else:

@@ -8,25 +8,27 @@ extend a finished run to more epochs.
 from __future__ import annotations
 
 import contextlib
-import csv
 import importlib.util
 import json
 import multiprocessing
 import os
-import pickle
 import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO
 
 from pancreas_cli import locks
+from pancreas_cli.checkpoints import TRUST_ENV, read_checkpoint
 from pancreas_cli.config import Config, load_config
-from pancreas_cli.exceptions import PancsegError, TrainError, TrainingInterrupted
+from pancreas_cli.exceptions import (CheckpointError, PancsegError, TrainError, TrainingInterrupted,
+                                     UntrustedCheckpointError)
 from pancreas_cli.imageio import sweep_partials
 from pancreas_cli.logcapture import redirect_output, tail
+from pancreas_cli.multitask.history import METRICS_NAME, read_metrics
 from pancreas_cli.multitask.settings import TrainingSettings, read_settings, settings_path, write_settings
 from pancreas_cli.nnunet_env import nnunet_worker_pools, scoped_env, setup_nnunet_env
 from pancreas_cli.preprocess import read_state
@@ -133,15 +135,35 @@ def newest_checkpoint(folder: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
-def _checkpoint_epoch(path: Path) -> int:
-    """The epoch a checkpoint resumes at; TrainError if it cannot be read."""
-    import torch
-
+def _checkpoint_epoch(path: Path, *, trust: bool) -> int:
+    """The epoch a checkpoint resumes at (read safely unless ``trust``, its tensors only mapped);
+    TrainError naming it if it is damaged, UntrustedCheckpointError if it holds more than nnU-Net's."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=False)["current_epoch"])
-    except (RuntimeError, EOFError, OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
-        raise TrainError(f"{path}: cannot read this checkpoint ({type(exc).__name__}: {exc}); move it away to use "
-                         "the fold's other checkpoints, or pass --force to train the fold again") from exc
+        return int(read_checkpoint(path, trust=trust, mmap=True, required=("current_epoch",))["current_epoch"])
+    except UntrustedCheckpointError:
+        raise
+    except CheckpointError as exc:
+        raise TrainError(f"{exc}; move it away to use the fold's other checkpoints, or pass --force to train the "
+                         "fold again") from exc
+
+
+def _stopped_after(path: Path) -> str:
+    """`` after epoch N`` for a message, when the checkpoint says so safely (nothing is unpickled just
+    to print a number; a checkpoint that holds more than nnU-Net's is not described)."""
+    try:
+        return f" after epoch {_checkpoint_epoch(path, trust=False)}"
+    except UntrustedCheckpointError:
+        return ""
+
+
+def _note_foreign_metrics(output_folder: Path, warn: Callable[[str], None]) -> None:
+    """Say when a resumed fold's metrics.csv is not as training wrote it: the trainer rewrites it
+    from its own record (the checkpoint's log) at the end of the next epoch."""
+    try:
+        read_metrics(output_folder / METRICS_NAME)
+    except ValueError as exc:
+        warn(f"{output_folder / METRICS_NAME}: {exc}; it is rewritten from the checkpoint's record of every epoch "
+             "(keep a copy of your edits elsewhere)")
 
 
 def _stop_loaders(trainer: Any) -> None:
@@ -164,21 +186,13 @@ def _raise_worker_death(trainer: Any, exc: RuntimeError) -> NoReturn:
                      "the workers probably ran out of memory: lower train.da_workers or raise shared memory") from exc
 
 
-def _number(text: str) -> float | int | None:
-    """A metrics.csv cell as a number (empty: not measured that epoch)."""
-    if text == "":
-        return None
-    return int(text) if text.lstrip("-").isdigit() else float(text)
-
-
 def _fold_summary(output_folder: Path) -> tuple[dict[str, float | int | None], dict[str, Any]]:
     """The last metrics.csv row (as numbers, for --json and the table) and the validation summaries."""
-    last: dict[str, float | int | None] = {}
-    metrics = output_folder / "metrics.csv"
-    if metrics.is_file():
-        with metrics.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-        last = {key: _number(value) for key, value in rows[-1].items()} if rows else {}
+    try:
+        rows = read_metrics(output_folder / METRICS_NAME)
+    except ValueError:  # not as training wrote it (edited since): the summary goes without it
+        rows = []
+    last = rows[-1] if rows else {}
     validation: dict[str, Any] = {}
     summary = output_folder / "validation" / "summary.json"
     if summary.is_file():
@@ -199,8 +213,13 @@ def train(
     resume: bool = False,
     force: bool = False,
     reporter: EpochReporter | None = None,
+    trust_model: bool = False,
+    warn: Callable[[str], None] = lambda text: None,
 ) -> TrainResult:
-    """Train ``config.train.task`` on each fold (None: every fold of the splits) with nnU-Net's machinery."""
+    """Train ``config.train.task`` on each fold (None: every fold of the splits) with nnU-Net's machinery.
+
+    ``trust_model``: load checkpoints in full, not only what nnU-Net's hold (see checkpoints).
+    """
     if config.train.wandb.enabled and importlib.util.find_spec("wandb") is None:
         raise TrainError("train.wandb.enabled needs wandb: pip install 'pancseg[wandb]'")
     with contextlib.ExitStack() as held:
@@ -215,7 +234,8 @@ def train(
         for fold in folds:  # other folds may train meanwhile, but not these
             held.enter_context(locks.fold(config.project_dir, trainer_name, fold))
         # Every fold is checked before anything is written: a refused fold changes nothing.
-        starts = [_fold_start(config, state, trainer_name, fold, resume=resume, force=force) for fold in folds]
+        starts = [_fold_start(config, state, trainer_name, fold, resume=resume, force=force, trust=trust_model)
+                  for fold in folds]
         if resume and all(start.checkpoint is None and not start.finished for start in starts):
             # Most likely a wrong project_dir, fold or task; quietly starting over could cost hours.
             where = starts[0].output_folder.parent
@@ -224,7 +244,10 @@ def train(
         write_training_inputs(config)
         result = TrainResult(config.train.task, str(device), trainer_name)
         for start in starts:
-            result.folds.append(_train_fold(config, state, trainer_name, start, device, reporter=reporter))
+            if start.checkpoint is not None:
+                _note_foreign_metrics(start.output_folder, warn)
+            result.folds.append(_train_fold(config, state, trainer_name, start, device, reporter=reporter,
+                                            trust=trust_model))
         return result
 
 
@@ -277,7 +300,7 @@ class _FoldStart:
 
 
 def _fold_start(config: Config, state: dict[str, Any], trainer_name: str, fold: int, *, resume: bool,
-                force: bool) -> _FoldStart:
+                force: bool, trust: bool) -> _FoldStart:
     """Where ``fold`` trains and from what; refuses to discard a training without ``force``."""
     output_folder = (config.results_dir / config.dataset.folder_name
                      / f"{trainer_name}__{state['plans_identifier']}__{config.plan.configuration}" / f"fold_{fold}")
@@ -285,11 +308,11 @@ def _fold_start(config: Config, state: dict[str, Any], trainer_name: str, fold: 
     if existing is not None and not resume:
         if not force:
             state_text = "finished" if existing.name == "checkpoint_final.pth" else "stopped"
-            raise TrainError(f"fold {fold} already has a training in {output_folder} ({state_text} after epoch "
-                             f"{_checkpoint_epoch(existing)}); pass --resume to continue it or --force to start over")
+            raise TrainError(f"fold {fold} already has a training in {output_folder} ({state_text}"
+                             f"{_stopped_after(existing)}); pass --resume to continue it or --force to start over")
         return _FoldStart(fold, output_folder, None, discard=True)
     if resume and existing is not None:
-        done = _checkpoint_epoch(existing)  # also: a checkpoint nnU-Net cannot load fails here, named
+        done = _checkpoint_epoch(existing, trust=trust)  # also: a checkpoint that cannot be loaded fails here, named
         final = existing.name == "checkpoint_final.pth"
         if not final and done >= config.train.epochs:
             # nnU-Net would skip the loop and finalise the unfinished run as if it were complete.
@@ -341,7 +364,7 @@ def _check_resume_settings(config: Config, fold: int, output_folder: Path) -> No
 
 
 def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start: _FoldStart, device: torch.device, *,
-                reporter: EpochReporter | None) -> FoldResult:
+                reporter: EpochReporter | None, trust: bool) -> FoldResult:
     fold, output_folder = start.fold, start.output_folder
     if start.discard:
         shutil.rmtree(output_folder)
@@ -357,9 +380,11 @@ def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start:
     write_settings(training_settings(config), output_folder)
     began = time.perf_counter()
     if config.train.num_gpus > 1:
-        _train_ddp(config, state, trainer_name, fold, start.checkpoint, log_file)
+        with scoped_env(TRUST_ENV, "1" if trust else "0"):  # read by the trainers in nnU-Net's GPU processes
+            _train_ddp(config, state, trainer_name, fold, start.checkpoint, log_file)
     else:
-        _train_single(config, state, trainer_name, fold, device, start.checkpoint, log_file, reporter, fold_result)
+        _train_single(config, state, trainer_name, fold, device, start.checkpoint, log_file, reporter, fold_result,
+                      trust)
     fold_result.seconds = time.perf_counter() - began
     fold_result.last, fold_result.validation = _fold_summary(output_folder)
     fold_result.epochs_done = int(fold_result.last.get("epoch", 0) or 0)
@@ -368,12 +393,13 @@ def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start:
 
 def _train_single(config: Config, state: dict[str, Any], trainer_name: str, fold: int, device: torch.device,
                   checkpoint: Path | None, log_file: Path, reporter: EpochReporter | None,
-                  fold_result: FoldResult) -> None:
+                  fold_result: FoldResult, trust: bool) -> None:
     import torch
 
     with redirect_output(log_file) as terminal, nnunet_worker_pools(config.plan.num_processes):
         try:
             trainer = build_trainer(config, state, trainer_name, fold, device, continue_training=checkpoint is not None)
+            trainer.trust_model = trust
             if checkpoint is not None:
                 trainer.load_checkpoint(str(checkpoint))
                 fold_result.resumed_from = trainer.current_epoch
@@ -481,7 +507,7 @@ def _train_ddp(config: Config, state: dict[str, Any], trainer_name: str, fold: i
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
     if checkpoint is not None:
-        _resume_from(checkpoint)
+        _resume_from(checkpoint, trust=os.environ.get(TRUST_ENV) == "1")
     with redirect_output(log_file):
         try:
             run_training(str(config.dataset.id), config.plan.configuration, fold, trainer_name,
@@ -502,7 +528,7 @@ def _train_ddp(config: Config, state: dict[str, Any], trainer_name: str, fold: i
             raise _training_failed(exc, log_file) from exc
 
 
-def _resume_from(checkpoint: Path) -> None:
+def _resume_from(checkpoint: Path, *, trust: bool) -> None:
     """Make nnU-Net's launcher, which prefers checkpoint_final.pth, resume from ``checkpoint``.
 
     An extended run that was interrupted has a checkpoint_latest.pth newer than the first run's
@@ -510,4 +536,4 @@ def _resume_from(checkpoint: Path) -> None:
     """
     final = checkpoint.parent / "checkpoint_final.pth"
     if checkpoint != final and final.is_file():
-        os.replace(final, final.with_name(f"checkpoint_final_epoch{_checkpoint_epoch(final)}.pth"))
+        os.replace(final, final.with_name(f"checkpoint_final_epoch{_checkpoint_epoch(final, trust=trust)}.pth"))

@@ -59,7 +59,7 @@ def test_a_killed_command_leaves_no_lock(tmp_path: Path) -> None:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     _exclusive(tmp_path)  # the orphaned worker still runs, but holds nothing
-    assert not list((tmp_path / locks.LOCK_DIR).glob(f"project.{pid}.holder"))  # its note is cleared
+    assert not list((tmp_path / locks.LOCK_DIR).glob(f"project.lock.*.{pid}.holder"))  # its note is cleared
 
 
 def test_nested_and_repeated_holds_in_one_process(tmp_path: Path) -> None:

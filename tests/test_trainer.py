@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pancreas_cli.exceptions import DataError
+from pancreas_cli.exceptions import DataError, DiskFullError
 from pancreas_cli.multitask import trainer as trainer_module
 from pancreas_cli.multitask.network import HeadSettings, MultiTaskNet, tile_weights
 from pancreas_cli.multitask.predictor import unwrap
@@ -656,7 +656,7 @@ def test_checkpoints_are_written_atomically(preprocessed: Path, monkeypatch: pyt
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", killed)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFullError, match="checkpoint_latest.pth: could not be written, the disk is full"):
         trainer.save_checkpoint(str(target))
     assert target.read_bytes() == before  # the previous checkpoint is intact
     assert not [p.name for p in target.parent.iterdir() if p.name.startswith(".")]  # no temporary file left

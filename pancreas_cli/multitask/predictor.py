@@ -6,16 +6,22 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.helpers import empty_cache
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch._dynamo import OptimizedModule
 
+from pancreas_cli.checkpoints import read_checkpoint
 from pancreas_cli.inference.window import (AT_BORDER, NOTHING_FOUND, WindowStats, foreground, mirror_combinations,
                                            tiles_near, touches_border)
 from pancreas_cli.multitask.network import MultiTaskNet, tile_weights
@@ -51,12 +57,16 @@ class ProgressPredictor(nnUNetPredictor):
     ``window.region``, mirrored only near what an un-mirrored first pass calls foreground
     (:mod:`pancreas_cli.inference.window`). Without it, nnU-Net's own window runs unchanged.
     ``window_stats`` tells what the last case cost.
+
+    Checkpoints are read by :mod:`pancreas_cli.checkpoints` (safely, unless ``trust_model``).
     """
 
     report_every_s = 15.0
 
-    def __init__(self, *args: object, window: WindowSettings | None = None, **kwargs: object) -> None:
+    def __init__(self, *args: object, window: WindowSettings | None = None, trust_model: bool = False,
+                 **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.trust_model = trust_model
         self.on_progress: Callable[[str], None] | None = None
         self.window = window
         self.window_stats = WindowStats()
@@ -64,6 +74,38 @@ class ProgressPredictor(nnUNetPredictor):
         self._tiles = [0, 0]  # done, total of this sliding window
         self._reported = 0.0
         self._batch_forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str,
+                                             use_folds: tuple[int | str, ...] | str | None,
+                                             checkpoint_name: str = "checkpoint_final.pth") -> None:
+        """nnU-Net 2.8.1's, with the checkpoints read by :func:`~pancreas_cli.checkpoints.read_checkpoint`:
+        nnU-Net's unpickles them whole (``weights_only=False``), so a model file could run code. It
+        reads each fold's weights and the first fold's trainer name, configuration and mirroring axes
+        (``tests/faults/test_model_faults.py`` checks that against nnU-Net's own)."""
+        folder = Path(model_training_output_dir)
+        if use_folds is None:
+            use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
+        if isinstance(use_folds, str):
+            use_folds = [use_folds]
+        dataset_json = load_json(str(folder / "dataset.json"))
+        plans_manager = PlansManager(load_json(str(folder / "plans.json")))
+        parameters, first = [], None
+        for fold in use_folds:
+            checkpoint = read_checkpoint(folder / f"fold_{fold}" / checkpoint_name, trust=self.trust_model)
+            first = first or {key: checkpoint.get(key) for key in ("trainer_name", "init_args",
+                                                                   "inference_allowed_mirroring_axes")}
+            parameters.append(checkpoint["network_weights"])
+        if first is None:
+            raise ValueError(f"no folds to load from {folder}")
+        configuration_manager = plans_manager.get_configuration(first["init_args"]["configuration"])
+        network = recursive_find_trainer_class_by_name(first["trainer_name"]).build_network_architecture(
+            plans_manager, configuration_manager,
+            determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+            plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+        network.load_state_dict(parameters[0])
+        # nnU-Net's own initialisation from here on (the same fields; torch.compile if nnUNet_compile).
+        self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
+                                   first["trainer_name"], first["inference_allowed_mirroring_axes"])
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         self._model = 0

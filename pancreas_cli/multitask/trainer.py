@@ -12,7 +12,6 @@ Both are found by nnU-Net's own commands when ``nnUNet_extTrainer`` points at
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import sys
@@ -30,21 +29,19 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
+from pancreas_cli.checkpoints import TRUST_ENV, read_checkpoint
 from pancreas_cli.exceptions import DataError
-from pancreas_cli.imageio import atomic_target, publish, write_text
+from pancreas_cli.imageio import atomic_target, naming_full_disk, publish, write_text
 from pancreas_cli.metrics import classification_metrics
+from pancreas_cli.multitask.history import METRICS_COLUMNS, METRICS_NAME, render_metrics
 from pancreas_cli.multitask.network import HeadSettings, build_multitask_network, tile_weights
 from pancreas_cli.multitask.optim import MultiTaskOptimizer, MultiTaskPolyLR, build_optimizer
 from pancreas_cli.multitask.predictor import MultiTaskPredictor, unwrap
 from pancreas_cli.multitask.settings import TrainingSettings, read_settings
 
+__all__ = ["METRICS_COLUMNS", "METRICS_NAME", "nnUNetTrainerMultiTask", "nnUNetTrainerPancseg"]
+
 SUBTYPES = (0, 1, 2)
-METRICS_NAME = "metrics.csv"
-METRICS_COLUMNS = (
-    "epoch", "train_loss", "seg_loss", "cls_loss", "cls_lambda", "val_loss", "val_cls_loss",
-    "dice_pancreas", "dice_lesion", "ema_pseudo_dice", "val_accuracy", "val_macro_f1", "val_cases",
-    "criterion", "best", "lr", "epoch_time_s",
-)
 # Values the base logger must accept (it only takes registered keys, one value per epoch).
 _LOG_KEYS = ("pancseg_dice_pancreas", "pancseg_dice_lesion", "pancseg_criterion")
 _MT_LOG_KEYS = ("pancseg_seg_loss", "pancseg_cls_loss", "pancseg_val_cls_loss", "pancseg_val_accuracy",
@@ -56,12 +53,11 @@ def _dice(tp: float, fp: float, fn: float) -> float:
     return float(2 * tp / denominator) if denominator > 0 else float("nan")
 
 
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+def _plain(value: Any) -> float | int | None:
+    """A logged value (numpy scalars in nnU-Net's log) as a plain number."""
+    if value is None:
+        return None
+    return int(value) if isinstance(value, int | np.integer) else float(value)
 
 
 class nnUNetTrainerPancseg(nnUNetTrainer):
@@ -86,6 +82,9 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
         self.save_every = settings.save_every
         #: Called after every epoch with that epoch's metrics row (pancseg's progress display).
         self.epoch_callback: Callable[[dict[str, Any]], None] | None = None
+        #: Load checkpoints in full, not only what nnU-Net's hold (``pancseg train --trust-model``; in
+        #: nnU-Net's DDP processes, which pancseg does not build, from the environment).
+        self.trust_model = os.environ.get(TRUST_ENV) == "1"
         self._register_log_keys(_LOG_KEYS)
 
     def _prepare_plans(self, plans: dict, configuration: str) -> None:
@@ -201,10 +200,10 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
         if self.local_rank == 0:
             log.plot_progress_png(self.output_folder)
-            row = self._metrics_row(epoch, criterion, best, epoch_time)
-            self._append_metrics(row)
+            rows = [self._metrics_row(e) for e in range(epoch + 1)]
+            write_text(render_metrics(rows), Path(self.output_folder) / METRICS_NAME)
             if self.epoch_callback is not None:
-                self.epoch_callback(row)
+                self.epoch_callback(rows[-1])
         self.current_epoch += 1
 
     def save_checkpoint(self, filename: str) -> None:
@@ -213,43 +212,63 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
         if self.local_rank != 0 or self.disable_checkpointing:
             super().save_checkpoint(filename)  # writes nothing (or logs why)
             return
-        with atomic_target(Path(filename)) as partial:
-            super().save_checkpoint(str(partial))
+        with atomic_target(Path(filename)) as partial, naming_full_disk(Path(filename)):
+            super().save_checkpoint(str(partial))  # torch says only "unexpected pos" when the disk is full
             publish(partial, Path(filename))
 
-    def _metrics_row(self, epoch: int, criterion: float, best: bool, epoch_time: float) -> dict[str, Any]:
-        get = self.logger.get_value
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """nnU-Net 2.8.1's, with a file read by :func:`~pancreas_cli.checkpoints.read_checkpoint`:
+        nnU-Net's unpickles it whole (``weights_only=False``), so a checkpoint could run code (and
+        its version fails on a dict). Reads what nnU-Net's reads (tests/faults checks the keys)."""
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = read_checkpoint(Path(checkpoint), trust=self.trust_model, map_location=self.device)
+        network = unwrap(self.network)
+        own = network.state_dict().keys()
+        # A DataParallel checkpoint's keys start with "module." (nnU-Net's heuristic).
+        network.load_state_dict({k[7:] if k not in own and k.startswith("module.") else k: v
+                                 for k, v in checkpoint["network_weights"].items()})
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+
+    def _logged(self, key: str, epoch: int) -> float | int | None:
+        """What the log holds for ``key`` at ``epoch`` (None: not logged, e.g. by an older version)."""
+        values = self.logger.local_logger.my_fantastic_logging.get(key, [])
+        return _plain(values[epoch]) if epoch < len(values) else None
+
+    def _was_best(self, epoch: int) -> bool:
+        """Whether ``epoch``'s criterion beat every earlier one (checkpoint_best.pth was saved then)."""
+        history = [self._logged("pancseg_criterion", e) for e in range(epoch + 1)]
+        earlier = [c for c in history[:-1] if c is not None and not np.isnan(c)]
+        now = history[-1]
+        return now is not None and not np.isnan(now) and (not earlier or now > max(earlier))
+
+    def _metrics_row(self, epoch: int) -> dict[str, Any]:
+        """Epoch ``epoch``'s metrics.csv row (0-based), from the log (the checkpoint's, on resume)."""
+        get = self._logged
+        start, end = get("epoch_start_timestamps", epoch), get("epoch_end_timestamps", epoch)
         return {
             "epoch": epoch + 1,
-            "train_loss": float(get("train_losses", step=-1)),
-            "val_loss": float(get("val_losses", step=-1)),
-            "dice_pancreas": float(get("pancseg_dice_pancreas", step=-1)),
-            "dice_lesion": float(get("pancseg_dice_lesion", step=-1)),
-            "ema_pseudo_dice": float(get("ema_fg_dice", step=-1)),
-            "criterion": float(criterion),
-            "best": int(best),
-            "lr": float(get("lrs", step=-1)),
-            "epoch_time_s": float(epoch_time),
+            "train_loss": get("train_losses", epoch),
+            "val_loss": get("val_losses", epoch),
+            "dice_pancreas": get("pancseg_dice_pancreas", epoch),
+            "dice_lesion": get("pancseg_dice_lesion", epoch),
+            "ema_pseudo_dice": get("ema_fg_dice", epoch),
+            "criterion": get("pancseg_criterion", epoch),
+            "best": int(self._was_best(epoch)),
+            "lr": get("lrs", epoch),
+            "epoch_time_s": end - start if start is not None and end is not None else None,
             "total_epochs": self.num_epochs,
         }
-
-    def _append_metrics(self, row: dict[str, Any]) -> None:
-        """Append one row to metrics.csv (flushed per epoch, so it can be read while training runs).
-
-        On resume, rows of epochs that are being trained again are dropped first.
-        """
-        path = Path(self.output_folder) / METRICS_NAME
-        kept: list[str] = []
-        if path.is_file():
-            with path.open(newline="", encoding="utf-8") as fh:
-                kept = [line for line in fh.read().splitlines()[1:] if line and int(line.split(",")[0]) < row["epoch"]]
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(METRICS_COLUMNS)
-        text = buffer.getvalue() + "".join(line + "\n" for line in kept)
-        buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerow([_fmt(row.get(c)) for c in METRICS_COLUMNS])
-        write_text(text + buffer.getvalue(), path)
 
 
 class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
@@ -325,12 +344,13 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
             self.print_to_log_file(f"WARNING: subtype(s) {missing} absent from the training cases of fold {self.fold}")
         return torch.as_tensor(weights, dtype=torch.float32, device=self.device)
 
-    def cls_lambda(self) -> float:
-        """Weight of the subtype loss this epoch (linear warm-up)."""
+    def cls_lambda(self, epoch: int | None = None) -> float:
+        """Weight of the subtype loss in ``epoch`` (default: this one; linear warm-up)."""
         settings = self.pancseg_settings
         if settings.cls_warmup_epochs <= 0:
             return settings.cls_weight
-        return settings.cls_weight * min(1.0, (self.current_epoch + 1) / settings.cls_warmup_epochs)
+        epoch = self.current_epoch if epoch is None else epoch
+        return settings.cls_weight * min(1.0, (epoch + 1) / settings.cls_warmup_epochs)
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -447,18 +467,11 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
             return super()._selection_value()
         return float(np.nanmean([get("pancseg_dice_pancreas", step=-1), f1]))
 
-    def _metrics_row(self, epoch: int, criterion: float, best: bool, epoch_time: float) -> dict[str, Any]:
-        row = super()._metrics_row(epoch, criterion, best, epoch_time)
-        get = self.logger.get_value
-        row.update(
-            seg_loss=float(get("pancseg_seg_loss", step=-1)),
-            cls_loss=float(get("pancseg_cls_loss", step=-1)),
-            cls_lambda=self.cls_lambda(),
-            val_cls_loss=float(get("pancseg_val_cls_loss", step=-1)),
-            val_accuracy=float(get("pancseg_val_accuracy", step=-1)),
-            val_macro_f1=float(get("pancseg_val_macro_f1", step=-1)),
-            val_cases=int(get("pancseg_val_cases", step=-1)),
-        )
+    def _metrics_row(self, epoch: int) -> dict[str, Any]:
+        row = super()._metrics_row(epoch)
+        for column in ("seg_loss", "cls_loss", "val_cls_loss", "val_accuracy", "val_macro_f1", "val_cases"):
+            row[column] = self._logged(f"pancseg_{column}", epoch)
+        row["cls_lambda"] = self.cls_lambda(epoch)
         return row
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
