@@ -22,7 +22,7 @@ def test_version(runner: CliRunner) -> None:
 
 
 def test_python_m_entry_point() -> None:
-    done = subprocess.run([sys.executable, "-m", "pancreas_cli", "--version"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "pancreas_cli", "--version"], capture_output=True, text=True, encoding="utf-8")
     assert done.returncode == 0 and done.stdout.strip() == f"pancseg {__version__}"
 
 
@@ -32,7 +32,7 @@ def test_help_lists_commands_without_importing_torch_or_nnunet() -> None:
         "r = CliRunner().invoke(app, ['--help']); print(r.exit_code);"
         "print(r.output); print('HEAVY', [m for m in ('torch', 'nnunetv2', 'SimpleITK') if m in sys.modules])"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"COLUMNS": "200", "PATH": ""})
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", env={"COLUMNS": "200", "PATH": ""})
     assert done.stdout.startswith("0\n")
     for command in ("init", "synth", "prepare", "clean", "preprocess", "doctor"):
         assert command in done.stdout
@@ -46,10 +46,10 @@ def test_unknown_command_and_option_are_usage_errors(runner: CliRunner) -> None:
 
 def test_help_and_usage_errors_are_plain_text_when_not_a_terminal() -> None:
     """Colab `!` cells and CI logs get no box-drawing panels."""
-    helped = subprocess.run([sys.executable, "-m", "pancreas_cli", "train", "--help"], capture_output=True, text=True,
+    helped = subprocess.run([sys.executable, "-m", "pancreas_cli", "train", "--help"], capture_output=True, text=True, encoding="utf-8",
                             check=False)
     assert helped.returncode == 0 and "--set KEY=VALUE" in helped.stdout and "╭" not in helped.stdout
-    usage = subprocess.run([sys.executable, "-m", "pancreas_cli", "train", "--bogus"], capture_output=True, text=True,
+    usage = subprocess.run([sys.executable, "-m", "pancreas_cli", "train", "--bogus"], capture_output=True, text=True, encoding="utf-8",
                            check=False)
     assert usage.returncode == 2 and "No such option: --bogus" in usage.stderr and "╭" not in usage.stderr
 

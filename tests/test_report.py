@@ -98,7 +98,7 @@ def test_page_loads_in_headless_chromium(rendered: Path, tmp_path: Path) -> None
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
          "--virtual-time-budget=5000", "--dump-dom", rendered.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, encoding="utf-8", timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', done.stdout)

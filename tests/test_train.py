@@ -92,14 +92,14 @@ def test_train_resume_and_nnunet_commands(project: Path, runner: CliRunner) -> N
     bin_dir = Path(sys.executable).parent
     val = subprocess.run([str(bin_dir / "nnUNetv2_train"), "1", "3d_smoke", "0", "-tr", "nnUNetTrainerMultiTask",
                           "-p", "nnUNetResEncUNetMPlans", "-device", "cpu", "--val"],
-                         capture_output=True, text=True, env=env)
+                         capture_output=True, text=True, encoding="utf-8", env=env)
     assert val.returncode == 0, val.stdout[-3000:] + val.stderr[-3000:]
     assert "Using trainer 'nnUNetTrainerMultiTask'" in val.stdout
     out = project / "nnunet_predict"
     pred = subprocess.run([str(bin_dir / "nnUNetv2_predict"), "-i", str(project / "work" / "nnUNet_raw" /
                            "Dataset001_PancreasCancer" / "imagesTs"), "-o", str(out), "-d", "1", "-c", "3d_smoke",
                            "-p", "nnUNetResEncUNetMPlans", "-tr", "nnUNetTrainerMultiTask", "-f", "0", "-device",
-                           "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], capture_output=True, text=True, env=env)
+                           "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], capture_output=True, text=True, encoding="utf-8", env=env)
     assert pred.returncode == 0, pred.stdout[-3000:] + pred.stderr[-3000:]
     assert len(list(out.glob("*.nii.gz"))) == 2
 

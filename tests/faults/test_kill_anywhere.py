@@ -37,7 +37,7 @@ def _command(root: Path, args: list[str]) -> list[str]:
 
 def _run(root: Path, args: list[str]) -> float:
     start = time.perf_counter()
-    done = subprocess.run(_command(root, args), cwd=root, capture_output=True, text=True)
+    done = subprocess.run(_command(root, args), cwd=root, capture_output=True, text=True, encoding="utf-8")
     assert done.returncode == 0, f"{args}: {done.stdout}\n{done.stderr}"
     assert "Traceback" not in done.stderr
     return time.perf_counter() - start

@@ -295,7 +295,7 @@ def test_a_yaml_alias_bomb_is_refused(tmp_path: Path) -> None:
     config.write_text("project_dir: [" + ", ".join(levels) + "]\n")
     assert len(config.read_bytes()) < 500
     done = subprocess.run([sys.executable, "-m", "pancreas_cli", "train", "-c", str(config)], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+                          text=True, encoding="utf-8", timeout=60, env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"invalid configuration in {config}:" in done.stderr
     assert "its aliases (*name) expand to more than 10000 values" in done.stderr

@@ -205,7 +205,7 @@ def test_a_model_on_read_only_storage_predicts(trained_project: Path, tmp_path: 
         try:
             done = subprocess.run([sys.executable, "-m", "pancreas_cli", "predict", "-c", str(model / "pancseg.yaml"),
                                    "-i", str(source), "-o", str(out), "--fold", "4"], env=env, capture_output=True,
-                                  text=True, timeout=300, preexec_fn=_unprivileged if os.geteuid() == 0 else None)
+                                  text=True, encoding="utf-8", timeout=300, preexec_fn=_unprivileged if os.geteuid() == 0 else None)
         except subprocess.SubprocessError as exc:
             pytest.skip(f"running as root and no user namespace to drop its privileges: {exc}")
     finally:
