@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -11,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
@@ -22,6 +22,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch._dynamo import OptimizedModule
 
 from pancreas_cli.checkpoints import read_checkpoint
+from pancreas_cli.exceptions import CheckpointError
 from pancreas_cli.inference.window import (AT_BORDER, NOTHING_FOUND, WindowStats, foreground, mirror_combinations,
                                            tiles_near, touches_border)
 from pancreas_cli.multitask.network import MultiTaskNet, tile_weights
@@ -87,8 +88,8 @@ class ProgressPredictor(nnUNetPredictor):
             use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
         if isinstance(use_folds, str):
             use_folds = [use_folds]
-        dataset_json = load_json(str(folder / "dataset.json"))
-        plans_manager = PlansManager(load_json(str(folder / "plans.json")))
+        dataset_json = _model_json(folder / "dataset.json")
+        plans_manager = PlansManager(_model_json(folder / "plans.json"))
         parameters, first = [], None
         for fold in use_folds:
             checkpoint = read_checkpoint(folder / f"fold_{fold}" / checkpoint_name, trust=self.trust_model)
@@ -280,6 +281,21 @@ class ProgressPredictor(nnUNetPredictor):
                 done(i, axes, _flip(seg[j:j + 1], axes), [] if cls is None else [cls[j:j + 1]])
             self._tiles[0] += len(batch)
             self._report(what)
+
+
+def _model_json(path: Path) -> dict[str, Any]:
+    """A model folder's ``dataset.json`` or ``plans.json``; a damaged one is named (nnU-Net's reader says
+    only ``JSONDecodeError``)."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: missing from the model folder; copy the whole folder again") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc}); the model folder is damaged or was edited: copy it "
+                              "again (or train again)") from exc
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{path}: not an nnU-Net {path.stem} file; copy the model folder again")
+    return found
 
 
 def _flip(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:

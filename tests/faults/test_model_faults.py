@@ -299,3 +299,17 @@ def test_a_yaml_alias_bomb_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"invalid configuration in {config}:" in done.stderr
     assert "its aliases (*name) expand to more than 10000 values" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["plans.json", "dataset.json"])
+def test_a_damaged_model_json_is_named(trained_project: Path, runner: CliRunner, tmp_path: Path, name: str) -> None:
+    """nnU-Net's own reader says only JSONDecodeError: the file is named, with what to do."""
+    project = tmp_path / "project"
+    shutil.copytree(trained_project, project, symlinks=True)
+    model = next((project / "work" / "nnUNet_results").glob("Dataset*/nnUNetTrainerMultiTask__*"))
+    (model / name).write_text('{"configurations": ')
+    result = runner.invoke(app, ["predict", "-c", str(project / "pancseg.yaml"), "-i",
+                                 str(project / "data" / "test"), "-o", str(tmp_path / "out"), "--fold", "4"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{model / name}: unreadable" in result.stderr and "copy it again" in result.stderr
