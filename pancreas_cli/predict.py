@@ -667,7 +667,9 @@ class _CaseRunner:
         self.preprocessor = manager.preprocessor_class(verbose=False)
 
     def run(self, cases: list[InputCase]) -> Iterator[CaseOutcome]:
-        for outcome in run_overlapped(cases, self.read, self.compute, self.write):
+        # A GPU may finish a case's network before one thread has read the next: two read ahead there.
+        ahead = 2 if self.predictor.device.type == "cuda" else 1
+        for outcome in run_overlapped(cases, self.read, self.compute, self.write, ahead=ahead):
             shutil.rmtree(self.scratch / outcome.case, ignore_errors=True)
             yield outcome
 

@@ -104,3 +104,20 @@ def test_bounded_reads_ahead() -> None:
 
     assert list(run_overlapped(list(range(5)), read, compute, lambda item, value: value)) == list(range(5))
     assert gate.is_set()
+
+
+def test_two_readers_read_two_cases_at_once_results_still_in_order() -> None:
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    def read(item: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return item
+
+    results = list(run_overlapped(list(range(6)), read, lambda item, value: value, lambda item, value: value, ahead=2))
+    assert results == list(range(6)) and peak[0] == 2

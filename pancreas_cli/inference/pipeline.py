@@ -2,7 +2,7 @@
 the previous one is written.
 
 Reading and preprocessing (files, NumPy, SimpleITK) and writing (compression, file system) wait on
-the disk or run in C without the GIL, so one thread each overlaps them with the network, which keeps
+the disk or run in C without the GIL, so threads overlap them with the network, which keeps
 the main thread. Memory stays bounded: while a case is on the network, at most ``ahead`` later ones
 are read, and at most two earlier ones wait for or are in the writer. Results come back in input
 order.
@@ -31,12 +31,14 @@ def run_overlapped(items: list[Item], read: Callable[[Item], Any], compute: Call
                    write: Callable[[Item, Any], Result], ahead: int = 1) -> Iterator[Result]:
     """Yields each item's result in order, the stages of neighbouring items overlapping.
 
-    ``read(item)`` runs on a reader thread, ``compute(item, read's value)`` here, ``write(item,
-    compute's value)`` on a writer thread; a stage that returns :class:`Finished` ends its case.
+    ``read(item)`` runs on ``ahead`` reader threads (the next ``ahead`` items are read at once: on a GPU
+    the network may take less time per case than one thread's reading), ``compute(item, read's value)``
+    here, ``write(item, compute's value)`` on a writer thread; a stage that returns :class:`Finished`
+    ends its case.
     On an exception here (Ctrl-C, SIGTERM), reads not yet started are cancelled and the write in
     progress finishes, so no case is left half-written.
     """
-    with ThreadPoolExecutor(1, thread_name_prefix="pancseg-read") as reader, \
+    with ThreadPoolExecutor(max(1, ahead), thread_name_prefix="pancseg-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="pancseg-write") as writer:
         reads: deque[Future[Any]] = deque(reader.submit(read, item) for item in items[:ahead])
         writes: deque[Future[Result] | Finished[Result]] = deque()
