@@ -184,52 +184,16 @@ class ProgressPredictor(nnUNetPredictor):
         stats = WindowStats(tiles=len(slicers), stock_passes=len(slicers) * len(combos))
         gaussian = (compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
                                      value_scaling_factor=10, device=results_device) if self.use_gaussian else 1)
-        first: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        self._passes(data, [(i, ()) for i in range(len(slicers))], slicers, stats,
-                     lambda i, axes, seg, cls: first.__setitem__(i, (seg, cls)), "tiles (first pass)")
-        full = self._tiles_to_mirror(data.shape[1:], first, slicers, gaussian, results_device, stats, len(combos))
-        logits = torch.zeros((self.label_manager.num_segmentation_heads, *data.shape[1:]), dtype=torch.half,
-                             device=results_device)
-        counts = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
-        sums: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        flushed = [0]
-
-        def add(i: int) -> None:  # tile i into the weighted sums, in window order as nnU-Net adds them
-            was_mirrored = i in sums
-            seg, cls = sums.pop(i) if was_mirrored else first[i]
-            del first[i]
-            if was_mirrored:
-                seg /= len(combos)
-            self._tile_done(seg, cls)
-            prediction = seg[0].to(results_device)
-            if self.use_gaussian:
-                prediction *= gaussian
-            logits[slicers[i]] += prediction
-            counts[slicers[i][1:]] += gaussian
-
-        def mirrored(i: int, axes: tuple[int, ...], seg: torch.Tensor, cls: list[torch.Tensor]) -> None:
-            if i not in sums:
-                base_seg, base_cls = first[i]
-                sums[i] = (base_seg.clone(), list(base_cls))
-            sums[i][0].add_(seg)
-            sums[i][1].extend(cls)
-            if axes == combos[-1]:  # tile i is complete: add it and every skipped tile before it
-                while flushed[0] <= i:
-                    add(flushed[0])
-                    flushed[0] += 1
-
+        sums = _WindowSums(self, data.shape[1:], slicers, gaussian, combos, results_device)
+        self._passes(data, [(i, ()) for i in range(len(slicers))], slicers, stats, sums.first_pass,
+                     "tiles (first pass)")
+        full = self._tiles_to_mirror(data.shape[1:], sums.first, slicers, gaussian, results_device, stats,
+                                     len(combos))
         work = [(i, axes) for i in range(len(slicers)) if full[i] for axes in combos[1:]]
-        self._passes(data, work, slicers, stats, mirrored, "mirrored passes")
-        while flushed[0] < len(slicers):
-            add(flushed[0])
-            flushed[0] += 1
+        self._passes(data, work, slicers, stats, sums.mirrored, "mirrored passes")
         stats.full = sum(full)
         self.window_stats.add(stats)
-        torch.div(logits, counts, out=logits)
-        if torch.any(torch.isinf(logits)):
-            raise RuntimeError("Encountered inf in predicted array (as nnU-Net would say): the half-precision "
-                               "sums overflowed")
-        return logits
+        return sums.result()
 
     def _tiles_to_mirror(self, shape: torch.Size, first: dict, slicers: list, gaussian: Any,
                          device: torch.device, stats: WindowStats, n_combos: int) -> list[bool]:
@@ -281,6 +245,61 @@ class ProgressPredictor(nnUNetPredictor):
                 done(i, axes, _flip(seg[j:j + 1], axes), [] if cls is None else [cls[j:j + 1]])
             self._tiles[0] += len(batch)
             self._report(what)
+
+
+class _WindowSums:
+    """nnU-Net's Gaussian-weighted sums of a window, added in nnU-Net's tile order (float16 sums depend on
+    the order): a mirrored tile once its last pass is in, the un-mirrored tiles before it as they come.
+
+    ``first`` holds each tile's un-mirrored pass (segmentation logits, class logits) until it is added.
+    """
+
+    def __init__(self, predictor: ProgressPredictor, shape: torch.Size, slicers: list, gaussian: Any,
+                 combos: list[tuple[int, ...]], device: torch.device) -> None:
+        self.predictor, self.slicers, self.gaussian, self.combos = predictor, slicers, gaussian, combos
+        self.device = device
+        self.logits = torch.zeros((predictor.label_manager.num_segmentation_heads, *shape), dtype=torch.half,
+                                  device=device)
+        self.counts = torch.zeros(shape, dtype=torch.half, device=device)
+        self.first: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self.mirror_sums: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self.added = 0  # tiles 0 .. added-1 are in the sums
+
+    def first_pass(self, i: int, axes: tuple[int, ...], seg: torch.Tensor, cls: list[torch.Tensor]) -> None:
+        self.first[i] = (seg, cls)
+
+    def mirrored(self, i: int, axes: tuple[int, ...], seg: torch.Tensor, cls: list[torch.Tensor]) -> None:
+        if i not in self.mirror_sums:
+            base_seg, base_cls = self.first[i]
+            self.mirror_sums[i] = (base_seg.clone(), list(base_cls))
+        self.mirror_sums[i][0].add_(seg)  # nnU-Net's order of the mirrors: flips arrive in it
+        self.mirror_sums[i][1].extend(cls)
+        if axes == self.combos[-1]:
+            self._add_up_to(i)
+
+    def result(self) -> torch.Tensor:
+        self._add_up_to(len(self.slicers) - 1)
+        torch.div(self.logits, self.counts, out=self.logits)
+        if torch.any(torch.isinf(self.logits)):
+            raise RuntimeError("Encountered inf in predicted array (as nnU-Net would say): the half-precision "
+                               "sums overflowed")
+        return self.logits
+
+    def _add_up_to(self, last: int) -> None:
+        while self.added <= last:
+            i = self.added
+            mirrored = i in self.mirror_sums
+            seg, cls = self.mirror_sums.pop(i) if mirrored else self.first[i]
+            del self.first[i]
+            if mirrored:
+                seg /= len(self.combos)
+            self.predictor._tile_done(seg, cls)
+            prediction = seg[0].to(self.device)
+            if self.predictor.use_gaussian:
+                prediction *= self.gaussian
+            self.logits[self.slicers[i]] += prediction
+            self.counts[self.slicers[i][1:]] += self.gaussian
+            self.added += 1
 
 
 def _model_json(path: Path) -> dict[str, Any]:
