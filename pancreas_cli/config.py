@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from pancreas_cli.exceptions import ConfigError, OverrideSyntaxError
+from pancreas_cli.multitask.settings import TrainingSettings
 
 CONFIG_TEMPLATE = Path(__file__).with_name("config_template.yaml")
 
@@ -160,37 +161,17 @@ class WandbConfig(_Section):
     mode: Literal["online", "offline"] = "online"
 
 
-class TrainConfig(_Section):
+class TrainConfig(_Section, TrainingSettings):
+    """The training settings (defaults and bounds: :class:`TrainingSettings`) and how the run goes."""
+
+    model_config = ConfigDict(frozen=False)  # a config is changed by --set and flags; handed settings are not
+
     task: Literal["multitask", "segmentation"] = "multitask"
-    epochs: int = Field(1000, gt=0)
-    iterations_per_epoch: int = Field(250, gt=0)
-    val_iterations: int = Field(50, gt=0)
-    initial_lr: float = Field(1e-2, gt=0)
-    batch_size: int | None = Field(None, gt=0)
-    save_every: int = Field(5, gt=0)
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     num_gpus: int = Field(1, ge=1)
     da_workers: int | None = Field(None, ge=0, le=64)
     compile: bool = False
-    cls_weight: float = Field(0.05, ge=0)
-    head_lr: float = Field(1e-3, gt=0)
-    cls_warmup_epochs: int = Field(10, ge=0)
-    class_weights: Literal["inverse_frequency", "none"] | list[float] = "inverse_frequency"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    select_by: Literal["combined", "segmentation", "classification"] = "combined"
-    head_stages: list[int] = Field(default_factory=lambda: [1, 2, -1], min_length=1)
-    head_pooling: Literal["attention", "mean"] = "attention"
-    head_hidden: int = Field(128, gt=0)
-    head_dropout: float = Field(0.3, ge=0, lt=1)
     wandb: WandbConfig = Field(default_factory=dict)  # type: ignore[arg-type]
-
-    @field_validator("class_weights")
-    @classmethod
-    def _three_weights(cls, value: Any) -> Any:
-        # A zero weight makes the loss 0/0 (NaN) on every batch whose cases all have that subtype.
-        if isinstance(value, list) and (len(value) != 3 or any(w <= 0 for w in value)):
-            raise ValueError("must be inverse_frequency, none, or three positive numbers (subtypes 0, 1, 2)")
-        return value
 
 
 class PredictConfig(_Section):

@@ -29,7 +29,8 @@ from pancreas_cli.exceptions import (CheckpointError, PancsegError, TrainError, 
 from pancreas_cli.imageio import sweep_partials
 from pancreas_cli.logcapture import redirect_output, tail
 from pancreas_cli.multitask.history import METRICS_NAME, read_metrics
-from pancreas_cli.multitask.settings import TrainingSettings, read_settings, settings_path, write_settings
+from pancreas_cli.multitask.settings import (TrainingSettings, handing, read_settings, settings_path,
+                                             write_settings)
 from pancreas_cli.nnunet_env import nnunet_worker_pools, scoped_env, setup_nnunet_env
 from pancreas_cli.preprocess import read_state
 
@@ -101,17 +102,6 @@ def resolve_device(requested: str) -> torch.device:
             raise TrainError("mps requested but not available on this machine")
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def training_settings(config: Config) -> TrainingSettings:
-    t = config.train
-    return TrainingSettings(
-        epochs=t.epochs, iterations_per_epoch=t.iterations_per_epoch, val_iterations=t.val_iterations,
-        initial_lr=t.initial_lr, batch_size=t.batch_size, save_every=t.save_every, cls_weight=t.cls_weight,
-        head_lr=t.head_lr, cls_warmup_epochs=t.cls_warmup_epochs, class_weights=t.class_weights,
-        label_smoothing=t.label_smoothing, select_by=t.select_by,
-        head={"stages": t.head_stages, "pooling": t.head_pooling, "hidden": t.head_hidden, "dropout": t.head_dropout},
-    )
 
 
 def _preprocessed_state(config: Config) -> dict[str, Any]:
@@ -268,26 +258,30 @@ def _check_folds(config: Config, folds: list[int] | None) -> list[int]:
 
 
 def write_training_inputs(config: Config) -> None:
-    """Put what the trainers read beside the preprocessed data: subtypes.csv and pancseg's settings."""
+    """Put what the trainers read beside the preprocessed data: subtypes.csv (the settings are the
+    fold's own: :func:`build_trainer` hands them, the fold record holds them for nnU-Net's processes)."""
     pre = config.dataset_preprocessed_dir
     # Under a temporary name: a fold training in another process may be reading the file.
     partial = pre / ".subtypes.csv.partial"
     shutil.copyfile(config.dataset_raw_dir / "subtypes.csv", partial)
     os.replace(partial, pre / "subtypes.csv")
-    write_settings(training_settings(config), pre)
+    settings_path(pre).unlink(missing_ok=True)  # an earlier pancseg's settings for all folds: read by nothing now
 
 
 def build_trainer(config: Config, state: dict[str, Any], trainer_name: str, fold: int, device: torch.device, *,
                   continue_training: bool) -> Any:
-    """The nnU-Net trainer ``trainer_name`` for ``fold`` on the preprocessed plans (nnU-Net must be set up)."""
+    """The nnU-Net trainer ``trainer_name`` for ``fold`` on the preprocessed plans (nnU-Net must be set up),
+    handed ``config``'s training settings."""
     from pancreas_cli.multitask import trainer as trainers
 
     pre = config.dataset_preprocessed_dir
     plans = json.loads((pre / f"{state['plans_identifier']}.json").read_text(encoding="utf-8"))
     plans["continue_training"] = continue_training
     dataset_json = json.loads((pre / "dataset.json").read_text(encoding="utf-8"))
-    return getattr(trainers, trainer_name)(plans=plans, configuration=config.plan.configuration, fold=fold,
-                                           dataset_json=dataset_json, device=device)
+    trainer_class = getattr(trainers, trainer_name)
+    with handing(config.train):
+        return trainer_class(plans=plans, configuration=config.plan.configuration, fold=fold,
+                             dataset_json=dataset_json, device=device)
 
 
 @dataclass(frozen=True)
@@ -327,22 +321,9 @@ def _fold_start(config: Config, state: dict[str, Any], trainer_name: str, fold: 
     return _FoldStart(fold, output_folder, existing if resume else None, discard=False)
 
 
-# Settings a resumed run must share with the run it continues; epochs may grow, and the checkpoint
-# interval and the number of validation batches do not change what is learned.
-_RESUME_FIXED = ("iterations_per_epoch", "initial_lr", "batch_size", "cls_weight", "head_lr", "cls_warmup_epochs",
-                 "class_weights", "label_smoothing", "select_by", "head")
-
-
 def _fixed_settings(settings: TrainingSettings) -> dict[str, Any]:
-    """The settings a resume must keep, by config key (``train.head_stages`` for ``head["stages"]``)."""
-    data = settings.to_dict()
-    out: dict[str, Any] = {}
-    for name in _RESUME_FIXED:
-        if name == "head":
-            out.update({f"train.head_{key}": value for key, value in data["head"].items()})
-        else:
-            out[f"train.{name}"] = data[name]
-    return out
+    """The settings a resume must keep (:meth:`TrainingSettings.learning`), by config key."""
+    return {f"train.{name}": value for name, value in settings.learning().items()}
 
 
 def _check_resume_settings(config: Config, fold: int, output_folder: Path) -> None:
@@ -355,7 +336,7 @@ def _check_resume_settings(config: Config, fold: int, output_folder: Path) -> No
         earlier = _fixed_settings(read_settings(output_folder))
     except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
         raise TrainError(f"{record}: unreadable ({exc}); pass --force to train fold {fold} again") from exc
-    now = _fixed_settings(training_settings(config))
+    now = _fixed_settings(config.train)
     changed = [key for key in now if earlier.get(key) != now[key]]
     if changed:
         listed = ", ".join(f"{key} = {_yaml(earlier.get(key))} (now {_yaml(now[key])})" for key in changed)
@@ -376,8 +357,8 @@ def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start:
         fold_result.epochs_done = int(fold_result.last.get("epoch", 0) or 0)
         fold_result.up_to_date = True
         return fold_result
-    # What this fold is trained with, so that a later --resume can be checked against it.
-    write_settings(training_settings(config), output_folder)
+    # What this fold is trained with: for a later --resume's check, and read by nnU-Net's DDP processes.
+    write_settings(config.train, output_folder)
     began = time.perf_counter()
     if config.train.num_gpus > 1:
         with scoped_env(TRUST_ENV, "1" if trust else "0"):  # read by the trainers in nnU-Net's GPU processes

@@ -422,7 +422,7 @@ def test_refused_fold_changes_nothing(project: Path, runner: CliRunner, monkeypa
     fold_dir = project / "work" / "nnUNet_results" / "Dataset001_PancreasCancer" / FOLDER / "fold_3"
     fold_dir.mkdir(parents=True)
     torch.save({"current_epoch": 2}, fold_dir / "checkpoint_latest.pth")
-    settings = project / "work" / "nnUNet_preprocessed" / "Dataset001_PancreasCancer" / "pancseg_training.json"
+    settings = fold_dir.parent / "fold_4" / "pancseg_training.json"
     before = settings.read_bytes() if settings.is_file() else None
     monkeypatch.setattr(nnUNetTrainerMultiTask, "run_training", lambda self: pytest.fail("fold 4 started"))
     try:
@@ -433,6 +433,52 @@ def test_refused_fold_changes_nothing(project: Path, runner: CliRunner, monkeypa
         assert (settings.read_bytes() if settings.is_file() else None) == before
     finally:
         shutil.rmtree(fold_dir)
+
+
+@pytest.mark.slow
+def test_each_fold_is_trained_with_its_own_settings(project: Path, runner: CliRunner,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--fold 0 --fold 1` with one head_lr while a second `pancseg train --fold 2` with another starts
+    during fold 0 (folds may train side by side): fold 1 is still built with the first run's settings
+    (they reached it through a file beside the data, which the second run rewrote), and each fold's
+    trainer, checkpoint and record hold its own; the second run changes nothing in fold 0's files."""
+    import torch
+
+    from pancreas_cli.multitask.trainer import nnUNetTrainerMultiTask
+
+    cfg = str(project / "pancseg.yaml")
+    fast = ["--epochs", "1", "--force", "--set", "train.iterations_per_epoch=1", "--set", "train.val_iterations=1"]
+    results = project / "work" / "nnUNet_results" / "Dataset001_PancreasCancer" / FOLDER
+    real_start = nnUNetTrainerMultiTask.on_train_start
+    seen: dict[int, tuple[float, float]] = {}
+    second: list[Any] = []
+
+    def start(self: nnUNetTrainerMultiTask) -> None:
+        real_start(self)
+        seen[self.fold] = (self.pancseg_settings.head_lr, self.optimizer.head.param_groups[0]["lr"])
+        if self.fold == 0:
+            second.append(runner.invoke(app, ["train", "-c", cfg, "--fold", "2", *fast, "--set", "train.head_lr=0.004"]))
+
+    monkeypatch.setattr(nnUNetTrainerMultiTask, "on_train_start", start)
+    monkeypatch.setattr(nnUNetTrainerMultiTask, "perform_actual_validation", lambda self, save_probabilities=False: None)
+    records = {fold: results / f"fold_{fold}" / "pancseg_training.json" for fold in (0, 1, 2)}
+    shared = project / "work" / "nnUNet_preprocessed" / "Dataset001_PancreasCancer" / "pancseg_training.json"
+    shared.write_text('{"head_lr": 0.5}', encoding="utf-8")  # an earlier pancseg's, which nothing reads now
+    result = runner.invoke(app, ["train", "-c", cfg, "--fold", "0", "--fold", "1", *fast, "--set", "train.head_lr=0.002"])
+    assert result.exit_code == 0, result.output
+    assert second[0].exit_code == 0, second[0].output
+    assert seen == {0: (0.002, 0.002), 2: (0.004, 0.004), 1: (0.002, 0.002)}
+    for fold, head_lr in ((0, 0.002), (1, 0.002), (2, 0.004)):
+        assert json.loads(records[fold].read_text(encoding="utf-8"))["head_lr"] == head_lr
+        checkpoint = torch.load(results / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        assert checkpoint["optimizer_state"]["head"]["param_groups"][0]["lr"] == head_lr
+    assert not shared.exists()
+    # Training fold 1 again with other settings leaves fold 0 as it was trained and recorded.
+    fold_0 = {path.name: path.read_bytes() for path in (records[0], results / "fold_0" / "checkpoint_final.pth")}
+    again = runner.invoke(app, ["train", "-c", cfg, "--fold", "1", *fast, "--set", "train.head_lr=0.008"])
+    assert again.exit_code == 0, again.output
+    assert seen[1] == (0.008, 0.008)
+    assert fold_0 == {path.name: path.read_bytes() for path in (records[0], results / "fold_0" / "checkpoint_final.pth")}
 
 
 def _ddp_config(project: Path) -> Any:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pancreas_cli.config import TrainConfig
 from pancreas_cli.exceptions import DataError, DiskFullError
 from pancreas_cli.multitask import trainer as trainer_module
 from pancreas_cli.multitask.network import HeadSettings, MultiTaskNet, tile_weights
 from pancreas_cli.multitask.predictor import unwrap
-from pancreas_cli.multitask.settings import SETTINGS_NAME, TrainingSettings, write_settings
+from pancreas_cli.multitask.settings import SETTINGS_NAME, TrainingSettings, handed, handing, write_settings
 from pancreas_cli.multitask.trainer import (
     METRICS_COLUMNS,
     METRICS_NAME,
@@ -68,15 +69,22 @@ def make_trainer(
     configuration: str = SMOKE_CONFIGURATION,
     plans: dict[str, Any] | None = None,
     dataset_json: dict[str, Any] | None = None,
+    fold: int = 0,
 ) -> Any:
     plans = copy.deepcopy(plans if plans is not None else make_plans())
     plans["continue_training"] = False
-    return cls(plans, configuration, 0, dataset_json or DATASET_JSON, device=torch.device("cpu"))
+    return cls(plans, configuration, fold, dataset_json or DATASET_JSON, device=torch.device("cpu"))
 
 
 def with_settings(trainer: Any, **changes: Any) -> Any:
-    trainer.pancseg_settings = dataclasses.replace(trainer.pancseg_settings, **changes)
+    trainer.pancseg_settings = trainer.pancseg_settings.model_copy(update=changes)
     return trainer
+
+
+def fold_folder(preprocessed: Path, fold: int, trainer: str = "nnUNetTrainerMultiTask") -> Path:
+    """Where nnU-Net puts ``fold`` of ``trainer`` (the ``preprocessed`` fixture's results folder)."""
+    return (preprocessed.parent.parent / "results" / DATASET / f"{trainer}__nnUNetResEncUNetMPlans__{SMOKE_CONFIGURATION}"
+            / f"fold_{fold}")
 
 
 # ------------------------------------------------------------------ device
@@ -99,13 +107,14 @@ def test_cuda_index_is_kept(preprocessed: Path, monkeypatch: pytest.MonkeyPatch,
 # ------------------------------------------------------------------ settings
 
 
-def test_settings_file_reaches_trainer(preprocessed: Path) -> None:
+def test_handed_settings_reach_trainer(preprocessed: Path) -> None:
     settings = TrainingSettings(epochs=7, iterations_per_epoch=3, val_iterations=2, initial_lr=0.005,
-                                batch_size=4, save_every=2, head_lr=2e-4, head={"stages": [0, -1], "pooling": "mean"})
-    assert write_settings(settings, preprocessed) == preprocessed / SETTINGS_NAME
+                                batch_size=4, save_every=2, head_lr=2e-4, head_stages=[0, -1], head_pooling="mean")
     plans = make_plans()
     plans["continue_training"] = False
-    trainer = nnUNetTrainerMultiTask(plans, SMOKE_CONFIGURATION, 0, DATASET_JSON, device=torch.device("cpu"))
+    with handing(settings):
+        trainer = nnUNetTrainerMultiTask(plans, SMOKE_CONFIGURATION, 0, DATASET_JSON, device=torch.device("cpu"))
+    assert handed() is None  # only for the trainers built in the block
     assert trainer.pancseg_settings == settings
     assert trainer.num_epochs == 7
     assert (trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (3, 2)
@@ -115,9 +124,9 @@ def test_settings_file_reaches_trainer(preprocessed: Path) -> None:
     assert trainer.configuration_manager.configuration["pancseg_head"] == head
     # the plans nnU-Net copies into the results folder carry the head, so inference rebuilds it
     assert trainer.plans_manager.plans["configurations"][SMOKE_CONFIGURATION]["pancseg_head"] == head
-    assert Path(trainer.output_folder).is_dir()
-    expected = f"nnUNetTrainerMultiTask__nnUNetResEncUNetMPlans__{SMOKE_CONFIGURATION}"
-    assert Path(trainer.output_folder).parts[-2] == expected
+    assert Path(trainer.output_folder) == fold_folder(preprocessed, 0)
+    assert not list(Path(trainer.output_folder).parent.parent.parent.rglob(SETTINGS_NAME))  # handed, no file
+    assert not (preprocessed / SETTINGS_NAME).exists()
 
     trainer.initialize()
     net = unwrap(trainer.network)
@@ -130,8 +139,8 @@ def test_settings_file_reaches_trainer(preprocessed: Path) -> None:
 
 
 def test_settings_for_the_segmentation_trainer(preprocessed: Path) -> None:
-    write_settings(TrainingSettings(epochs=3, batch_size=1, save_every=1), preprocessed)
-    trainer = make_trainer(nnUNetTrainerPancseg)
+    with handing(TrainingSettings(epochs=3, batch_size=1, save_every=1)):
+        trainer = make_trainer(nnUNetTrainerPancseg)
     assert trainer.num_epochs == 3 and trainer.save_every == 1
     assert trainer.configuration_manager.batch_size == 1
     assert "pancseg_head" not in trainer.configuration_manager.configuration
@@ -139,9 +148,9 @@ def test_settings_for_the_segmentation_trainer(preprocessed: Path) -> None:
     assert not isinstance(unwrap(trainer.network), MultiTaskNet)
 
 
-def test_settings_default_without_file(preprocessed: Path) -> None:
-    assert not (preprocessed / SETTINGS_NAME).exists()
+def test_settings_default_without_record(preprocessed: Path) -> None:
     trainer = make_trainer()
+    assert not (Path(trainer.output_folder) / SETTINGS_NAME).exists()
     defaults = TrainingSettings()
     assert trainer.pancseg_settings == defaults
     assert trainer.num_epochs == defaults.epochs == 1000
@@ -151,8 +160,81 @@ def test_settings_default_without_file(preprocessed: Path) -> None:
     assert trainer.configuration_manager.configuration["pancseg_head"] == HeadSettings().to_dict()
 
 
-def test_settings_file_with_unknown_key(preprocessed: Path) -> None:
-    (preprocessed / SETTINGS_NAME).write_text(json.dumps({"epochs": 2, "bogus": 1}), encoding="utf-8")
+def test_trainer_built_by_nnunet_reads_its_fold_record(preprocessed: Path) -> None:
+    """`nnUNetv2_train` and DDP processes build the trainer with nnU-Net's four arguments: each fold's
+    trainer reads its own fold's record, not another fold's nor a file beside the preprocessed data."""
+    zero, one = TrainingSettings(head_lr=1e-4, batch_size=1), TrainingSettings(head_lr=5e-3, head_hidden=16)
+    write_settings(zero, fold_folder(preprocessed, 0))
+    write_settings(one, fold_folder(preprocessed, 1))
+    write_settings(TrainingSettings(head_lr=0.5), preprocessed)  # where an earlier pancseg wrote them
+    first, second = make_trainer(fold=0), make_trainer(fold=1)
+    assert first.pancseg_settings == zero and first.configuration_manager.batch_size == 1
+    assert second.pancseg_settings == one
+    assert second.configuration_manager.configuration["pancseg_head"]["hidden"] == 16
+    assert Path(second.output_folder) / SETTINGS_NAME == fold_folder(preprocessed, 1) / SETTINGS_NAME
+    # The segmentation trainer's fold 0 is another folder: no record there, the defaults.
+    assert make_trainer(nnUNetTrainerPancseg).pancseg_settings == TrainingSettings()
+
+
+def test_settings_handed_in_another_thread_do_not_leak(preprocessed: Path) -> None:
+    """Fold 0's trainer is built after another fold's settings were handed (in another thread) and a
+    record of other settings was written for fold 0 itself: it still gets the settings handed to it."""
+    mine, other = TrainingSettings(head_lr=1e-4, epochs=3), TrainingSettings(head_lr=5e-3, epochs=9)
+    write_settings(other, fold_folder(preprocessed, 0))
+    other_handed, mine_built = threading.Event(), threading.Event()
+    built: dict[str, Any] = {}
+
+    def other_fold() -> None:
+        with handing(other):
+            other_handed.set()
+            mine_built.wait(60)
+            built["other"] = make_trainer(fold=1)
+
+    thread = threading.Thread(target=other_fold)
+    with handing(mine):
+        thread.start()
+        assert other_handed.wait(60)
+        built["mine"] = make_trainer(fold=0)
+        mine_built.set()
+        thread.join(120)
+    assert built["mine"].pancseg_settings == mine and built["mine"].num_epochs == 3
+    assert built["other"].pancseg_settings == other and built["other"].num_epochs == 9
+    assert built["mine"].optimizer is None  # not initialised yet: the head's rate comes from the settings
+    built["mine"].initialize()
+    assert built["mine"].optimizer.head.param_groups[0]["lr"] == 1e-4
+
+
+def test_handed_settings_are_a_copy(preprocessed: Path) -> None:
+    """The settings are handed as they were: a later change to the config does not reach the trainer."""
+    config = TrainConfig(head_lr=1e-4, device="cpu")
+    with handing(config):
+        config.head_lr = 0.5
+        config.head_stages.append(0)
+        trainer = make_trainer()
+    assert trainer.pancseg_settings == TrainingSettings(head_lr=1e-4)
+    assert type(trainer.pancseg_settings) is TrainingSettings  # the run-only keys stay behind
+
+
+def test_fold_record_format(tmp_path: Path) -> None:
+    """The record keeps its format (the head as one mapping); one written by an earlier pancseg, with
+    the trainer's ``ema_alpha``, is read; an unknown key or a bad value is named."""
+    settings = TrainingSettings(head_stages=[0], head_dropout=0.0, class_weights=[1.0, 2.0, 3.0])
+    data = json.loads(write_settings(settings, tmp_path).read_text(encoding="utf-8"))
+    assert data["head"] == {"stages": [0], "pooling": "attention", "hidden": 128, "dropout": 0.0}
+    assert list(data) == ["epochs", "iterations_per_epoch", "val_iterations", "initial_lr", "batch_size", "save_every",
+                          "cls_weight", "head_lr", "cls_warmup_epochs", "class_weights", "label_smoothing", "select_by",
+                          "head"]
+    assert TrainingSettings.from_record({**data, "ema_alpha": 0.9}) == settings
+    for bad, named in ((dict(data, bogus=1), "bogus"), (dict(data, head={"bogus": 1}), "head_bogus"),
+                       (dict(data, head_lr=-1), "head_lr"), (dict(data, head=[1]), "head")):
+        with pytest.raises(ValueError, match=named):
+            TrainingSettings.from_record(bad)
+
+
+def test_fold_record_with_unknown_key(preprocessed: Path) -> None:
+    record = fold_folder(preprocessed, 0) / SETTINGS_NAME
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"epochs": 2, "bogus": 1}), encoding="utf-8")
     with pytest.raises(ValueError, match="bogus"):
         make_trainer()
 
@@ -255,11 +337,13 @@ def _ready_trainer() -> Any:
     return trainer
 
 
+INITIALIZED = TrainingSettings(epochs=5, cls_weight=0.5, cls_warmup_epochs=2, head_dropout=0.0)
+
+
 @pytest.fixture
 def initialized(preprocessed: Path) -> Any:
-    write_settings(TrainingSettings(epochs=5, cls_weight=0.5, cls_warmup_epochs=2, head={"dropout": 0.0}),
-                   preprocessed)
-    return _ready_trainer()
+    with handing(INITIALIZED):
+        return _ready_trainer()
 
 
 def test_train_step_combines_losses(initialized: Any) -> None:
@@ -334,7 +418,8 @@ def test_train_step_with_grad_scaler_makes_the_unscaled_update(initialized: Any)
     divided out of both parts' gradients exactly once (the SGD's by unscale_ before clipping, the
     AdamW's inside its fused kernel)."""
     scaled = initialized
-    plain = _ready_trainer()
+    with handing(INITIALIZED):
+        plain = _ready_trainer()
     plain.network.load_state_dict(scaled.network.state_dict())
     scaled.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     batch = _batch(scaled, _labels(2, scaled.configuration_manager.patch_size), ["case_a", "case_b"])
@@ -535,8 +620,9 @@ def _epoch_end_setup(trainer: Any, monkeypatch: pytest.MonkeyPatch, plot: bool =
 
 def test_on_epoch_end_metrics_checkpoints_and_ema(preprocessed: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    trainer = with_settings(make_trainer(), select_by="classification", ema_alpha=0.5, save_every=2,
-                            cls_weight=0.3, cls_warmup_epochs=2)
+    trainer = with_settings(make_trainer(), select_by="classification", save_every=2, cls_weight=0.3,
+                            cls_warmup_epochs=2)
+    trainer.ema_alpha = 0.5
     trainer.num_epochs = 10
     trainer.save_every = 2
     saved = _epoch_end_setup(trainer, monkeypatch, plot=True)
@@ -576,7 +662,8 @@ def test_on_epoch_end_metrics_checkpoints_and_ema(preprocessed: Path,
     assert [r["epoch"] for r in rows_seen] == [1, 2, 3, 4] and rows_seen[1]["best"] == 1
 
     # resume from the checkpoint of epoch 2 (1-based): epochs >= 3 are trained again and replace their rows
-    resumed = with_settings(make_trainer(), select_by="classification", ema_alpha=0.5)
+    resumed = with_settings(make_trainer(), select_by="classification")
+    resumed.ema_alpha = 0.5
     assert resumed.output_folder == trainer.output_folder
     saved = _epoch_end_setup(resumed, monkeypatch)
     resumed.logger.load_checkpoint({k: list(v[:2]) for k, v in trainer.logger.get_checkpoint().items()})
@@ -593,7 +680,8 @@ def test_on_epoch_end_metrics_checkpoints_and_ema(preprocessed: Path,
 
 @pytest.mark.parametrize("alpha", [0.0, 0.9])
 def test_ema_alpha(preprocessed: Path, monkeypatch: pytest.MonkeyPatch, alpha: float) -> None:
-    trainer = with_settings(make_trainer(), select_by="combined", ema_alpha=alpha)
+    trainer = with_settings(make_trainer(), select_by="combined")
+    trainer.ema_alpha = alpha
     _epoch_end_setup(trainer, monkeypatch)
     raws = []
     for epoch, (dice, f1) in enumerate([(0.5, 0.1), (0.9, 0.9), (0.3, 0.1)]):

@@ -11,15 +11,17 @@ trainer's steps, which must call the possibly DDP-wrapped module itself), or are
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-Pooling = Literal["mean", "attention"]
+from pancreas_cli.multitask.settings import Pooling, TrainingSettings
+
 # CUDA's bmm from half-precision inputs to float32 output (torch >= 2.8; pancseg allows older).
 _HALF_BMM = "dtype" in torch.ops.aten.bmm.overloads()
+_DEFAULTS = TrainingSettings()  # the head's defaults are the train.head_* settings'
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,10 @@ class HeadSettings:
     probabilities) to the plain global average, so a small lesion is not diluted by the patch.
     """
 
-    stages: tuple[int, ...] = (1, 2, -1)
-    pooling: Pooling = "attention"
-    hidden: int = 128
-    dropout: float = 0.3
+    stages: tuple[int, ...] = tuple(_DEFAULTS.head_stages)
+    pooling: Pooling = _DEFAULTS.head_pooling
+    hidden: int = _DEFAULTS.head_hidden
+    dropout: float = _DEFAULTS.head_dropout
     num_classes: int = 3
 
     @classmethod

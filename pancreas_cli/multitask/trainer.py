@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from nnunetv2.paths import nnUNet_results
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
@@ -37,7 +39,7 @@ from pancreas_cli.multitask.history import METRICS_COLUMNS, METRICS_NAME, render
 from pancreas_cli.multitask.network import HeadSettings, build_multitask_network, tile_weights
 from pancreas_cli.multitask.optim import MultiTaskOptimizer, MultiTaskPolyLR, build_optimizer
 from pancreas_cli.multitask.predictor import MultiTaskPredictor, unwrap
-from pancreas_cli.multitask.settings import TrainingSettings, read_settings
+from pancreas_cli.multitask.settings import TrainingSettings, handed, read_settings
 
 __all__ = ["METRICS_COLUMNS", "METRICS_NAME", "nnUNetTrainerMultiTask", "nnUNetTrainerPancseg"]
 
@@ -63,10 +65,12 @@ def _plain(value: Any) -> float | int | None:
 class nnUNetTrainerPancseg(nnUNetTrainer):
     """nnU-Net's trainer with pancseg's settings, structure pseudo-Dice and ``metrics.csv``."""
 
+    #: Smoothing of the checkpoint-selection criterion, as nnU-Net's EMA Dice (a constant, as its weight decay).
+    ema_alpha = 0.9
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        base = os.environ.get("nnUNet_preprocessed")
-        self.pancseg_settings = read_settings(Path(base) / plans["dataset_name"]) if base else TrainingSettings()
+        self.pancseg_settings = handed() or self._recorded_settings(plans, configuration, fold)
         self._prepare_plans(plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
         if not self.is_ddp and device.type == "cuda" and device.index is not None:
@@ -86,6 +90,14 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
         #: nnU-Net's DDP processes, which pancseg does not build, from the environment).
         self.trust_model = os.environ.get(TRUST_ENV) == "1"
         self._register_log_keys(_LOG_KEYS)
+
+    def _recorded_settings(self, plans: dict, configuration: str, fold: int) -> TrainingSettings:
+        """The fold record's settings, for a trainer that nnU-Net builds (``nnUNetv2_train``, DDP): the
+        fold folder by nnU-Net's own rule, which ``__init__`` applies only after the plans are read."""
+        if not nnUNet_results.is_set():
+            return TrainingSettings()
+        folder = get_output_folder(plans["dataset_name"], type(self).__name__, plans["plans_name"], configuration, fold)
+        return read_settings(Path(folder))
 
     def _prepare_plans(self, plans: dict, configuration: str) -> None:
         """Adjust the plans before nnU-Net reads them (they are copied into the results folder)."""
@@ -179,7 +191,7 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
         raw = self._selection_value()
         history = log.get_value("pancseg_criterion", step=None)
         previous = history[epoch - 1] if epoch > 0 and len(history) >= epoch else None
-        alpha = self.pancseg_settings.ema_alpha
+        alpha = self.ema_alpha
         if np.isnan(raw):
             criterion = previous if previous is not None else float("nan")
         else:
@@ -287,7 +299,7 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
 
     def _prepare_plans(self, plans: dict, configuration: str) -> None:
         super()._prepare_plans(plans, configuration)
-        head = HeadSettings.from_dict(self.pancseg_settings.head)
+        head = HeadSettings.from_dict(self.pancseg_settings.head())
         plans["configurations"][configuration]["pancseg_head"] = head.to_dict()
 
     @staticmethod
