@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from pancreas_cli import locks
+from pancreas_cli import layout, locks
 from pancreas_cli.config import Config
 from pancreas_cli.console import count
+from pancreas_cli.devices import find_device
 from pancreas_cli.dicom import choose_series, series_ids
-from pancreas_cli.exceptions import DataError, OutputExistsError, PancsegError
+from pancreas_cli.exceptions import DataError, OutputExistsError, PredictError
 from pancreas_cli.imageio import (PARTIAL_PREFIX, ct_value_problem, image_extension, image_stem, read_image,
                                   sweep_partials, verify_image, write_image, write_text)
 from pancreas_cli.inference.pipeline import Finished, run_overlapped
@@ -41,8 +42,6 @@ from pancreas_cli.inference.reading import nnunet_input, reads_like_simpleitk
 from pancreas_cli.inference.window import WindowStats
 from pancreas_cli.logcapture import redirect_output
 from pancreas_cli.nnunet_env import setup_nnunet_env
-from pancreas_cli.preprocess import read_state
-from pancreas_cli.train import TRAINERS
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -53,10 +52,6 @@ NOT_PANCSEG = "not written by pancseg predict"
 INTERRUPTED = "interrupted while being replaced"
 DAMAGED = "not a complete image"  # cut short (a full disk, an interrupted copy): predicted again
 UNREADABLE = "its record is unreadable or from an older pancseg"
-
-
-class PredictError(PancsegError):
-    """The model or the input cannot be used for prediction."""
 
 
 class CaseReporter(Protocol):
@@ -188,18 +183,6 @@ def _checked_name(case: str, source: Path) -> str:
     return case
 
 
-def model_folder(config: Config) -> Path:
-    """The nnU-Net results folder of the configured task, plans and configuration."""
-    state = read_state(config.dataset_preprocessed_dir)
-    if state is None:
-        raise PredictError(f"{config.dataset_preprocessed_dir}: no finished preprocessing (never run, or "
-                           "interrupted), so the model cannot be found; run `pancseg preprocess` (and `pancseg "
-                           "train` if no model was trained yet)")
-    plans = state["plans_identifier"]
-    name = f"{TRAINERS[config.train.task]}__{plans}__{config.plan.configuration}"
-    return config.results_dir / config.dataset.folder_name / name
-
-
 def _resolve_folds(model_dir: Path, requested: list[int] | None, checkpoint: str,
                    warn: Callable[[str], None], training: Callable[[int], list[str]]) -> list[int]:
     """The folds to ensemble: those asked for, else every fold whose training finished.
@@ -208,13 +191,12 @@ def _resolve_folds(model_dir: Path, requested: list[int] | None, checkpoint: str
     command for (a finished fold trained further keeps its old final checkpoint meanwhile); their
     checkpoint_best.pth is used only when asked for by number, with a warning.
     """
-    available = sorted(int(p.name[5:]) for p in model_dir.glob("fold_*")
-                       if p.name[5:].isdigit() and (p / checkpoint).is_file())
+    available = layout.folds_with(model_dir, checkpoint)
     if not available:
         raise PredictError(f"{model_dir}: no fold has {checkpoint}; train first (`pancseg train --fold 0`)")
     running = {f: holders for f in available if (holders := training(f))}
     finished = [f for f in available
-                if (model_dir / f"fold_{f}" / "checkpoint_final.pth").is_file() and f not in running]
+                if (layout.fold_folder(model_dir, f) / layout.CHECKPOINT_FINAL).is_file() and f not in running]
     unfinished = [f for f in available if f not in finished]
     if requested:
         missing = [f for f in requested if f not in available]
@@ -238,21 +220,14 @@ def _resolve_folds(model_dir: Path, requested: list[int] | None, checkpoint: str
 
 
 def _device(requested: str, warn: Callable[[str], None]) -> torch.device:
+    """The device to predict on: ``auto`` without a GPU is the CPU, with a warning."""
     import torch
 
-    from pancreas_cli.exceptions import TrainError
-    from pancreas_cli.train import resolve_device
-
-    if requested == "auto":
-        try:
-            return resolve_device("auto")
-        except TrainError:
-            warn("no GPU found: predicting on the CPU (slow; --fast skips test-time mirroring)")
-            return torch.device("cpu")
-    try:
-        return resolve_device(requested)
-    except TrainError as exc:
-        raise PredictError(str(exc)) from exc
+    device = find_device(requested)
+    if device is None:
+        warn("no GPU found: predicting on the CPU (slow; --fast skips test-time mirroring)")
+        return torch.device("cpu")
+    return device
 
 
 def _read_input(case: InputCase) -> sitk.Image:
@@ -287,7 +262,7 @@ def _as_nifti(case: InputCase, image: sitk.Image, scratch: Path) -> Path:
 def model_stamp(model_dir: Path, folds: list[int], checkpoint_name: str, tile_step_size: float,
                 mirroring: bool, engine: str = "nnunet") -> dict[str, Any]:
     """What decides a prediction: the model folder, its checkpoints as they are now, and the settings."""
-    checkpoints = [model_dir / f"fold_{fold}" / checkpoint_name for fold in folds]
+    checkpoints = [layout.fold_folder(model_dir, fold) / checkpoint_name for fold in folds]
     return {"model": str(model_dir.resolve()), "folds": folds, "checkpoint": checkpoint_name,
             "checkpoint_files": [[p.stat().st_size, p.stat().st_mtime_ns] for p in checkpoints],
             "tile_step_size": tile_step_size, "mirroring": mirroring, "engine": engine}
@@ -465,13 +440,13 @@ def project_writable(project_dir: Path) -> bool:
     """Whether predict may write its lock and log into the project. A model on read-only storage (or
     another user's) may not be: it is used without a project lock (this user cannot preprocess it
     meanwhile either) and nnU-Net's log goes to the output folder (:func:`predict_log`)."""
-    folders = (project_dir, project_dir / locks.LOCK_DIR, project_dir / "logs")
+    folders = (project_dir, project_dir / locks.LOCK_DIR, project_dir / layout.LOGS_DIR)
     return all(os.access(p, os.W_OK | os.X_OK) for p in folders if p.is_dir())
 
 
 def predict_log(project_dir: Path, out_dir: Path, writable: bool) -> Path:
     """Where nnU-Net's output and the tracebacks of failed cases go: the project's logs, else the output folder."""
-    return project_dir / "logs" / "predict.log" if writable else out_dir / SIDECAR_DIR / "predict.log"
+    return layout.log_file(project_dir, "predict.log") if writable else out_dir / SIDECAR_DIR / "predict.log"
 
 
 def predict(
@@ -499,14 +474,14 @@ def predict(
     not only what nnU-Net's hold (see :mod:`pancreas_cli.checkpoints`).
     """
     settings = config.predict
-    checkpoint_name = f"checkpoint_{checkpoint or settings.checkpoint}.pth"
+    checkpoint_name = layout.checkpoint_name(checkpoint or settings.checkpoint)
     cases = _checked_inputs(input_path, out_dir, series, warn)
     writable = project_writable(config.project_dir)
     with contextlib.ExitStack() as held:
         if writable:  # no preprocess meanwhile (a read-only project cannot be preprocessed by us anyway)
             held.enter_context(locks.project(config.project_dir, shared=True))
-        model_dir = model_folder(config)
-        trainer = TRAINERS[config.train.task]
+        model_dir = layout.model_folder(config)
+        trainer = layout.TRAINERS[config.train.task]
         folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn,
                                lambda fold: locks.fold_holders(config.project_dir, trainer, fold))
         device = _device(settings.device, warn)

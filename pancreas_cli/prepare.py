@@ -534,35 +534,6 @@ def _complete(dataset_dir: Path, cases: list[SourceCase]) -> bool:
     return all(p.is_file() for p in expected)
 
 
-def read_prepared(dataset_dir: Path) -> dict[str, Any]:
-    """``dataset.json``, after checking that it and ``splits_final.json`` are what prepare writes (a
-    truncated file would otherwise surface as nnU-Net's JSONDecodeError)."""
-    data = _read_json(dataset_dir / "dataset.json")
-    required = {"channel_names", "labels", "numTraining", "file_ending"}
-    if not isinstance(data, dict) or not required <= data.keys():
-        raise PrepareError(_damaged(dataset_dir / "dataset.json", "not an nnU-Net dataset.json"))
-    splits = _read_json(dataset_dir / "splits_final.json")
-    folds_ok = all(isinstance(f, dict) and isinstance(f.get("train"), list) and isinstance(f.get("val"), list)
-                   for f in splits) if isinstance(splits, list) else False
-    if not splits or not folds_ok:
-        raise PrepareError(_damaged(dataset_dir / "splits_final.json", "not a list of train/val folds"))
-    return data
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise PrepareError(_damaged(path, "missing")) from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PrepareError(_damaged(path, f"not valid JSON: {exc}")) from exc
-
-
-def _damaged(path: Path, why: str) -> str:
-    return (f"{path}: damaged ({why}); run `pancseg prepare` to write it again "
-            "(or `pancseg prepare --force` to rebuild the dataset)")
-
-
 def _load_record(dataset_dir: Path) -> dict[str, Any] | None:
     path = dataset_dir / RECORD_NAME
     if not path.is_file():

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO
 
-from pancreas_cli import locks
+from pancreas_cli import layout, locks
 from pancreas_cli.checkpoints import TRUST_ENV, read_checkpoint
 from pancreas_cli.config import Config, load_config
+from pancreas_cli.devices import training_device
 from pancreas_cli.exceptions import (CheckpointError, PancsegError, TrainError, TrainingInterrupted,
                                      UntrustedCheckpointError)
 from pancreas_cli.imageio import sweep_partials
@@ -31,13 +32,9 @@ from pancreas_cli.logcapture import redirect_output, tail
 from pancreas_cli.multitask.history import METRICS_NAME, read_metrics
 from pancreas_cli.multitask.settings import TrainingSettings, read_settings, settings_path, write_settings
 from pancreas_cli.nnunet_env import nnunet_worker_pools, scoped_env, setup_nnunet_env
-from pancreas_cli.preprocess import read_state
 
 if TYPE_CHECKING:
     import torch
-
-TRAINERS = {"multitask": "nnUNetTrainerMultiTask", "segmentation": "nnUNetTrainerPancseg"}
-CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
 class EpochReporter(Protocol):
@@ -80,29 +77,6 @@ class TrainResult:
                 "folds": [f.to_dict() for f in self.folds]}
 
 
-def resolve_device(requested: str) -> torch.device:
-    """``auto`` picks a GPU (CUDA, then MPS); training on the CPU must be asked for explicitly."""
-    import torch
-
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", 0)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        raise TrainError("no GPU found; training on the CPU is very slow: pass --device cpu to do it anyway")
-    if requested.startswith("cuda"):
-        index = int(requested.split(":")[1]) if ":" in requested else 0
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise TrainError(f"{requested} requested but {torch.cuda.device_count()} CUDA device(s) are available; "
-                             "see `pancseg doctor`")
-        return torch.device("cuda", index)
-    if requested == "mps":
-        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise TrainError("mps requested but not available on this machine")
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def training_settings(config: Config) -> TrainingSettings:
     t = config.train
     return TrainingSettings(
@@ -115,7 +89,7 @@ def training_settings(config: Config) -> TrainingSettings:
 
 
 def _preprocessed_state(config: Config) -> dict[str, Any]:
-    state = read_state(config.dataset_preprocessed_dir)
+    state = layout.read_state(config.dataset_preprocessed_dir)
     if state is None:
         raise TrainError(f"{config.dataset_preprocessed_dir}: not preprocessed; run `pancseg preprocess` first")
     if state.get("pending"):
@@ -131,7 +105,7 @@ def _preprocessed_state(config: Config) -> dict[str, Any]:
 
 def newest_checkpoint(folder: Path) -> Path | None:
     """The most recently written checkpoint (a resumed run's latest is newer than an older final)."""
-    found = [folder / name for name in CHECKPOINTS if (folder / name).is_file()]
+    found = [folder / name for name in layout.CHECKPOINTS if (folder / name).is_file()]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
@@ -226,15 +200,15 @@ def train(
         held.enter_context(locks.project(config.project_dir, shared=True))  # no preprocess meanwhile
         state = _preprocessed_state(config)
         folds = _check_folds(config, folds)
-        device = resolve_device(config.train.device)
+        device = training_device(config.train.device)
         if config.train.num_gpus > 1 and device.type != "cuda":
             raise TrainError("train.num_gpus > 1 needs CUDA GPUs")
         setup_nnunet_env(config, device_type=device.type)
-        trainer_name = TRAINERS[config.train.task]
+        trainer_name = layout.TRAINERS[config.train.task]
         for fold in folds:  # other folds may train meanwhile, but not these
             held.enter_context(locks.fold(config.project_dir, trainer_name, fold))
         # Every fold is checked before anything is written: a refused fold changes nothing.
-        starts = [_fold_start(config, state, trainer_name, fold, resume=resume, force=force, trust=trust_model)
+        starts = [_fold_start(config, state, fold, resume=resume, force=force, trust=trust_model)
                   for fold in folds]
         if resume and all(start.checkpoint is None and not start.finished for start in starts):
             # Most likely a wrong project_dir, fold or task; quietly starting over could cost hours.
@@ -299,21 +273,20 @@ class _FoldStart:
     finished: bool = False  # --resume of a fold already trained to train.epochs and validated: nothing to do
 
 
-def _fold_start(config: Config, state: dict[str, Any], trainer_name: str, fold: int, *, resume: bool,
-                force: bool, trust: bool) -> _FoldStart:
+def _fold_start(config: Config, state: dict[str, Any], fold: int, *, resume: bool, force: bool,
+                trust: bool) -> _FoldStart:
     """Where ``fold`` trains and from what; refuses to discard a training without ``force``."""
-    output_folder = (config.results_dir / config.dataset.folder_name
-                     / f"{trainer_name}__{state['plans_identifier']}__{config.plan.configuration}" / f"fold_{fold}")
+    output_folder = layout.fold_folder(layout.model_folder(config, state), fold)
     existing = newest_checkpoint(output_folder)
     if existing is not None and not resume:
         if not force:
-            state_text = "finished" if existing.name == "checkpoint_final.pth" else "stopped"
+            state_text = "finished" if existing.name == layout.CHECKPOINT_FINAL else "stopped"
             raise TrainError(f"fold {fold} already has a training in {output_folder} ({state_text}"
                              f"{_stopped_after(existing)}); pass --resume to continue it or --force to start over")
         return _FoldStart(fold, output_folder, None, discard=True)
     if resume and existing is not None:
         done = _checkpoint_epoch(existing, trust=trust)  # also: a checkpoint that cannot be loaded fails here, named
-        final = existing.name == "checkpoint_final.pth"
+        final = existing.name == layout.CHECKPOINT_FINAL
         if not final and done >= config.train.epochs:
             # nnU-Net would skip the loop and finalise the unfinished run as if it were complete.
             raise TrainError(f"fold {fold} stopped after epoch {done} of an unfinished run, but train.epochs is "
@@ -369,7 +342,7 @@ def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start:
     if start.discard:
         shutil.rmtree(output_folder)
     sweep_partials(output_folder)  # checkpoints a killed training was writing (this fold is locked)
-    log_file = config.project_dir / "logs" / f"train_{config.train.task}_fold{fold}.log"
+    log_file = layout.log_file(config.project_dir, f"train_{config.train.task}_fold{fold}.log")
     fold_result = FoldResult(fold, output_folder, log_file)
     if start.finished:
         fold_result.last, fold_result.validation = _fold_summary(output_folder)
@@ -495,7 +468,7 @@ def _save_on_interrupt(trainer: Any) -> None:
     if trainer.optimizer is None:
         return  # interrupted before the first step: nothing worth saving
     trainer.current_epoch -= 1  # save_checkpoint stores current_epoch + 1 as the epoch to resume at
-    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_latest.pth"))
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / layout.CHECKPOINT_LATEST))
     trainer.current_epoch += 1
 
 
@@ -534,6 +507,6 @@ def _resume_from(checkpoint: Path, *, trust: bool) -> None:
     An extended run that was interrupted has a checkpoint_latest.pth newer than the first run's
     final one; that older final is kept under another name.
     """
-    final = checkpoint.parent / "checkpoint_final.pth"
+    final = checkpoint.parent / layout.CHECKPOINT_FINAL
     if checkpoint != final and final.is_file():
         os.replace(final, final.with_name(f"checkpoint_final_epoch{_checkpoint_epoch(final, trust=trust)}.pth"))

@@ -32,8 +32,9 @@ from torch import autocast, nn
 from pancreas_cli.checkpoints import TRUST_ENV, read_checkpoint
 from pancreas_cli.exceptions import DataError
 from pancreas_cli.imageio import atomic_target, naming_full_disk, publish, write_text
+from pancreas_cli.layout import CHECKPOINT_BEST, CHECKPOINT_LATEST, METRICS_NAME
 from pancreas_cli.metrics import classification_metrics
-from pancreas_cli.multitask.history import METRICS_COLUMNS, METRICS_NAME, render_metrics
+from pancreas_cli.multitask.history import METRICS_COLUMNS, render_metrics
 from pancreas_cli.multitask.network import HeadSettings, build_multitask_network, tile_weights
 from pancreas_cli.multitask.optim import MultiTaskOptimizer, MultiTaskPolyLR, build_optimizer
 from pancreas_cli.multitask.predictor import MultiTaskPredictor, unwrap
@@ -192,12 +193,12 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
         self.print_to_log_file(f"Epoch time: {np.round(epoch_time, decimals=2)} s")
 
         if (epoch + 1) % self.save_every == 0 and epoch != self.num_epochs - 1:
-            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+            self.save_checkpoint(os.path.join(self.output_folder, CHECKPOINT_LATEST))
         best = not np.isnan(criterion) and (self._best_ema is None or criterion > self._best_ema)
         if best:
             self._best_ema = criterion
             self.print_to_log_file(f"New best {self.pancseg_settings.select_by} criterion: {np.round(criterion, 4)}")
-            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
+            self.save_checkpoint(os.path.join(self.output_folder, CHECKPOINT_BEST))
         if self.local_rank == 0:
             log.plot_progress_png(self.output_folder)
             rows = [self._metrics_row(e) for e in range(epoch + 1)]

@@ -232,8 +232,7 @@ def project(tmp_path: Path, runner: CliRunner) -> SimpleNamespace:
     """A project whose preprocessing and fold-0 training are only their records, plus an evaluation."""
     from pancreas_cli.config import load_config
     from pancreas_cli.multitask.trainer import METRICS_COLUMNS
-    from pancreas_cli.predict import model_folder
-    from pancreas_cli.preprocess import STATE_NAME
+    from pancreas_cli.layout import STATE_NAME, model_folder
 
     (tmp_path / "data").mkdir()
     cfg = write_config(tmp_path, "project_dir: ./work\ndataset: {source: ./data}\nevaluate: {bootstrap: 0}\n"
