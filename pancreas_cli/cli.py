@@ -84,7 +84,8 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt as exc:
             _show_traceback()
             output.error("interrupted; finished work is kept: run the same command again to continue")
-            raise typer.Exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)) from None
+            signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+            raise typer.Exit(128 + signum) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -1,4 +1,4 @@
-"""Which torch device a ``device`` setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) names on this machine.
+"""The torch device a ``device`` setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) names here.
 
 One rule for ``train``, ``predict`` and ``doctor``: ``auto`` is the first GPU (CUDA, then Apple MPS); a
 named device that is not here is a :class:`~pancreas_cli.exceptions.DeviceError`. What to do without a
@@ -32,7 +32,8 @@ def find_device(requested: str) -> torch.device | None:
     if requested.startswith("cuda"):
         index = int(requested.split(":")[1]) if ":" in requested else 0
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise DeviceError(f"{requested} requested but {torch.cuda.device_count()} CUDA device(s) are available",
+            count = torch.cuda.device_count()
+            raise DeviceError(f"{requested} requested but {count} CUDA device(s) are available",
                               "; see `pancseg doctor`")
         return torch.device("cuda", index)
     if requested == "mps":
@@ -43,7 +44,7 @@ def find_device(requested: str) -> torch.device | None:
 
 
 def training_device(requested: str) -> torch.device:
-    """:func:`find_device` for training, where ``auto`` without a GPU is an error: the CPU is for smoke runs."""
+    """:func:`find_device` for training: ``auto`` without a GPU is an error (the CPU is for smoke runs)."""
     device = find_device(requested)
     if device is None:
         raise DeviceError("no GPU found; training on the CPU is very slow: pass --device cpu to do it anyway")

@@ -95,7 +95,7 @@ class BusyError(PancsegError):
 
 
 class DeviceError(PancsegError):
-    """The device asked for (``cuda:N``, ``mps``) is not on this machine; ``reason`` says why, without advice."""
+    """The device asked for (``cuda:N``, ``mps``) is not here; ``reason`` says why, without the advice."""
 
     def __init__(self, reason: str, advice: str = "") -> None:
         self.reason = reason

@@ -26,14 +26,15 @@ LOGS_DIR = "logs"  # in project_dir: nnU-Net's output during each stage
 #: The nnU-Net trainer class of each ``train.task`` (pancseg's, in :mod:`pancreas_cli.multitask.trainer`).
 TRAINERS = {"multitask": "nnUNetTrainerMultiTask", "segmentation": "nnUNetTrainerPancseg"}
 
-#: nnU-Net's checkpoints in a fold folder: the end of training, the periodic one, the best by pancseg's criterion.
+#: nnU-Net's checkpoints in a fold folder: the end of training, the periodic one, the best by the criterion.
 CHECKPOINT_FINAL = "checkpoint_final.pth"
 CHECKPOINT_LATEST = "checkpoint_latest.pth"
 CHECKPOINT_BEST = "checkpoint_best.pth"
 CHECKPOINTS = (CHECKPOINT_FINAL, CHECKPOINT_LATEST, CHECKPOINT_BEST)
 
+VALIDATION_DIR = "validation"  # in a fold folder: nnU-Net's validation of the final checkpoint
 METRICS_NAME = "metrics.csv"  # in a fold folder: one row per epoch (format: pancreas_cli.multitask.history)
-STATE_NAME = "pancseg_preprocess.json"  # in the preprocessed dataset: what preprocess did, for the later stages
+STATE_NAME = "pancseg_preprocess.json"  # in the preprocessed dataset: what preprocess did, for later stages
 _STATE_KEYS = frozenset({"state", "plans_identifier", "configuration", "data_identifier"})
 
 

@@ -25,6 +25,7 @@ from pancreas_cli.imageio import sweep_partials, write_text
 from pancreas_cli.locks import project_stage, writing
 from pancreas_cli.logcapture import redirect_output, tail
 from pancreas_cli.nnunet_env import nnunet_worker_pools, scoped_env, setup_nnunet_env
+from pancreas_cli.subtypes import CHANNEL
 
 SMOKE_CONFIGURATION = "3d_smoke"
 #: The smoke network: 4 stages, one block each, small features, batch 2, patch at most this (z, y, x).
@@ -176,7 +177,7 @@ def _explain_failure(exc: BaseException, log_file: Path, dataset_dir: Path) -> s
     reason = errors[0] if errors else f"{type(exc).__name__}: {exc_text}" if exc_text else type(exc).__name__
     case_ids = {p.name[: -len(".nii.gz")] for p in (dataset_dir / "labelsTr").glob("*.nii.gz")}
     named = sorted({c for c in case_ids for line in [*errors, exc_text]
-                    if re.search(rf"\b{re.escape(c)}(_0000)?\.nii\.gz", line)})
+                    if re.search(rf"\b{re.escape(c)}({CHANNEL})?\.nii\.gz", line)})
     where = f" for case {', '.join(named[:5])}" if named else ""
     if errors or named:
         fix = "run `pancseg clean` (it repairs or names most data problems), then preprocess again"
@@ -196,7 +197,7 @@ def preprocess(config: Config, *, force: bool = False,
     dataset_dir = config.dataset_raw_dir
     if not (dataset_dir / "dataset.json").is_file():
         raise PreprocessError(f"{dataset_dir}: no prepared dataset; run `pancseg prepare` (and `pancseg clean`) first")
-    dataset_json = layout.read_prepared(dataset_dir)  # a damaged file: one line, not nnU-Net's JSONDecodeError
+    dataset_json = layout.read_prepared(dataset_dir)  # damaged: one line, not nnU-Net's JSONDecodeError
     out_dir = config.dataset_preprocessed_dir
     log_file = layout.log_file(config.project_dir, "preprocess.log")
     state_file = out_dir / layout.STATE_NAME

@@ -18,12 +18,13 @@ from pancreas_cli.config import Config
 from pancreas_cli.console import count
 from pancreas_cli.evaluate import evaluate
 from pancreas_cli.exceptions import CleanError
-from pancreas_cli.layout import CHECKPOINT_FINAL, METRICS_NAME, fold_folder, model_folder
+from pancreas_cli.layout import CHECKPOINT_FINAL, METRICS_NAME, VALIDATION_DIR, fold_folder, model_folder
 from pancreas_cli.multitask.history import read_metrics
 from pancreas_cli.predict import CaseReporter, predict
 from pancreas_cli.prepare import prepare
 from pancreas_cli.preprocess import preprocess
 from pancreas_cli.report import ReportResult, report
+from pancreas_cli.subtypes import CASE_SUBTYPES_NAME
 from pancreas_cli.train import EpochReporter, newest_checkpoint, train
 
 
@@ -39,10 +40,7 @@ def _finished(config: Config, fold: int) -> bool:
     fold_dir = fold_folder(model_folder(config), fold)
     if not (fold_dir / CHECKPOINT_FINAL).is_file():
         return False
-    try:
-        rows = read_metrics(fold_dir / METRICS_NAME)
-    except ValueError:
-        return False
+    rows = read_metrics(fold_dir / METRICS_NAME, tolerant=True)  # not as training wrote it: not known
     return bool(rows) and int(rows[-1]["epoch"] or 0) >= config.train.epochs
 
 
@@ -105,8 +103,9 @@ def run(
         cases = None
         label = "test"
     else:  # the validation fold, predicted by nnU-Net's validation after training
-        pred_dir = fold_folder(model_folder(config), fold) / "validation"
-        gt_dir, images, subtypes = config.dataset_preprocessed_dir / "gt_segmentations", raw / "imagesTr", raw / "subtypes.csv"
+        pred_dir = fold_folder(model_folder(config), fold) / VALIDATION_DIR
+        gt_dir, images = config.dataset_preprocessed_dir / "gt_segmentations", raw / "imagesTr"
+        subtypes = raw / CASE_SUBTYPES_NAME
         cases = json.loads((raw / "splits_final.json").read_text(encoding="utf-8"))[fold]["val"]
         label = f"validation fold {fold}"
     # The metrics are in run's own folders: a changed config (other test labels) replaces them.

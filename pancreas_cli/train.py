@@ -25,13 +25,14 @@ from pancreas_cli import layout, locks
 from pancreas_cli.checkpoints import TRUST_ENV, read_checkpoint
 from pancreas_cli.config import Config, load_config
 from pancreas_cli.devices import training_device
-from pancreas_cli.exceptions import (CheckpointError, PancsegError, TrainError, TrainingInterrupted,
-                                     UntrustedCheckpointError)
+from pancreas_cli.exceptions import (CheckpointError, PancsegError, TableError, TrainError,
+                                     TrainingInterrupted, UntrustedCheckpointError)
 from pancreas_cli.imageio import sweep_partials
 from pancreas_cli.logcapture import redirect_output, tail
-from pancreas_cli.multitask.history import METRICS_NAME, read_metrics
+from pancreas_cli.multitask.history import read_metrics
 from pancreas_cli.multitask.settings import TrainingSettings, read_settings, settings_path, write_settings
 from pancreas_cli.nnunet_env import nnunet_worker_pools, scoped_env, setup_nnunet_env
+from pancreas_cli.subtypes import CASE_SUBTYPES_NAME
 
 if TYPE_CHECKING:
     import torch
@@ -133,11 +134,13 @@ def _stopped_after(path: Path) -> str:
 def _note_foreign_metrics(output_folder: Path, warn: Callable[[str], None]) -> None:
     """Say when a resumed fold's metrics.csv is not as training wrote it: the trainer rewrites it
     from its own record (the checkpoint's log) at the end of the next epoch."""
+    path = output_folder / layout.METRICS_NAME
     try:
-        read_metrics(output_folder / METRICS_NAME)
-    except ValueError as exc:
-        warn(f"{output_folder / METRICS_NAME}: {exc}; it is rewritten from the checkpoint's record of every epoch "
-             "(keep a copy of your edits elsewhere)")
+        read_metrics(path)
+    except TableError as exc:
+        where = "" if exc.line is None else f"line {exc.line}: "
+        warn(f"{path}: not as training wrote it ({where}{exc.why}); it is rewritten from the checkpoint's "
+             "record of every epoch (keep a copy of your edits elsewhere)")
 
 
 def _stop_loaders(trainer: Any) -> None:
@@ -162,18 +165,16 @@ def _raise_worker_death(trainer: Any, exc: RuntimeError) -> NoReturn:
 
 def _fold_summary(output_folder: Path) -> tuple[dict[str, float | int | None], dict[str, Any]]:
     """The last metrics.csv row (as numbers, for --json and the table) and the validation summaries."""
-    try:
-        rows = read_metrics(output_folder / METRICS_NAME)
-    except ValueError:  # not as training wrote it (edited since): the summary goes without it
-        rows = []
+    # Not as training wrote it (edited since): the summary goes without it.
+    rows = read_metrics(output_folder / layout.METRICS_NAME, tolerant=True)
     last = rows[-1] if rows else {}
     validation: dict[str, Any] = {}
-    summary = output_folder / "validation" / "summary.json"
+    summary = output_folder / layout.VALIDATION_DIR / "summary.json"
     if summary.is_file():
         data = json.loads(summary.read_text(encoding="utf-8"))
         validation["dice_per_label"] = {k: v["Dice"] for k, v in data.get("mean", {}).items()}
         validation["foreground_dice"] = data.get("foreground_mean", {}).get("Dice")
-    classification = output_folder / "validation" / "classification_summary.json"
+    classification = output_folder / layout.VALIDATION_DIR / "classification_summary.json"
     if classification.is_file():
         data = json.loads(classification.read_text(encoding="utf-8"))
         validation.update(accuracy=data["accuracy"], macro_f1=data["macro_f1"])
@@ -245,9 +246,9 @@ def write_training_inputs(config: Config) -> None:
     """Put what the trainers read beside the preprocessed data: subtypes.csv and pancseg's settings."""
     pre = config.dataset_preprocessed_dir
     # Under a temporary name: a fold training in another process may be reading the file.
-    partial = pre / ".subtypes.csv.partial"
-    shutil.copyfile(config.dataset_raw_dir / "subtypes.csv", partial)
-    os.replace(partial, pre / "subtypes.csv")
+    partial = pre / f".{CASE_SUBTYPES_NAME}.partial"
+    shutil.copyfile(config.dataset_raw_dir / CASE_SUBTYPES_NAME, partial)
+    os.replace(partial, pre / CASE_SUBTYPES_NAME)
     write_settings(training_settings(config), pre)
 
 
@@ -292,7 +293,7 @@ def _fold_start(config: Config, state: dict[str, Any], fold: int, *, resume: boo
             raise TrainError(f"fold {fold} stopped after epoch {done} of an unfinished run, but train.epochs is "
                              f"{config.train.epochs}: pass --epochs N with N > {done} to continue it")
         _check_resume_settings(config, fold, output_folder)
-        summary = output_folder / "validation" / "summary.json"
+        summary = output_folder / layout.VALIDATION_DIR / "summary.json"
         # The validation must be of this final checkpoint, not left from before the run was extended.
         if (final and done >= config.train.epochs and summary.is_file()
                 and summary.stat().st_mtime_ns >= existing.stat().st_mtime_ns):

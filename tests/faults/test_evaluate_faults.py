@@ -244,7 +244,7 @@ def project(tmp_path: Path, runner: CliRunner) -> SimpleNamespace:
     fold = model_folder(config) / "fold_0"
     fold.mkdir(parents=True)
     rows = [{"epoch": e, "train_loss": 1 - e / 4, "dice_pancreas": 0.5, "dice_lesion": "", "criterion": 0.5,
-             "best": 1} for e in (0, 1)]
+             "best": 1} for e in (1, 2)]  # epochs as training numbers them
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, METRICS_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -289,6 +289,8 @@ def _without_column(path: Path, column: str) -> None:
      "metrics.csv, line 4: not a training metrics row (train_loss = 'oops')"),
     (lambda p: _without_column(p.fold / "metrics.csv", "dice_pancreas"),
      "metrics.csv: no column dice_pancreas"),
+    (lambda p: (p.fold / "metrics.csv").write_text((p.fold / "metrics.csv").read_text() + "2" + ",0.5" * 16 + "\n"),
+     "metrics.csv, line 4: epoch 2 where epoch 3 belongs"),  # a row repeated: not as training numbers them
 ])
 def test_report_refuses_damaged_metrics(runner: CliRunner, project: SimpleNamespace, damage, message: str) -> None:
     damage(project)
