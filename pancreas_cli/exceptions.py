@@ -49,7 +49,7 @@ class TableError(DataError):
         super().__init__(f"{where}: {why}; {fix}")
 
 
-class SubtypeConflict(DataError):
+class SubtypeConflictError(DataError):
     """A subtype CSV gives one case two subtypes (``first`` and ``second``: subtype and line each)."""
 
     def __init__(self, path: object, case: str, first: tuple[int, int], second: tuple[int, int]) -> None:

@@ -380,7 +380,7 @@ def rebuild_csvs(out_dir: Path, model: dict[str, Any] | None = None) -> Path:
     after each case and at the end, so that a killed run or a retrained model cannot leave rows that
     disagree with the masks. Other commands may call it on an output folder too (cheap: small files).
     """
-    rows = {}
+    rows: dict[str, list[float]] = {}
     for path in sorted((out_dir / SIDECAR_DIR).glob("*.json")):
         case = path.stem
         record = read_record(out_dir, case) or {}

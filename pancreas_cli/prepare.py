@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pancreas_cli.config import Config, DatasetConfig, project_overlap
-from pancreas_cli.exceptions import DataError, OutputExistsError, PrepareError, SubtypeConflict
+from pancreas_cli.exceptions import DataError, OutputExistsError, PrepareError, SubtypeConflictError
 from pancreas_cli.imageio import image_extension, image_stem, link_or_copy, read_image, write_image, write_text
 from pancreas_cli.locks import project_stage, writing
 from pancreas_cli.subtypes import (CASE_SUBTYPES_NAME, SUBTYPES, case_id, image_name, is_image, one_per_case,
@@ -200,7 +200,7 @@ def _subtype_rows(path: Path) -> dict[str, tuple[int, int]]:
         rows = [(line, case, _parse_subtype(text.strip(), f"{path}, line {line}, case {case}"))
                 for line, case, text in subtype_cells(path)]
         return one_per_case(path, rows)
-    except SubtypeConflict as exc:
+    except SubtypeConflictError as exc:
         raise PrepareError(_conflict(path, exc.case, exc.first, exc.second, "; keep one row per case")) \
             from None
     except PrepareError:

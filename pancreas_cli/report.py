@@ -134,10 +134,10 @@ def confusion_figure(matrix: list[list[int]], path: Path) -> Path:
 
 
 def _find_image(folder: Path, case: str) -> Path | None:
-    for ext in IMAGE_EXTENSIONS:
-        for name in (image_name(case, ext), f"{case}{ext}"):
-            if (folder / name).is_file():
-                return folder / name
+    for stem in (image_name(case, extension=""), case):  # the CT's own name first
+        for ext in IMAGE_EXTENSIONS:
+            if (folder / f"{stem}{ext}").is_file():
+                return folder / f"{stem}{ext}"
     return None
 
 
@@ -281,7 +281,7 @@ class _Inputs:
     training: list[dict[str, float | int | None]]
     metrics_dir: Path | None
     summary: dict[str, Any] | None = None
-    per_case: list[dict[str, str]] = field(default_factory=list)
+    per_case: list[dict[str, Any]] = field(default_factory=list)
     overlays: list[OverlaySlice] = field(default_factory=list)
 
 

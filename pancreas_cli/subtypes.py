@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from pancreas_cli.exceptions import DataError, SubtypeConflict
+from pancreas_cli.exceptions import DataError, SubtypeConflictError
 from pancreas_cli.imageio import image_extension, image_stem, write_text
 from pancreas_cli.tables import read_table, render_table
 
@@ -86,13 +86,13 @@ def subtype_cells(path: Path) -> list[tuple[int, str, str]]:
 
 def one_per_case(path: Path, rows: Iterable[tuple[int, str, int]]) -> dict[str, tuple[int, int]]:
     """Case -> (subtype, first line) of ``rows`` (line, case, subtype). A case listed twice with one subtype
-    passes; with two: :class:`~pancreas_cli.exceptions.SubtypeConflict` (last-wins would change a label
+    passes; with two: :class:`~pancreas_cli.exceptions.SubtypeConflictError` (last-wins would change a label
     unseen)."""
     found: dict[str, tuple[int, int]] = {}
     for line, case, value in rows:
         first = found.setdefault(case, (value, line))
         if first[0] != value:
-            raise SubtypeConflict(path, case, first, (value, line))
+            raise SubtypeConflictError(path, case, first, (value, line))
     return found
 
 

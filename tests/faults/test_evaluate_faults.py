@@ -289,8 +289,9 @@ def _without_column(path: Path, column: str) -> None:
      "metrics.csv, line 4: not a training metrics row (train_loss = 'oops')"),
     (lambda p: _without_column(p.fold / "metrics.csv", "dice_pancreas"),
      "metrics.csv: no column dice_pancreas"),
-    (lambda p: (p.fold / "metrics.csv").write_text((p.fold / "metrics.csv").read_text() + "2" + ",0.5" * 16 + "\n"),
-     "metrics.csv, line 4: epoch 2 where epoch 3 belongs"),  # a row repeated: not as training numbers them
+    (lambda p: (p.fold / "metrics.csv").write_text(
+        (p.fold / "metrics.csv").read_text() + "2" + ",1" * 16 + "\n"),
+     "metrics.csv, line 4: epoch 2 where epoch 3 belongs"),  # an epoch twice: not as training numbers them
 ])
 def test_report_refuses_damaged_metrics(runner: CliRunner, project: SimpleNamespace, damage, message: str) -> None:
     damage(project)
