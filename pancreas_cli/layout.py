@@ -19,7 +19,7 @@ from pancreas_cli.exceptions import PredictError, PrepareError, PreprocessError
 if TYPE_CHECKING:
     from pancreas_cli.config import Config
 
-#: nnU-Net's folders in ``project_dir`` (nnUNet_raw, _preprocessed and _results point there).
+#: nnU-Net's folders in ``project_dir`` (its environment variables nnUNet_raw, ... point to them).
 RAW_DIR, PREPROCESSED_DIR, RESULTS_DIR = "nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"
 LOGS_DIR = "logs"  # in project_dir: nnU-Net's output during each stage
 
