@@ -45,15 +45,10 @@ from typing import Any
 
 from learning_check import add_workdir_arguments, setup_workdir  # benchmarks/ is on sys.path when run
 from pancreas_cli.config import Config
+from pancreas_cli.devices import training_device
+from pancreas_cli.layout import TRAINERS
 from pancreas_cli.nnunet_env import setup_nnunet_env
-from pancreas_cli.train import (
-    TRAINERS,
-    _preprocessed_state,
-    _stop_loaders,
-    build_trainer,
-    resolve_device,
-    write_training_inputs,
-)
+from pancreas_cli.train import _preprocessed_state, _stop_loaders, build_trainer, write_training_inputs
 
 
 def _build(config: Config, task: str, fold: int, device: Any) -> Any:
@@ -192,7 +187,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = setup_workdir(args, epochs=50, iterations=250, val_iterations=1)
-    device = resolve_device(config.train.device)
+    device = training_device(config.train.device)
     setup_nnunet_env(config, device_type=device.type)
     results = Path(tempfile.mkdtemp(prefix="pancseg_steps_"))
     os.environ["nnUNet_results"] = str(results)  # before nnU-Net is imported: it reads the folders once

@@ -24,6 +24,7 @@ from pancreas_cli.exceptions import CleanError, DataError
 from pancreas_cli.imageio import (PARTIAL_PREFIX, ct_value_problem, partials, read_image, scan_nifti, sweep_partials,
                                   write_image, write_text)
 from pancreas_cli.locks import project_stage, writing
+from pancreas_cli.subtypes import case_id, image_name
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -328,11 +329,11 @@ def clean(config: Config, *, check: bool = False) -> CleanResult:
     if not (dataset / "dataset.json").is_file():
         raise CleanError(f"{dataset}: no prepared dataset; run `pancseg prepare` first")
     jobs: list[tuple[str, Path, Path | None]] = []
-    for image in sorted((dataset / "imagesTr").glob("*_0000.nii.gz")):
-        case = image.name[: -len("_0000.nii.gz")]
+    for image in sorted((dataset / "imagesTr").glob(image_name("*"))):
+        case = case_id(image.name)
         jobs.append((case, image, dataset / "labelsTr" / f"{case}.nii.gz"))
-    for image in sorted((dataset / "imagesTs").glob("*_0000.nii.gz")):
-        jobs.append((image.name[: -len("_0000.nii.gz")], image, None))
+    for image in sorted((dataset / "imagesTs").glob(image_name("*"))):
+        jobs.append((case_id(image.name), image, None))
     missing = [m for _, _, m in jobs if m is not None and not m.is_file()]
     if missing:
         raise CleanError(f"{missing[0]}: mask missing from the prepared dataset; re-run `pancseg prepare --force`")

@@ -5,15 +5,12 @@ Heavy libraries (torch, nnU-Net) are imported inside the stages so that ``--help
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
-import os
 import signal
 import sys
-import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -24,6 +21,7 @@ from pancreas_cli.config import CONFIG_TEMPLATE, Config, load_config
 from pancreas_cli.console import count, output
 from pancreas_cli.demo import DemoBudget
 from pancreas_cli.exceptions import ConfigError, OutputExistsError, PancsegError
+from pancreas_cli.signals import Terminated, sigterm_as_interrupt
 
 app = typer.Typer(
     name="pancseg",
@@ -56,53 +54,6 @@ TrustModelOption = Annotated[bool, typer.Option(
                           "code: only for files from a source you trust).")]
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's or Colab's stop), delivered as an interrupt so that stages stop as on Ctrl-C."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated()
-
-
-def _ours() -> bool:
-    return signal.getsignal(signal.SIGTERM) is _raise_terminated
-
-
-def _mask_sigterm(how: int) -> None:
-    if _ours():
-        signal.pthread_sigmask(how, {signal.SIGTERM})
-
-
-def _default_sigterm_in_child() -> None:
-    """Forked workers (nnU-Net's pools and data loaders) die on SIGTERM as they would have. Set at the
-    fork, with SIGTERM blocked across it, not from a handler: a SIGTERM that reaches a Python handler
-    just before the worker blocks on a lock is never acted on, and ``Pool.terminate()`` then waits
-    for that worker forever; one arriving during the fork stays pending until the default is back."""
-    if _ours():
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-
-
-if hasattr(os, "register_at_fork") and hasattr(signal, "pthread_sigmask"):
-    os.register_at_fork(before=functools.partial(_mask_sigterm, signal.SIG_BLOCK),
-                        after_in_parent=functools.partial(_mask_sigterm, signal.SIG_UNBLOCK),
-                        after_in_child=_default_sigterm_in_child)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Raise :class:`_Terminated` in this process on SIGTERM: the default would kill it at once, without
-    the checkpoint that Ctrl-C saves or any cleanup."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _show_traceback() -> None:
     if output.debug:
         output.err.print(traceback.format_exc(), markup=False)
@@ -116,12 +67,12 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 return func(*args, **kwargs)
         except PancsegError as exc:
             _show_traceback()
             output.error(str(exc))
-            raise typer.Exit(128 + signal.SIGTERM if isinstance(exc.__context__, _Terminated)
+            raise typer.Exit(128 + signal.SIGTERM if isinstance(exc.__context__, Terminated)
                              else exc.exit_code) from None
         except OSError as exc:  # the machine's problem (a full disk, permissions), said without a traceback
             _show_traceback()
@@ -133,7 +84,8 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt as exc:
             _show_traceback()
             output.error("interrupted; finished work is kept: run the same command again to continue")
-            raise typer.Exit(128 + (signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)) from None
+            signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+            raise typer.Exit(128 + signum) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -26,6 +26,7 @@ from pydantic import (
 
 from pancreas_cli.exceptions import ConfigError, OverrideSyntaxError
 from pancreas_cli.multitask.settings import TrainingSettings
+from pancreas_cli.layout import PREPROCESSED_DIR, RAW_DIR, RESULTS_DIR
 
 CONFIG_TEMPLATE = Path(__file__).with_name("config_template.yaml")
 
@@ -246,15 +247,15 @@ class Config(_Section):
 
     @property
     def raw_dir(self) -> Path:
-        return self.project_dir / "nnUNet_raw"
+        return self.project_dir / RAW_DIR
 
     @property
     def preprocessed_dir(self) -> Path:
-        return self.project_dir / "nnUNet_preprocessed"
+        return self.project_dir / PREPROCESSED_DIR
 
     @property
     def results_dir(self) -> Path:
-        return self.project_dir / "nnUNet_results"
+        return self.project_dir / RESULTS_DIR
 
     @property
     def written_folders(self) -> list[Path]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from pancreas_cli.config import Config, load_config
 from pancreas_cli.exceptions import OutputExistsError
 from pancreas_cli.imageio import write_text
+from pancreas_cli.subtypes import image_name
 from pancreas_cli.synth import synthesize
 
 #: Sized so that the demo finishes in under 10 minutes on 2 CPU cores. The tiny network predicts
@@ -58,7 +59,7 @@ def prepare_demo(workdir: Path, budget: DemoBudget = DemoBudget()) -> Config:
     text = demo_config_text(budget)
     if config_path.is_file() and _settings(config_path.read_text(encoding="utf-8")) != _settings(text):
         raise OutputExistsError(f"{config_path} exists with other settings; use another --workdir or delete it")
-    cases = len(list((workdir / "data").rglob("*_0000.nii.gz")))
+    cases = len(list((workdir / "data").rglob(image_name("*"))))
     if cases and cases != budget.cases:
         raise OutputExistsError(f"{workdir / 'data'} holds {cases} synthetic cases, not {budget.cases}; "
                                 "use another --workdir or delete it")

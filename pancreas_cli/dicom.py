@@ -12,13 +12,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pancreas_cli.exceptions import DataError
+from pancreas_cli.exceptions import SeriesError
 
 _DESCRIPTION, _MODALITY = "0008|103e", "0008|0060"
-
-
-class SeriesError(DataError):
-    """The DICOM series to segment cannot be chosen: an unknown UID, or several equal candidates."""
 
 
 @dataclass(frozen=True)

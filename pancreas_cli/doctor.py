@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pancreas_cli.config import load_config
-from pancreas_cli.exceptions import ConfigError
+from pancreas_cli.devices import find_device
+from pancreas_cli.exceptions import ConfigError, DeviceError
 
 Status = Literal["ok", "warning", "blocking", "info"]
 #: Free disk a project needs (raw + preprocessed data, checkpoints, predictions): a full
@@ -60,22 +61,17 @@ def pick_device(requested: str) -> tuple[str | None, str]:
     """The torch device that ``requested`` resolves to here (None if unavailable) and a description."""
     import torch
 
-    if requested == "auto":
-        if torch.cuda.is_available():
-            requested = "cuda:0"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            requested = "mps"
-        else:
-            return None, "no GPU found (training needs train.device: cpu, which is slow)"
-    if requested.startswith("cuda"):
-        index = int(requested.split(":")[1]) if ":" in requested else 0
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            return None, f"{requested} requested but {torch.cuda.device_count()} CUDA device(s) available"
-        props = torch.cuda.get_device_properties(index)
-        return f"cuda:{index}", f"cuda:{index}: {props.name}, {_gb(props.total_memory)}"
-    if requested == "mps":
-        ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        return ("mps", "Apple MPS") if ok else (None, "mps requested but not available")
+    try:
+        device = find_device(requested)
+    except DeviceError as exc:
+        return None, exc.reason
+    if device is None:
+        return None, "no GPU found (training needs train.device: cpu, which is slow)"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device.index)
+        return f"cuda:{device.index}", f"cuda:{device.index}: {props.name}, {_gb(props.total_memory)}"
+    if device.type == "mps":
+        return "mps", "Apple MPS"
     return "cpu", f"cpu ({platform.processor() or platform.machine()}); training will be slow"
 
 

@@ -8,8 +8,6 @@ per case; in aggregates it counts as the worst case, the diagonal of the image i
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -19,36 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from pancreas_cli.config import CleanConfig, Config, EvaluateConfig, kept_labels
+from pancreas_cli.config import Config, EvaluateConfig
+from pancreas_cli.evaluation import SEG_METRICS, STRUCTURES, SUMMARY_NAME, CaseResult, write_outputs
 from pancreas_cli.exceptions import DataError, OutputExistsError
-from pancreas_cli.imageio import IMAGE_EXTENSIONS, image_extension, image_stem, write_text
-from pancreas_cli.metrics import (bootstrap_ci, classification_metrics, dice, hd95, iou, load_mask_pair, nsd,
-                                  read_label_image)
-
-STRUCTURES = ("pancreas", "lesion")
-SEG_METRICS = ("dice", "iou", "nsd", "hd95")
-SUBTYPES = (0, 1, 2)
-PER_CASE_NAME = "metrics_per_case.csv"
-SUMMARY_NAME = "metrics_summary.json"
-#: Float masks hold labels like 1.0000152587890625: evaluate accepts what clean accepts
-#: (``clean.label_tolerance``); this is its default, for callers without a config.
-DEFAULT_LABEL_TOLERANCE: float = CleanConfig.model_fields["label_tolerance"].default
-
-
-#: The numeric columns of metrics_per_case.csv, and all of its columns in order.
-PER_CASE_VALUES = (*(f"{m}_{s}" for s in STRUCTURES for m in SEG_METRICS),
-                   *(f"volume_{w}_{s}_ml" for s in STRUCTURES for w in ("pred", "ref")))
-PER_CASE_COLUMNS = ("case", *PER_CASE_VALUES, "subtype_true", "subtype_pred", "missing_prediction")
-
-
-@dataclass
-class CaseResult:
-    case: str
-    values: dict[str, float]  # e.g. dice_pancreas, hd95_lesion, volume_pred_lesion_ml
-    worst_hd95_mm: float  # image diagonal: HD95 of a case with one empty mask, in aggregates
-    subtype_true: int | None = None
-    subtype_pred: int | None = None
-    missing_prediction: bool = False
+from pancreas_cli.imageio import IMAGE_EXTENSIONS, image_extension
+from pancreas_cli.metrics import (DEFAULT_LABEL_TOLERANCE, as_labels, bootstrap_ci, classification_metrics,
+                                  dice, hd95, iou, load_mask_pair, nsd, read_label_image)
+from pancreas_cli.records import SIDECAR_DIR, read_records
+from pancreas_cli.subtypes import RESULTS_NAME, SUBTYPES, case_id, read_subtypes, subtype_of
 
 
 @dataclass
@@ -60,56 +36,13 @@ class EvaluationResult:
     notes: list[str] = field(default_factory=list)
 
 
-def case_id_from_name(name: str) -> str:
-    """``quiz_037.nii.gz`` / ``quiz_037_0000.nii.gz`` / ``quiz_037`` -> ``quiz_037``."""
-    stem = image_stem(name) if image_extension(name) else name
-    return stem[:-5] if stem.endswith("_0000") else stem
-
-
-def read_subtype_csv(path: Path) -> dict[str, int]:
-    """Subtypes from ``Names,Subtype`` (pancseg predict's format) or ``case_id,subtype`` CSVs."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = [c for c in reader.fieldnames or [] if c]
-            rows = [(reader.line_num, row) for row in reader]  # line numbers as an editor shows them
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: cannot read as a UTF-8 CSV ({exc})") from exc
-    if not rows:
-        return {}
-    columns = {c.strip().lower(): c for c in header}
-    name_col = columns.get("names") or columns.get("case_id")
-    value_col = columns.get("subtype")
-    if name_col is None or value_col is None:
-        raise DataError(f"{path}: expected columns Names,Subtype or case_id,subtype, got {','.join(header)}")
-    out: dict[str, int] = {}
-    lines: dict[str, int] = {}
-    for line, row in rows:
-        name, text = row.get(name_col), row.get(value_col)
-        if name is None or text is None or any(v.strip() for v in row.get(None) or []):  # type: ignore[call-overload]
-            raise DataError(f"{path}, line {line}: expected {len(header)} columns ({','.join(header)})")
-        try:
-            number = float(text)
-        except ValueError:
-            raise DataError(f"{path}, line {line}: subtype {text!r} is not a number") from None
-        if number not in SUBTYPES:  # 1.0 is 1; 1.7 or inf are no subtype
-            raise DataError(f"{path}, line {line}: subtype {text.strip()} is not 0, 1 or 2")
-        case, value = case_id_from_name(name.strip()), int(number)
-        if case in out and out[case] != value:  # an identical repeat is harmless; of two, which is right?
-            raise DataError(f"{path}: conflicting subtypes for case {case}: {out[case]} on line "
-                            f"{lines[case]}, {value} on line {line}; keep one row per case")
-        out[case] = value
-        lines.setdefault(case, line)
-    return out
-
-
 def _masks(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: folder not found")
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and image_extension(path) and not path.name.startswith("."):
-            case = case_id_from_name(path.name)
+            case = case_id(path.name)
             if case in found:  # quiz_1.nii.gz and quiz_1.nrrd: which one is the mask?
                 raise DataError(f"{folder}: two masks for case {case}, {found[case].name} and {path.name}; "
                                 "keep one of them in the folder")
@@ -144,48 +77,6 @@ def evaluate_case(case: str, pred_path: Path | None, ref_path: Path, settings: E
         values[f"volume_ref_{structure}_ml"] = float(r.sum()) * voxel_ml
     diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(ref.shape, spacing)))
     return CaseResult(case, values, diagonal, missing_prediction=pred_path is None)
-
-
-def _integer_valued(values: np.ndarray, path: Path, tolerance: float) -> np.ndarray:
-    """A float mask's values rounded, if every one is within ``tolerance`` of an integer."""
-    if not np.isfinite(values).all():
-        raise DataError(f"{path}: NaN/Inf label values; replace the mask")
-    rounded = np.rint(values)
-    off = np.abs(values - rounded) > tolerance
-    if off.any():
-        shown = ", ".join(f"{v:.6g}" for v in np.unique(values[off])[:5])
-        raise DataError(f"{path}: label values like {shown} are not integers (beyond clean.label_tolerance = "
-                        f"{tolerance:g}); the mask looks interpolated: re-export it with nearest-neighbour "
-                        "resampling")
-    return rounded
-
-
-def as_labels(values: np.ndarray, path: Path, settings: EvaluateConfig,
-              label_tolerance: float = DEFAULT_LABEL_TOLERANCE) -> np.ndarray:
-    """``values`` as labels 0/1/2 (uint8) through ``evaluate.label_map``; others are an error or background.
-
-    Every check runs on the values as stored, before any cast: a cast would round 0.5 to 0 and wrap
-    int32 65537 to 1. Float masks may hold labels like 1.0000152587890625 (within ``clean.label_tolerance``
-    of an integer, as clean accepts them). Scoring any value > 0 as pancreas would turn a multi-organ
-    mask into a plausible-looking result.
-    """
-    if np.issubdtype(values.dtype, np.floating):
-        values = _integer_valued(values, path, label_tolerance)
-    elif not np.issubdtype(values.dtype, np.integer):
-        raise DataError(f"{path}: label values of type {values.dtype}; masks hold integer labels 0/1/2")
-    if not settings.label_map and 0 <= values.min() and values.max() <= 2:
-        return values.astype(np.uint8)  # the usual case, without np.unique's sort of the whole volume
-    mapping = kept_labels(settings.label_map)
-    unknown = [int(v) for v in np.unique(values) if int(v) not in mapping]
-    if unknown and settings.unknown_labels == "error":
-        shown = ", ".join(map(str, unknown[:10])) + (f", ... ({len(unknown)} values)" if len(unknown) > 10 else "")
-        raise DataError(f"{path}: label values {shown} are not among {sorted(mapping)}; map them with "
-                        "evaluate.label_map (e.g. --set 'evaluate.label_map={7: 1}' for TotalSegmentator's "
-                        "pancreas) or set evaluate.unknown_labels: background")
-    out = np.zeros(values.shape, dtype=np.uint8)
-    for source, target in mapping.items():
-        out[values == source] = target
-    return out
 
 
 def _aggregate(values: list[float], settings: EvaluateConfig) -> dict[str, float | None]:
@@ -240,17 +131,6 @@ def summarize(cases: list[CaseResult], settings: EvaluateConfig) -> dict[str, An
     return summary
 
 
-def _per_case_csv(cases: list[CaseResult]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(PER_CASE_COLUMNS)
-    for c in cases:
-        writer.writerow([c.case, *(f"{c.values[k]:.6g}" for k in PER_CASE_VALUES),
-                         "" if c.subtype_true is None else c.subtype_true,
-                         "" if c.subtype_pred is None else c.subtype_pred, int(c.missing_prediction)])
-    return buffer.getvalue()
-
-
 def _check_earlier_metrics(summary_json: Path, inputs: dict[str, Any]) -> None:
     """Refuse to replace the metrics of other predictions or ground truth (or ones pancseg did not write).
 
@@ -273,64 +153,16 @@ def _check_earlier_metrics(summary_json: Path, inputs: dict[str, Any]) -> None:
                             "or -o another folder")
 
 
-def _record_problem(record: Any, case: str) -> str | None:
-    """What makes ``record`` no pancseg prediction record of ``case`` (None: it is one)."""
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    if record.get("case", case) != case:
-        return f"it names case {record['case']!r}"
-    if not isinstance(record.get("model"), dict) or "probabilities" not in record:
-        return "no model or no probabilities"
-    p = record["probabilities"]
-    if p is not None and not (isinstance(p, list) and len(p) == len(SUBTYPES) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p)):
-        return f"probabilities {p!r} are not {len(SUBTYPES)} numbers"
-    return None
-
-
-def _prediction_records(pred_dir: Path, cases: list[str]) -> dict[str, dict[str, Any]]:
-    """The per-case records ``pancseg predict`` keeps beside its masks, for the cases that have one.
-
-    Format dependency, read here directly rather than through predict's private helpers: predict
-    (``_CaseRunner._replace``) writes ``PRED/.pancseg/<case>.json`` with ``case``, ``probabilities``
-    (three subtype probabilities, or null for a segmentation-only model), ``model`` (what wrote the
-    mask) and ``pending`` (true while the mask is being replaced). Keep this in step with predict.
-    """
-    from pancreas_cli.predict import SIDECAR_DIR
-
-    records: dict[str, dict[str, Any]] = {}
-    fix = "predict this folder again with `pancseg predict --force`"
-    for case in cases:
-        path = pred_dir / SIDECAR_DIR / f"{case}.json"
-        if not path.is_file():
-            continue
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}: unreadable prediction record ({exc}); {fix}") from exc
-        if why := _record_problem(record, case):
-            raise DataError(f"{path}: not a pancseg prediction record ({why}); {fix}")
-        if record.get("pending"):
-            raise DataError(f"{path}: the prediction of {case} was stopped while its mask was being "
-                            "replaced, so the mask may be the old or the new one; run the same `pancseg "
-                            "predict` again to finish it")
-        records[case] = record
-    return records
-
-
 def _predicted_subtypes(pred_dir: Path, cases: list[str], notes: list[str]) -> dict[str, int]:
     """The predictions' subtypes: ``subtype_results.csv``, unless predict's per-case records say otherwise.
 
     A ``predict --force`` killed half-way leaves the CSV of the earlier run beside new masks; the
     records are written with each mask, so they are the ones that match it.
     """
-    from pancreas_cli.predict import SIDECAR_DIR
-
-    csv_path = pred_dir / "subtype_results.csv"
-    rows = read_subtype_csv(csv_path) if csv_path.is_file() else {}
-    records = _prediction_records(pred_dir, cases)
-    wanted = {c: None if (p := r["probabilities"]) is None else max(range(len(SUBTYPES)), key=p.__getitem__)
-              for c, r in records.items()}  # the argmax, the first of equals, as predict's
+    csv_path = pred_dir / RESULTS_NAME
+    rows = read_subtypes(csv_path) if csv_path.is_file() else {}
+    records = read_records(pred_dir, cases)
+    wanted = {c: None if (p := r["probabilities"]) is None else subtype_of(p) for c, r in records.items()}
     stale = [c for c in sorted(wanted) if rows.get(c) != wanted[c]]
     if stale:
         c = stale[0]
@@ -350,7 +182,7 @@ def _predicted_subtypes(pred_dir: Path, cases: list[str], notes: list[str]) -> d
 def _attach_subtypes(results: list[CaseResult], predicted: dict[str, int], truth: dict[str, int],
                      pred_dir: Path, subtypes_csv: Path | None, notes: list[str], *, all_cases: bool) -> None:
     """Set each case's true and predicted subtype; notes for cases without one."""
-    predicted_csv = pred_dir / "subtype_results.csv"
+    predicted_csv = pred_dir / RESULTS_NAME
     if subtypes_csv is not None and not predicted:
         notes.append(f"no predicted subtypes ({predicted_csv} not found or empty): no classification metrics")
     for r in results:
@@ -415,7 +247,7 @@ def evaluate(
         notes.append(f"{len(extra)} prediction(s) without ground truth ignored, e.g. {extra[0]}")
     # The subtype files first: a bad row is reported before minutes of metrics, not after.
     predicted = _predicted_subtypes(pred_dir, sorted(set(refs) & set(preds)), notes)
-    truth = read_subtype_csv(subtypes_csv) if subtypes_csv is not None else {}
+    truth = read_subtypes(subtypes_csv) if subtypes_csv is not None else {}
     tolerance = config.clean.label_tolerance
     with ThreadPoolExecutor(max_workers=settings.num_workers) as pool:
         results = list(pool.map(lambda c: evaluate_case(c, preds.get(c), refs[c], settings, tolerance),
@@ -428,9 +260,7 @@ def evaluate(
                      "lesions, and the lesion target is not scored")
     summary["notes"] = notes
     summary["inputs"] = inputs
-    per_case_csv, summary_json = out / PER_CASE_NAME, out / SUMMARY_NAME
-    write_text(_per_case_csv(results), per_case_csv)
-    write_text(json.dumps(summary, indent=2), summary_json)
+    per_case_csv, summary_json = write_outputs(out, results, summary)
     return EvaluationResult(results, summary, per_case_csv, summary_json, notes)
 
 

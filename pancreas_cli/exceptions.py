@@ -35,6 +35,29 @@ class DataError(PancsegError):
     """The user's data is missing, unreadable or inconsistent."""
 
 
+class SeriesError(DataError):
+    """The DICOM series to segment cannot be chosen: an unknown UID, or several equal candidates."""
+
+
+class TableError(DataError):
+    """A CSV table is not as pancseg wrote it (or could read it): ``why``, on ``line`` (None: the file as
+    a whole); the message names the file and line and says how to fix it."""
+
+    def __init__(self, path: object, why: str, fix: str, line: int | None = None) -> None:
+        self.path, self.why, self.line = path, why, line
+        where = f"{path}, line {line}" if line is not None else f"{path}"
+        super().__init__(f"{where}: {why}; {fix}")
+
+
+class SubtypeConflictError(DataError):
+    """A subtype CSV gives one case two subtypes (``first`` and ``second``: subtype and line each)."""
+
+    def __init__(self, path: object, case: str, first: tuple[int, int], second: tuple[int, int]) -> None:
+        self.path, self.case, self.first, self.second = path, case, first, second
+        super().__init__(f"{path}: conflicting subtypes for case {case}: {first[0]} on line {first[1]}, "
+                         f"{second[0]} on line {second[1]}; keep one row per case")
+
+
 class SynthError(PancsegError):
     """Synthetic data generation was asked for something impossible."""
 
@@ -67,8 +90,24 @@ class DiskFullError(PancsegError):
     """A file could not be written because its file system is full."""
 
 
+class BusyError(PancsegError):
+    """Another pancseg command is changing the same project, fold or output folder."""
+
+
+class DeviceError(PancsegError):
+    """The device asked for (``cuda:N``, ``mps``) is not here; ``reason`` says why, without the advice."""
+
+    def __init__(self, reason: str, advice: str = "") -> None:
+        self.reason = reason
+        super().__init__(f"{reason}{advice}")
+
+
 class TrainError(PancsegError):
     """Training cannot start or failed."""
+
+
+class PredictError(PancsegError):
+    """The model or the input cannot be used for prediction (or the model cannot be found)."""
 
 
 class TrainingInterrupted(PancsegError):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pancreas_cli.exceptions import PancsegError
+from pancreas_cli.exceptions import BusyError
 
 LOCK_DIR = ".locks"
 OUTPUT_LOCK_DIR = ".pancseg-locks"  # beside an output folder
@@ -37,10 +37,6 @@ PROJECT = "project"
 HOST = socket.gethostname()
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class BusyError(PancsegError):
-    """Another pancseg command is changing the same project, fold or output folder."""
 
 
 @dataclass

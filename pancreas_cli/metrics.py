@@ -29,8 +29,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from pancreas_cli.config import CleanConfig, EvaluateConfig, kept_labels
 from pancreas_cli.exceptions import DataError
 from pancreas_cli.imageio import read_image
+from pancreas_cli.subtypes import SUBTYPES
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -316,6 +318,53 @@ def load_mask_pair(
     return sitk.GetArrayFromImage(p), sitk.GetArrayFromImage(r), (z, y, x)
 
 
+#: Float masks hold labels like 1.0000152587890625: evaluate and report accept what clean accepts
+#: (``clean.label_tolerance``); this is its default, for callers without a config.
+DEFAULT_LABEL_TOLERANCE: float = CleanConfig.model_fields["label_tolerance"].default
+
+
+def _integer_valued(values: np.ndarray, path: Path, tolerance: float) -> np.ndarray:
+    """A float mask's values rounded, if every one is within ``tolerance`` of an integer."""
+    if not np.isfinite(values).all():
+        raise DataError(f"{path}: NaN/Inf label values; replace the mask")
+    rounded = np.rint(values)
+    off = np.abs(values - rounded) > tolerance
+    if off.any():
+        shown = ", ".join(f"{v:.6g}" for v in np.unique(values[off])[:5])
+        raise DataError(f"{path}: label values like {shown} are not integers (beyond clean.label_tolerance = "
+                        f"{tolerance:g}); the mask looks interpolated: re-export it with nearest-neighbour "
+                        "resampling")
+    return rounded
+
+
+def as_labels(values: np.ndarray, path: Path, settings: EvaluateConfig,
+              label_tolerance: float = DEFAULT_LABEL_TOLERANCE) -> np.ndarray:
+    """``values`` as labels 0/1/2 (uint8) through ``evaluate.label_map``; others are an error or background.
+
+    Every check runs on the values as stored, before any cast: a cast would round 0.5 to 0 and wrap
+    int32 65537 to 1. Float masks may hold labels like 1.0000152587890625 (within ``clean.label_tolerance``
+    of an integer, as clean accepts them). Scoring any value > 0 as pancreas would turn a multi-organ
+    mask into a plausible-looking result.
+    """
+    if np.issubdtype(values.dtype, np.floating):
+        values = _integer_valued(values, path, label_tolerance)
+    elif not np.issubdtype(values.dtype, np.integer):
+        raise DataError(f"{path}: label values of type {values.dtype}; masks hold integer labels 0/1/2")
+    if not settings.label_map and 0 <= values.min() and values.max() <= 2:
+        return values.astype(np.uint8)  # the usual case, without np.unique's sort of the whole volume
+    mapping = kept_labels(settings.label_map)
+    unknown = [int(v) for v in np.unique(values) if int(v) not in mapping]
+    if unknown and settings.unknown_labels == "error":
+        shown = ", ".join(map(str, unknown[:10])) + (f", ... ({len(unknown)} values)" if len(unknown) > 10 else "")
+        raise DataError(f"{path}: label values {shown} are not among {sorted(mapping)}; map them with "
+                        "evaluate.label_map (e.g. --set 'evaluate.label_map={7: 1}' for TotalSegmentator's "
+                        "pancreas) or set evaluate.unknown_labels: background")
+    out = np.zeros(values.shape, dtype=np.uint8)
+    for source, target in mapping.items():
+        out[values == source] = target
+    return out
+
+
 # --------------------------------------------------------------------------- classification
 
 
@@ -342,7 +391,7 @@ class ClassificationMetrics:
 
 
 def classification_metrics(
-    y_true: Sequence[int], y_pred: Sequence[int | None], labels: Sequence[int] = (0, 1, 2)
+    y_true: Sequence[int], y_pred: Sequence[int | None], labels: Sequence[int] = SUBTYPES
 ) -> ClassificationMetrics:
     """Accuracy, per-class precision/recall/F1, macro F1 and confusion matrix.
 

@@ -15,7 +15,6 @@ A project on read-only storage is used as it is: no project lock, nnU-Net's log 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -29,34 +28,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from pancreas_cli import locks
+from pancreas_cli import layout, locks
 from pancreas_cli.config import Config
 from pancreas_cli.console import count
+from pancreas_cli.devices import find_device
 from pancreas_cli.dicom import choose_series, series_ids
-from pancreas_cli.exceptions import DataError, OutputExistsError, PancsegError
-from pancreas_cli.imageio import (PARTIAL_PREFIX, ct_value_problem, image_extension, image_stem, read_image,
-                                  sweep_partials, verify_image, write_image, write_text)
+from pancreas_cli.exceptions import DataError, OutputExistsError, PredictError
+from pancreas_cli.imageio import (PARTIAL_PREFIX, ct_value_problem, image_extension, read_image,
+                                  sweep_partials, verify_image, write_image)
 from pancreas_cli.inference.pipeline import Finished, run_overlapped
 from pancreas_cli.inference.reading import nnunet_input, reads_like_simpleitk
 from pancreas_cli.inference.window import WindowStats
 from pancreas_cli.logcapture import redirect_output
 from pancreas_cli.nnunet_env import setup_nnunet_env
-from pancreas_cli.preprocess import read_state
-from pancreas_cli.train import TRAINERS
+from pancreas_cli.records import SIDECAR_DIR, read_record, subtype_probabilities, write_record
+from pancreas_cli.subtypes import case_id, image_name, subtype_of, write_predictions
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
     import torch
 
-SIDECAR_DIR = ".pancseg"  # per-case record: the model that wrote the mask, and its class probabilities
 NOT_PANCSEG = "not written by pancseg predict"
 INTERRUPTED = "interrupted while being replaced"
 DAMAGED = "not a complete image"  # cut short (a full disk, an interrupted copy): predicted again
 UNREADABLE = "its record is unreadable or from an older pancseg"
-
-
-class PredictError(PancsegError):
-    """The model or the input cannot be used for prediction."""
 
 
 class CaseReporter(Protocol):
@@ -176,8 +171,7 @@ def _dicom_case(folder: Path, series: str | None, warn: Callable[[str], None]) -
 
 
 def _case_name(path: Path) -> str:
-    stem = image_stem(path)
-    return _checked_name(stem[:-5] if stem.endswith("_0000") else stem, path)
+    return _checked_name(case_id(path.name), path)
 
 
 def _checked_name(case: str, source: Path) -> str:
@@ -188,18 +182,6 @@ def _checked_name(case: str, source: Path) -> str:
     return case
 
 
-def model_folder(config: Config) -> Path:
-    """The nnU-Net results folder of the configured task, plans and configuration."""
-    state = read_state(config.dataset_preprocessed_dir)
-    if state is None:
-        raise PredictError(f"{config.dataset_preprocessed_dir}: no finished preprocessing (never run, or "
-                           "interrupted), so the model cannot be found; run `pancseg preprocess` (and `pancseg "
-                           "train` if no model was trained yet)")
-    plans = state["plans_identifier"]
-    name = f"{TRAINERS[config.train.task]}__{plans}__{config.plan.configuration}"
-    return config.results_dir / config.dataset.folder_name / name
-
-
 def _resolve_folds(model_dir: Path, requested: list[int] | None, checkpoint: str,
                    warn: Callable[[str], None], training: Callable[[int], list[str]]) -> list[int]:
     """The folds to ensemble: those asked for, else every fold whose training finished.
@@ -208,13 +190,12 @@ def _resolve_folds(model_dir: Path, requested: list[int] | None, checkpoint: str
     command for (a finished fold trained further keeps its old final checkpoint meanwhile); their
     checkpoint_best.pth is used only when asked for by number, with a warning.
     """
-    available = sorted(int(p.name[5:]) for p in model_dir.glob("fold_*")
-                       if p.name[5:].isdigit() and (p / checkpoint).is_file())
+    available = layout.folds_with(model_dir, checkpoint)
     if not available:
         raise PredictError(f"{model_dir}: no fold has {checkpoint}; train first (`pancseg train --fold 0`)")
     running = {f: holders for f in available if (holders := training(f))}
-    finished = [f for f in available
-                if (model_dir / f"fold_{f}" / "checkpoint_final.pth").is_file() and f not in running]
+    final = layout.folds_with(model_dir, layout.CHECKPOINT_FINAL)
+    finished = [f for f in available if f in final and f not in running]
     unfinished = [f for f in available if f not in finished]
     if requested:
         missing = [f for f in requested if f not in available]
@@ -238,21 +219,14 @@ def _resolve_folds(model_dir: Path, requested: list[int] | None, checkpoint: str
 
 
 def _device(requested: str, warn: Callable[[str], None]) -> torch.device:
+    """The device to predict on: ``auto`` without a GPU is the CPU, with a warning."""
     import torch
 
-    from pancreas_cli.exceptions import TrainError
-    from pancreas_cli.train import resolve_device
-
-    if requested == "auto":
-        try:
-            return resolve_device("auto")
-        except TrainError:
-            warn("no GPU found: predicting on the CPU (slow; --fast skips test-time mirroring)")
-            return torch.device("cpu")
-    try:
-        return resolve_device(requested)
-    except TrainError as exc:
-        raise PredictError(str(exc)) from exc
+    device = find_device(requested)
+    if device is None:
+        warn("no GPU found: predicting on the CPU (slow; --fast skips test-time mirroring)")
+        return torch.device("cpu")
+    return device
 
 
 def _read_input(case: InputCase) -> sitk.Image:
@@ -279,7 +253,7 @@ def _as_nifti(case: InputCase, image: sitk.Image, scratch: Path) -> Path:
     if not case.dicom and image_extension(case.source) == ".nii.gz":
         return case.source
     scratch.mkdir(parents=True, exist_ok=True)
-    target = scratch / f"{case.case}_0000.nii.gz"
+    target = scratch / image_name(case.case)
     write_image(image, target)
     return target
 
@@ -287,7 +261,7 @@ def _as_nifti(case: InputCase, image: sitk.Image, scratch: Path) -> Path:
 def model_stamp(model_dir: Path, folds: list[int], checkpoint_name: str, tile_step_size: float,
                 mirroring: bool, engine: str = "nnunet") -> dict[str, Any]:
     """What decides a prediction: the model folder, its checkpoints as they are now, and the settings."""
-    checkpoints = [model_dir / f"fold_{fold}" / checkpoint_name for fold in folds]
+    checkpoints = [layout.fold_folder(model_dir, fold) / checkpoint_name for fold in folds]
     return {"model": str(model_dir.resolve()), "folds": folds, "checkpoint": checkpoint_name,
             "checkpoint_files": [[p.stat().st_size, p.stat().st_mtime_ns] for p in checkpoints],
             "tile_step_size": tile_step_size, "mirroring": mirroring, "engine": engine}
@@ -298,18 +272,6 @@ def engine_stamp(settings: Any) -> str:
     if settings.engine == "nnunet":
         return "nnunet"
     return f"pancseg region={settings.region_margin_mm:g}mm" if settings.region else "pancseg"
-
-
-def _record(out_dir: Path, case: str) -> dict[str, Any] | None:
-    """The case's record; None if there is none, {} if it cannot be read (hand-edited, truncated)."""
-    path = out_dir / SIDECAR_DIR / f"{case}.json"
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return record if isinstance(record, dict) else {}
 
 
 def source_stamp(case: InputCase) -> list[Any]:
@@ -338,7 +300,7 @@ def _outdated(out_dir: Path, case: InputCase, record: dict[str, Any] | None, sta
     if record.get("pending"):
         return INTERRUPTED
     written = record.get("model")
-    if not isinstance(written, dict) or (multitask and _probabilities(record) is None):
+    if not isinstance(written, dict) or (multitask and subtype_probabilities(record) is None):
         return UNREADABLE
     for key, why in (("model", "another model"), ("folds", "other folds"), ("checkpoint", "another checkpoint"),
                      ("checkpoint_files", "the checkpoint changed since (retrained?)"),
@@ -381,7 +343,7 @@ def _check_output(out_dir: Path, cases: list[InputCase], stamp: dict[str, Any], 
                   replacing: bool) -> None:
     """Refuses masks that may not be replaced (:func:`_refuse_conflicts`), reading only: predict runs it
     before it takes the output folder's lock, so that a refused predict leaves nothing behind."""
-    outdated = {c.case: _outdated(out_dir, c, _record(out_dir, c.case), stamp, multitask) for c in cases}
+    outdated = {c.case: _outdated(out_dir, c, read_record(out_dir, c.case), stamp, multitask) for c in cases}
     _refuse_conflicts(out_dir, outdated, replacing=replacing)
 
 
@@ -405,18 +367,8 @@ def _refuse_conflicts(out_dir: Path, outdated: dict[str, str | None], *, replaci
         )
 
 
-def _subtype(probabilities: list[float] | None) -> int | None:
-    return None if probabilities is None else max(range(3), key=lambda i: probabilities[i])
-
-
-def _probabilities(record: dict[str, Any] | None) -> list[float] | None:
-    """The record's three class probabilities, or None where they are missing or not three numbers."""
-    values = (record or {}).get("probabilities")
-    if not isinstance(values, list) or len(values) != 3:
-        return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-        return None
-    return [float(v) for v in values]
+def _subtype(found: list[float] | None) -> int | None:
+    return None if found is None else subtype_of(found)
 
 
 def rebuild_csvs(out_dir: Path, model: dict[str, Any] | None = None) -> Path:
@@ -428,19 +380,15 @@ def rebuild_csvs(out_dir: Path, model: dict[str, Any] | None = None) -> Path:
     after each case and at the end, so that a killed run or a retrained model cannot leave rows that
     disagree with the masks. Other commands may call it on an output folder too (cheap: small files).
     """
-    rows = []
+    rows: dict[str, list[float]] = {}
     for path in sorted((out_dir / SIDECAR_DIR).glob("*.json")):
         case = path.stem
-        record = _record(out_dir, case) or {}
-        probabilities = _probabilities(record)
-        if (probabilities is not None and not record.get("pending") and (out_dir / f"{case}.nii.gz").is_file()
+        record = read_record(out_dir, case) or {}
+        found = subtype_probabilities(record)
+        if (found is not None and not record.get("pending") and (out_dir / f"{case}.nii.gz").is_file()
                 and (model is None or record.get("model") == model)):
-            rows.append((case, probabilities))
-    results = out_dir / "subtype_results.csv"
-    write_text("Names,Subtype\n" + "".join(f"{c}.nii.gz,{_subtype(p)}\n" for c, p in rows), results)
-    write_text("Names,p0,p1,p2\n" + "".join(f"{c}.nii.gz," + ",".join(f"{v:.6f}" for v in p) + "\n"
-                                            for c, p in rows), out_dir / "subtype_probabilities.csv")
-    return results
+            rows[case] = found
+    return write_predictions(out_dir, rows)
 
 
 def sweep_leftovers(out_dir: Path) -> None:
@@ -465,13 +413,13 @@ def project_writable(project_dir: Path) -> bool:
     """Whether predict may write its lock and log into the project. A model on read-only storage (or
     another user's) may not be: it is used without a project lock (this user cannot preprocess it
     meanwhile either) and nnU-Net's log goes to the output folder (:func:`predict_log`)."""
-    folders = (project_dir, project_dir / locks.LOCK_DIR, project_dir / "logs")
+    folders = (project_dir, project_dir / locks.LOCK_DIR, project_dir / layout.LOGS_DIR)
     return all(os.access(p, os.W_OK | os.X_OK) for p in folders if p.is_dir())
 
 
 def predict_log(project_dir: Path, out_dir: Path, writable: bool) -> Path:
     """Where nnU-Net's output and the tracebacks of failed cases go: the project's logs, else the output folder."""
-    return project_dir / "logs" / "predict.log" if writable else out_dir / SIDECAR_DIR / "predict.log"
+    return layout.log_file(project_dir, "predict.log") if writable else out_dir / SIDECAR_DIR / "predict.log"
 
 
 def predict(
@@ -499,14 +447,14 @@ def predict(
     not only what nnU-Net's hold (see :mod:`pancreas_cli.checkpoints`).
     """
     settings = config.predict
-    checkpoint_name = f"checkpoint_{checkpoint or settings.checkpoint}.pth"
+    checkpoint_name = layout.checkpoint_name(checkpoint or settings.checkpoint)
     cases = _checked_inputs(input_path, out_dir, series, warn)
     writable = project_writable(config.project_dir)
     with contextlib.ExitStack() as held:
         if writable:  # no preprocess meanwhile (a read-only project cannot be preprocessed by us anyway)
             held.enter_context(locks.project(config.project_dir, shared=True))
-        model_dir = model_folder(config)
-        trainer = TRAINERS[config.train.task]
+        model_dir = layout.model_folder(config)
+        trainer = layout.TRAINERS[config.train.task]
         folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn,
                                lambda fold: locks.fold_holders(config.project_dir, trainer, fold))
         device = _device(settings.device, warn)
@@ -520,7 +468,7 @@ def predict(
         # beside the folder); another predict may have finished meanwhile, so the checks are repeated.
         held.enter_context(locks.output_folder(out_dir))
         sweep_leftovers(out_dir)  # what a killed run left: no living run owns it now
-        records = {c.case: _record(out_dir, c.case) for c in cases}
+        records = {c.case: read_record(out_dir, c.case) for c in cases}
         todo = _cases_to_predict(out_dir, cases, records, stamp, multitask, overwrite=overwrite,
                                  replace_outdated=replace_outdated, warn=warn)
         log_file = predict_log(config.project_dir, out_dir, writable)
@@ -529,9 +477,9 @@ def predict(
         _rebuild(out_dir, stamp, multitask)  # a killed run's CSVs may disagree with its masks
         for case in cases:
             if case not in todo:
-                probabilities = _probabilities(records[case.case])
-                result.outcomes.append(CaseOutcome(case.case, case.source, "skipped", subtype=_subtype(probabilities),
-                                                   probabilities=probabilities))
+                found = subtype_probabilities(records[case.case])
+                result.outcomes.append(CaseOutcome(case.case, case.source, "skipped", subtype=_subtype(found),
+                                                   probabilities=found))
         if todo:
             _predict_cases(config, result, todo, stamp, device, log_file, reporter, warn, trust_model)
         result.subtype_csv = _rebuild(out_dir, stamp, multitask)
@@ -567,7 +515,7 @@ def _cases_to_predict(out_dir: Path, cases: list[InputCase], records: dict[str, 
     _refuse_conflicts(out_dir, outdated, replacing=overwrite or replace_outdated)
     for case, why in damaged.items():
         warn(f"{out_dir / case}.nii.gz is {DAMAGED} ({why}): predicting it again")
-        write_text(json.dumps({**(records[case] or {}), "pending": True}), out_dir / SIDECAR_DIR / f"{case}.json")
+        write_record(out_dir, case, {**(records[case] or {}), "pending": True})
     return [c for c in cases if overwrite or outdated[c.case] is not None]
 
 
@@ -762,10 +710,9 @@ class _CaseRunner:
         record = {"case": case.case, "source": str(case.source), "source_stamp": done["scan"],
                   "probabilities": done["probabilities"], "model": self.stamp,
                   **({"series": case.series} if case.dicom else {})}
-        sidecar = self.out_dir / SIDECAR_DIR / f"{case.case}.json"
-        write_text(json.dumps({**record, "pending": True}), sidecar)
+        write_record(self.out_dir, case.case, {**record, "pending": True})
         os.replace(f"{partial}.nii.gz", self.out_dir / f"{case.case}.nii.gz")
-        write_text(json.dumps(record), sidecar)
+        write_record(self.out_dir, case.case, record)
 
 
 def _not_ct(case: InputCase, image: sitk.Image, hu_range: tuple[float, float]) -> list[str]:

@@ -9,7 +9,6 @@ idempotent and lets a changed source be detected.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -20,13 +19,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pancreas_cli.config import Config, DatasetConfig, project_overlap
-from pancreas_cli.exceptions import DataError, OutputExistsError, PrepareError
+from pancreas_cli.exceptions import DataError, OutputExistsError, PrepareError, SubtypeConflictError
 from pancreas_cli.imageio import image_extension, image_stem, link_or_copy, read_image, write_image, write_text
 from pancreas_cli.locks import project_stage, writing
+from pancreas_cli.subtypes import (CASE_SUBTYPES_NAME, SUBTYPES, case_id, image_name, is_image, one_per_case,
+                                   render_case_subtypes, subtype_cells, subtype_value)
+from pancreas_cli.tables import read_table
 
 Split = Literal["train", "validation", "test"]
 RECORD_NAME = "pancseg_prepare.json"
-SUBTYPES = (0, 1, 2)
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -78,14 +79,11 @@ class PrepareResult:
 # Discovering cases in the three layouts
 
 
-def _parse_subtype(value: object, where: str) -> int:
+def _parse_subtype(value: str, where: str) -> int:
     try:
-        number = float(str(value).strip())
+        return subtype_value(value)
     except ValueError:
-        number = float("nan")
-    if number not in SUBTYPES:
-        raise PrepareError(f"{where}: unknown subtype {value!r}; subtypes must be 0, 1 or 2")
-    return int(number)
+        raise PrepareError(f"{where}: unknown subtype {value!r}; subtypes must be 0, 1 or 2") from None
 
 
 def _check_link(path: Path, where: str = "") -> None:
@@ -104,10 +102,6 @@ def _images_in(folder: Path) -> list[Path]:
             if path.is_file():
                 found.append(path)
     return found
-
-
-def _strip_channel(stem: str) -> str:
-    return stem[:-5] if stem.endswith("_0000") else stem
 
 
 def _quiz_cases(source: Path) -> list[SourceCase]:
@@ -133,39 +127,38 @@ def _quiz_cases(source: Path) -> list[SourceCase]:
             twice = sorted(s for s, n in stems.items() if n > 1)
             if twice:
                 raise PrepareError(f"{sub_dir}: {twice[0]} exists in several formats; keep one file per case")
-            images = {_strip_channel(image_stem(p)): p for p in files if image_stem(p).endswith("_0000")}
-            masks = {image_stem(p): p for p in files if not image_stem(p).endswith("_0000")}
-            for case_id, mask in masks.items():
-                if case_id not in images:
+            images = {case_id(p.name): p for p in files if is_image(p.name)}
+            masks = {image_stem(p): p for p in files if not is_image(p.name)}
+            for case, mask in masks.items():
+                if case not in images:
                     raise PrepareError(
-                        f"{mask}: mask without image; expected {sub_dir / (case_id + '_0000.nii.gz')}"
+                        f"{mask}: mask without image; expected {sub_dir / image_name(case)}"
                     )
-                cases.append(SourceCase(case_id, split, images[case_id], mask, subtype))  # type: ignore[arg-type]
-            for case_id, image in images.items():
-                if case_id not in masks:
-                    raise PrepareError(f"{image}: image without mask; expected {sub_dir / (case_id + '.nii.gz')}")
+                cases.append(SourceCase(case, split, images[case], mask, subtype))  # type: ignore[arg-type]
+            for case, image in images.items():
+                if case not in masks:
+                    raise PrepareError(f"{image}: image without mask; expected {sub_dir / f'{case}.nii.gz'}")
     test_dir = source / "test"
     if test_dir.is_dir():
-        cases += [SourceCase(_strip_channel(image_stem(p)), "test", p) for p in _images_in(test_dir)]
+        cases += [SourceCase(case_id(p.name), "test", p) for p in _images_in(test_dir)]
     if not any(c.split != "test" for c in cases) and not (source / "train").is_dir():
         raise PrepareError(
             f"{source}: no train/ folder; the quiz layout is train|validation/subtypeK/<case>.nii.gz "
-            "with <case>_0000.nii.gz images (set dataset.layout for other layouts)"
+            f"with {image_name('<case>')} images (set dataset.layout for other layouts)"
         )
     return cases
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """(line, row) of each row of ``path``, column names and cells stripped."""
     try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            missing = [c for c in required if c not in header]
-            if missing:
-                raise PrepareError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(required)}")
-            return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        table = read_table(path)
+    except (OSError, ValueError) as exc:
         raise PrepareError(f"{path}: cannot read CSV ({exc})") from exc
+    missing = [c for c in required if c not in [h.strip() for h in table.header]]
+    if missing:
+        raise PrepareError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(required)}")
+    return [(line, {k.strip(): v.strip() for k, v in row.items()}) for line, row in table.records()]
 
 
 def _seed_cases(source: Path, subtypes_csv: Path) -> list[SourceCase]:
@@ -182,47 +175,51 @@ def _seed_cases(source: Path, subtypes_csv: Path) -> list[SourceCase]:
     masks = {mask_key(image_stem(p)): p for p in _images_in(labels_dir)}
     cases: list[SourceCase] = []
     for image in _images_in(images_dir):
-        case_id = _strip_channel(image_stem(image))
-        mask = masks.pop(case_id, None)
+        case = case_id(image.name)
+        mask = masks.pop(case, None)
         if mask is None:
-            raise PrepareError(f"{image}: image without mask; expected {labels_dir}/mask{case_id[3:]}.nii.gz")
-        rows = [subtypes[key] for key in (case_id, image_stem(mask)) if key in subtypes]
+            raise PrepareError(f"{image}: image without mask; expected {labels_dir}/mask{case[3:]}.nii.gz")
+        rows = [subtypes[key] for key in (case, image_stem(mask)) if key in subtypes]
         if not rows:
-            raise PrepareError(f"{subtypes_csv}: no subtype for case {case_id}; add a row '{case_id},<0|1|2>'")
+            raise PrepareError(f"{subtypes_csv}: no subtype for case {case}; add a row '{case},<0|1|2>'")
         if len({value for value, _ in rows}) > 1:
-            (a, line_a), (b, line_b) = rows
-            raise PrepareError(f"{subtypes_csv}: case {case_id} has subtype {a} on line {line_a} and {b} on "
-                               f"line {line_b} (as {image_stem(mask)}); keep one")
-        subtype = rows[0][0]
-        cases.append(SourceCase(case_id, "train", image, mask, subtype))
+            raise PrepareError(_conflict(subtypes_csv, case, *rows, f" (as {image_stem(mask)}); keep one"))
+        cases.append(SourceCase(case, "train", image, mask, rows[0][0]))
     if masks:
         orphan = next(iter(masks.values()))
         raise PrepareError(f"{orphan}: mask without image in {images_dir}")
     if (source / "imagesTs").is_dir():
-        cases += [SourceCase(_strip_channel(image_stem(p)), "test", p) for p in _images_in(source / "imagesTs")]
+        cases += [SourceCase(case_id(p.name), "test", p) for p in _images_in(source / "imagesTs")]
     return cases
 
 
 def _subtype_rows(path: Path) -> dict[str, tuple[int, int]]:
-    """Case id -> (subtype, line) of a ``case_id,subtype`` CSV. A case listed twice with one subtype
-    passes; with two it is an error (last-wins would quietly change a training label)."""
-    subtypes: dict[str, tuple[int, int]] = {}
-    for line, row in enumerate(_read_csv(path, ("case_id", "subtype")), start=2):
-        if not row["case_id"]:
-            continue
-        value = _parse_subtype(row["subtype"], f"{path}, line {line}, case {row['case_id']}")
-        first, first_line = subtypes.setdefault(row["case_id"], (value, line))
-        if first != value:
-            raise PrepareError(f"{path}: case {row['case_id']} has subtype {first} on line {first_line} and "
-                               f"{value} on line {line}; keep one row per case")
-    return subtypes
+    """Case id -> (subtype, line) of the seed layout's subtype CSV, read and checked as every subtype CSV
+    (:mod:`pancreas_cli.subtypes`): two rows that give a case two subtypes are an error."""
+    try:
+        rows = [(line, case, _parse_subtype(text.strip(), f"{path}, line {line}, case {case}"))
+                for line, case, text in subtype_cells(path)]
+        return one_per_case(path, rows)
+    except SubtypeConflictError as exc:
+        raise PrepareError(_conflict(path, exc.case, exc.first, exc.second, "; keep one row per case")) \
+            from None
+    except PrepareError:
+        raise
+    except DataError as exc:
+        raise PrepareError(str(exc)) from exc
+
+
+def _conflict(path: Path, case: str, first: tuple[int, int], second: tuple[int, int], fix: str) -> str:
+    """Two rows that give ``case`` two subtypes: (subtype, line) each."""
+    return (f"{path}: case {case} has subtype {first[0]} on line {first[1]} and {second[0]} on line "
+            f"{second[1]}{fix}")
 
 
 def _manifest_cases(manifest: Path) -> list[SourceCase]:
     """CSV ``case_id,image,mask,subtype,split``; relative paths are relative to the CSV. A case listed
     twice the same way passes; two different rows for a case are an error naming both lines."""
     cases: dict[str, tuple[SourceCase, int]] = {}
-    for line, row in enumerate(_read_csv(manifest, ("case_id", "image", "mask", "subtype", "split")), start=2):
+    for line, row in _read_csv(manifest, ("case_id", "image", "mask", "subtype", "split")):
         case = _manifest_case(manifest, line, row)
         first, first_line = cases.setdefault(case.case_id, (case, line))
         if first != case:
@@ -421,7 +418,7 @@ def prepared_files(config: Config, cases: list[SourceCase]) -> dict[str, str]:
     return {
         "dataset.json": json.dumps(dataset_json(config, len(labelled)), indent=2),
         "splits_final.json": json.dumps(splits, indent=2),
-        "subtypes.csv": "case_id,subtype\n" + "".join(f"{c.case_id},{c.subtype}\n" for c in labelled),
+        CASE_SUBTYPES_NAME: render_case_subtypes((c.case_id, c.subtype) for c in labelled),
     }
 
 
@@ -488,10 +485,10 @@ def _build(tmp: Path, cases: list[SourceCase], files: dict[str, str], record: di
     converted = 0
     for case in cases:
         if case.split == "test":
-            converted += _place(case.image, tmp / "imagesTs" / f"{case.case_id}_0000.nii.gz")
+            converted += _place(case.image, tmp / "imagesTs" / image_name(case.case_id))
             continue
         assert case.mask is not None  # discover_cases guarantees labelled cases have masks
-        converted += _place(case.image, tmp / "imagesTr" / f"{case.case_id}_0000.nii.gz")
+        converted += _place(case.image, tmp / "imagesTr" / image_name(case.case_id))
         converted += _place(case.mask, tmp / "labelsTr" / f"{case.case_id}.nii.gz", copy=True)
     (tmp / "imagesTs").mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
@@ -528,39 +525,11 @@ def _complete(dataset_dir: Path, cases: list[SourceCase]) -> bool:
     expected = []
     for c in cases:
         if c.split == "test":
-            expected.append(dataset_dir / "imagesTs" / f"{c.case_id}_0000.nii.gz")
+            expected.append(dataset_dir / "imagesTs" / image_name(c.case_id))
         else:
-            expected += [dataset_dir / "imagesTr" / f"{c.case_id}_0000.nii.gz", dataset_dir / "labelsTr" / f"{c.case_id}.nii.gz"]
+            expected += [dataset_dir / "imagesTr" / image_name(c.case_id),
+                         dataset_dir / "labelsTr" / f"{c.case_id}.nii.gz"]
     return all(p.is_file() for p in expected)
-
-
-def read_prepared(dataset_dir: Path) -> dict[str, Any]:
-    """``dataset.json``, after checking that it and ``splits_final.json`` are what prepare writes (a
-    truncated file would otherwise surface as nnU-Net's JSONDecodeError)."""
-    data = _read_json(dataset_dir / "dataset.json")
-    required = {"channel_names", "labels", "numTraining", "file_ending"}
-    if not isinstance(data, dict) or not required <= data.keys():
-        raise PrepareError(_damaged(dataset_dir / "dataset.json", "not an nnU-Net dataset.json"))
-    splits = _read_json(dataset_dir / "splits_final.json")
-    folds_ok = all(isinstance(f, dict) and isinstance(f.get("train"), list) and isinstance(f.get("val"), list)
-                   for f in splits) if isinstance(splits, list) else False
-    if not splits or not folds_ok:
-        raise PrepareError(_damaged(dataset_dir / "splits_final.json", "not a list of train/val folds"))
-    return data
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise PrepareError(_damaged(path, "missing")) from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PrepareError(_damaged(path, f"not valid JSON: {exc}")) from exc
-
-
-def _damaged(path: Path, why: str) -> str:
-    return (f"{path}: damaged ({why}); run `pancseg prepare` to write it again "
-            "(or `pancseg prepare --force` to rebuild the dataset)")
 
 
 def _load_record(dataset_dir: Path) -> dict[str, Any] | None:

@@ -18,15 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pancreas_cli import layout
 from pancreas_cli.config import Config
 from pancreas_cli.exceptions import PreprocessError
 from pancreas_cli.imageio import sweep_partials, write_text
 from pancreas_cli.locks import project_stage, writing
 from pancreas_cli.logcapture import redirect_output, tail
 from pancreas_cli.nnunet_env import nnunet_worker_pools, scoped_env, setup_nnunet_env
-from pancreas_cli.prepare import read_prepared
+from pancreas_cli.subtypes import CHANNEL
 
-STATE_NAME = "pancseg_preprocess.json"
 SMOKE_CONFIGURATION = "3d_smoke"
 #: The smoke network: 4 stages, one block each, small features, batch 2, patch at most this (z, y, x).
 SMOKE_FEATURES = (8, 16, 32, 64)
@@ -134,21 +134,6 @@ def _summaries(plans_file: Path, dataset_json: dict[str, Any], configurations: t
     return out
 
 
-def read_state(out_dir: Path) -> dict[str, Any] | None:
-    """What preprocess recorded it did in ``out_dir``; None if nothing, PreprocessError if unreadable."""
-    path = out_dir / STATE_NAME
-    if not path.is_file():
-        return None
-    problem = f"{path}: unreadable (edited or cut short?); run `pancseg preprocess --force` to preprocess again"
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PreprocessError(problem) from exc
-    if not isinstance(state, dict) or not {"state", "plans_identifier", "configuration", "data_identifier"} <= set(state):
-        raise PreprocessError(problem)
-    return state
-
-
 def _mark_pending(out_dir: Path) -> None:
     """Mark the state of the last preprocessing as being redone, before nnU-Net overwrites its files.
 
@@ -157,12 +142,12 @@ def _mark_pending(out_dir: Path) -> None:
     leaves that model usable. A pending state is never up to date, and train refuses it.
     """
     try:
-        saved = read_state(out_dir)
+        saved = layout.read_state(out_dir)
     except PreprocessError:  # unreadable: it names nothing usable
-        (out_dir / STATE_NAME).unlink(missing_ok=True)
+        (out_dir / layout.STATE_NAME).unlink(missing_ok=True)
         return
     if saved is not None and not saved.get("pending"):
-        write_text(json.dumps({**saved, "state": "", "pending": True}, indent=2), out_dir / STATE_NAME)
+        write_text(json.dumps({**saved, "state": "", "pending": True}, indent=2), out_dir / layout.STATE_NAME)
 
 
 def _replace_splits(dataset_dir: Path, out_dir: Path) -> None:
@@ -192,7 +177,7 @@ def _explain_failure(exc: BaseException, log_file: Path, dataset_dir: Path) -> s
     reason = errors[0] if errors else f"{type(exc).__name__}: {exc_text}" if exc_text else type(exc).__name__
     case_ids = {p.name[: -len(".nii.gz")] for p in (dataset_dir / "labelsTr").glob("*.nii.gz")}
     named = sorted({c for c in case_ids for line in [*errors, exc_text]
-                    if re.search(rf"\b{re.escape(c)}(_0000)?\.nii\.gz", line)})
+                    if re.search(rf"\b{re.escape(c)}({CHANNEL})?\.nii\.gz", line)})
     where = f" for case {', '.join(named[:5])}" if named else ""
     if errors or named:
         fix = "run `pancseg clean` (it repairs or names most data problems), then preprocess again"
@@ -212,14 +197,14 @@ def preprocess(config: Config, *, force: bool = False,
     dataset_dir = config.dataset_raw_dir
     if not (dataset_dir / "dataset.json").is_file():
         raise PreprocessError(f"{dataset_dir}: no prepared dataset; run `pancseg prepare` (and `pancseg clean`) first")
-    dataset_json = read_prepared(dataset_dir)  # a damaged file: one line, not nnU-Net's JSONDecodeError
+    dataset_json = layout.read_prepared(dataset_dir)  # damaged: one line, not nnU-Net's JSONDecodeError
     out_dir = config.dataset_preprocessed_dir
-    log_file = config.project_dir / "logs" / "preprocess.log"
-    state_file = out_dir / STATE_NAME
+    log_file = layout.log_file(config.project_dir, "preprocess.log")
+    state_file = out_dir / layout.STATE_NAME
     state = raw_state(config)
     configuration = config.plan.configuration
 
-    saved = None if force else read_state(out_dir)
+    saved = None if force else layout.read_state(out_dir)
     if saved is not None and not saved.get("pending"):
         plans_file = out_dir / f"{saved['plans_identifier']}.json"
         if saved.get("state") == state and plans_file.is_file() and (out_dir / saved["data_identifier"]).is_dir():

@@ -8,7 +8,6 @@ median and worst cases; and the run's provenance (config, versions, device, date
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import platform
@@ -21,9 +20,12 @@ from typing import Any
 import numpy as np
 
 from pancreas_cli.config import Config, dump_config
-from pancreas_cli.evaluate import PER_CASE_NAME, SUMMARY_NAME
+from pancreas_cli.evaluation import PER_CASE_NAME, SUMMARY_NAME, load_per_case, load_summary
 from pancreas_cli.exceptions import DataError, OutputExistsError
 from pancreas_cli.imageio import IMAGE_EXTENSIONS, atomic_target, publish, read_image, write_text
+from pancreas_cli.layout import METRICS_NAME, fold_folder, model_folder
+from pancreas_cli.multitask.history import REPORTED_COLUMNS, read_metrics
+from pancreas_cli.subtypes import image_name
 
 CT_WINDOW = (-150.0, 250.0)  # abdominal soft-tissue window (HU)
 _TITLE = "<title>pancseg report: "  # how a report is recognised before it is replaced
@@ -41,62 +43,9 @@ class ReportResult:
                 "summary": self.summary_lines, "notes": self.notes}
 
 
-def _read_table(path: Path, required: tuple[str, ...], fix: str) -> list[tuple[int, dict[str, str]]]:
-    """(line, row) of a CSV pancseg wrote, every row with exactly the header's cells."""
-    try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            header = reader.fieldnames or []
-            rows = [(reader.line_num, row) for row in reader]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: not a CSV table pancseg wrote ({exc}); {fix}") from exc
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise DataError(f"{path}: no column {missing[0]} (not written by this pancseg?); {fix}")
-    for line, row in rows:
-        if None in row or None in row.values():
-            cells = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
-            raise DataError(f"{path}, line {line}: a line pancseg did not write ({cells} cells, the header "
-                            f"has {len(header)}); {fix}")
-    return rows
-
-
-def _number(text: str) -> float:
-    """A cell as a float; ValueError for anything else (empty: NaN, not measured)."""
-    return float(text) if text.strip() else float("nan")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        _number(text)
-    except ValueError:
-        return False
-    return True
-
-
-#: The metrics.csv columns that report and run read (pancseg's trainer writes them, all numbers).
-TRAINING_COLUMNS = ("epoch", "dice_pancreas", "dice_lesion", "criterion", "best")
-
-
-def read_training_log(path: Path) -> list[dict[str, str]]:
-    """The rows of a fold's ``metrics.csv`` (written by pancseg's trainer), each checked.
-
-    A foreign line (an edit, another file appended) would otherwise end ``report`` and ``run`` in a
-    traceback, or make ``run`` misjudge how far the training got.
-    """
-    fix = "restore the file, or delete the lines pancseg's trainer did not write"
-    rows = _read_table(path, TRAINING_COLUMNS, fix)
-    for line, row in rows:
-        bad = next((k for k, v in row.items() if not _is_number(v)), None)
-        if bad is None and not row["epoch"].strip().isdigit():
-            bad = "epoch"
-        if bad is not None:
-            raise DataError(f"{path}, line {line}: not a training metrics row ({bad} = {row[bad]!r}); {fix}")
-    return [row for _, row in rows]
-
-
-def _floats(rows: list[dict[str, str]], key: str) -> np.ndarray:
-    return np.array([_number(r[key]) if r.get(key) is not None else np.nan for r in rows])
+def _floats(rows: list[dict[str, Any]], key: str) -> np.ndarray:
+    """Column ``key`` of metrics.csv or metrics_per_case.csv rows (numbers; NaN where not measured)."""
+    return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=np.float64)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -111,7 +60,7 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def training_figure(rows: list[dict[str, str]], path: Path) -> Path:
+def training_figure(rows: list[dict[str, Any]], path: Path) -> Path:
     """Losses, pseudo-Dice per structure, subtype F1/accuracy, learning rate and epoch time."""
     import matplotlib.pyplot as plt
 
@@ -139,8 +88,8 @@ def training_figure(rows: list[dict[str, str]], path: Path) -> Path:
     time_ax.plot(epochs, _floats(rows, "epoch_time_s"))
     time_ax.set_title("epoch time (s)")
     crit_ax.plot(epochs, _floats(rows, "criterion"), label="selection criterion")
-    best = [e for e, r in zip(epochs, rows) if r.get("best") == "1"]
-    crit_ax.plot(best, [_number(r["criterion"]) for r in rows if r.get("best") == "1"], "o", label="new best")
+    best = np.array([r.get("best") == 1 for r in rows], dtype=bool)
+    crit_ax.plot(epochs[best], _floats(rows, "criterion")[best], "o", label="new best")
     crit_ax.set_title("checkpoint selection")
     for ax in axes.flat:
         ax.set_xlabel("epoch")
@@ -149,7 +98,7 @@ def training_figure(rows: list[dict[str, str]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def distribution_figure(rows: list[dict[str, str]], path: Path) -> Path:
+def distribution_figure(rows: list[dict[str, Any]], path: Path) -> Path:
     """Per-case metric distributions (box plots with the cases as points)."""
     import matplotlib.pyplot as plt
 
@@ -185,10 +134,10 @@ def confusion_figure(matrix: list[list[int]], path: Path) -> Path:
 
 
 def _find_image(folder: Path, case: str) -> Path | None:
-    for name in (f"{case}_0000", case):
+    for stem in (image_name(case, extension=""), case):  # the CT's own name first
         for ext in IMAGE_EXTENSIONS:
-            if (folder / f"{name}{ext}").is_file():
-                return folder / f"{name}{ext}"
+            if (folder / f"{stem}{ext}").is_file():
+                return folder / f"{stem}{ext}"
     return None
 
 
@@ -213,8 +162,7 @@ def overlay_slice(title: str, case: str, paths: tuple[Path, Path, Path], config:
     """
     import SimpleITK as sitk
 
-    from pancreas_cli.evaluate import as_labels
-    from pancreas_cli.metrics import check_same_grid, read_label_image
+    from pancreas_cli.metrics import as_labels, check_same_grid, read_label_image
 
     ct_path, gt_path, pred_path = paths
     ct_image = read_image(ct_path, verify=True)
@@ -247,83 +195,6 @@ def overlay_figure(cases: list[OverlaySlice], path: Path) -> Path:
         ax.axis("off")
     fig.text(0.5, 0.01, "green: ground truth, red: prediction; solid: pancreas, dashed: lesion", ha="center")
     return _save(fig, path)
-
-
-_EVALUATE_AGAIN = "run `pancseg evaluate` again (with --force) to rewrite it"
-
-
-def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _segmentation_problem(summary: dict[str, Any]) -> str | None:
-    """What is wrong with the summary's segmentation statistics and targets (None: nothing)."""
-    for key, stats in summary["segmentation"].items():
-        keys = ("mean", "median", "ci95_low", "ci95_high")
-        values = [stats.get(k, "-") if isinstance(stats, dict) else "-" for k in keys]
-        if not all(v is None or _is_num(v) for v in values) or (values[2] is None) != (values[3] is None):
-            return f"segmentation.{key} is not mean, median, ci95_low and ci95_high"
-    for key, target in summary["targets"].items():
-        if not (isinstance(target, dict) and _is_num(target.get("target"))
-                and (target.get("value") is None or _is_num(target["value"]))
-                and target.get("passed", "-") in (True, False, None)):
-            return f"targets.{key} is not target, value and passed"
-    return None
-
-
-def _classification_problem(cls: Any, targets: dict[str, Any]) -> str | None:
-    """What is wrong with the summary's classification block (None: nothing)."""
-    if cls is None:
-        return None
-    if not isinstance(cls, dict) or not all(_is_num(cls.get(k)) for k in ("macro_f1", "accuracy")):
-        return "classification has no macro_f1 or accuracy"
-    if "macro_f1" not in targets:
-        return "no targets.macro_f1"
-    matrix = cls.get("confusion_matrix")
-    square = isinstance(matrix, list) and matrix and all(isinstance(row, list) and len(row) == len(matrix)
-                                                         for row in matrix)
-    if not square or not all(isinstance(v, int) for row in matrix for v in row):
-        return "classification.confusion_matrix is not a square table of counts"
-    scores = [cls.get(k) for k in ("precision", "recall", "f1")]
-    if not all(isinstance(d, dict) and d.keys() == scores[2].keys() and all(map(_is_num, d.values()))
-               for d in scores):
-        return "classification precision, recall and f1 are not scores per subtype"
-    return None
-
-
-def load_summary(path: Path) -> dict[str, Any]:
-    """``metrics_summary.json`` as ``pancseg evaluate`` wrote it, checked before anything is drawn."""
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: unreadable evaluation summary, cut short or edited ({exc}); "
-                        f"{_EVALUATE_AGAIN}") from exc
-    kinds = (("cases", int), ("nsd_definition", str), ("segmentation", dict), ("targets", dict))
-    why = "not a JSON object" if not isinstance(summary, dict) else next(
-        (f"no {k}" for k, kind in kinds if not isinstance(summary.get(k), kind)), None)
-    why = why or _segmentation_problem(summary) or _classification_problem(summary.get("classification"),
-                                                                           summary["targets"])
-    if why:
-        raise DataError(f"{path}: not an evaluation summary of this pancseg ({why}); {_EVALUATE_AGAIN}")
-    return summary
-
-
-def load_per_case(path: Path, summary_json: Path, cases: int) -> list[dict[str, str]]:
-    """``metrics_per_case.csv``, checked: evaluate's columns, numbers, and as many cases as its summary."""
-    from pancreas_cli.evaluate import PER_CASE_COLUMNS, PER_CASE_VALUES
-
-    rows = _read_table(path, PER_CASE_COLUMNS, _EVALUATE_AGAIN)
-    for line, row in rows:
-        bad = next((k for k in PER_CASE_VALUES if not _is_number(row[k])), None)
-        if bad is None and not np.isfinite(_number(row["dice_pancreas"])):
-            bad = "dice_pancreas"
-        if bad is not None or not row["case"].strip():
-            shown = f"{bad} = {row[bad]!r}" if bad else "no case"
-            raise DataError(f"{path}, line {line}: not a per-case metrics row ({shown}); {_EVALUATE_AGAIN}")
-    if len(rows) != cases:
-        raise DataError(f"{path} holds {len(rows)} case(s) but {summary_json} {cases}: they come from "
-                        f"different evaluations; {_EVALUATE_AGAIN}")
-    return [row for _, row in rows]
 
 
 def _versions() -> dict[str, str]:
@@ -407,20 +278,17 @@ class _Inputs:
     """Everything the report reads, read and checked before anything is drawn or written."""
 
     fold_dir: Path
-    training: list[dict[str, str]]
+    training: list[dict[str, float | int | None]]
     metrics_dir: Path | None
     summary: dict[str, Any] | None = None
-    per_case: list[dict[str, str]] = field(default_factory=list)
+    per_case: list[dict[str, Any]] = field(default_factory=list)
     overlays: list[OverlaySlice] = field(default_factory=list)
 
 
 def _read_inputs(config: Config, fold: int, pred_dir: Path | None, gt_dir: Path | None,
                  images_dir: Path | None, metrics_dir: Path | None) -> _Inputs:
-    from pancreas_cli.predict import model_folder
-
-    fold_dir = model_folder(config) / f"fold_{fold}"
-    metrics_csv = fold_dir / "metrics.csv"
-    inputs = _Inputs(fold_dir, read_training_log(metrics_csv) if metrics_csv.is_file() else [], metrics_dir)
+    fold_dir = fold_folder(model_folder(config), fold)
+    inputs = _Inputs(fold_dir, read_metrics(fold_dir / METRICS_NAME, required=REPORTED_COLUMNS), metrics_dir)
     summary_json = metrics_dir / SUMMARY_NAME if metrics_dir else None
     per_case_csv = metrics_dir / PER_CASE_NAME if metrics_dir else None
     if not (summary_json and summary_json.is_file() and per_case_csv and per_case_csv.is_file()):
@@ -429,14 +297,14 @@ def _read_inputs(config: Config, fold: int, pred_dir: Path | None, gt_dir: Path 
     inputs.per_case = load_per_case(per_case_csv, summary_json, inputs.summary["cases"])
     # Overlays: best, median and worst by whole-pancreas Dice; each case once (with two cases the
     # median is the best one).
-    ranked = sorted(inputs.per_case, key=lambda r: float(r["dice_pancreas"]))
+    ranked = sorted(inputs.per_case, key=lambda r: r["dice_pancreas"])
     picks = {0: "worst", len(ranked) // 2: "median", len(ranked) - 1: "best"} if ranked else {}
     for index, title in sorted(picks.items()):
         row = ranked[index]
         case = row["case"]
         paths = [_find_image(folder, case) if folder else None for folder in (images_dir, gt_dir, pred_dir)]
         if all(paths):
-            inputs.overlays.append(overlay_slice(f"{title} (Dice {float(row['dice_pancreas']):.3f})", case,
+            inputs.overlays.append(overlay_slice(f"{title} (Dice {row['dice_pancreas']:.3f})", case,
                                                  tuple(paths), config))  # type: ignore[arg-type]
     return inputs
 
@@ -448,10 +316,10 @@ def _training_section(inputs: _Inputs, fold: int, png: Path, result: ReportResul
         return [f"<p class='note'>No metrics.csv in {html.escape(str(fold_dir))}: run "
                 f"<code>pancseg train --fold {fold}</code>.</p>"]
     result.pngs.append(training_figure(rows, png))
-    last = rows[-1]
+    last = {key: "-" if value is None else f"{value:.6g}" for key, value in rows[-1].items()}  # as written
     result.summary_lines.append(
-        f"training: {len(rows)} epochs; last validation pseudo-Dice pancreas {last['dice_pancreas'] or '-'}, "
-        f"lesion {last['dice_lesion'] or '-'}, macro-F1 {last.get('val_macro_f1') or '-'}")
+        f"training: {len(rows)} epochs; last validation pseudo-Dice pancreas {last['dice_pancreas']}, "
+        f"lesion {last['dice_lesion']}, macro-F1 {last.get('val_macro_f1', '-')}")
     return [f"<p>{len(rows)} epochs of fold {fold} in <code>{html.escape(str(fold_dir))}</code>.</p>",
             _img_tag(png, "training curves")]
 
@@ -520,7 +388,7 @@ def _provenance_section(config: Config, fold_dir: Path, now: str, result: Report
             result.notes.append(f"{debug}: unreadable ({type(exc).__name__}); the training device is not "
                                 "shown")
     dates = [["report written", now]]
-    metrics_csv = fold_dir / "metrics.csv"
+    metrics_csv = fold_dir / METRICS_NAME
     if metrics_csv.is_file():
         dates.append(["training last updated", datetime.fromtimestamp(metrics_csv.stat().st_mtime, timezone.utc)
                       .strftime("%Y-%m-%d %H:%M UTC")])

@@ -18,11 +18,13 @@ from pancreas_cli.config import Config
 from pancreas_cli.console import count
 from pancreas_cli.evaluate import evaluate
 from pancreas_cli.exceptions import CleanError
-from pancreas_cli.multitask.history import METRICS_NAME, read_metrics
-from pancreas_cli.predict import CaseReporter, model_folder, predict
+from pancreas_cli.layout import CHECKPOINT_FINAL, METRICS_NAME, VALIDATION_DIR, fold_folder, model_folder
+from pancreas_cli.multitask.history import read_metrics
+from pancreas_cli.predict import CaseReporter, predict
 from pancreas_cli.prepare import prepare
 from pancreas_cli.preprocess import preprocess
 from pancreas_cli.report import ReportResult, report
+from pancreas_cli.subtypes import CASE_SUBTYPES_NAME
 from pancreas_cli.train import EpochReporter, newest_checkpoint, train
 
 
@@ -35,13 +37,10 @@ class RunResult:
 def _finished(config: Config, fold: int) -> bool:
     """The fold's training reached the configured number of epochs (by metrics.csv; if that was edited
     since, train finds out from the checkpoint)."""
-    fold_dir = model_folder(config) / f"fold_{fold}"
-    if not (fold_dir / "checkpoint_final.pth").is_file():
+    fold_dir = fold_folder(model_folder(config), fold)
+    if not (fold_dir / CHECKPOINT_FINAL).is_file():
         return False
-    try:
-        rows = read_metrics(fold_dir / METRICS_NAME)
-    except ValueError:
-        return False
+    rows = read_metrics(fold_dir / METRICS_NAME, tolerant=True)  # not as training wrote it: not known
     return bool(rows) and int(rows[-1]["epoch"] or 0) >= config.train.epochs
 
 
@@ -79,7 +78,7 @@ def run(
     if _finished(config, fold):
         stage("train", f"fold {fold} up to date", start)
     else:
-        resume = newest_checkpoint(model_folder(config) / f"fold_{fold}") is not None
+        resume = newest_checkpoint(fold_folder(model_folder(config), fold)) is not None
         trained = train(config, folds=[fold], resume=resume, reporter=epoch_reporter, trust_model=trust_model,
                         warn=warn)
         stage("train", f"fold {fold}: {count(trained.folds[0].epochs_done, 'epoch')}", start)
@@ -104,8 +103,9 @@ def run(
         cases = None
         label = "test"
     else:  # the validation fold, predicted by nnU-Net's validation after training
-        pred_dir = model_folder(config) / f"fold_{fold}" / "validation"
-        gt_dir, images, subtypes = config.dataset_preprocessed_dir / "gt_segmentations", raw / "imagesTr", raw / "subtypes.csv"
+        pred_dir = fold_folder(model_folder(config), fold) / VALIDATION_DIR
+        gt_dir, images = config.dataset_preprocessed_dir / "gt_segmentations", raw / "imagesTr"
+        subtypes = raw / CASE_SUBTYPES_NAME
         cases = json.loads((raw / "splits_final.json").read_text(encoding="utf-8"))[fold]["val"]
         label = f"validation fold {fold}"
     # The metrics are in run's own folders: a changed config (other test labels) replaces them.

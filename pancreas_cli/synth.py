@@ -18,6 +18,7 @@ import numpy as np
 
 from pancreas_cli.exceptions import SynthError
 from pancreas_cli.imageio import write_image, write_text
+from pancreas_cli.subtypes import CASE_SUBTYPES_NAME, CHANNEL, SUBTYPES, image_name, render_case_subtypes
 
 #: Smallest axis length: below it the organs no longer fit the field of view.
 MIN_AXIS = 16
@@ -32,7 +33,6 @@ MIN_LESION_VOXELS = 8
 
 Layout = Literal["quiz", "seed"]
 LAYOUTS: tuple[str, ...] = ("quiz", "seed")
-SUBTYPES: tuple[int, ...] = (0, 1, 2)
 
 #: Marks a folder synth wrote, so ``force`` only ever deletes in synth's own folders.
 MARKER = ".pancseg_synth"
@@ -40,14 +40,14 @@ MARKER = ".pancseg_synth"
 #: Files an earlier run may have left, as (path glob, exact name pattern); ``force`` removes
 #: them from a folder with :data:`MARKER` so a smaller or other-layout rerun leaves no stale cases.
 _OWN_FILES: tuple[tuple[str, str], ...] = (
-    ("train/subtype*/quiz_*", r"quiz_\d+_\d+(_0000)?\.nii\.gz"),
-    ("validation/subtype*/quiz_*", r"quiz_\d+_\d+(_0000)?\.nii\.gz"),
-    ("test/quiz_*", r"quiz_\d+_0000\.nii\.gz"),
-    ("test_ground_truth/*", r"(quiz|img)_\d+\.nii\.gz|subtypes\.csv"),
+    ("train/subtype*/quiz_*", rf"quiz_\d+_\d+({CHANNEL})?\.nii\.gz"),
+    ("validation/subtype*/quiz_*", rf"quiz_\d+_\d+({CHANNEL})?\.nii\.gz"),
+    ("test/quiz_*", rf"quiz_\d+{CHANNEL}\.nii\.gz"),
+    ("test_ground_truth/*", rf"(quiz|img)_\d+\.nii\.gz|{re.escape(CASE_SUBTYPES_NAME)}"),
     ("imagesTr/img_*", r"img_\d+\.nii\.gz"),
     ("labelsTr/mask_*", r"mask_\d+\.nii\.gz"),
     ("imagesTs/img_*", r"img_\d+\.nii\.gz"),
-    ("subtypes.csv", r"subtypes\.csv"),
+    (CASE_SUBTYPES_NAME, re.escape(CASE_SUBTYPES_NAME)),
 )
 
 
@@ -159,8 +159,8 @@ def synthesize(
     origin = (-shape[2] * spacing[2] / 2, -shape[1] * spacing[1] / 2, -float(shape[0] * spacing[0]))
     written: list[SynthCase] = []
     planted: list[str] = []
-    test_rows: list[str] = []
-    labelled_rows: list[str] = []
+    test_rows: list[tuple[str, int]] = []
+    labelled_rows: list[tuple[str, int]] = []
     for index in range(cases):
         subtype = SUBTYPES[index % len(SUBTYPES)]
         split = "train" if index < n_train else "validation" if index < n_labelled else "test"
@@ -169,13 +169,12 @@ def synthesize(
         ct, labels = _render_case(np.random.default_rng([seed, index]), shape, subtype)
         _write_case(case, ct, labels, case_quirks, origin, spacing)
         planted += [f"{case.case_id}: {_QUIRK_TEXT[q]}" for q in sorted(case_quirks)]
-        (test_rows if split == "test" else labelled_rows).append(f"{case.case_id},{subtype}\n")
+        (test_rows if split == "test" else labelled_rows).append((case.case_id, subtype))
         written.append(case)
     if layout == "seed" and labelled_rows:
-        write_text("case_id,subtype\n" + "".join(labelled_rows), out_dir / "subtypes.csv")
+        write_text(render_case_subtypes(labelled_rows), out_dir / CASE_SUBTYPES_NAME)
     if test_rows:
-        csv = out_dir / "test_ground_truth" / "subtypes.csv"
-        write_text("case_id,subtype\n" + "".join(test_rows), csv)
+        write_text(render_case_subtypes(test_rows), out_dir / "test_ground_truth" / CASE_SUBTYPES_NAME)
     return SynthResult(out_dir=out_dir, layout=layout, cases=written, quirks=planted)
 
 
@@ -251,11 +250,11 @@ def _case_paths(out_dir: Path, layout: str, split: str, subtype: int, number: in
                          out_dir / "labelsTr" / f"mask_{nnn}.nii.gz")
     if split == "test":
         case_id = f"quiz_{nnn}"
-        return SynthCase(case_id, split, subtype, out_dir / "test" / f"{case_id}_0000.nii.gz",
+        return SynthCase(case_id, split, subtype, out_dir / "test" / image_name(case_id),
                          truth / f"{case_id}.nii.gz")
     case_id = f"quiz_{subtype}_{nnn}"
     folder = out_dir / split / f"subtype{subtype}"
-    return SynthCase(case_id, split, subtype, folder / f"{case_id}_0000.nii.gz",
+    return SynthCase(case_id, split, subtype, folder / image_name(case_id),
                      folder / f"{case_id}.nii.gz")
 
 

@@ -21,24 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO
 
-from pancreas_cli import locks
+from pancreas_cli import layout, locks
 from pancreas_cli.checkpoints import TRUST_ENV, read_checkpoint
 from pancreas_cli.config import Config, load_config
-from pancreas_cli.exceptions import (CheckpointError, PancsegError, TrainError, TrainingInterrupted,
-                                     UntrustedCheckpointError)
+from pancreas_cli.devices import training_device
+from pancreas_cli.exceptions import (CheckpointError, PancsegError, TableError, TrainError,
+                                     TrainingInterrupted, UntrustedCheckpointError)
 from pancreas_cli.imageio import sweep_partials
 from pancreas_cli.logcapture import redirect_output, tail
-from pancreas_cli.multitask.history import METRICS_NAME, read_metrics
+from pancreas_cli.multitask.history import read_metrics
 from pancreas_cli.multitask.settings import (TrainingSettings, handing, read_settings, settings_path,
                                              write_settings)
 from pancreas_cli.nnunet_env import nnunet_worker_pools, scoped_env, setup_nnunet_env
-from pancreas_cli.preprocess import read_state
+from pancreas_cli.subtypes import CASE_SUBTYPES_NAME
 
 if TYPE_CHECKING:
     import torch
-
-TRAINERS = {"multitask": "nnUNetTrainerMultiTask", "segmentation": "nnUNetTrainerPancseg"}
-CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
 class EpochReporter(Protocol):
@@ -81,31 +79,8 @@ class TrainResult:
                 "folds": [f.to_dict() for f in self.folds]}
 
 
-def resolve_device(requested: str) -> torch.device:
-    """``auto`` picks a GPU (CUDA, then MPS); training on the CPU must be asked for explicitly."""
-    import torch
-
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", 0)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        raise TrainError("no GPU found; training on the CPU is very slow: pass --device cpu to do it anyway")
-    if requested.startswith("cuda"):
-        index = int(requested.split(":")[1]) if ":" in requested else 0
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise TrainError(f"{requested} requested but {torch.cuda.device_count()} CUDA device(s) are available; "
-                             "see `pancseg doctor`")
-        return torch.device("cuda", index)
-    if requested == "mps":
-        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise TrainError("mps requested but not available on this machine")
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def _preprocessed_state(config: Config) -> dict[str, Any]:
-    state = read_state(config.dataset_preprocessed_dir)
+    state = layout.read_state(config.dataset_preprocessed_dir)
     if state is None:
         raise TrainError(f"{config.dataset_preprocessed_dir}: not preprocessed; run `pancseg preprocess` first")
     if state.get("pending"):
@@ -121,7 +96,7 @@ def _preprocessed_state(config: Config) -> dict[str, Any]:
 
 def newest_checkpoint(folder: Path) -> Path | None:
     """The most recently written checkpoint (a resumed run's latest is newer than an older final)."""
-    found = [folder / name for name in CHECKPOINTS if (folder / name).is_file()]
+    found = [folder / name for name in layout.CHECKPOINTS if (folder / name).is_file()]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
@@ -149,11 +124,13 @@ def _stopped_after(path: Path) -> str:
 def _note_foreign_metrics(output_folder: Path, warn: Callable[[str], None]) -> None:
     """Say when a resumed fold's metrics.csv is not as training wrote it: the trainer rewrites it
     from its own record (the checkpoint's log) at the end of the next epoch."""
+    path = output_folder / layout.METRICS_NAME
     try:
-        read_metrics(output_folder / METRICS_NAME)
-    except ValueError as exc:
-        warn(f"{output_folder / METRICS_NAME}: {exc}; it is rewritten from the checkpoint's record of every epoch "
-             "(keep a copy of your edits elsewhere)")
+        read_metrics(path)
+    except TableError as exc:
+        where = "" if exc.line is None else f"line {exc.line}: "
+        warn(f"{path}: not as training wrote it ({where}{exc.why}); it is rewritten from the checkpoint's "
+             "record of every epoch (keep a copy of your edits elsewhere)")
 
 
 def _stop_loaders(trainer: Any) -> None:
@@ -178,18 +155,16 @@ def _raise_worker_death(trainer: Any, exc: RuntimeError) -> NoReturn:
 
 def _fold_summary(output_folder: Path) -> tuple[dict[str, float | int | None], dict[str, Any]]:
     """The last metrics.csv row (as numbers, for --json and the table) and the validation summaries."""
-    try:
-        rows = read_metrics(output_folder / METRICS_NAME)
-    except ValueError:  # not as training wrote it (edited since): the summary goes without it
-        rows = []
+    # Not as training wrote it (edited since): the summary goes without it.
+    rows = read_metrics(output_folder / layout.METRICS_NAME, tolerant=True)
     last = rows[-1] if rows else {}
     validation: dict[str, Any] = {}
-    summary = output_folder / "validation" / "summary.json"
+    summary = output_folder / layout.VALIDATION_DIR / "summary.json"
     if summary.is_file():
         data = json.loads(summary.read_text(encoding="utf-8"))
         validation["dice_per_label"] = {k: v["Dice"] for k, v in data.get("mean", {}).items()}
         validation["foreground_dice"] = data.get("foreground_mean", {}).get("Dice")
-    classification = output_folder / "validation" / "classification_summary.json"
+    classification = output_folder / layout.VALIDATION_DIR / "classification_summary.json"
     if classification.is_file():
         data = json.loads(classification.read_text(encoding="utf-8"))
         validation.update(accuracy=data["accuracy"], macro_f1=data["macro_f1"])
@@ -216,15 +191,15 @@ def train(
         held.enter_context(locks.project(config.project_dir, shared=True))  # no preprocess meanwhile
         state = _preprocessed_state(config)
         folds = _check_folds(config, folds)
-        device = resolve_device(config.train.device)
+        device = training_device(config.train.device)
         if config.train.num_gpus > 1 and device.type != "cuda":
             raise TrainError("train.num_gpus > 1 needs CUDA GPUs")
         setup_nnunet_env(config, device_type=device.type)
-        trainer_name = TRAINERS[config.train.task]
+        trainer_name = layout.TRAINERS[config.train.task]
         for fold in folds:  # other folds may train meanwhile, but not these
             held.enter_context(locks.fold(config.project_dir, trainer_name, fold))
         # Every fold is checked before anything is written: a refused fold changes nothing.
-        starts = [_fold_start(config, state, trainer_name, fold, resume=resume, force=force, trust=trust_model)
+        starts = [_fold_start(config, state, fold, resume=resume, force=force, trust=trust_model)
                   for fold in folds]
         if resume and all(start.checkpoint is None and not start.finished for start in starts):
             # Most likely a wrong project_dir, fold or task; quietly starting over could cost hours.
@@ -262,9 +237,9 @@ def write_training_inputs(config: Config) -> None:
     fold's own: :func:`build_trainer` hands them, the fold record holds them for nnU-Net's processes)."""
     pre = config.dataset_preprocessed_dir
     # Under a temporary name: a fold training in another process may be reading the file.
-    partial = pre / ".subtypes.csv.partial"
-    shutil.copyfile(config.dataset_raw_dir / "subtypes.csv", partial)
-    os.replace(partial, pre / "subtypes.csv")
+    partial = pre / f".{CASE_SUBTYPES_NAME}.partial"
+    shutil.copyfile(config.dataset_raw_dir / CASE_SUBTYPES_NAME, partial)
+    os.replace(partial, pre / CASE_SUBTYPES_NAME)
     settings_path(pre).unlink(missing_ok=True)  # an earlier pancseg's settings for all folds: read by nothing now
 
 
@@ -293,27 +268,26 @@ class _FoldStart:
     finished: bool = False  # --resume of a fold already trained to train.epochs and validated: nothing to do
 
 
-def _fold_start(config: Config, state: dict[str, Any], trainer_name: str, fold: int, *, resume: bool,
-                force: bool, trust: bool) -> _FoldStart:
+def _fold_start(config: Config, state: dict[str, Any], fold: int, *, resume: bool, force: bool,
+                trust: bool) -> _FoldStart:
     """Where ``fold`` trains and from what; refuses to discard a training without ``force``."""
-    output_folder = (config.results_dir / config.dataset.folder_name
-                     / f"{trainer_name}__{state['plans_identifier']}__{config.plan.configuration}" / f"fold_{fold}")
+    output_folder = layout.fold_folder(layout.model_folder(config, state), fold)
     existing = newest_checkpoint(output_folder)
     if existing is not None and not resume:
         if not force:
-            state_text = "finished" if existing.name == "checkpoint_final.pth" else "stopped"
+            state_text = "finished" if existing.name == layout.CHECKPOINT_FINAL else "stopped"
             raise TrainError(f"fold {fold} already has a training in {output_folder} ({state_text}"
                              f"{_stopped_after(existing)}); pass --resume to continue it or --force to start over")
         return _FoldStart(fold, output_folder, None, discard=True)
     if resume and existing is not None:
         done = _checkpoint_epoch(existing, trust=trust)  # also: a checkpoint that cannot be loaded fails here, named
-        final = existing.name == "checkpoint_final.pth"
+        final = existing.name == layout.CHECKPOINT_FINAL
         if not final and done >= config.train.epochs:
             # nnU-Net would skip the loop and finalise the unfinished run as if it were complete.
             raise TrainError(f"fold {fold} stopped after epoch {done} of an unfinished run, but train.epochs is "
                              f"{config.train.epochs}: pass --epochs N with N > {done} to continue it")
         _check_resume_settings(config, fold, output_folder)
-        summary = output_folder / "validation" / "summary.json"
+        summary = output_folder / layout.VALIDATION_DIR / "summary.json"
         # The validation must be of this final checkpoint, not left from before the run was extended.
         if (final and done >= config.train.epochs and summary.is_file()
                 and summary.stat().st_mtime_ns >= existing.stat().st_mtime_ns):
@@ -350,7 +324,7 @@ def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start:
     if start.discard:
         shutil.rmtree(output_folder)
     sweep_partials(output_folder)  # checkpoints a killed training was writing (this fold is locked)
-    log_file = config.project_dir / "logs" / f"train_{config.train.task}_fold{fold}.log"
+    log_file = layout.log_file(config.project_dir, f"train_{config.train.task}_fold{fold}.log")
     fold_result = FoldResult(fold, output_folder, log_file)
     if start.finished:
         fold_result.last, fold_result.validation = _fold_summary(output_folder)
@@ -476,7 +450,7 @@ def _save_on_interrupt(trainer: Any) -> None:
     if trainer.optimizer is None:
         return  # interrupted before the first step: nothing worth saving
     trainer.current_epoch -= 1  # save_checkpoint stores current_epoch + 1 as the epoch to resume at
-    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_latest.pth"))
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / layout.CHECKPOINT_LATEST))
     trainer.current_epoch += 1
 
 
@@ -515,6 +489,6 @@ def _resume_from(checkpoint: Path, *, trust: bool) -> None:
     An extended run that was interrupted has a checkpoint_latest.pth newer than the first run's
     final one; that older final is kept under another name.
     """
-    final = checkpoint.parent / "checkpoint_final.pth"
+    final = checkpoint.parent / layout.CHECKPOINT_FINAL
     if checkpoint != final and final.is_file():
         os.replace(final, final.with_name(f"checkpoint_final_epoch{_checkpoint_epoch(final, trust=trust)}.pth"))

@@ -182,9 +182,9 @@ def test_forked_workers_die_on_sigterm() -> None:
     import os
     import signal
 
-    from pancreas_cli.cli import _sigterm_as_interrupt
+    from pancreas_cli.signals import sigterm_as_interrupt
 
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(2) as pool:

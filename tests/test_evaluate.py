@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from conftest import write
 from pancreas_cli.cli import app
 from pancreas_cli.config import load_config
-from pancreas_cli.evaluate import evaluate, evaluate_case, read_subtype_csv
+from pancreas_cli.evaluate import evaluate, evaluate_case
 from pancreas_cli.exceptions import DataError
+from pancreas_cli.subtypes import read_subtypes
 
 
 @pytest.fixture
@@ -148,13 +149,13 @@ def test_classification_metrics_and_csv_formats(config, tmp_path: Path) -> None:
     assert cls["macro_f1"] == pytest.approx((2 / 3 + 0.5 + 0) / 3)
     assert cls["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 1, 0]]
     assert result.summary["targets"]["macro_f1"]["passed"] is False
-    assert read_subtype_csv(tmp_path / "pred" / "subtype_results.csv") == {"a": 0, "b": 0, "c": 1, "d": 1}
+    assert read_subtypes(tmp_path / "pred" / "subtype_results.csv") == {"a": 0, "b": 0, "c": 1, "d": 1}
     for value in ("4", "1.7", "inf", "1e400"):
         (tmp_path / "bad.csv").write_text(f"Names,Subtype\na.nii.gz,{value}\n")
         with pytest.raises(DataError, match=f"subtype {value} is not 0, 1 or 2"):
-            read_subtype_csv(tmp_path / "bad.csv")
+            read_subtypes(tmp_path / "bad.csv")
     (tmp_path / "float.csv").write_text("Names,Subtype\na.nii.gz,2.0\n")
-    assert read_subtype_csv(tmp_path / "float.csv") == {"a": 2}
+    assert read_subtypes(tmp_path / "float.csv") == {"a": 2}
 
 
 def test_cli_json_and_table(runner: CliRunner, realdata: Path, tmp_path: Path) -> None:

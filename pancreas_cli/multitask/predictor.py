@@ -25,6 +25,7 @@ from pancreas_cli.checkpoints import read_checkpoint
 from pancreas_cli.exceptions import CheckpointError
 from pancreas_cli.inference.window import (AT_BORDER, NOTHING_FOUND, WindowStats, foreground, mirror_combinations,
                                            tiles_near, touches_border)
+from pancreas_cli.layout import CHECKPOINT_FINAL, fold_folder
 from pancreas_cli.multitask.network import MultiTaskNet, tile_weights
 
 
@@ -78,7 +79,7 @@ class ProgressPredictor(nnUNetPredictor):
 
     def initialize_from_trained_model_folder(self, model_training_output_dir: str,
                                              use_folds: tuple[int | str, ...] | str | None,
-                                             checkpoint_name: str = "checkpoint_final.pth") -> None:
+                                             checkpoint_name: str = CHECKPOINT_FINAL) -> None:
         """nnU-Net 2.8.1's, with the checkpoints read by :func:`~pancreas_cli.checkpoints.read_checkpoint`:
         nnU-Net's unpickles them whole (``weights_only=False``), so a model file could run code. It
         reads each fold's weights and the first fold's trainer name, configuration and mirroring axes
@@ -92,7 +93,7 @@ class ProgressPredictor(nnUNetPredictor):
         plans_manager = PlansManager(_model_json(folder / "plans.json"))
         parameters, first = [], None
         for fold in use_folds:
-            checkpoint = read_checkpoint(folder / f"fold_{fold}" / checkpoint_name, trust=self.trust_model)
+            checkpoint = read_checkpoint(fold_folder(folder, fold) / checkpoint_name, trust=self.trust_model)
             first = first or {key: checkpoint.get(key) for key in ("trainer_name", "init_args",
                                                                    "inference_allowed_mirroring_axes")}
             parameters.append(checkpoint["network_weights"])

@@ -11,7 +11,6 @@ Both are found by nnU-Net's own commands when ``nnUNet_extTrainer`` points at
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import sys
@@ -34,16 +33,17 @@ from torch import autocast, nn
 from pancreas_cli.checkpoints import TRUST_ENV, read_checkpoint
 from pancreas_cli.exceptions import DataError
 from pancreas_cli.imageio import atomic_target, naming_full_disk, publish, write_text
+from pancreas_cli.layout import CHECKPOINT_BEST, CHECKPOINT_LATEST, METRICS_NAME, VALIDATION_DIR
 from pancreas_cli.metrics import classification_metrics
-from pancreas_cli.multitask.history import METRICS_COLUMNS, METRICS_NAME, render_metrics
+from pancreas_cli.multitask.history import METRICS_COLUMNS, render_metrics
 from pancreas_cli.multitask.network import HeadSettings, build_multitask_network, tile_weights
 from pancreas_cli.multitask.optim import MultiTaskOptimizer, MultiTaskPolyLR, build_optimizer
 from pancreas_cli.multitask.predictor import MultiTaskPredictor, unwrap
 from pancreas_cli.multitask.settings import TrainingSettings, handed, read_settings
+from pancreas_cli.subtypes import CASE_SUBTYPES_NAME, SUBTYPES, read_subtypes, subtype_of, write_predictions
 
 __all__ = ["METRICS_COLUMNS", "METRICS_NAME", "nnUNetTrainerMultiTask", "nnUNetTrainerPancseg"]
 
-SUBTYPES = (0, 1, 2)
 # Values the base logger must accept (it only takes registered keys, one value per epoch).
 _LOG_KEYS = ("pancseg_dice_pancreas", "pancseg_dice_lesion", "pancseg_criterion")
 _MT_LOG_KEYS = ("pancseg_seg_loss", "pancseg_cls_loss", "pancseg_val_cls_loss", "pancseg_val_accuracy",
@@ -204,12 +204,12 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
         self.print_to_log_file(f"Epoch time: {np.round(epoch_time, decimals=2)} s")
 
         if (epoch + 1) % self.save_every == 0 and epoch != self.num_epochs - 1:
-            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+            self.save_checkpoint(os.path.join(self.output_folder, CHECKPOINT_LATEST))
         best = not np.isnan(criterion) and (self._best_ema is None or criterion > self._best_ema)
         if best:
             self._best_ema = criterion
             self.print_to_log_file(f"New best {self.pancseg_settings.select_by} criterion: {np.round(criterion, 4)}")
-            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
+            self.save_checkpoint(os.path.join(self.output_folder, CHECKPOINT_BEST))
         if self.local_rank == 0:
             log.plot_progress_png(self.output_folder)
             rows = [self._metrics_row(e) for e in range(epoch + 1)]
@@ -317,14 +317,13 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
 
     @property
     def subtypes_file(self) -> Path:
-        return Path(self.preprocessed_dataset_folder_base) / "subtypes.csv"
+        return Path(self.preprocessed_dataset_folder_base) / CASE_SUBTYPES_NAME
 
     def load_subtypes(self) -> dict[str, int]:
         path = self.subtypes_file
         if not path.is_file():
             raise DataError(f"{path}: not found; run `pancseg preprocess` (it copies subtypes.csv there)")
-        with path.open(newline="", encoding="utf-8") as fh:
-            return {row["case_id"]: int(row["subtype"]) for row in csv.DictReader(fh)}
+        return read_subtypes(path)
 
     def labels_for(self, keys: Any) -> torch.Tensor:
         """Subtype labels of a batch's cases, looked up by case key."""
@@ -461,7 +460,7 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
             sums[key] += w * p
             totals[key] += float(w)
         cases = sorted(sums)
-        predicted = [int(np.argmax(sums[k] / totals[k])) for k in cases]
+        predicted = [subtype_of(sums[k] / totals[k]) for k in cases]
         metrics = classification_metrics([self.subtypes[k] for k in cases], predicted, labels=SUBTYPES)
         log = self.logger.log
         log("pancseg_val_cls_loss", cls_loss, self.current_epoch)
@@ -509,13 +508,10 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
         unwrap(self.network).return_class_logits = True
 
     def _write_subtype_results(self, results: dict[str, np.ndarray]) -> None:
-        folder = Path(self.output_folder) / "validation"
+        folder = Path(self.output_folder) / VALIDATION_DIR
         cases = sorted(results)
-        predicted = {k: int(np.argmax(results[k])) for k in cases}
-        write_text("Names,Subtype\n" + "".join(f"{k}.nii.gz,{predicted[k]}\n" for k in cases),
-                   folder / "subtype_results.csv")
-        write_text("Names,p0,p1,p2\n" + "".join(f"{k}.nii.gz," + ",".join(f"{p:.6f}" for p in results[k]) + "\n"
-                                                for k in cases), folder / "subtype_probabilities.csv")
+        predicted = {k: subtype_of(results[k]) for k in cases}
+        write_predictions(folder, {k: results[k] for k in cases})
         subtypes = self.subtypes or self.load_subtypes()
         metrics = classification_metrics([subtypes[k] for k in cases], [predicted[k] for k in cases], labels=SUBTYPES)
         summary = {"cases": len(cases), "accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1,

@@ -232,8 +232,7 @@ def project(tmp_path: Path, runner: CliRunner) -> SimpleNamespace:
     """A project whose preprocessing and fold-0 training are only their records, plus an evaluation."""
     from pancreas_cli.config import load_config
     from pancreas_cli.multitask.trainer import METRICS_COLUMNS
-    from pancreas_cli.predict import model_folder
-    from pancreas_cli.preprocess import STATE_NAME
+    from pancreas_cli.layout import STATE_NAME, model_folder
 
     (tmp_path / "data").mkdir()
     cfg = write_config(tmp_path, "project_dir: ./work\ndataset: {source: ./data}\nevaluate: {bootstrap: 0}\n"
@@ -245,7 +244,7 @@ def project(tmp_path: Path, runner: CliRunner) -> SimpleNamespace:
     fold = model_folder(config) / "fold_0"
     fold.mkdir(parents=True)
     rows = [{"epoch": e, "train_loss": 1 - e / 4, "dice_pancreas": 0.5, "dice_lesion": "", "criterion": 0.5,
-             "best": 1} for e in (0, 1)]
+             "best": 1} for e in (1, 2)]  # epochs as training numbers them
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, METRICS_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -290,6 +289,9 @@ def _without_column(path: Path, column: str) -> None:
      "metrics.csv, line 4: not a training metrics row (train_loss = 'oops')"),
     (lambda p: _without_column(p.fold / "metrics.csv", "dice_pancreas"),
      "metrics.csv: no column dice_pancreas"),
+    (lambda p: (p.fold / "metrics.csv").write_text(
+        (p.fold / "metrics.csv").read_text() + "2" + ",1" * 16 + "\n"),
+     "metrics.csv, line 4: epoch 2 where epoch 3 belongs"),  # an epoch twice: not as training numbers them
 ])
 def test_report_refuses_damaged_metrics(runner: CliRunner, project: SimpleNamespace, damage, message: str) -> None:
     damage(project)
