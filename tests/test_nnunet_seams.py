@@ -66,6 +66,17 @@ def _changed(expected: set[str], found: set[str]) -> str:
     return f"now also uses {sorted(found - expected)}, no longer {sorted(expected - found)}"
 
 
+def _check_replaced_body(theirs: Any, recorded: set[str], ours: Any, replaced: set[str]) -> None:
+    """nnU-Net's ``theirs`` still uses exactly ``recorded`` (as of the pinned version), and pancseg's
+    ``ours``, which stands in for its body, does all of it but ``replaced``."""
+    name, our_name = theirs.__qualname__, ours.__qualname__
+    found = _uses(theirs)
+    assert found == recorded, _seam(name, f"{_changed(recorded, found)}; pancseg's {our_name} replaces its body: "
+                                    "carry the change over, then update the recorded set in this test")
+    left_out = found - _uses(ours)
+    assert left_out <= replaced, f"pancseg's {our_name} no longer does {sorted(left_out - replaced)} of {name}"
+
+
 # ------------------------------------------------------------------ prediction: the predictor subclass
 
 PREDICTOR_OVERRIDES = ("initialize_from_trained_model_folder", "predict_logits_from_preprocessed_data",
@@ -129,13 +140,9 @@ def test_the_fold_loop_pancseg_copies_is_nnunets() -> None:
 
     from pancreas_cli.multitask.predictor import ProgressPredictor
 
-    theirs = _uses(nnUNetPredictor.predict_logits_from_preprocessed_data)
-    assert theirs == NNUNET_FOLD_LOOP, _seam(
-        "nnUNetPredictor.predict_logits_from_preprocessed_data", f"{_changed(NNUNET_FOLD_LOOP, theirs)}; "
-        "pancseg's ProgressPredictor._ensemble_on_device copies it: carry the change over, then update "
-        "NNUNET_FOLD_LOOP here")
-    left_out = theirs - _uses(ProgressPredictor._ensemble_on_device)
-    assert left_out <= {"._orig_mod", ".to", "'cpu'", ".verbose", "'Prediction done'"}, left_out
+    _check_replaced_body(nnUNetPredictor.predict_logits_from_preprocessed_data, NNUNET_FOLD_LOOP,
+                         ProgressPredictor._ensemble_on_device,
+                         {"._orig_mod", ".to", "'cpu'", ".verbose", "'Prediction done'"})
 
 
 def test_validation_builds_its_predictor_by_its_module_name() -> None:
@@ -287,13 +294,8 @@ def test_on_epoch_end_is_what_pancseg_replaces() -> None:
 
     from pancreas_cli.multitask.trainer import nnUNetTrainerPancseg
 
-    theirs = _uses(nnUNetTrainer.on_epoch_end)
-    assert theirs == NNUNET_ON_EPOCH_END, _seam(
-        "nnUNetTrainer.on_epoch_end", f"{_changed(NNUNET_ON_EPOCH_END, theirs)}; pancseg's "
-        "nnUNetTrainerPancseg.on_epoch_end (multitask/trainer.py) replaces it: carry the change over, then "
-        "update NNUNET_ON_EPOCH_END here")
-    left_out = theirs - _uses(nnUNetTrainerPancseg.on_epoch_end)
-    assert left_out == {"'ema_fg_dice'", "'Yayy! New best EMA pseudo Dice: '"}, left_out
+    _check_replaced_body(nnUNetTrainer.on_epoch_end, NNUNET_ON_EPOCH_END, nnUNetTrainerPancseg.on_epoch_end,
+                         {"'ema_fg_dice'", "'Yayy! New best EMA pseudo Dice: '"})
 
 
 def test_checkpoints_hold_what_pancseg_reads_and_the_next_epoch() -> None:
