@@ -17,10 +17,10 @@
 #        EXTRA_SET: one more --set for parts 2 and 3; small values and EXTRA_SET=train.batch_size=2
 #        give a dry run on a CPU)
 # On an H200 part 1 takes about 2.5 min, part 2 about 7 (30 x 40 epochs, 2 timing repeats), 5 (20 x 40,
-# 2 repeats; session 11) or 6 (1 x 5 epochs, 4 timing repeats), part 3 2 without live blocks
+# 2 repeats) or 6 (1 x 5 epochs, 4 timing repeats), part 3 2 without live blocks
 # (LIVE_BLOCKS=0; each block adds ~6 s per trainer at 70 iterations of ~85 ms; COMPILE_HEAD=1 about
-# 1.5 min more: a third trainer and its compilation). The iteration-time ratio after session 12's
-# step without syncs (whole epochs, the target, and live blocks with their waits; 7.1 min in session 13):
+# 1.5 min more: a third trainer and its compilation). The iteration-time ratio of BENCHMARKS.md
+# (whole epochs, the target, and live blocks with their waits; 7.1 min):
 #   PARTS="3 2" LC_EPOCHS=1 LC_ITERS=5 TIMING_REPEATS=3 TIMING_ITERS=20 DA_WORKERS=12 LIVE_BLOCKS=4 \
 #       PART2_SECONDS=290 bash benchmarks/gpu_check.sh $OUT cuda
 # A machine without a package index needs nnunetv2 and its dependencies brought along:

@@ -2,7 +2,7 @@
 
 Under autocast the encoder's features are float16. The head pools them with float32 sums, either
 from the features as they are (``_pool``'s GPU path: a product with float32 output) or from a
-float32 copy (its path elsewhere, and the head's only path before session 11). This times forward
+float32 copy (its path elsewhere, e.g. on the CPU; BENCHMARKS.md has the numbers). This times forward
 + backward of both on the shape of ResEnc-M's finest pooled stage at nnU-Net's batch for these plans
 (28 x 64 channels x 32^3, attention maps from 32x64x64) and reports how far apart their averages and
 gradients are.

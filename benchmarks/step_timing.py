@@ -13,8 +13,8 @@ dispatches (what the CPU launches).
 blocks of real iterations (each trainer's own loader, then its ``train_step``), ABBA, the time per
 iteration per block, split into waiting for the batch and the step (the CPU's time in it: for a step
 that does not wait for the GPU, the time to queue its work). Here the workers augment while the
-steps run, as in training, and compete with the main thread for the CPU (on an H200 in session 11
-whole epochs read 1.06-1.08 where cached steps read 1.02).
+steps run, as in training, and compete with the main thread for the CPU (on an H200, with a step that
+waited for the GPU, whole epochs read 1.06-1.08 where cached steps read 1.02: CHANGELOG.md).
 
     python benchmarks/step_timing.py --workdir /tmp/lc_steps --preset default --device cuda --shape 32,64,64
 
@@ -211,7 +211,7 @@ def main() -> None:
         live = _live(trainers, args.live_blocks, args.live_iterations, args.live_warmup, sync) if args.live_blocks else None
         ops = {task: _count_ops(trainers[task], batches[0], sync) for task in ("segmentation", "multitask")}
         # ABBA: whether a trainer's CPU side is slower under the profiler because of its own work or
-        # because of when it ran (session 11 saw every operator's CPU time higher in the one run second).
+        # because of when it ran (a profile run second has shown every operator's CPU time higher).
         profiles: dict[str, list[dict[str, float]]] = {task: [] for task in trainers}
         for i, task in enumerate(("segmentation", "multitask", "multitask", "segmentation") if args.profile_dir else ()):
             profiles[task].append(_profile(trainers[task], batches, sync, args.profile_steps,

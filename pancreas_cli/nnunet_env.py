@@ -95,7 +95,7 @@ def nnunet_worker_pools(num_processes: int) -> Iterator[None]:
     nnU-Net starts each pool (fingerprint, integrity check, preprocessing, validation export and its
     metrics) as freshly spawned interpreters that import torch and nnU-Net again: about 10 s per pool
     on two cores. One such worker runs nothing in parallel that a thread could not, so its start-up is
-    pure cost (preprocessing 10 small cases: 64 s with it, 13 s on a thread). With more processes the
+    pure cost (preprocessing the demo's cases: 29 s with it, 16 s on a thread; BENCHMARKS.md). With more processes the
     pools stay nnU-Net's own.
     """
     if num_processes != 1:

@@ -1,6 +1,6 @@
 """``pancseg train``: train the multi-task model (or stock nnU-Net) on one or more folds.
 
-nnU-Net's trainer runs in this process (its prints go to ``project_dir/logs/train_fold<N>.log``);
+nnU-Net's trainer runs in this process (its prints go to ``project_dir/logs/train_<task>_fold<N>.log``);
 several GPUs go through nnU-Net's own DDP launcher. Resuming picks the newest checkpoint and may
 extend a finished run to more epochs.
 """

@@ -97,7 +97,7 @@ def _pool(features: torch.Tensor, maps: torch.Tensor, eps: float = 1e-4) -> torc
     The sums run over up to a few hundred thousand voxels, which half precision cannot hold, so they
     accumulate in float32. On a GPU under autocast the features are float16: there the product reads
     them as they are and only accumulates in float32; a float32 copy of the finest stage (and the cast
-    of its gradient back) made its pooling 1.43 instead of 0.57 ms per step on an H200 (pool_timing.py).
+    of its gradient back) makes its pooling 1.43 instead of 0.57 ms per step on an H200 (BENCHMARKS.md).
     Elsewhere, as on the CPU, whose ``bmm`` has no float32-output kernel for half inputs, all of it
     runs in float32.
     """

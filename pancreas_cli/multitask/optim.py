@@ -9,7 +9,7 @@ strongly the subtype loss shapes the shared encoder.
 
 Both are fused (one kernel per step) on the CPU and CUDA. Fused optimizers also take the gradient
 scaler's inf flag on the device, so a mixed-precision step needs no read-back to decide whether to
-skip (see the trainer's ``train_step``). nnU-Net's SGD is the same update as before: its momentum
+skip (see the trainer's ``train_step``). The fused SGD is nnU-Net's update: its momentum
 buffers start at zero, which gives the first step's ``buffer = gradient`` without the fused kernel
 creating them uninitialised (and leaving them so when the scaler skips that first step).
 

@@ -38,7 +38,7 @@ class WindowSettings:
     margin_mm: float = 15.0  # how near
     keep_on_device: bool = False  # return the logits where they were computed (for an export there)
     pad_batches: bool = False  # fill the last batch up to batch_size: cuDNN then tunes one input shape, not one per
-    # remainder (each new shape cost ~2 s of tuning on an H200, more than a crop's whole window)
+    # remainder (each new shape costs ~2 s of tuning on an H200, more than a crop's whole window; BENCHMARKS.md)
     compile: bool = False  # torch.compile the batched forward pass (pays over many cases: compiling takes minutes)
 
 
