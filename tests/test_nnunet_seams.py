@@ -36,7 +36,9 @@ def _function(fn: Any) -> ast.FunctionDef:
 
 
 def _uses(fn: Any) -> set[str]:
-    """What a function's body uses: attribute names, string constants and in-place attribute updates."""
+    """What a function's body uses: attribute names, string constants (also those named by a module
+    constant, e.g. the checkpoint names layout.py owns) and in-place attribute updates."""
+    names = getattr(inspect.unwrap(fn), "__globals__", {})
     body = _function(fn).body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]  # the docstring
@@ -46,6 +48,8 @@ def _uses(fn: Any) -> set[str]:
             used.add(f".{node.attr}")
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             used.add(repr(node.value))
+        elif isinstance(node, ast.Name) and isinstance(names.get(node.id), str):
+            used.add(repr(names[node.id]))
         if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Attribute):
             used.add(f".{node.target.attr} {type(node.op).__name__}=")
     return used
