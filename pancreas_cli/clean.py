@@ -168,24 +168,29 @@ def _geometry_delta(image: sitk.Image, mask: sitk.Image) -> tuple[float, float, 
     return spacing, origin, direction
 
 
-def _audit_mask(audit: _CaseAudit, path: Path, image: sitk.Image, cfg: CleanConfig) -> None:
-    import SimpleITK as sitk
-
+def _read_mask(audit: _CaseAudit, path: Path, image: sitk.Image) -> tuple[sitk.Image, int] | None:
+    """The mask and its count of non-finite voxels, or None (with the error recorded) when it cannot be
+    used at all: unreadable, not a single-channel 3D map, or on another voxel grid."""
     try:
         nonfinite = scan_nifti(path)
         mask = read_image(path)
     except DataError as exc:
         audit.error("unreadable mask", str(exc), "replace the file in the source")
-        return
+        return None
     if mask.GetDimension() != 3 or mask.GetNumberOfComponentsPerPixel() != 1:
         audit.error("mask not 3D", f"{path.name}: {mask.GetDimension()}D, {mask.GetNumberOfComponentsPerPixel()} components",
                     "provide a single-channel 3D label map")
-        return
+        return None
     if mask.GetSize() != image.GetSize():
         audit.error("shape mismatch", f"image {image.GetSize()} vs mask {mask.GetSize()} (x,y,z)",
                     "the mask must be drawn on this image's voxel grid")
-        return
-    changed = False
+        return None
+    return mask, nonfinite
+
+
+def _geometry_fixable(audit: _CaseAudit, image: sitk.Image, mask: sitk.Image, cfg: CleanConfig) -> bool | None:
+    """Whether the mask's geometry needs the image's copied onto it; None (error recorded) when the
+    difference is beyond the tolerances, i.e. the mask may belong to another image."""
     spacing, origin, direction = _geometry_delta(image, mask)
     if spacing > cfg.spacing_tolerance or origin > cfg.origin_tolerance_mm or direction > cfg.direction_tolerance:
         audit.error(
@@ -194,53 +199,74 @@ def _audit_mask(audit: _CaseAudit, path: Path, image: sitk.Image, cfg: CleanConf
             f"direction by {direction:.2g}; beyond clean.*_tolerance",
             "check the mask belongs to this image; raise the tolerances only if it does",
         )
-        return
-    if spacing or origin or direction:
-        audit.fixed(
-            "mask",
-            "geometry differs slightly",
-            f"mask vs image: spacing {spacing:.2g} (relative), origin {origin:.3g} mm, direction {direction:.2g}",
-            "copied the image geometry onto the mask",
-        )
-        changed = True
+        return None
+    if not (spacing or origin or direction):
+        return False
+    audit.fixed("mask", "geometry differs slightly",
+                f"mask vs image: spacing {spacing:.2g} (relative), origin {origin:.3g} mm, direction {direction:.2g}",
+                "copied the image geometry onto the mask")
+    return True
 
-    values = sitk.GetArrayFromImage(mask)
-    labels = values
-    if np.issubdtype(values.dtype, np.floating):
-        if nonfinite or not np.isfinite(values).all():
-            audit.error("NaN/Inf in mask", f"{path.name}", "replace the mask in the source")
-            return
-        rounded = np.rint(values)
-        off = np.abs(values - rounded)
-        if off.max() > cfg.label_tolerance:
-            bad = np.unique(values[off > cfg.label_tolerance])[:5]
-            audit.error("non-integer labels", f"{path.name}: values like {', '.join(f'{v:.6g}' for v in bad)}",
-                        "the mask looks interpolated; re-export it with nearest-neighbour resampling")
-            return
-        if off.max() > 0:
-            odd = np.unique(values[off > 0])[:3]
-            audit.fixed("mask", "float labels", f"{path.name}: values like {', '.join(repr(float(v)) for v in odd)}",
-                        "rounded to integers")
-            changed = True
-        labels = rounded.astype(np.int64)
+
+def _integer_labels(audit: _CaseAudit, path: Path, values: np.ndarray, nonfinite: int,
+                    cfg: CleanConfig) -> tuple[np.ndarray, bool] | None:
+    """Float masks as integer labels (the quiz set stores 1.0000152587890625), and whether they changed;
+    None (error recorded) for NaN/Inf or values too far from an integer (an interpolated mask)."""
+    if not np.issubdtype(values.dtype, np.floating):
+        return values, False
+    if nonfinite or not np.isfinite(values).all():
+        audit.error("NaN/Inf in mask", f"{path.name}", "replace the mask in the source")
+        return None
+    rounded = np.rint(values)
+    off = np.abs(values - rounded)
+    if off.max() > cfg.label_tolerance:
+        bad = np.unique(values[off > cfg.label_tolerance])[:5]
+        audit.error("non-integer labels", f"{path.name}: values like {', '.join(f'{v:.6g}' for v in bad)}",
+                    "the mask looks interpolated; re-export it with nearest-neighbour resampling")
+        return None
+    if off.max() > 0:
+        odd = np.unique(values[off > 0])[:3]
+        audit.fixed("mask", "float labels", f"{path.name}: values like {', '.join(repr(float(v)) for v in odd)}",
+                    "rounded to integers")
+    return rounded.astype(np.int64), bool(off.max() > 0)
+
+
+def _mapped_labels(audit: _CaseAudit, path: Path, labels: np.ndarray, cfg: CleanConfig) -> tuple[np.ndarray, bool] | None:
+    """Labels after ``clean.label_map`` and ``clean.unknown_labels``, and whether they changed; None
+    (error recorded) for unknown labels the config does not send to background."""
     mapping = kept_labels(cfg.label_map)
     present = np.unique(labels).tolist()
     unknown = sorted(set(present) - set(mapping))
     moved = sorted(k for k in present if k in mapping and mapping[k] != k)
     if moved:
         audit.fixed("mask", "remapped labels", ", ".join(f"{k}->{mapping[k]}" for k in moved), "applied clean.label_map")
-        changed = True
     if unknown:
         shown = ", ".join(str(v) for v in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
-        if cfg.unknown_labels == "background":
-            audit.fixed("mask", "unknown labels", f"{path.name}: values {shown}", "set to background (clean.unknown_labels)")
-            changed = True
-        else:
+        if cfg.unknown_labels != "background":
             audit.error("unknown labels", f"{path.name}: values {shown} (expected {', '.join(map(str, mapping))})",
                         "map them with clean.label_map or set clean.unknown_labels: background")
-            return
-    if moved or unknown:
-        labels = np.select([labels == k for k in mapping], [mapping[k] for k in mapping], 0)
+            return None
+        audit.fixed("mask", "unknown labels", f"{path.name}: values {shown}", "set to background (clean.unknown_labels)")
+    if not (moved or unknown):
+        return labels, False
+    return np.select([labels == k for k in mapping], [mapping[k] for k in mapping], 0), True
+
+
+def _audit_mask(audit: _CaseAudit, path: Path, image: sitk.Image, cfg: CleanConfig) -> None:
+    import SimpleITK as sitk
+
+    if (read := _read_mask(audit, path, image)) is None:
+        return
+    mask, nonfinite = read
+    if (geometry_changed := _geometry_fixable(audit, image, mask, cfg)) is None:
+        return
+    values = sitk.GetArrayFromImage(mask)
+    if (integer := _integer_labels(audit, path, values, nonfinite, cfg)) is None:
+        return
+    if (mapped := _mapped_labels(audit, path, integer[0], cfg)) is None:
+        return
+    labels = mapped[0]
+    changed = geometry_changed or integer[1] or mapped[1]
     if values.dtype != np.uint8:
         audit.fixed("mask", "label type", f"{path.name} stored as {values.dtype}", "stored as uint8")
         changed = True

@@ -112,6 +112,76 @@ def _border_voxel_distances(
     return _nearest(pts[0], pts[1]), _nearest(pts[1], pts[0])
 
 
+_CORNERS = [((i >> 2) & 1, (i >> 1) & 1, i & 1) for i in range(8)]
+
+
+def _cube_faces() -> list[list[int]]:
+    """The six faces of the 2x2x2 neighbourhood, each as its four corner indices in ring order."""
+    index = {c: i for i, c in enumerate(_CORNERS)}
+    faces = []
+    for axis, value in itertools.product(range(3), (0, 1)):
+        ring = []
+        for u, v in ((0, 0), (0, 1), (1, 1), (1, 0)):
+            c = [u, v]
+            c.insert(axis, value)
+            ring.append(index[tuple(c)])
+        faces.append(ring)
+    return faces
+
+
+def _triangulations(poly: tuple[int, ...]) -> list[list[tuple[int, int, int]]]:
+    """Every triangulation of a convex polygon given by its vertex indices."""
+    if len(poly) < 3:
+        return [[]]
+    return [
+        [(poly[0], poly[k], poly[-1]), *left, *right]
+        for k in range(1, len(poly) - 1)
+        for left in _triangulations(poly[: k + 1])
+        for right in _triangulations(poly[k:])
+    ]
+
+
+def _edge_links(inside: set[int], faces: list[list[int]]) -> dict[frozenset[int], list[frozenset[int]]]:
+    """Which cut edges the surface joins on each face; a face with two diagonal inside corners has
+    each corner cut off on its own."""
+    links: dict[frozenset[int], list[frozenset[int]]] = {}
+    for ring in faces:
+        cut = [frozenset(e) for e in zip(ring, ring[1:] + ring[:1]) if (e[0] in inside) != (e[1] in inside)]
+        pairs = [cut] if len(cut) == 2 else []
+        if len(cut) == 4:
+            pairs = [[e for e in cut if corner in e] for corner in ring if corner in inside]
+        for a, b in pairs:
+            links.setdefault(a, []).append(b)
+            links.setdefault(b, []).append(a)
+    return links
+
+
+def _loops(links: dict[frozenset[int], list[frozenset[int]]]) -> list[list[frozenset[int]]]:
+    """The closed polygons the links form, each as its cut edges in order."""
+    loops: list[list[frozenset[int]]] = []
+    seen: set[frozenset[int]] = set()
+    for start in links:
+        if start in seen:
+            continue
+        loop, prev, cur = [start], None, start
+        while (nxt := next(e for e in links[cur] if e != prev)) != start:
+            loop.append(nxt)
+            prev, cur = cur, nxt
+        seen.update(loop)
+        loops.append(loop)
+    return loops
+
+
+def _max_area_vectors(loop: list[frozenset[int]]) -> list[np.ndarray]:
+    """Area vectors of the polygon through the loop's edge midpoints, triangulated to maximum area."""
+    pts = [np.mean([_CORNERS[i] for i in edge], axis=0) for edge in loop]
+    return max(
+        ([np.cross(pts[b] - pts[a], pts[c] - pts[a]) / 2 for a, b, c in tri]
+         for tri in _triangulations(tuple(range(len(pts))))),
+        key=lambda vecs: sum(np.linalg.norm(v) for v in vecs),
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def _surfel_area_vectors() -> np.ndarray:
     """Marching-cubes triangle area vectors for each 2x2x2 neighbourhood code, unit voxels.
@@ -124,67 +194,13 @@ def _surfel_area_vectors() -> np.ndarray:
     corners gets the surface of its complement; each polygon is triangulated to maximum area
     (the triangulation that follows its creases).
     """
-    corners = [((i >> 2) & 1, (i >> 1) & 1, i & 1) for i in range(8)]
-    index = {c: i for i, c in enumerate(corners)}
-    faces = []
-    for axis, value in itertools.product(range(3), (0, 1)):
-        ring = []
-        for u, v in ((0, 0), (0, 1), (1, 1), (1, 0)):
-            c = [u, v]
-            c.insert(axis, value)
-            ring.append(index[tuple(c)])
-        faces.append(ring)
-
-    def triangulations(poly: tuple[int, ...]) -> list[list[tuple[int, int, int]]]:
-        if len(poly) < 3:
-            return [[]]
-        return [
-            [(poly[0], poly[k], poly[-1]), *left, *right]
-            for k in range(1, len(poly) - 1)
-            for left in triangulations(poly[: k + 1])
-            for right in triangulations(poly[k:])
-        ]
-
+    faces = _cube_faces()
     table = np.zeros((256, 4, 3))
     for code in range(1, 255):
         inside = {i for i in range(8) if (code >> (7 - i)) & 1}
         if len(inside) > 4:
             inside = set(range(8)) - inside
-        links: dict[frozenset[int], list[frozenset[int]]] = {}
-        for ring in faces:
-            cut = [
-                frozenset(e)
-                for e in zip(ring, ring[1:] + ring[:1])
-                if (e[0] in inside) != (e[1] in inside)
-            ]
-            pairs = [cut] if len(cut) == 2 else []
-            if len(cut) == 4:  # two diagonal inside corners, each cut off on its own
-                pairs = [[e for e in cut if corner in e] for corner in ring if corner in inside]
-            for a, b in pairs:
-                links.setdefault(a, []).append(b)
-                links.setdefault(b, []).append(a)
-        vectors: list[np.ndarray] = []
-        seen: set[frozenset[int]] = set()
-        for start in links:
-            if start in seen:
-                continue
-            loop, prev, cur = [start], None, start
-            while True:
-                nxt = next(e for e in links[cur] if e != prev)
-                if nxt == start:
-                    break
-                loop.append(nxt)
-                prev, cur = cur, nxt
-            seen.update(loop)
-            pts = [np.mean([corners[i] for i in edge], axis=0) for edge in loop]
-            best = max(
-                (
-                    [np.cross(pts[b] - pts[a], pts[c] - pts[a]) / 2 for a, b, c in tri]
-                    for tri in triangulations(tuple(range(len(pts))))
-                ),
-                key=lambda vecs: sum(np.linalg.norm(v) for v in vecs),
-            )
-            vectors.extend(best)
+        vectors = [v for loop in _loops(_edge_links(inside, faces)) for v in _max_area_vectors(loop)]
         table[code, : len(vectors)] = vectors
     return table
 

@@ -187,45 +187,24 @@ def _explain_failure(exc: BaseException, log_file: Path, dataset_dir: Path) -> s
     return f"nnU-Net preprocessing failed{where}: {reason}{warned}\n  fix: {fix}\n  full nnU-Net output: {log_file}"
 
 
-@project_stage()
-def preprocess(config: Config, *, force: bool = False,
-               on_start: Callable[[], None] = lambda: None) -> PreprocessResult:
-    """Fingerprint, plan with ``config.plan.planner`` and preprocess the configuration to train.
-
-    ``on_start`` is called when nnU-Net is about to run (not when everything is up to date).
-    """
-    dataset_dir = config.dataset_raw_dir
-    if not (dataset_dir / "dataset.json").is_file():
-        raise PreprocessError(f"{dataset_dir}: no prepared dataset; run `pancseg prepare` (and `pancseg clean`) first")
-    dataset_json = layout.read_prepared(dataset_dir)  # damaged: one line, not nnU-Net's JSONDecodeError
+def _up_to_date(config: Config, dataset_json: dict[str, Any], log_file: Path) -> PreprocessResult | None:
+    """The result of the last preprocessing when it was made from the same raw data and settings."""
     out_dir = config.dataset_preprocessed_dir
-    log_file = layout.log_file(config.project_dir, "preprocess.log")
-    state_file = out_dir / layout.STATE_NAME
-    state = raw_state(config)
-    configuration = config.plan.configuration
-
-    saved = None if force else layout.read_state(out_dir)
-    if saved is not None and not saved.get("pending"):
-        plans_file = out_dir / f"{saved['plans_identifier']}.json"
-        if saved.get("state") == state and plans_file.is_file() and (out_dir / saved["data_identifier"]).is_dir():
-            setup_nnunet_env(config)
-            return PreprocessResult(
-                saved["plans_identifier"], out_dir, log_file,
-                _summaries(plans_file, dataset_json, (configuration,)), up_to_date=True,
-            )
-
-    writing(config.project_dir)
-    on_start()
+    saved = layout.read_state(out_dir)
+    if saved is None or saved.get("pending") or saved.get("state") != raw_state(config):
+        return None
+    plans_file = out_dir / f"{saved['plans_identifier']}.json"
+    if not (plans_file.is_file() and (out_dir / saved["data_identifier"]).is_dir()):
+        return None
     setup_nnunet_env(config)
-    log_file.unlink(missing_ok=True)
-    for folder in (dataset_dir / "imagesTr", dataset_dir / "labelsTr", out_dir):  # nnU-Net would count them
-        sweep_partials(folder)
-    state = raw_state(config)
-    _mark_pending(out_dir)
-    _replace_splits(dataset_dir, out_dir)
-    start = time.perf_counter()
-    ds_id = config.dataset.id
-    n = config.plan.num_processes
+    return PreprocessResult(saved["plans_identifier"], out_dir, log_file,
+                            _summaries(plans_file, dataset_json, (config.plan.configuration,)), up_to_date=True)
+
+
+def _run_nnunet(config: Config, log_file: Path) -> str:
+    """nnU-Net's fingerprint, planning and preprocessing, in-process, its output in ``log_file``;
+    returns the plans identifier."""
+    ds_id, n, out_dir = config.dataset.id, config.plan.num_processes, config.dataset_preprocessed_dir
     try:
         with redirect_output(log_file), nnunet_worker_pools(n):
             from nnunetv2.experiment_planning.plan_and_preprocess_api import (
@@ -240,24 +219,50 @@ def preprocess(config: Config, *, force: bool = False,
             with scoped_env("nnUNet_n_proc_DA", str(max(1, int(os.environ["nnUNet_n_proc_DA"])))):
                 plans_identifier = plan_experiments([ds_id], config.plan.planner)
             plans_file = out_dir / f"{plans_identifier}.json"
-            if configuration == SMOKE_CONFIGURATION:
+            if config.plan.configuration == SMOKE_CONFIGURATION:
                 plans = add_smoke_configuration(json.loads(plans_file.read_text(encoding="utf-8")))
                 write_text(json.dumps(plans, indent=4), plans_file)
             # nnU-Net copies labels into gt_segmentations only when newer: stale ones must go.
             shutil.rmtree(out_dir / "gt_segmentations", ignore_errors=True)
-            nnunet_preprocess([ds_id], plans_identifier, configurations=(configuration,), num_processes=(n,),
-                              verbose=False, show_progress_bar=False)
+            nnunet_preprocess([ds_id], plans_identifier, configurations=(config.plan.configuration,),
+                              num_processes=(n,), verbose=False, show_progress_bar=False)
     except (AssertionError, RuntimeError, ValueError, OSError, KeyError, IndexError) as exc:
-        raise PreprocessError(_explain_failure(exc, log_file, dataset_dir)) from exc
+        raise PreprocessError(_explain_failure(exc, log_file, config.dataset_raw_dir)) from exc
+    return plans_identifier
 
+
+@project_stage()
+def preprocess(config: Config, *, force: bool = False,
+               on_start: Callable[[], None] = lambda: None) -> PreprocessResult:
+    """Fingerprint, plan with ``config.plan.planner`` and preprocess the configuration to train.
+
+    ``on_start`` is called when nnU-Net is about to run (not when everything is up to date).
+    """
+    dataset_dir = config.dataset_raw_dir
+    if not (dataset_dir / "dataset.json").is_file():
+        raise PreprocessError(f"{dataset_dir}: no prepared dataset; run `pancseg prepare` (and `pancseg clean`) first")
+    dataset_json = layout.read_prepared(dataset_dir)  # damaged: one line, not nnU-Net's JSONDecodeError
+    out_dir = config.dataset_preprocessed_dir
+    log_file = layout.log_file(config.project_dir, "preprocess.log")
+    if not force and (done := _up_to_date(config, dataset_json, log_file)) is not None:
+        return done
+
+    writing(config.project_dir)
+    on_start()
+    setup_nnunet_env(config)
+    log_file.unlink(missing_ok=True)
+    for folder in (dataset_dir / "imagesTr", dataset_dir / "labelsTr", out_dir):  # nnU-Net would count them
+        sweep_partials(folder)
+    state = raw_state(config)
+    _mark_pending(out_dir)
+    _replace_splits(dataset_dir, out_dir)
+    start = time.perf_counter()
+    plans_identifier = _run_nnunet(config, log_file)
+    plans_file = out_dir / f"{plans_identifier}.json"
     plans = json.loads(plans_file.read_text(encoding="utf-8"))
     data_identifier = plans["configurations"]["3d_fullres"]["data_identifier"]
-    write_text(
-        json.dumps({"state": state, "plans_identifier": plans_identifier, "configuration": configuration,
-                    "data_identifier": data_identifier}, indent=2),
-        state_file,
-    )
-    return PreprocessResult(
-        plans_identifier, out_dir, log_file, _summaries(plans_file, dataset_json, (configuration,)),
-        seconds=time.perf_counter() - start,
-    )
+    write_text(json.dumps({"state": state, "plans_identifier": plans_identifier, "configuration": config.plan.configuration,
+                           "data_identifier": data_identifier}, indent=2), out_dir / layout.STATE_NAME)
+    return PreprocessResult(plans_identifier, out_dir, log_file,
+                            _summaries(plans_file, dataset_json, (config.plan.configuration,)),
+                            seconds=time.perf_counter() - start)
