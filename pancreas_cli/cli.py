@@ -367,28 +367,24 @@ def evaluate(
     if json_:
         output.json(result.summary)
         return
-    output.table("evaluation", ["metric", "mean", "median", "95% CI", "target", "pass"], _summary_rows(result.summary))
+    output.table("evaluation", ["metric", "mean", "median", "95% CI", "target", "result"], _summary_rows(result.summary))
     output.result(f"{count(len(result.cases), 'case')}; per case: {result.per_case_csv}; summary: {result.summary_json}")
 
 
-def _passed(target: dict[str, Any] | None) -> str:
-    if target is None:
-        return ""
-    return "n/a" if target["passed"] is None else ("yes" if target["passed"] else "NO")
-
-
 def _summary_rows(summary: dict[str, Any]) -> list[tuple[Any, ...]]:
+    from pancreas_cli.evaluation import verdict
+
     rows: list[tuple[Any, ...]] = []
     targets = summary["targets"]
     for key, stats in summary["segmentation"].items():
         ci = "" if stats["ci95_low"] is None else f"{stats['ci95_low']:.3f}-{stats['ci95_high']:.3f}"
         target = targets.get(key)
         rows.append((key, stats["mean"], stats["median"], ci, target["target"] if target else "",
-                     _passed(target)))
+                     verdict(target)))
     cls = summary["classification"]
     if cls:
         target = targets["macro_f1"]
-        rows.append(("macro_f1", cls["macro_f1"], "", "", target["target"], _passed(target)))
+        rows.append(("macro_f1", cls["macro_f1"], "", "", target["target"], verdict(target)))
         rows.append(("accuracy", cls["accuracy"], "", "", "", ""))
     return rows
 

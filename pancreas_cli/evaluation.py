@@ -89,6 +89,16 @@ def _is_value(text: str) -> bool:
     return True
 
 
+def verdict(target: dict[str, Any] | None) -> str:
+    """The one wording of a target's outcome, in the CLI's table and the report alike: "pass",
+    "FAIL" (upper case: it is what a reader scans for), "n/a" when there was no value, "" without a target."""
+    if target is None:
+        return ""
+    if target.get("passed") is None:
+        return "n/a"
+    return "pass" if target["passed"] else "FAIL"
+
+
 def _is_num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pancreas_cli.config import Config, dump_config
-from pancreas_cli.evaluation import PER_CASE_NAME, SUMMARY_NAME, load_per_case, load_summary
+from pancreas_cli.evaluation import PER_CASE_NAME, SUMMARY_NAME, load_per_case, load_summary, verdict
 from pancreas_cli.exceptions import DataError, OutputExistsError
 from pancreas_cli.imageio import IMAGE_EXTENSIONS, atomic_target, publish, read_image, write_text
 from pancreas_cli.layout import METRICS_NAME, fold_folder, model_folder
@@ -324,20 +324,22 @@ def _training_section(inputs: _Inputs, fold: int, png: Path, result: ReportResul
             _img_tag(png, "training curves")]
 
 
+_VERDICT_CLASS = {"pass": "pass", "FAIL": "fail"}  # the table cell's CSS class
+
+
 def _summary_table(summary: dict[str, Any]) -> str:
     rows, classes = [], []
     for key, stats in summary["segmentation"].items():
         target = summary["targets"].get(key)
         ci = "-" if stats["ci95_low"] is None else f"{stats['ci95_low']:.3f} - {stats['ci95_high']:.3f}"
-        passed = None if not target or target["passed"] is None else ("pass" if target["passed"] else "FAIL")
-        rows.append([key, stats["mean"], stats["median"], ci, target["target"] if target else None, passed])
-        classes.append("" if passed is None else ("pass" if passed == "pass" else "fail"))
+        passed = verdict(target)
+        rows.append([key, stats["mean"], stats["median"], ci, target["target"] if target else None, passed or None])
+        classes.append(_VERDICT_CLASS.get(passed, ""))
     cls = summary.get("classification")
     if cls:
         target = summary["targets"]["macro_f1"]
-        rows.append(["macro_f1 (subtype)", cls["macro_f1"], None, "-", target["target"],
-                     "pass" if target["passed"] else "FAIL"])
-        classes.append("pass" if target["passed"] else "fail")
+        rows.append(["macro_f1 (subtype)", cls["macro_f1"], None, "-", target["target"], verdict(target)])
+        classes.append(_VERDICT_CLASS.get(verdict(target), ""))
         rows.append(["accuracy (subtype)", cls["accuracy"], None, "-", None, None])
         classes.append("")
     return _table(["metric", "mean", "median", "95% CI (bootstrap)", "target", "result"], rows, classes)
@@ -366,7 +368,7 @@ def _evaluation_section(inputs: _Inputs, png_stem: Path, result: ReportResult) -
     for key, t in summary["targets"].items():
         if t["value"] is not None:
             result.summary_lines.append(f"{key}: {t['value']:.4f} (target {t['target']}: "
-                                        f"{'pass' if t['passed'] else 'FAIL'})")
+                                        f"{verdict(t)})")
     parts.append("<h2 id='overlays'>Examples</h2>")
     if inputs.overlays:
         png = overlay_figure(inputs.overlays, png_stem.with_name(f"{png_stem.name}_overlays.png"))
