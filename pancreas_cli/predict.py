@@ -518,13 +518,18 @@ def _derived_outputs(result: PredictResult, cases: list[InputCase], outputs: Out
         missing = outputs.missing(result.out_dir, outcome.case)
         if outcome.status == "failed" or not missing:
             continue
-        case = by_case[outcome.case]
+        case, errors = by_case[outcome.case], []
         try:
-            mask = read_image(result.out_dir / f"{case.case}.nii.gz", verify=True)
-            write_derived(result.out_dir, case.case, missing, _read_input(case), mask, outcome.probabilities,
-                          case.files)
-        except (DataError, RuntimeError, ValueError) as exc:
-            outcome.status, outcome.error = "failed", f"writing its {', '.join(missing)}: {exc}"
+            mask, ct = read_image(result.out_dir / f"{case.case}.nii.gz", verify=True), _read_input(case)
+        except DataError as exc:
+            missing, errors = [], [f"its {', '.join(missing)}: {exc}"]
+        for name in missing:  # each on its own: one that cannot be written does not keep the others
+            try:
+                write_derived(result.out_dir, case.case, [name], ct, mask, outcome.probabilities, case.files)
+            except (DataError, RuntimeError, ValueError) as exc:
+                errors.append(f"its {name}: {str(exc).removeprefix(f'{case.source}: ')}")
+        if errors:
+            outcome.status, outcome.error = "failed", "; ".join(errors)
 
 
 def _checked_inputs(input_path: Path, out_dir: Path, series: str | None,

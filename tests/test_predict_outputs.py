@@ -103,3 +103,23 @@ def test_nnunets_engine_saves_probabilities_without_pickles(trained_project: Pat
     assert not (tmp_path / "seg").exists()
     unknown = runner.invoke(app, ["predict", "-i", str(source), "-o", str(tmp_path / "x"), "--output-format", "png"])
     assert unknown.exit_code == 2 and "must be nifti or dicom-seg" in unknown.output
+
+
+def test_an_output_that_cannot_be_written_fails_the_case_but_keeps_the_rest(trained_project: Path, runner: CliRunner,
+                                                                         tmp_path: Path) -> None:
+    """A series whose UIDs an anonymiser blanked cannot get a SEG: the case fails with the reason, its mask
+    and statistics are kept."""
+    import pydicom
+
+    image = sitk.ReadImage(str(_scan(trained_project)))
+    exam = write_dicom_series(sitk.GetArrayFromImage(image).astype(np.int16), tmp_path / "anon", image.GetSpacing())
+    for file in exam.iterdir():
+        dataset = pydicom.dcmread(file)
+        dataset.SOPInstanceUID = dataset.SeriesInstanceUID = dataset.StudyInstanceUID = ""
+        dataset.save_as(file)
+    out = tmp_path / "out"
+    result, _ = _predict(runner, trained_project, exam, out, "--fast", "--statistics", "--output-format", "dicom-seg")
+    assert result.exit_code == 1
+    assert f"{exam}: its dicom-seg: its DICOM files have no SOPInstanceUID, StudyInstanceUID" in result.stderr
+    assert (out / "anon.nii.gz").is_file() and (out / "statistics" / "anon.json").is_file()
+    assert not (out / "dicom_seg").exists() or not any((out / "dicom_seg").iterdir())
