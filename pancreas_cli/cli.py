@@ -316,17 +316,31 @@ def predict(
     series: Annotated[str | None, typer.Option("--series", help="The series of a DICOM folder to segment (default: "
                                                "the one with the most slices).", metavar="UID")] = None,
     trust_model: TrustModelOption = False,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write each case's class "
+                                                     "probabilities (probabilities/CASE.nii.gz, 4D float32).")] = False,
+    statistics: Annotated[bool, typer.Option("--statistics", help="Also write volumes, lesion diameter, HU and "
+                                             "subtype per case (statistics/CASE.json, statistics.csv).")] = False,
+    preview: Annotated[bool, typer.Option("--preview", help="Also draw three slices with the mask per case "
+                                          "(preview/CASE.png, preview/index.html).")] = False,
+    output_format: Annotated[str, typer.Option("--output-format", help="nifti, or dicom-seg: also a DICOM SEG of "
+                                               "a DICOM series (dicom_seg/CASE.dcm).")] = "nifti",
     json_: JsonOption = False,
 ) -> None:
     """Predict masks (labels 0/1/2) and lesion subtypes (subtype_results.csv) for new CT scans."""
+    from pancreas_cli.outputs import OUTPUT_FORMATS, Outputs
     from pancreas_cli.predict import predict as run_predict
     from pancreas_cli.progress import CasePrinter
 
     if checkpoint not in (None, "best", "final"):
         raise typer.BadParameter(f"must be best or final, got {checkpoint!r}", param_hint="--checkpoint")
+    if output_format not in OUTPUT_FORMATS:
+        raise typer.BadParameter(f"must be {' or '.join(OUTPUT_FORMATS)}, got {output_format!r}",
+                                 param_hint="--output-format")
     cfg = _config(config, set_, **{"predict.device": device, "predict.checkpoint": checkpoint})
+    outputs = Outputs(save_probabilities, statistics, preview, output_format == "dicom-seg")
     result = run_predict(cfg, input_path=input_, out_dir=out, folds=fold, fast=fast, overwrite=force, series=series,
-                         reporter=CasePrinter(quiet=output.verbosity < 0), warn=output.warn, trust_model=trust_model)
+                         reporter=CasePrinter(quiet=output.verbosity < 0), warn=output.warn, trust_model=trust_model,
+                         outputs=outputs)
     if json_:
         output.json(result.to_dict())
     else:
@@ -336,6 +350,8 @@ def predict(
                       + f", {result.count('skipped')} skipped (already done), "
                       f"{len(result.failed)} failed -> {result.out_dir}"
                       + (f"; subtypes: {result.subtype_csv}" if result.subtype_csv else ""))
+        for name, path in result.summaries.items():
+            output.result(f"{name}: {path}")
     for failure in result.failed:
         output.error(f"{failure.source}: {failure.error}")
     if result.failed:

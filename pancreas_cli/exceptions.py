@@ -114,3 +114,7 @@ class TrainingInterrupted(PancsegError):
     """Training was stopped by the user (Ctrl-C) after saving a checkpoint."""
 
     exit_code = 130
+
+
+class MissingDependencyError(PancsegError):
+    """An optional library that a requested output needs is not installed (the message names the extra)."""

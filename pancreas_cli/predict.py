@@ -41,6 +41,9 @@ from pancreas_cli.inference.reading import nnunet_input, reads_like_simpleitk
 from pancreas_cli.inference.window import WindowStats
 from pancreas_cli.logcapture import redirect_output
 from pancreas_cli.nnunet_env import setup_nnunet_env
+from pancreas_cli.outputs import FOLDERS, Outputs, rebuild_summaries, remove_outputs, write_derived
+from pancreas_cli.outputs.dicomseg import require_highdicom
+from pancreas_cli.outputs.probabilities import probabilities_path, write_probabilities
 from pancreas_cli.records import SIDECAR_DIR, read_record, subtype_probabilities, write_record
 from pancreas_cli.subtypes import case_id, image_name, subtype_of, write_predictions
 
@@ -100,6 +103,7 @@ class PredictResult:
     subtype_csv: Path | None = None
     engine: str = "pancseg"
     seconds: float = 0.0  # wall time of the cases predicted (model loading excluded)
+    summaries: dict[str, Path] = field(default_factory=dict)  # statistics.csv, preview/index.html
 
     def cases_per_minute(self) -> float | None:
         done = self.count("predicted")
@@ -120,6 +124,7 @@ class PredictResult:
             "subtype_csv": str(self.subtype_csv.resolve()) if self.subtype_csv else None,
             "log_file": str(self.log_file) if self.log_file else None,
             "engine": self.engine, "seconds": round(self.seconds, 3), "cases_per_minute": self.cases_per_minute(),
+            "summaries": {name: str(path.resolve()) for name, path in self.summaries.items()},
             "cases": [{"case": o.case, "status": o.status, "seconds": round(o.seconds, 3), "subtype": o.subtype,
                        "probabilities": o.probabilities, "times": {k: round(v, 3) for k, v in o.times.items()},
                        "warnings": o.warnings,
@@ -397,7 +402,7 @@ def sweep_leftovers(out_dir: Path) -> None:
     predict owns them then."""
     if not out_dir.is_dir():
         return
-    for folder in (out_dir, out_dir / SIDECAR_DIR):
+    for folder in (out_dir, out_dir / SIDECAR_DIR, *(out_dir / name for name in FOLDERS)):
         sweep_partials(folder)
     for scratch in out_dir.glob(".scratch*"):
         if scratch.is_dir():
@@ -436,6 +441,7 @@ def predict(
     reporter: CaseReporter | None = None,
     warn: Callable[[str], None] = lambda text: None,
     trust_model: bool = False,
+    outputs: Outputs = Outputs(),
 ) -> PredictResult:
     """Predict every case under ``input_path`` into ``out_dir``.
 
@@ -444,11 +450,13 @@ def predict(
     masks are refused with :class:`OutputExistsError` before anything is written. Masks pancseg
     did not write (ground truth, another tool's) and input scans are never replaced. ``series``
     names the series of a DICOM folder to segment. ``trust_model``: load the checkpoints in full,
-    not only what nnU-Net's hold (see :mod:`pancreas_cli.checkpoints`).
+    not only what nnU-Net's hold (see :mod:`pancreas_cli.checkpoints`). ``outputs``: the optional
+    outputs (:mod:`pancreas_cli.outputs`), added to finished cases too.
     """
     settings = config.predict
     checkpoint_name = layout.checkpoint_name(checkpoint or settings.checkpoint)
     cases = _checked_inputs(input_path, out_dir, series, warn)
+    _check_outputs(cases, outputs)
     writable = project_writable(config.project_dir)
     with contextlib.ExitStack() as held:
         if writable:  # no preprocess meanwhile (a read-only project cannot be preprocessed by us anyway)
@@ -471,19 +479,57 @@ def predict(
         records = {c.case: read_record(out_dir, c.case) for c in cases}
         todo = _cases_to_predict(out_dir, cases, records, stamp, multitask, overwrite=overwrite,
                                  replace_outdated=replace_outdated, warn=warn)
+        if outputs.probabilities:  # only the network gives them: such cases are predicted again
+            todo += [c for c in cases if c not in todo and not probabilities_path(out_dir, c.case).is_file()]
         log_file = predict_log(config.project_dir, out_dir, writable)
         result = PredictResult(out_dir, model_dir, folds, str(device), log_file, engine=settings.engine)
         (out_dir / SIDECAR_DIR).mkdir(parents=True, exist_ok=True)
         _rebuild(out_dir, stamp, multitask)  # a killed run's CSVs may disagree with its masks
+        rebuild_summaries(out_dir)
         for case in cases:
             if case not in todo:
                 found = subtype_probabilities(records[case.case])
                 result.outcomes.append(CaseOutcome(case.case, case.source, "skipped", subtype=_subtype(found),
                                                    probabilities=found))
         if todo:
-            _predict_cases(config, result, todo, stamp, device, log_file, reporter, warn, trust_model)
+            _predict_cases(config, result, todo, stamp, device, log_file, reporter, warn, trust_model,
+                           outputs.probabilities)
         result.subtype_csv = _rebuild(out_dir, stamp, multitask)
+        _derived_outputs(result, cases, outputs)
+        result.summaries = rebuild_summaries(out_dir)
         return result
+
+
+def _check_outputs(cases: list[InputCase], outputs: Outputs) -> None:
+    """Refuse what cannot be written, before anything is: a DICOM SEG references a DICOM series."""
+    if outputs.dicom_seg:
+        require_highdicom()
+        images = [c for c in cases if not c.dicom]
+        if images:
+            raise PredictError(f"{images[0].source}: --output-format dicom-seg needs a DICOM series folder as input "
+                               "(a SEG references the series' images); for image files leave it out")
+
+
+def _derived_outputs(result: PredictResult, cases: list[InputCase], outputs: Outputs) -> None:
+    """Statistics, previews and DICOM SEGs that the cases' masks lack, from the masks and the scans (not
+    the network); a case whose outputs cannot be written fails with the reason (its mask stays)."""
+    by_case = {c.case: c for c in cases}
+    for outcome in result.outcomes:
+        missing = outputs.missing(result.out_dir, outcome.case)
+        if outcome.status == "failed" or not missing:
+            continue
+        case, errors = by_case[outcome.case], []
+        try:
+            mask, ct = read_image(result.out_dir / f"{case.case}.nii.gz", verify=True), _read_input(case)
+        except DataError as exc:
+            missing, errors = [], [f"its {', '.join(missing)}: {exc}"]
+        for name in missing:  # each on its own: one that cannot be written does not keep the others
+            try:
+                write_derived(result.out_dir, case.case, [name], ct, mask, outcome.probabilities, case.files)
+            except (DataError, RuntimeError, ValueError) as exc:
+                errors.append(f"its {name}: {str(exc).removeprefix(f'{case.source}: ')}")
+        if errors:
+            outcome.status, outcome.error = "failed", "; ".join(errors)
 
 
 def _checked_inputs(input_path: Path, out_dir: Path, series: str | None,
@@ -526,9 +572,10 @@ def _rebuild(out_dir: Path, stamp: dict[str, Any], multitask: bool) -> Path | No
 
 def _predict_cases(config: Config, result: PredictResult, todo: list[InputCase], stamp: dict[str, Any],
                    device: torch.device, log_file: Path, reporter: CaseReporter | None,
-                   warn: Callable[[str], None], trust_model: bool = False) -> None:
-    """Load the model and predict ``todo`` into ``result`` (nnU-Net's output into ``log_file``),
-    rebuilding the CSVs after each case, and when stopped (the cases finished so far)."""
+                   warn: Callable[[str], None], trust_model: bool = False, probabilities: bool = False) -> None:
+    """Load the model and predict ``todo`` into ``result`` (nnU-Net's output into ``log_file``; with
+    ``probabilities``, the class probabilities too), rebuilding the CSVs after each case, and when
+    stopped (the cases finished so far)."""
     out_dir, multitask = result.out_dir, config.train.task == "multitask"
     with redirect_output(log_file) as terminal, \
             tempfile.TemporaryDirectory(dir=out_dir, prefix=PARTIAL_PREFIX) as scratch:
@@ -540,7 +587,7 @@ def _predict_cases(config: Config, result: PredictResult, todo: list[InputCase],
                                f"nnU-Net log: {log_file}") from exc
         notify = reporter.warn if reporter is not None else warn  # the terminal: stderr is the log now
         runner = _CaseRunner(predictor, out_dir, Path(scratch), multitask, stamp, device, reporter, notify,
-                             config.clean.hu_range)
+                             config.clean.hu_range, probabilities)
         if reporter is not None:
             reporter.start(len(todo), terminal)
         start = time.perf_counter()
@@ -604,11 +651,12 @@ class _CaseRunner:
 
     def __init__(self, predictor: Any, out_dir: Path, scratch: Path, multitask: bool, stamp: dict[str, Any],
                  device: torch.device, reporter: CaseReporter | None, notify: Callable[[str], None],
-                 hu_range: tuple[float, float]) -> None:
+                 hu_range: tuple[float, float], probabilities: bool = False) -> None:
         from pancreas_cli.inference.resample import DeviceResampling
 
         self.predictor, self.out_dir, self.scratch, self.multitask = predictor, out_dir, scratch, multitask
         self.stamp, self.reporter, self.notify, self.hu_range = stamp, reporter, notify, hu_range
+        self.probabilities = probabilities
         self.fast = predictor.window is not None
         manager = predictor.configuration_manager
         self.manager = DeviceResampling(manager, device) if self.fast else manager
@@ -666,18 +714,21 @@ class _CaseRunner:
             ready["probabilities"] = ([float(p) for p in predictor.case_class_probabilities[-1]]
                                       if self.multitask else None)
             start = time.perf_counter()
-            ready["mask"] = self._mask(logits, ready["properties"]) if self.fast else logits.cpu()
+            ready["mask"], ready["maps"] = self._mask(logits, ready["properties"]) if self.fast else (logits.cpu(), None)
             ready["export"] = time.perf_counter() - start
             return ready
         except (RuntimeError, ValueError) as exc:
             return Finished(_failed(case, exc, start - ready["read"]))
 
-    def _mask(self, logits: torch.Tensor, properties: dict[str, Any]) -> Any:
-        from pancreas_cli.inference.export import segmentation_from_logits
+    def _mask(self, logits: torch.Tensor, properties: dict[str, Any]) -> tuple[Any, Any]:
+        """The mask, and the class probabilities on its grid when asked for (else None)."""
+        from pancreas_cli.inference.export import segmentation_and_probabilities, segmentation_from_logits
 
         predictor = self.predictor
-        return segmentation_from_logits(logits, properties, predictor.plans_manager, self.manager,
-                                        predictor.label_manager)
+        arguments = (logits, properties, predictor.plans_manager, self.manager, predictor.label_manager)
+        if self.probabilities:
+            return segmentation_and_probabilities(*arguments)
+        return segmentation_from_logits(*arguments), None
 
     def write(self, case: InputCase, done: dict[str, Any]) -> CaseOutcome:
         start = time.perf_counter()
@@ -690,28 +741,53 @@ class _CaseRunner:
 
                 write_segmentation(done["mask"], done["properties"], predictor.plans_manager, predictor.dataset_json,
                                    partial)
+            elif self.probabilities:
+                self._export_with_probabilities(done, partial)
             else:
                 from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
                 export_prediction_from_logits(done["mask"], done["properties"], predictor.configuration_manager,
                                               predictor.plans_manager, predictor.dataset_json, str(partial), False)
+            if done["maps"] is not None:
+                write_probabilities(done.pop("maps"), Path(f"{partial}.nii.gz"), self._maps_file(case))
             self._replace(case, done, partial)
         except (DataError, RuntimeError, ValueError, OSError) as exc:
             return _failed(case, exc, start - done["read"] - done["network"] - done["export"])
         finally:
             Path(f"{partial}.nii.gz").unlink(missing_ok=True)
+            self._maps_file(case).unlink(missing_ok=True)
         times = {"read": done["read"], "network": done["network"],
                  "export": done["export"] + time.perf_counter() - start}
         return CaseOutcome(case.case, case.source, "predicted", sum(times.values()), _subtype(done["probabilities"]),
                            done["probabilities"], times=times, window=done["window"], warnings=done["warnings"])
 
+    def _export_with_probabilities(self, done: dict[str, Any], partial: Path) -> None:
+        """nnU-Net's ``export_prediction_from_logits`` with probabilities, without its ``.npz`` and ``.pkl``."""
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+        from pancreas_cli.inference.export import write_segmentation
+
+        predictor = self.predictor
+        segmentation, done["maps"] = convert_predicted_logits_to_segmentation_with_correct_shape(
+            done.pop("mask"), predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
+            done["properties"], return_probabilities=True)
+        write_segmentation(segmentation, done["properties"], predictor.plans_manager, predictor.dataset_json, partial)
+
+    def _maps_file(self, case: InputCase) -> Path:
+        return self.scratch / case.case / "probabilities.nii.gz"
+
     def _replace(self, case: InputCase, done: dict[str, Any], partial: Path) -> None:
-        """The mask into place, its record marked pending meanwhile: a run stopped in between redoes the case."""
+        """The mask (and its probabilities) into place, its record marked pending meanwhile and the case's
+        older optional outputs removed: a run stopped in between redoes the case."""
         record = {"case": case.case, "source": str(case.source), "source_stamp": done["scan"],
                   "probabilities": done["probabilities"], "model": self.stamp,
                   **({"series": case.series} if case.dicom else {})}
         write_record(self.out_dir, case.case, {**record, "pending": True})
+        remove_outputs(self.out_dir, case.case)
         os.replace(f"{partial}.nii.gz", self.out_dir / f"{case.case}.nii.gz")
+        if self._maps_file(case).is_file():
+            probabilities_path(self.out_dir, case.case).parent.mkdir(exist_ok=True)
+            os.replace(self._maps_file(case), probabilities_path(self.out_dir, case.case))
         write_record(self.out_dir, case.case, record)
 
 

@@ -85,3 +85,10 @@ def read_records(pred_dir: Path, cases: list[str]) -> dict[str, dict[str, Any]]:
                             "predict` again to finish it")
         records[case] = record
     return records
+
+
+def finished(out_dir: Path, case: str) -> bool:
+    """Whether ``case`` has a mask in ``out_dir`` whose record is complete (not pending a replacement):
+    what the files derived from a mask (CSVs, statistics, previews) may describe."""
+    record = read_record(out_dir, case)
+    return bool(record) and not record.get("pending") and (out_dir / f"{case}.nii.gz").is_file()

@@ -22,12 +22,13 @@ import numpy as np
 from pancreas_cli.config import Config, dump_config
 from pancreas_cli.evaluation import PER_CASE_NAME, SUMMARY_NAME, load_per_case, load_summary, verdict
 from pancreas_cli.exceptions import DataError, OutputExistsError
-from pancreas_cli.imageio import IMAGE_EXTENSIONS, atomic_target, publish, read_image, write_text
+from pancreas_cli.figures import contour_labels, default_style, show_ct
+from pancreas_cli.figures import save_figure as _save
+from pancreas_cli.imageio import IMAGE_EXTENSIONS, read_image, write_text
 from pancreas_cli.layout import METRICS_NAME, fold_folder, model_folder
 from pancreas_cli.multitask.history import REPORTED_COLUMNS, read_metrics
 from pancreas_cli.subtypes import image_name
 
-CT_WINDOW = (-150.0, 250.0)  # abdominal soft-tissue window (HU)
 _TITLE = "<title>pancseg report: "  # how a report is recognised before it is replaced
 
 
@@ -46,18 +47,6 @@ class ReportResult:
 def _floats(rows: list[dict[str, Any]], key: str) -> np.ndarray:
     """Column ``key`` of metrics.csv or metrics_per_case.csv rows (numbers; NaN where not measured)."""
     return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=np.float64)
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_target(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-            publish(tmp, path)
-    finally:
-        plt.close(fig)
-    return path
 
 
 def training_figure(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -186,13 +175,10 @@ def overlay_figure(cases: list[OverlaySlice], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 5), squeeze=False)
     for ax, case in zip(axes[0], cases):
-        ax.imshow(np.clip(case.ct, *CT_WINDOW), cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1])
+        show_ct(ax, case.ct)
         for mask, color in ((case.gt, "lime"), (case.pred, "red")):
-            for structure, style in (((mask > 0), "solid"), ((mask == 2), "dashed")):
-                if structure.any():
-                    ax.contour(structure.astype(float), levels=[0.5], colors=color, linestyles=style, linewidths=1.2)
+            contour_labels(ax, mask, color)
         ax.set_title(f"{case.title}: {case.case} (slice {case.z})")
-        ax.axis("off")
     fig.text(0.5, 0.01, "green: ground truth, red: prediction; solid: pancreas, dashed: lesion", ha="center")
     return _save(fig, path)
 
@@ -264,12 +250,7 @@ def report(
     The evaluation is read from ``metrics_dir`` (where ``pancseg evaluate -o`` wrote it), by default
     ``pred_dir`` (where it writes without ``-o``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # nnU-Net's progress plot changes matplotlib's global style (seaborn, font scale 2.5) in this
-    # process: draw with the defaults.
-    with matplotlib.rc_context(matplotlib.rcParamsDefault):
+    with default_style():  # not the style nnU-Net's progress plot left in this process
         return _write_report(config, fold, out_html, pred_dir, gt_dir, images_dir, metrics_dir or pred_dir)
 
 

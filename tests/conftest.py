@@ -176,3 +176,25 @@ def held_elsewhere(lock: Callable[[], Any], *, writing: Path | None = None) -> I
         os.close(ready_r)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def write_dicom_series(volume: np.ndarray, folder: Path, spacing: tuple[float, float, float] = (0.8, 0.8, 2.5),
+                       uid: str = "1.2.826.0.1.3680043.2.1125.7") -> Path:
+    """A synthetic CT series of (z, y, x) int16 ``volume``, one file per slice (SimpleITK's writer), with
+    the UIDs a DICOM SEG references."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    ids = {"0020|000d": f"{uid}.1", "0020|000e": f"{uid}.2", "0020|0052": f"{uid}.3",
+           "0008|0016": "1.2.840.10008.5.1.4.1.1.2"}  # study, series, frame of reference, CT Image Storage
+    for k, plane in enumerate(volume):
+        image = sitk.GetImageFromArray(plane)
+        image.SetSpacing(spacing[:2])
+        tags = {**ids, "0008|0018": f"{uid}.4.{k + 1}", "0008|0060": "CT", "0020|0013": str(k + 1),
+                "0020|0032": f"-20\\-30\\{k * spacing[2]}", "0020|0037": "1\\0\\0\\0\\1\\0",
+                "0018|0050": str(spacing[2]), "0008|103e": "synthetic CT", "0010|0020": "P1"}
+        for key, value in tags.items():
+            image.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(image)
+    return folder

@@ -33,7 +33,9 @@ CHAINS = {
 OWNED_NAMES = {
     "SUBTYPES": "subtypes", "CHANNEL": "subtypes", "TRAINERS": "layout", "CHECKPOINTS": "layout",
     "METRICS_NAME": "layout", "STATE_NAME": "layout", "METRICS_COLUMNS": "multitask.history",
-    "SIDECAR_DIR": "records", "PER_CASE_COLUMNS": "evaluation",
+    "SIDECAR_DIR": "records", "PER_CASE_COLUMNS": "evaluation", "CT_WINDOW": "figures",
+    "PROBABILITIES_DIR": "outputs.probabilities", "STATISTICS_DIR": "outputs.statistics",
+    "STATISTICS_NAME": "outputs.statistics", "PREVIEW_DIR": "outputs.preview", "DICOM_SEG_DIR": "outputs.dicomseg",
 }
 #: File names that stages hand to each other, and the one module that may spell them out.
 OWNED_STRINGS = {
