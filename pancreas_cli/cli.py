@@ -30,7 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     # Boxed help and usage errors on a terminal; plain text in Colab `!` cells, CI logs and pipes.
     rich_markup_mode="rich" if sys.stdout.isatty() else None,
-    add_completion=False,
+    add_completion=True,  # --install-completion and --show-completion (bash, zsh, fish, PowerShell)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -494,8 +494,8 @@ def doctor(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (``python -m pancreas_cli`` too: completion scripts name ``pancseg``)."""
+    app(prog_name="pancseg")
 
 
 if __name__ == "__main__":
