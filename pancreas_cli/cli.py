@@ -343,30 +343,53 @@ def predict(
         raise typer.Exit(1)
 
 
+def _one_fold(value: str | None, option: str = "--fold") -> int | None:
+    """``--fold N`` as a number, ``all`` as None."""
+    if value == "all":
+        return None
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise typer.BadParameter(f"a fold number or 'all', got {value!r}", param_hint=option) from None
+
+
 @app.command()
 @handle_errors
 def evaluate(
-    pred: Annotated[Path, typer.Option("--pred", help="Folder of predicted masks (and subtype_results.csv).")],
-    gt: Annotated[Path, typer.Option("--gt", help="Folder of ground-truth masks.")],
+    pred: Annotated[Path | None, typer.Option("--pred", help="Folder of predicted masks (and subtype_results.csv).")] = None,
+    gt: Annotated[Path | None, typer.Option("--gt", help="Folder of ground-truth masks.")] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
+    fold: Annotated[str | None, typer.Option("--fold", "-f", help="Instead of --pred/--gt: a trained fold's validation "
+                                             "(N), or every fold pooled (all).", metavar="N|all")] = None,
     subtypes: Annotated[Path | None, typer.Option("--subtypes", help="True subtypes: CSV case_id,subtype or Names,Subtype.")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Count missing predictions as empty.")] = False,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the metrics (default: --pred).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the metrics (default: --pred, or the fold's folder).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace metrics of other inputs in the output folder.")] = False,
     json_: JsonOption = False,
 ) -> None:
     """Dice, IoU, NSD, HD95, volumes and subtype metrics, with bootstrap CIs and target pass/fail."""
-    from pancreas_cli.evaluate import evaluate as run_evaluate
+    from pancreas_cli import evaluate as stage
 
-    cfg = _config(config, set_, optional=True)
-    result = run_evaluate(cfg, pred_dir=pred, gt_dir=gt, subtypes_csv=subtypes, allow_missing=allow_missing,
-                          out_dir=out, force=force)
+    if fold is None:
+        if pred is None or gt is None:
+            raise typer.BadParameter("pass --pred and --gt, or --fold N|all", param_hint="--pred/--gt/--fold")
+        result = stage.evaluate(_config(config, set_, optional=True), pred_dir=pred, gt_dir=gt, subtypes_csv=subtypes,
+                                allow_missing=allow_missing, out_dir=out, force=force)
+    elif pred or gt or subtypes or allow_missing:
+        raise typer.BadParameter("--fold reads the fold's own predictions, ground truth and subtypes: leave out "
+                                 "--pred, --gt, --subtypes and --allow-missing", param_hint="--fold")
+    elif (number := _one_fold(fold)) is None:
+        result = stage.evaluate_folds(_config(config, set_), out_dir=out, force=force)
+    else:
+        result = stage.evaluate_fold(_config(config, set_), number, out_dir=out, force=force)
     for note in result.notes:
         output.warn(note)
     if json_:
         output.json(result.summary)
         return
+    if result.folds:
+        output.table("cross-validation", list(result.folds[0]), [tuple(r.values()) for r in result.folds])
     output.table("evaluation", ["metric", "mean", "median", "95% CI", "target", "pass"], _summary_rows(result.summary))
     output.result(f"{count(len(result.cases), 'case')}; per case: {result.per_case_csv}; summary: {result.summary_json}")
 

@@ -23,7 +23,7 @@ from pancreas_cli.config import Config, dump_config
 from pancreas_cli.evaluation import PER_CASE_NAME, SUMMARY_NAME, load_per_case, load_summary
 from pancreas_cli.exceptions import DataError, OutputExistsError
 from pancreas_cli.imageio import IMAGE_EXTENSIONS, atomic_target, publish, read_image, write_text
-from pancreas_cli.layout import METRICS_NAME, fold_folder, model_folder
+from pancreas_cli.layout import METRICS_NAME, VALIDATION_DIR, fold_folder, fold_validation, model_folder
 from pancreas_cli.multitask.history import REPORTED_COLUMNS, read_metrics
 from pancreas_cli.subtypes import image_name
 
@@ -262,15 +262,26 @@ def report(
     """Write the HTML report and its PNGs; sections without their inputs say what to run.
 
     The evaluation is read from ``metrics_dir`` (where ``pancseg evaluate -o`` wrote it), by default
-    ``pred_dir`` (where it writes without ``-o``).
+    ``pred_dir`` (where it writes without ``-o``). Given none of the folders, the report is the fold's
+    own: its validation, evaluated by ``pancseg evaluate --fold``, with its ground truth and CT.
     """
     import matplotlib
 
+    if pred_dir is gt_dir is images_dir is metrics_dir is None:
+        pred_dir, gt_dir, images_dir = _fold_inputs(config, fold)
     matplotlib.use("Agg")
     # nnU-Net's progress plot changes matplotlib's global style (seaborn, font scale 2.5) in this
     # process: draw with the defaults.
     with matplotlib.rc_context(matplotlib.rcParamsDefault):
         return _write_report(config, fold, out_html, pred_dir, gt_dir, images_dir, metrics_dir or pred_dir)
+
+
+def _fold_inputs(config: Config, fold: int) -> tuple[Path | None, Path | None, Path | None]:
+    """The fold's validation masks, ground truth and CT; nothing while the fold is not validated."""
+    if not (fold_folder(model_folder(config), fold) / VALIDATION_DIR).is_dir():
+        return None, None, None
+    val = fold_validation(config, fold)
+    return val.pred_dir, val.gt_dir, val.images_dir
 
 
 @dataclass
@@ -348,7 +359,8 @@ def _evaluation_section(inputs: _Inputs, png_stem: Path, result: ReportResult) -
     if summary is None:
         where = str(metrics_dir) if metrics_dir else "(no --pred or --metrics folder)"
         result.notes.append(f"no evaluation ({SUMMARY_NAME}, {PER_CASE_NAME}) in {where}; run pancseg "
-                            "evaluate, or pass --metrics DIR where `pancseg evaluate -o DIR` wrote them")
+                            "evaluate (--fold N for a fold's validation), or pass --metrics DIR where "
+                            "`pancseg evaluate -o DIR` wrote them")
         return [f"<p class='note'>No evaluation in {html.escape(where)}: run <code>pancseg predict</code> "
                 "and <code>pancseg evaluate</code> (pass <code>--metrics</code> where its -o wrote).</p>"]
     parts = [f"<p>{summary['cases']} cases evaluated in <code>{html.escape(str(metrics_dir))}</code> "
