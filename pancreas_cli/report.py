@@ -262,12 +262,13 @@ def report(
     """Write the HTML report and its PNGs; sections without their inputs say what to run.
 
     The evaluation is read from ``metrics_dir`` (where ``pancseg evaluate -o`` wrote it), by default
-    ``pred_dir`` (where it writes without ``-o``). Given none of the folders, the report is the fold's
-    own: its validation, evaluated by ``pancseg evaluate --fold``, with its ground truth and CT.
+    ``pred_dir`` (where it writes without ``-o``). Without prediction, ground-truth and CT folders, the
+    report is the fold's own: its validation (as ``pancseg evaluate --fold`` evaluates it), its ground
+    truth and CT.
     """
     import matplotlib
 
-    if pred_dir is gt_dir is images_dir is metrics_dir is None:
+    if pred_dir is gt_dir is images_dir is None:
         pred_dir, gt_dir, images_dir = _fold_inputs(config, fold)
     matplotlib.use("Agg")
     # nnU-Net's progress plot changes matplotlib's global style (seaborn, font scale 2.5) in this
