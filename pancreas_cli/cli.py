@@ -300,6 +300,18 @@ def train(
                  ["fold", "epochs", "dice pancreas", "dice lesion", "macro-F1", "time", "folder"], rows)
 
 
+def _model_flags(model: Path | None, checkpoint: str | None) -> tuple[dict[str, Any], Path | None]:
+    """``--model``: the archive's model folder (unpacked, checked), and the task and checkpoint it holds."""
+    if model is None:
+        return {"predict.checkpoint": checkpoint}, None
+    from pancreas_cli.modelzip import open_model
+
+    opened = open_model(model)
+    output.detail(f"model {opened.manifest['model']} (pancseg {opened.manifest['pancseg_version']}) in {opened.model_dir}")
+    default = opened.manifest["checkpoint"].removeprefix("checkpoint_").removesuffix(".pth")
+    return {"train.task": opened.task, "predict.checkpoint": checkpoint or default}, opened.model_dir
+
+
 @app.command()
 @handle_errors
 def predict(
@@ -316,6 +328,9 @@ def predict(
     series: Annotated[str | None, typer.Option("--series", help="The series of a DICOM folder to segment (default: "
                                                "the one with the most slices).", metavar="UID")] = None,
     trust_model: TrustModelOption = False,
+    model: Annotated[Path | None, typer.Option("--model", help="A model archive (`pancseg export`) or installed model "
+                                               "folder, instead of the project's model; no config needed.",
+                                               metavar="ZIP|DIR")] = None,
     json_: JsonOption = False,
 ) -> None:
     """Predict masks (labels 0/1/2) and lesion subtypes (subtype_results.csv) for new CT scans."""
@@ -324,9 +339,11 @@ def predict(
 
     if checkpoint not in (None, "best", "final"):
         raise typer.BadParameter(f"must be best or final, got {checkpoint!r}", param_hint="--checkpoint")
-    cfg = _config(config, set_, **{"predict.device": device, "predict.checkpoint": checkpoint})
+    flags, model_dir = _model_flags(model, checkpoint)
+    cfg = _config(config, set_, optional=model is not None, **{"predict.device": device, **flags})
     result = run_predict(cfg, input_path=input_, out_dir=out, folds=fold, fast=fast, overwrite=force, series=series,
-                         reporter=CasePrinter(quiet=output.verbosity < 0), warn=output.warn, trust_model=trust_model)
+                         reporter=CasePrinter(quiet=output.verbosity < 0), warn=output.warn, trust_model=trust_model,
+                         model_dir=model_dir)
     if json_:
         output.json(result.to_dict())
     else:
@@ -445,6 +462,43 @@ def report(
     for line in result.summary_lines:
         output.result(line)
     output.result(f"report: {result.html} ({len(result.pngs)} figures)")
+
+
+@app.command()
+@handle_errors
+def export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The model archive to write (.zip).")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    fold: Annotated[list[int] | None, typer.Option("--fold", "-f", help="Fold(s) to include (default: all trained).",
+                                                   metavar="N")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best or final.")] = "final",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+) -> None:
+    """Write the trained model to one zip (plans, checkpoints, settings, version, checksums)."""
+    from pancreas_cli.modelzip import export_model
+
+    if checkpoint not in ("best", "final"):
+        raise typer.BadParameter(f"must be best or final, got {checkpoint!r}", param_hint="--checkpoint")
+    model = export_model(_config(config, set_), out, folds=fold, checkpoint=checkpoint, force=force)
+    output.result(f"exported {model.manifest['model']} (folds {model.manifest['folds']}, "
+                  f"{model.manifest['checkpoint']}) -> {out}")
+
+
+@app.command("install-model")
+@handle_errors
+def install_model(
+    archive: Annotated[Path, typer.Argument(help="A model archive written by `pancseg export`.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace another model in its place.")] = False,
+) -> None:
+    """Check a model archive and unpack it into the project's nnUNet_results."""
+    from pancreas_cli.modelzip import install_model as run_install
+
+    model, present = run_install(_config(config, set_), archive, force=force)
+    output.result(f"{'already installed' if present else 'installed'}: {model.model_dir}; predict with "
+                  f"`pancseg predict --model {model.model_dir} -i SCANS -o OUT`")
 
 
 class _StagePrinter:
