@@ -229,7 +229,8 @@ def open_model(path: Path) -> Model:
     """The model of an archive (unpacked into the cache once) or of a model folder (``install-model``'s)."""
     if path.is_dir():
         return _installed(path)
-    _, manifest, identity, _ = _open(path)
+    archive, manifest, identity, _ = _open(path)
+    archive.close()
     final = cache_dir() / identity[:32]
     if not final.is_dir():
         tmp, manifest, _ = _unpacked(path, final.parent)
@@ -261,14 +262,19 @@ def _installed(model_dir: Path) -> Model:
 
 def install_model(config: Config, zip_path: Path, *, force: bool = False) -> tuple[Model, bool]:
     """Unpack the archive into the project's ``nnUNet_results`` (where nnU-Net's own commands find it);
-    returns the model and whether it was there already. Another model in its place needs ``force``."""
-    _, manifest, _, _ = _open(zip_path)
+    returns the model and whether it was there already. Another model, or a changed one, in its place
+    needs ``force``."""
+    archive, manifest, _, _ = _open(zip_path)
+    archive.close()
     target = config.results_dir / manifest["model"]
-    if (target / MANIFEST_NAME).is_file():
-        if json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))["files"] == manifest["files"]:
-            return _installed(target), True
-    if target.exists() and not force:
-        raise OutputExistsError(f"{target} holds another model; pass --force to replace it")
+    if not force and target.exists():
+        try:
+            if _installed(target).manifest["files"] == manifest["files"]:
+                return Model(target, manifest), True
+        except ModelArchiveError:  # a model trained here, or an installed one changed since
+            pass
+        raise OutputExistsError(f"{target} holds another model (or one changed since it was installed); pass "
+                                "--force to replace it")
     tmp, manifest, _ = _unpacked(zip_path, config.results_dir)
     try:
         if target.exists():

@@ -461,7 +461,7 @@ def predict(
         folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn,
                                lambda fold: locks.fold_holders(config.project_dir, trainer, fold))
         device = _device(settings.device, warn)
-        setup_nnunet_env(config, device_type=device.type)
+        setup_nnunet_env(config, device_type=device.type, create=writable)
         multitask = config.train.task == "multitask"
         stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size,
                             settings.mirroring and not fast, engine_stamp(settings))
