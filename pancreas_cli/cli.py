@@ -277,6 +277,9 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Number of epochs (overrides train.epochs).")] = None,
     num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="GPUs for nnU-Net's DDP training.")] = None,
     trust_model: TrustModelOption = False,
+    pretrained: Annotated[Path | None, typer.Option("--pretrained", help="Start from this model archive or checkpoint "
+                                                    "(weights whose shapes match), e.g. to fine-tune.",
+                                                    metavar="ZIP|PTH")] = None,
     json_: JsonOption = False,
 ) -> None:
     """Train the multi-task model (or stock nnU-Net) with nnU-Net v2's machinery."""
@@ -288,9 +291,13 @@ def train(
     if cfg.train.device == "cpu":
         output.warn("training on the CPU is very slow; use it for smoke runs only")
     result = run_train(cfg, folds=_folds(fold, cfg.dataset.num_folds), resume=resume, force=force,
-                       reporter=EpochPrinter(quiet=output.verbosity < 0), trust_model=trust_model, warn=output.warn)
-    for done in (f for f in result.folds if f.up_to_date):
-        output.info(f"fold {done.fold} up to date: trained to epoch {done.epochs_done} and validated")
+                       reporter=EpochPrinter(quiet=output.verbosity < 0), trust_model=trust_model, warn=output.warn,
+                       pretrained=pretrained)
+    for done in result.folds:
+        if done.up_to_date:
+            output.info(f"fold {done.fold} up to date: trained to epoch {done.epochs_done} and validated")
+        for line in done.pretrained.lines() if done.pretrained else []:
+            output.info(f"fold {done.fold}: {line}")
     if json_:
         output.json(result.to_dict())
         return
