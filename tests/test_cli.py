@@ -28,9 +28,11 @@ def test_python_m_entry_point() -> None:
 
 
 def test_shell_completion_script_and_completions() -> None:
-    """Typer's completion: the script for bash names pancseg, and the script's call completes commands."""
+    """Typer's completion: the script for bash names pancseg, and the script's call completes commands.
+    (Typer detects the shell that runs pancseg; its test switch lets the shell be named instead.)"""
+    detect = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     done = subprocess.run([sys.executable, "-m", "pancreas_cli", "--show-completion", "bash"], capture_output=True,
-                          text=True, encoding="utf-8")
+                          text=True, encoding="utf-8", env=detect)
     assert done.returncode == 0 and "complete -o default -F _pancseg_completion pancseg" in done.stdout
     env = {**os.environ, "_PANCSEG_COMPLETE": "complete_bash", "COMP_WORDS": "pancseg ev", "COMP_CWORD": "1"}
     done = subprocess.run([sys.executable, "-m", "pancreas_cli"], capture_output=True, text=True, encoding="utf-8",
