@@ -445,7 +445,9 @@ def _summary_rows(summary: dict[str, Any]) -> list[tuple[Any, ...]]:
 def report(
     config: ConfigOption = None,
     set_: SetOption = None,
-    fold: Annotated[int, typer.Option("--fold", "-f", help="Fold whose training curves to show.")] = 0,
+    fold: Annotated[str, typer.Option("--fold", "-f", help="Fold whose training curves (and, without --pred/--gt/"
+                                      "--images, validation) to show; all: the cross-validation.",
+                                      metavar="N|all")] = "0",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: project_dir/report/).")] = None,
     pred: Annotated[Path | None, typer.Option("--pred", help="Predictions evaluated by `pancseg evaluate`.")] = None,
     gt: Annotated[Path | None, typer.Option("--gt", help="Ground-truth masks (for the overlays).")] = None,
@@ -459,7 +461,7 @@ def report(
 
     for path, what in ((pred, "--pred"), (gt, "--gt"), (images, "--images"), (metrics, "--metrics")):
         require_folder(path, what)
-    result = run_report(_config(config, set_), fold=fold, out_html=out, pred_dir=pred, gt_dir=gt, images_dir=images,
+    result = run_report(_config(config, set_), fold=_one_fold(fold), out_html=out, pred_dir=pred, gt_dir=gt, images_dir=images,
                         metrics_dir=metrics)
     for note in result.notes:
         output.warn(note)

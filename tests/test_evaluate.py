@@ -277,6 +277,11 @@ def test_a_folds_validation_is_evaluated_and_reported_without_folders(fold_proje
     rows = json.loads(pooled.stdout)["folds"]
     assert [r["fold"] for r in rows] == [4, "pooled"] and rows[0]["dice_pancreas"] == rows[1]["dice_pancreas"]
     assert next(work.glob("nnUNet_results/*/*/crossval/metrics_summary.json")).is_file()
+    crossval = runner.invoke(app, ["report", "-c", cfg, "--fold", "all"])
+    assert crossval.exit_code == 0, crossval.output
+    page = (work / "report" / "report_crossval.html").read_text()
+    assert "<h3>Cross-validation</h3>" in page and "id='overlays'" in page and "cross-validation" in page
+    assert page.count("data:image/png;base64,") == 4 and "fold 4 training" not in crossval.stdout  # one fold
 
 
 @pytest.mark.slow
