@@ -155,20 +155,29 @@ def _checked_names(archive: zipfile.ZipFile, zip_path: Path) -> tuple[str, list[
 def _read_manifest(archive: zipfile.ZipFile, zip_path: Path, model: str) -> tuple[dict[str, Any], str]:
     """The archive's manifest, checked, and its hash (the archive's identity)."""
     raw = archive.read(f"{model}/{MANIFEST_NAME}")
+    manifest = _checked_manifest(raw, zip_path)
+    if manifest["model"] != model:
+        raise ModelArchiveError(f"{zip_path}: its manifest names another model folder ({manifest['model']}); export "
+                                "the model again")
+    return manifest, hashlib.sha256(raw).hexdigest()
+
+
+def _checked_manifest(raw: bytes, where: Path) -> dict[str, Any]:
+    """A manifest's content, with pancseg's keys, one of its trainers, and this pancseg in its version range."""
     try:
         manifest = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelArchiveError(f"{zip_path}: damaged {MANIFEST_NAME} ({exc}); export the model again") from exc
+        raise ModelArchiveError(f"{where}: damaged {MANIFEST_NAME} ({exc}); export the model again") from exc
     keys = ("format", "pancseg_version", "reads_with", "model", "trainer", "folds", "checkpoint", "files")
-    if not isinstance(manifest, dict) or any(k not in manifest for k in keys) or manifest["model"] != model \
+    if not isinstance(manifest, dict) or any(k not in manifest for k in keys) \
             or manifest["trainer"] not in TRAINERS.values() or not isinstance(manifest["files"], dict):
-        raise ModelArchiveError(f"{zip_path}: {MANIFEST_NAME} is not a pancseg model manifest; export the model again")
+        raise ModelArchiveError(f"{where}: {MANIFEST_NAME} is not a pancseg model manifest; export the model again")
     low, below = manifest["reads_with"]
     if manifest["format"] != FORMAT or not _version(low) <= _version(__version__) < _version(below):
-        raise ModelArchiveError(f"{zip_path}: written by pancseg {manifest['pancseg_version']} for pancseg "
+        raise ModelArchiveError(f"{where}: written by pancseg {manifest['pancseg_version']} for pancseg "
                                 f">={low},<{below}; this is pancseg {__version__}: install a version in that range "
                                 "(or export the model again with this one)")
-    return manifest, hashlib.sha256(raw).hexdigest()
+    return manifest
 
 
 def _check_listing(manifest: dict[str, Any], infos: Iterable[zipfile.ZipInfo], zip_path: Path) -> None:
@@ -245,14 +254,13 @@ def open_model(path: Path) -> Model:
 
 def _installed(model_dir: Path) -> Model:
     """A model folder with its manifest (as ``install-model`` leaves it), its files checked."""
-    path = model_dir / MANIFEST_NAME
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except (OSError, ValueError, UnicodeDecodeError, TypeError, KeyError) as exc:
-        raise ModelArchiveError(f"{model_dir}: not an installed pancseg model (no readable {MANIFEST_NAME}); pass "
-                                "the .zip `pancseg export` wrote") from exc
-    changed = next((n for n, digest in files.items()
+        raw = (model_dir / MANIFEST_NAME).read_bytes()
+    except OSError as exc:
+        raise ModelArchiveError(f"{model_dir}: not an installed pancseg model (no {MANIFEST_NAME}); pass the .zip "
+                                "`pancseg export` wrote") from exc
+    manifest = _checked_manifest(raw, model_dir)
+    changed = next((n for n, digest in manifest["files"].items()
                     if not (model_dir / n).is_file() or _sha256(model_dir / n) != digest), None)
     if changed is not None:
         raise ModelArchiveError(f"{model_dir / changed}: missing or changed since the model was installed; "
