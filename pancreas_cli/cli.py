@@ -367,14 +367,14 @@ def predict(
         raise typer.Exit(1)
 
 
-def _one_fold(value: str | None, option: str = "--fold") -> int | None:
-    """``--fold N`` as a number, ``all`` as None."""
+def _one_fold(value: str) -> int | None:
+    """``--fold N`` of evaluate and report as a number, ``all`` as None."""
     if value == "all":
         return None
     try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise typer.BadParameter(f"a fold number or 'all', got {value!r}", param_hint=option) from None
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"a fold number or 'all', got {value!r}", param_hint="--fold") from None
 
 
 @app.command()
