@@ -30,7 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     # Boxed help and usage errors on a terminal; plain text in Colab `!` cells, CI logs and pipes.
     rich_markup_mode="rich" if sys.stdout.isatty() else None,
-    add_completion=False,
+    add_completion=True,  # --install-completion and --show-completion (bash, zsh, fish, PowerShell)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -277,6 +277,9 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Number of epochs (overrides train.epochs).")] = None,
     num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="GPUs for nnU-Net's DDP training.")] = None,
     trust_model: TrustModelOption = False,
+    pretrained: Annotated[Path | None, typer.Option("--pretrained", help="Start from this model archive or checkpoint "
+                                                    "(weights whose shapes match), e.g. to fine-tune.",
+                                                    metavar="ZIP|PTH")] = None,
     json_: JsonOption = False,
 ) -> None:
     """Train the multi-task model (or stock nnU-Net) with nnU-Net v2's machinery."""
@@ -288,9 +291,13 @@ def train(
     if cfg.train.device == "cpu":
         output.warn("training on the CPU is very slow; use it for smoke runs only")
     result = run_train(cfg, folds=_folds(fold, cfg.dataset.num_folds), resume=resume, force=force,
-                       reporter=EpochPrinter(quiet=output.verbosity < 0), trust_model=trust_model, warn=output.warn)
-    for done in (f for f in result.folds if f.up_to_date):
-        output.info(f"fold {done.fold} up to date: trained to epoch {done.epochs_done} and validated")
+                       reporter=EpochPrinter(quiet=output.verbosity < 0), trust_model=trust_model, warn=output.warn,
+                       pretrained=pretrained)
+    for done in result.folds:
+        if done.up_to_date:
+            output.info(f"fold {done.fold} up to date: trained to epoch {done.epochs_done} and validated")
+        for line in done.pretrained.lines() if done.pretrained else []:
+            output.info(f"fold {done.fold}: {line}")
     if json_:
         output.json(result.to_dict())
         return
@@ -298,6 +305,18 @@ def train(
              f.last.get("val_macro_f1"), f"{f.seconds:.0f}s", str(f.output_folder)) for f in result.folds]
     output.table(f"{result.trainer} on {result.device}",
                  ["fold", "epochs", "dice pancreas", "dice lesion", "macro-F1", "time", "folder"], rows)
+
+
+def _model_flags(model: Path | None, checkpoint: str | None) -> tuple[dict[str, Any], Path | None]:
+    """``--model``: the archive's model folder (unpacked, checked), and the task and checkpoint it holds."""
+    if model is None:
+        return {"predict.checkpoint": checkpoint}, None
+    from pancreas_cli.modelzip import open_model
+
+    opened = open_model(model)
+    output.detail(f"model {opened.manifest['model']} (pancseg {opened.manifest['pancseg_version']}) in {opened.model_dir}")
+    default = opened.manifest["checkpoint"].removeprefix("checkpoint_").removesuffix(".pth")
+    return {"train.task": opened.task, "predict.checkpoint": checkpoint or default}, opened.model_dir
 
 
 @app.command()
@@ -324,6 +343,9 @@ def predict(
                                           "(preview/CASE.png, preview/index.html).")] = False,
     output_format: Annotated[str, typer.Option("--output-format", help="nifti, or dicom-seg: also a DICOM SEG of "
                                                "a DICOM series (dicom_seg/CASE.dcm).")] = "nifti",
+    model: Annotated[Path | None, typer.Option("--model", help="A model archive (`pancseg export`) or installed model "
+                                               "folder, instead of the project's model; no config needed.",
+                                               metavar="ZIP|DIR")] = None,
     json_: JsonOption = False,
 ) -> None:
     """Predict masks (labels 0/1/2) and lesion subtypes (subtype_results.csv) for new CT scans."""
@@ -336,11 +358,12 @@ def predict(
     if output_format not in OUTPUT_FORMATS:
         raise typer.BadParameter(f"must be {' or '.join(OUTPUT_FORMATS)}, got {output_format!r}",
                                  param_hint="--output-format")
-    cfg = _config(config, set_, **{"predict.device": device, "predict.checkpoint": checkpoint})
+    flags, model_dir = _model_flags(model, checkpoint)
+    cfg = _config(config, set_, optional=model is not None, **{"predict.device": device, **flags})
     outputs = Outputs(save_probabilities, statistics, preview, output_format == "dicom-seg")
     result = run_predict(cfg, input_path=input_, out_dir=out, folds=fold, fast=fast, overwrite=force, series=series,
                          reporter=CasePrinter(quiet=output.verbosity < 0), warn=output.warn, trust_model=trust_model,
-                         outputs=outputs)
+                         outputs=outputs, model_dir=model_dir)
     if json_:
         output.json(result.to_dict())
     else:
@@ -359,30 +382,53 @@ def predict(
         raise typer.Exit(1)
 
 
+def _one_fold(value: str) -> int | None:
+    """``--fold N`` of evaluate and report as a number, ``all`` as None."""
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"a fold number or 'all', got {value!r}", param_hint="--fold") from None
+
+
 @app.command()
 @handle_errors
 def evaluate(
-    pred: Annotated[Path, typer.Option("--pred", help="Folder of predicted masks (and subtype_results.csv).")],
-    gt: Annotated[Path, typer.Option("--gt", help="Folder of ground-truth masks.")],
+    pred: Annotated[Path | None, typer.Option("--pred", help="Folder of predicted masks (and subtype_results.csv).")] = None,
+    gt: Annotated[Path | None, typer.Option("--gt", help="Folder of ground-truth masks.")] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
+    fold: Annotated[str | None, typer.Option("--fold", "-f", help="Instead of --pred/--gt: a trained fold's validation "
+                                             "(N), or every fold pooled (all).", metavar="N|all")] = None,
     subtypes: Annotated[Path | None, typer.Option("--subtypes", help="True subtypes: CSV case_id,subtype or Names,Subtype.")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Count missing predictions as empty.")] = False,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the metrics (default: --pred).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the metrics (default: --pred, or the fold's folder).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace metrics of other inputs in the output folder.")] = False,
     json_: JsonOption = False,
 ) -> None:
     """Dice, IoU, NSD, HD95, volumes and subtype metrics, with bootstrap CIs and target pass/fail."""
-    from pancreas_cli.evaluate import evaluate as run_evaluate
+    from pancreas_cli import evaluate as stage
 
-    cfg = _config(config, set_, optional=True)
-    result = run_evaluate(cfg, pred_dir=pred, gt_dir=gt, subtypes_csv=subtypes, allow_missing=allow_missing,
-                          out_dir=out, force=force)
+    if fold is None:
+        if pred is None or gt is None:
+            raise typer.BadParameter("pass --pred and --gt, or --fold N|all", param_hint="--pred/--gt/--fold")
+        result = stage.evaluate(_config(config, set_, optional=True), pred_dir=pred, gt_dir=gt, subtypes_csv=subtypes,
+                                allow_missing=allow_missing, out_dir=out, force=force)
+    elif pred or gt or subtypes or allow_missing:
+        raise typer.BadParameter("--fold reads the fold's own predictions, ground truth and subtypes: leave out "
+                                 "--pred, --gt, --subtypes and --allow-missing", param_hint="--fold")
+    elif (number := _one_fold(fold)) is None:
+        result = stage.evaluate_folds(_config(config, set_), out_dir=out, force=force)
+    else:
+        result = stage.evaluate_fold(_config(config, set_), number, out_dir=out, force=force)
     for note in result.notes:
         output.warn(note)
     if json_:
         output.json(result.summary)
         return
+    if result.folds:
+        output.table("cross-validation", list(result.folds[0]), [tuple(r.values()) for r in result.folds])
     output.table("evaluation", ["metric", "mean", "median", "95% CI", "target", "result"], _summary_rows(result.summary))
     output.result(f"{count(len(result.cases), 'case')}; per case: {result.per_case_csv}; summary: {result.summary_json}")
 
@@ -410,7 +456,9 @@ def _summary_rows(summary: dict[str, Any]) -> list[tuple[Any, ...]]:
 def report(
     config: ConfigOption = None,
     set_: SetOption = None,
-    fold: Annotated[int, typer.Option("--fold", "-f", help="Fold whose training curves to show.")] = 0,
+    fold: Annotated[str, typer.Option("--fold", "-f", help="Fold whose training curves (and, without --pred/--gt/"
+                                      "--images, validation) to show; all: the cross-validation.",
+                                      metavar="N|all")] = "0",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: project_dir/report/).")] = None,
     pred: Annotated[Path | None, typer.Option("--pred", help="Predictions evaluated by `pancseg evaluate`.")] = None,
     gt: Annotated[Path | None, typer.Option("--gt", help="Ground-truth masks (for the overlays).")] = None,
@@ -424,7 +472,7 @@ def report(
 
     for path, what in ((pred, "--pred"), (gt, "--gt"), (images, "--images"), (metrics, "--metrics")):
         require_folder(path, what)
-    result = run_report(_config(config, set_), fold=fold, out_html=out, pred_dir=pred, gt_dir=gt, images_dir=images,
+    result = run_report(_config(config, set_), fold=_one_fold(fold), out_html=out, pred_dir=pred, gt_dir=gt, images_dir=images,
                         metrics_dir=metrics)
     for note in result.notes:
         output.warn(note)
@@ -434,6 +482,43 @@ def report(
     for line in result.summary_lines:
         output.result(line)
     output.result(f"report: {result.html} ({len(result.pngs)} figures)")
+
+
+@app.command()
+@handle_errors
+def export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The model archive to write (.zip).")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    fold: Annotated[list[int] | None, typer.Option("--fold", "-f", help="Fold(s) to include (default: all trained).",
+                                                   metavar="N")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best or final.")] = "final",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+) -> None:
+    """Write the trained model to one zip (plans, checkpoints, settings, version, checksums)."""
+    from pancreas_cli.modelzip import export_model
+
+    if checkpoint not in ("best", "final"):
+        raise typer.BadParameter(f"must be best or final, got {checkpoint!r}", param_hint="--checkpoint")
+    model = export_model(_config(config, set_), out, folds=fold, checkpoint=checkpoint, force=force)
+    output.result(f"exported {model.manifest['model']} (folds {model.manifest['folds']}, "
+                  f"{model.manifest['checkpoint']}) -> {out}")
+
+
+@app.command("install-model")
+@handle_errors
+def install_model(
+    archive: Annotated[Path, typer.Argument(help="A model archive written by `pancseg export`.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace another model in its place.")] = False,
+) -> None:
+    """Check a model archive and unpack it into the project's nnUNet_results."""
+    from pancreas_cli.modelzip import install_model as run_install
+
+    model, present = run_install(_config(config, set_), archive, force=force)
+    output.result(f"{'already installed' if present else 'installed'}: {model.model_dir}; predict with "
+                  f"`pancseg predict --model {model.model_dir} -i SCANS -o OUT`")
 
 
 class _StagePrinter:
@@ -506,8 +591,8 @@ def doctor(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (``python -m pancreas_cli`` too: completion scripts name ``pancseg``)."""
+    app(prog_name="pancseg")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from pancreas_cli.config import Config, EvaluateConfig
 from pancreas_cli.evaluation import SEG_METRICS, STRUCTURES, SUMMARY_NAME, CaseResult, write_outputs
 from pancreas_cli.exceptions import DataError, OutputExistsError
 from pancreas_cli.imageio import IMAGE_EXTENSIONS, image_extension
+from pancreas_cli.layout import CROSSVAL_DIR, fold_validation, model_folder, validated_folds
 from pancreas_cli.metrics import (DEFAULT_LABEL_TOLERANCE, as_labels, bootstrap_ci, classification_metrics,
                                   dice, hd95, iou, load_mask_pair, nsd, read_label_image)
 from pancreas_cli.records import SIDECAR_DIR, read_records
@@ -34,6 +36,7 @@ class EvaluationResult:
     per_case_csv: Path
     summary_json: Path
     notes: list[str] = field(default_factory=list)
+    folds: list[dict[str, Any]] = field(default_factory=list)  # --fold all: one row per fold
 
 
 def _masks(folder: Path) -> dict[str, Path]:
@@ -264,4 +267,47 @@ def evaluate(
     return EvaluationResult(results, summary, per_case_csv, summary_json, notes)
 
 
+def evaluate_fold(config: Config, fold: int, *, out_dir: Path | None = None, force: bool = False) -> EvaluationResult:
+    """Evaluate nnU-Net's validation of ``fold`` against its own cases of ``splits_final.json`` and the
+    dataset's subtypes; the metrics go into the fold's ``validation/`` folder (or ``out_dir``)."""
+    val = fold_validation(config, fold)
+    return evaluate(config, pred_dir=val.pred_dir, gt_dir=val.gt_dir, subtypes_csv=val.subtypes_csv,
+                    cases=val.cases, out_dir=out_dir, force=force)
 
+
+def _fold_row(fold: int | str, summary: dict[str, Any]) -> dict[str, Any]:
+    """One row of the cross-validation table: a fold's (or the pooled) means and macro-F1."""
+    seg, cls = summary["segmentation"], summary["classification"]
+    return {"fold": fold, "cases": summary["cases"], "dice_pancreas": seg["dice_pancreas"]["mean"],
+            "dice_lesion": seg["dice_lesion"]["mean"], "nsd_pancreas": seg["nsd_pancreas"]["mean"],
+            "hd95_pancreas": seg["hd95_pancreas"]["mean"], "macro_f1": cls["macro_f1"] if cls else None,
+            "accuracy": cls["accuracy"] if cls else None}
+
+
+def evaluate_folds(config: Config, *, out_dir: Path | None = None, force: bool = False) -> EvaluationResult:
+    """Cross-validation: each validated fold evaluated as by :func:`evaluate_fold` (into ``out_dir/fold_N``
+    with ``out_dir``), then all their cases pooled into ``crossval/`` of the results folder (or
+    ``out_dir``), whose summary also holds one row per fold and the pooled row."""
+    model_dir = model_folder(config)
+    folds = validated_folds(model_dir)
+    if not folds:
+        raise DataError(f"{model_dir}: no fold has finished training with its validation; run "
+                        "`pancseg train --fold all` (or one fold) first")
+    out = out_dir or model_dir / CROSSVAL_DIR
+    inputs = {"pred": str(model_dir.resolve()), "gt": str(fold_validation(config, folds[0]).gt_dir.resolve()),
+              "folds": folds}
+    if not force:
+        _check_earlier_metrics(out / SUMMARY_NAME, inputs)
+    per_fold = [evaluate_fold(config, f, out_dir=None if out_dir is None else out_dir / f"fold_{f}", force=force)
+                for f in folds]
+    cases = [c for r in per_fold for c in r.cases]
+    notes = [f"fold {f}: {n}" for f, r in zip(folds, per_fold) for n in r.notes]
+    repeated = sorted(case for case, n in Counter(c.case for c in cases).items() if n > 1)
+    if repeated:
+        notes.append(f"{len(repeated)} case(s) are in the validation of more than one fold (e.g. {repeated[0]}): "
+                     "pooled once per fold")
+    summary = summarize(cases, config.evaluate)
+    rows = [_fold_row(f, r.summary) for f, r in zip(folds, per_fold)] + [_fold_row("pooled", summary)]
+    summary.update(notes=notes, inputs=inputs, folds=rows)
+    per_case_csv, summary_json = write_outputs(out, cases, summary)
+    return EvaluationResult(cases, summary, per_case_csv, summary_json, notes, rows)

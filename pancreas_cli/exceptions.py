@@ -86,6 +86,10 @@ class UntrustedCheckpointError(CheckpointError):
     """A checkpoint holds Python objects beyond nnU-Net's: loading it could run code (``--trust-model``)."""
 
 
+class ModelArchiveError(PancsegError):
+    """A model archive (``pancseg export``'s zip) is not one, was changed, or is for another pancseg version."""
+
+
 class DiskFullError(PancsegError):
     """A file could not be written because its file system is full."""
 

@@ -11,10 +11,12 @@ imported here: the stages import this.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pancreas_cli.exceptions import PredictError, PrepareError, PreprocessError
+from pancreas_cli.exceptions import DataError, PredictError, PrepareError, PreprocessError
+from pancreas_cli.subtypes import CASE_SUBTYPES_NAME
 
 if TYPE_CHECKING:
     from pancreas_cli.config import Config
@@ -33,6 +35,8 @@ CHECKPOINT_BEST = "checkpoint_best.pth"
 CHECKPOINTS = (CHECKPOINT_FINAL, CHECKPOINT_LATEST, CHECKPOINT_BEST)
 
 VALIDATION_DIR = "validation"  # in a fold folder: nnU-Net's validation of the final checkpoint
+CROSSVAL_DIR = "crossval"  # in the results folder: the pooled evaluation of every validated fold
+GT_DIR = "gt_segmentations"  # in the preprocessed dataset: nnU-Net's copy of the ground truth
 METRICS_NAME = "metrics.csv"  # in a fold folder: one row per epoch (format: pancreas_cli.multitask.history)
 STATE_NAME = "pancseg_preprocess.json"  # in the preprocessed dataset: what preprocess did, for later stages
 _STATE_KEYS = frozenset({"state", "plans_identifier", "configuration", "data_identifier"})
@@ -114,3 +118,37 @@ def _read_json(path: Path) -> Any:
 def _damaged(path: Path, why: str) -> str:
     return (f"{path}: damaged ({why}); run `pancseg prepare` to write it again "
             "(or `pancseg prepare --force` to rebuild the dataset)")
+
+
+@dataclass(frozen=True)
+class FoldValidation:
+    """What evaluating a trained fold reads: nnU-Net's validation masks of its final checkpoint, the
+    ground truth nnU-Net validated against, the CT (for overlays), the true subtypes and the fold's
+    validation cases from ``splits_final.json``."""
+
+    fold: int
+    pred_dir: Path
+    gt_dir: Path
+    images_dir: Path
+    subtypes_csv: Path
+    cases: list[str]
+
+
+def fold_validation(config: Config, fold: int) -> FoldValidation:
+    """The validation of ``fold`` of the configured model; DataError when it was never validated."""
+    raw = config.dataset_raw_dir
+    read_prepared(raw)
+    splits = _read_json(raw / "splits_final.json")
+    if not 0 <= fold < len(splits):
+        raise DataError(f"{raw / 'splits_final.json'}: no fold {fold} (folds 0..{len(splits) - 1})")
+    pred_dir = fold_folder(model_folder(config), fold) / VALIDATION_DIR
+    if not pred_dir.is_dir():
+        raise DataError(f"{pred_dir}: fold {fold} has no validation (not trained to the end yet); run "
+                        f"`pancseg train --fold {fold}` (it validates when training ends)")
+    return FoldValidation(fold, pred_dir, config.dataset_preprocessed_dir / GT_DIR, raw / "imagesTr",
+                          raw / CASE_SUBTYPES_NAME, [str(c) for c in splits[fold]["val"]])
+
+
+def validated_folds(model_dir: Path) -> list[int]:
+    """The folds of ``model_dir`` whose training ended with nnU-Net's validation."""
+    return [f for f in folds_with(model_dir, CHECKPOINT_FINAL) if (fold_folder(model_dir, f) / VALIDATION_DIR).is_dir()]

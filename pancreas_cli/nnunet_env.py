@@ -52,11 +52,12 @@ def _user_ext_trainers() -> list[str]:
     return [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p and p != str(TRAINER_DIR)]
 
 
-def setup_nnunet_env(config: Config, *, device_type: str | None = None) -> dict[str, str]:
-    """Export :func:`nnunet_environment` into ``os.environ`` and create the three folders."""
+def setup_nnunet_env(config: Config, *, device_type: str | None = None, create: bool = True) -> dict[str, str]:
+    """Export :func:`nnunet_environment` into ``os.environ`` and create the three folders (unless not
+    ``create``: a prediction with a model from elsewhere leaves no project behind)."""
     env = nnunet_environment(config, device_type=device_type)
     os.environ.update(env)
-    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if create else ():
         os.makedirs(env[key], exist_ok=True)
     return env
 

@@ -442,6 +442,7 @@ def predict(
     warn: Callable[[str], None] = lambda text: None,
     trust_model: bool = False,
     outputs: Outputs = Outputs(),
+    model_dir: Path | None = None,
 ) -> PredictResult:
     """Predict every case under ``input_path`` into ``out_dir``.
 
@@ -451,22 +452,24 @@ def predict(
     did not write (ground truth, another tool's) and input scans are never replaced. ``series``
     names the series of a DICOM folder to segment. ``trust_model``: load the checkpoints in full,
     not only what nnU-Net's hold (see :mod:`pancreas_cli.checkpoints`). ``outputs``: the optional
-    outputs (:mod:`pancreas_cli.outputs`), added to finished cases too.
+    outputs (:mod:`pancreas_cli.outputs`), added to finished cases too. ``model_dir``: a model from
+    elsewhere (``--model``) instead of the project's; without a project folder nothing is written
+    outside ``out_dir``.
     """
     settings = config.predict
     checkpoint_name = layout.checkpoint_name(checkpoint or settings.checkpoint)
     cases = _checked_inputs(input_path, out_dir, series, warn)
     _check_outputs(cases, outputs)
-    writable = project_writable(config.project_dir)
+    writable = project_writable(config.project_dir) and (model_dir is None or config.project_dir.is_dir())
     with contextlib.ExitStack() as held:
         if writable:  # no preprocess meanwhile (a read-only project cannot be preprocessed by us anyway)
             held.enter_context(locks.project(config.project_dir, shared=True))
-        model_dir = layout.model_folder(config)
+        model_dir = model_dir or layout.model_folder(config)
         trainer = layout.TRAINERS[config.train.task]
         folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn,
                                lambda fold: locks.fold_holders(config.project_dir, trainer, fold))
         device = _device(settings.device, warn)
-        setup_nnunet_env(config, device_type=device.type)
+        setup_nnunet_env(config, device_type=device.type, create=writable)
         multitask = config.train.task == "multitask"
         stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size,
                             settings.mirroring and not fast, engine_stamp(settings))

@@ -25,7 +25,8 @@ from pancreas_cli.exceptions import DataError, OutputExistsError
 from pancreas_cli.figures import contour_labels, default_style, show_ct
 from pancreas_cli.figures import save_figure as _save
 from pancreas_cli.imageio import IMAGE_EXTENSIONS, read_image, write_text
-from pancreas_cli.layout import METRICS_NAME, fold_folder, model_folder
+from pancreas_cli.layout import (CROSSVAL_DIR, METRICS_NAME, VALIDATION_DIR, fold_folder, fold_validation,
+                                  model_folder, validated_folds)
 from pancreas_cli.multitask.history import REPORTED_COLUMNS, read_metrics
 from pancreas_cli.subtypes import image_name
 
@@ -238,7 +239,7 @@ window.addEventListener('load', function () {
 def report(
     config: Config,
     *,
-    fold: int = 0,
+    fold: int | None = 0,
     out_html: Path | None = None,
     pred_dir: Path | None = None,
     gt_dir: Path | None = None,
@@ -248,28 +249,52 @@ def report(
     """Write the HTML report and its PNGs; sections without their inputs say what to run.
 
     The evaluation is read from ``metrics_dir`` (where ``pancseg evaluate -o`` wrote it), by default
-    ``pred_dir`` (where it writes without ``-o``).
+    ``pred_dir`` (where it writes without ``-o``). Without prediction, ground-truth and CT folders, the
+    report is the fold's own: its validation (as ``pancseg evaluate --fold`` evaluates it), its ground
+    truth and CT. ``fold`` None: the cross-validation, every validated fold's curves and the pooled
+    evaluation of ``pancseg evaluate --fold all``.
     """
+    folds = [fold] if fold is not None else validated_folds(model_folder(config))
+    if not folds:
+        raise DataError(f"{model_folder(config)}: no fold has finished training with its validation; run "
+                        "`pancseg train` first")
+    pred_dirs = [pred_dir] if pred_dir else []
+    if pred_dir is gt_dir is images_dir is None:
+        pred_dirs, gt_dir, images_dir = _fold_inputs(config, folds)
+    if fold is None:
+        metrics_dir = metrics_dir or model_folder(config) / CROSSVAL_DIR
+    name = "crossval" if fold is None else f"fold{fold}"
     with default_style():  # not the style nnU-Net's progress plot left in this process
-        return _write_report(config, fold, out_html, pred_dir, gt_dir, images_dir, metrics_dir or pred_dir)
+        return _write_report(config, folds, "cross-validation" if fold is None else f"fold {fold}",
+                             out_html or config.project_dir / "report" / f"report_{name}.html", pred_dirs, gt_dir,
+                             images_dir, metrics_dir or next(iter(pred_dirs), None))
+
+
+def _fold_inputs(config: Config, folds: list[int]) -> tuple[list[Path], Path | None, Path | None]:
+    """The folds' validation masks, ground truth and CT; nothing while a fold is not validated."""
+    if not all((fold_folder(model_folder(config), f) / VALIDATION_DIR).is_dir() for f in folds):
+        return [], None, None
+    validations = [fold_validation(config, f) for f in folds]
+    return [v.pred_dir for v in validations], validations[0].gt_dir, validations[0].images_dir
 
 
 @dataclass
 class _Inputs:
     """Everything the report reads, read and checked before anything is drawn or written."""
 
-    fold_dir: Path
-    training: list[dict[str, float | int | None]]
+    fold_dirs: dict[int, Path]
+    training: dict[int, list[dict[str, float | int | None]]]
     metrics_dir: Path | None
     summary: dict[str, Any] | None = None
     per_case: list[dict[str, Any]] = field(default_factory=list)
     overlays: list[OverlaySlice] = field(default_factory=list)
 
 
-def _read_inputs(config: Config, fold: int, pred_dir: Path | None, gt_dir: Path | None,
+def _read_inputs(config: Config, folds: list[int], pred_dirs: list[Path], gt_dir: Path | None,
                  images_dir: Path | None, metrics_dir: Path | None) -> _Inputs:
-    fold_dir = fold_folder(model_folder(config), fold)
-    inputs = _Inputs(fold_dir, read_metrics(fold_dir / METRICS_NAME, required=REPORTED_COLUMNS), metrics_dir)
+    fold_dirs = {f: fold_folder(model_folder(config), f) for f in folds}
+    training = {f: read_metrics(d / METRICS_NAME, required=REPORTED_COLUMNS) for f, d in fold_dirs.items()}
+    inputs = _Inputs(fold_dirs, training, metrics_dir)
     summary_json = metrics_dir / SUMMARY_NAME if metrics_dir else None
     per_case_csv = metrics_dir / PER_CASE_NAME if metrics_dir else None
     if not (summary_json and summary_json.is_file() and per_case_csv and per_case_csv.is_file()):
@@ -283,15 +308,25 @@ def _read_inputs(config: Config, fold: int, pred_dir: Path | None, gt_dir: Path 
     for index, title in sorted(picks.items()):
         row = ranked[index]
         case = row["case"]
-        paths = [_find_image(folder, case) if folder else None for folder in (images_dir, gt_dir, pred_dir)]
+        paths = [_find_image(folder, case) if folder else None for folder in (images_dir, gt_dir)]
+        paths.append(next(filter(None, (_find_image(folder, case) for folder in pred_dirs)), None))
         if all(paths):
             inputs.overlays.append(overlay_slice(f"{title} (Dice {row['dice_pancreas']:.3f})", case,
                                                  tuple(paths), config))  # type: ignore[arg-type]
     return inputs
 
 
-def _training_section(inputs: _Inputs, fold: int, png: Path, result: ReportResult) -> list[str]:
-    rows, fold_dir = inputs.training, inputs.fold_dir
+def _training_section(inputs: _Inputs, png_stem: Path, result: ReportResult) -> list[str]:
+    """Each fold's curves (``STEM_training.png``; with several folds ``STEM_training_foldN.png``)."""
+    several = len(inputs.training) > 1
+    return [part for fold, rows in inputs.training.items() for part in _fold_training(
+        rows, inputs.fold_dirs[fold], fold, png_stem.with_name(f"{png_stem.name}_training"
+                                                               + (f"_fold{fold}.png" if several else ".png")),
+        result, f"fold {fold} training" if several else "training")]
+
+
+def _fold_training(rows: list[dict[str, Any]], fold_dir: Path, fold: int, png: Path, result: ReportResult,
+                   label: str) -> list[str]:
     if not rows:
         result.notes.append(f"no training metrics for fold {fold}")
         return [f"<p class='note'>No metrics.csv in {html.escape(str(fold_dir))}: run "
@@ -299,7 +334,7 @@ def _training_section(inputs: _Inputs, fold: int, png: Path, result: ReportResul
     result.pngs.append(training_figure(rows, png))
     last = {key: "-" if value is None else f"{value:.6g}" for key, value in rows[-1].items()}  # as written
     result.summary_lines.append(
-        f"training: {len(rows)} epochs; last validation pseudo-Dice pancreas {last['dice_pancreas']}, "
+        f"{label}: {len(rows)} epochs; last validation pseudo-Dice pancreas {last['dice_pancreas']}, "
         f"lesion {last['dice_lesion']}, macro-F1 {last.get('val_macro_f1', '-')}")
     return [f"<p>{len(rows)} epochs of fold {fold} in <code>{html.escape(str(fold_dir))}</code>.</p>",
             _img_tag(png, "training curves")]
@@ -331,11 +366,15 @@ def _evaluation_section(inputs: _Inputs, png_stem: Path, result: ReportResult) -
     if summary is None:
         where = str(metrics_dir) if metrics_dir else "(no --pred or --metrics folder)"
         result.notes.append(f"no evaluation ({SUMMARY_NAME}, {PER_CASE_NAME}) in {where}; run pancseg "
-                            "evaluate, or pass --metrics DIR where `pancseg evaluate -o DIR` wrote them")
+                            "evaluate (--fold N for a fold's validation), or pass --metrics DIR where "
+                            "`pancseg evaluate -o DIR` wrote them")
         return [f"<p class='note'>No evaluation in {html.escape(where)}: run <code>pancseg predict</code> "
                 "and <code>pancseg evaluate</code> (pass <code>--metrics</code> where its -o wrote).</p>"]
     parts = [f"<p>{summary['cases']} cases evaluated in <code>{html.escape(str(metrics_dir))}</code> "
              f"(NSD: {summary['nsd_definition']}).</p>", _summary_table(summary)]
+    if isinstance(summary.get("folds"), list) and summary["folds"]:  # pancseg evaluate --fold all
+        rows = summary["folds"]
+        parts += ["<h3>Cross-validation</h3>", _table(list(rows[0]), [list(r.values()) for r in rows])]
     png = distribution_figure(inputs.per_case, png_stem.with_name(f"{png_stem.name}_distributions.png"))
     result.pngs.append(png)
     parts.append(_img_tag(png, "per-case metric distributions"))
@@ -381,22 +420,21 @@ def _provenance_section(config: Config, fold_dir: Path, now: str, result: Report
             f"<pre>{html.escape(dump_config(config))}</pre>"]
 
 
-def _write_report(config: Config, fold: int, out_html: Path | None, pred_dir: Path | None, gt_dir: Path | None,
-                  images_dir: Path | None, metrics_dir: Path | None) -> ReportResult:
-    out_html = out_html or config.project_dir / "report" / f"report_fold{fold}.html"
+def _write_report(config: Config, folds: list[int], title: str, out_html: Path, pred_dirs: list[Path],
+                  gt_dir: Path | None, images_dir: Path | None, metrics_dir: Path | None) -> ReportResult:
     if out_html.is_file() and _TITLE not in out_html.read_text(encoding="utf-8", errors="replace")[:2000]:
         raise OutputExistsError(f"{out_html} exists and is not a pancseg report; choose another --out or move it")
-    inputs = _read_inputs(config, fold, pred_dir, gt_dir, images_dir, metrics_dir)
+    inputs = _read_inputs(config, folds, pred_dirs, gt_dir, images_dir, metrics_dir)
     png_stem = out_html.parent / out_html.stem
     result = ReportResult(out_html)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = ["<h2 id='training'>Training</h2>",
-             *_training_section(inputs, fold, png_stem.with_name(f"{png_stem.name}_training.png"), result),
+             *_training_section(inputs, png_stem, result),
              "<h2 id='evaluation'>Evaluation</h2>", *_evaluation_section(inputs, png_stem, result),
-             *_provenance_section(config, inputs.fold_dir, now, result)]
+             *_provenance_section(config, inputs.fold_dirs[folds[0]], now, result)]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{_TITLE}"
-            f"{html.escape(config.dataset.folder_name)} fold {fold}</title><style>{_STYLE}</style></head><body>"
-            f"<h1>pancseg report</h1><p>{html.escape(config.dataset.folder_name)}, fold {fold}, "
+            f"{html.escape(config.dataset.folder_name)} {title}</title><style>{_STYLE}</style></head><body>"
+            f"<h1>pancseg report</h1><p>{html.escape(config.dataset.folder_name)}, {title}, "
             f"{html.escape(config.train.task)} ({html.escape(config.plan.configuration)}), {now}</p>"
             + "".join(parts) + _SCRIPT + "</body></html>")
     write_text(page, out_html)

@@ -7,7 +7,6 @@ is idempotent: unchanged data is not prepared or preprocessed again, a finished 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,13 +17,12 @@ from pancreas_cli.config import Config
 from pancreas_cli.console import count
 from pancreas_cli.evaluate import evaluate
 from pancreas_cli.exceptions import CleanError
-from pancreas_cli.layout import CHECKPOINT_FINAL, METRICS_NAME, VALIDATION_DIR, fold_folder, model_folder
+from pancreas_cli.layout import CHECKPOINT_FINAL, METRICS_NAME, fold_folder, fold_validation, model_folder
 from pancreas_cli.multitask.history import read_metrics
 from pancreas_cli.predict import CaseReporter, predict
 from pancreas_cli.prepare import prepare
 from pancreas_cli.preprocess import preprocess
 from pancreas_cli.report import ReportResult, report
-from pancreas_cli.subtypes import CASE_SUBTYPES_NAME
 from pancreas_cli.train import EpochReporter, newest_checkpoint, train
 
 
@@ -103,10 +101,9 @@ def run(
         cases = None
         label = "test"
     else:  # the validation fold, predicted by nnU-Net's validation after training
-        pred_dir = fold_folder(model_folder(config), fold) / VALIDATION_DIR
-        gt_dir, images = config.dataset_preprocessed_dir / "gt_segmentations", raw / "imagesTr"
-        subtypes = raw / CASE_SUBTYPES_NAME
-        cases = json.loads((raw / "splits_final.json").read_text(encoding="utf-8"))[fold]["val"]
+        val = fold_validation(config, fold)
+        pred_dir, gt_dir, images, subtypes = val.pred_dir, val.gt_dir, val.images_dir, val.subtypes_csv
+        cases = val.cases
         label = f"validation fold {fold}"
     # The metrics are in run's own folders: a changed config (other test labels) replaces them.
     evaluated = evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir, subtypes_csv=subtypes, cases=cases, force=True)

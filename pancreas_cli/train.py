@@ -33,6 +33,7 @@ from pancreas_cli.multitask.history import read_metrics
 from pancreas_cli.multitask.settings import (TrainingSettings, handing, read_settings, settings_path,
                                              write_settings)
 from pancreas_cli.nnunet_env import nnunet_worker_pools, scoped_env, setup_nnunet_env
+from pancreas_cli.pretrained import PretrainedReport, load_matching, read_pretrained
 from pancreas_cli.subtypes import CASE_SUBTYPES_NAME
 
 if TYPE_CHECKING:
@@ -58,12 +59,14 @@ class FoldResult:
     validation: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     up_to_date: bool = False  # --resume of a fold that had finished train.epochs and its validation
+    pretrained: PretrainedReport | None = None  # --pretrained: what was loaded
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "fold": self.fold, "output_folder": str(self.output_folder), "log_file": str(self.log_file),
             "epochs_done": self.epochs_done, "resumed_from": self.resumed_from, "last_epoch": self.last,
             "validation": self.validation, "seconds": round(self.seconds, 1), "up_to_date": self.up_to_date,
+            "pretrained": None if self.pretrained is None else self.pretrained.to_dict(),
         }
 
 
@@ -180,10 +183,12 @@ def train(
     reporter: EpochReporter | None = None,
     trust_model: bool = False,
     warn: Callable[[str], None] = lambda text: None,
+    pretrained: Path | None = None,
 ) -> TrainResult:
     """Train ``config.train.task`` on each fold (None: every fold of the splits) with nnU-Net's machinery.
 
     ``trust_model``: load checkpoints in full, not only what nnU-Net's hold (see checkpoints).
+    ``pretrained``: a model archive or checkpoint whose matching weights each new training starts from.
     """
     if config.train.wandb.enabled and importlib.util.find_spec("wandb") is None:
         raise TrainError("train.wandb.enabled needs wandb: pip install 'pancseg[wandb]'")
@@ -191,6 +196,7 @@ def train(
         held.enter_context(locks.project(config.project_dir, shared=True))  # no preprocess meanwhile
         state = _preprocessed_state(config)
         folds = _check_folds(config, folds)
+        source = _pretrained_source(config, pretrained, resume=resume, trust=trust_model)
         device = training_device(config.train.device)
         if config.train.num_gpus > 1 and device.type != "cuda":
             raise TrainError("train.num_gpus > 1 needs CUDA GPUs")
@@ -212,8 +218,20 @@ def train(
             if start.checkpoint is not None:
                 _note_foreign_metrics(start.output_folder, warn)
             result.folds.append(_train_fold(config, state, trainer_name, start, device, reporter=reporter,
-                                            trust=trust_model))
+                                            trust=trust_model, pretrained=source))
         return result
+
+
+def _pretrained_source(config: Config, path: Path | None, *, resume: bool,
+                       trust: bool) -> tuple[str, dict[str, Any]] | None:
+    """``--pretrained``'s checkpoint and weights, read once before any fold starts."""
+    if path is None:
+        return None
+    if resume:
+        raise TrainError("--pretrained starts a new training; leave it out to --resume one")
+    if config.train.num_gpus > 1:
+        raise TrainError("--pretrained trains on one device; leave out --num-gpus (or start from one GPU's run)")
+    return read_pretrained(path, trust=trust)
 
 
 def _check_folds(config: Config, folds: list[int] | None) -> list[int]:
@@ -319,7 +337,8 @@ def _check_resume_settings(config: Config, fold: int, output_folder: Path) -> No
 
 
 def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start: _FoldStart, device: torch.device, *,
-                reporter: EpochReporter | None, trust: bool) -> FoldResult:
+                reporter: EpochReporter | None, trust: bool,
+                pretrained: tuple[str, dict[str, Any]] | None = None) -> FoldResult:
     fold, output_folder = start.fold, start.output_folder
     if start.discard:
         shutil.rmtree(output_folder)
@@ -339,7 +358,7 @@ def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start:
             _train_ddp(config, state, trainer_name, fold, start.checkpoint, log_file)
     else:
         _train_single(config, state, trainer_name, fold, device, start.checkpoint, log_file, reporter, fold_result,
-                      trust)
+                      trust, None if start.checkpoint is not None else pretrained)
     fold_result.seconds = time.perf_counter() - began
     fold_result.last, fold_result.validation = _fold_summary(output_folder)
     fold_result.epochs_done = int(fold_result.last.get("epoch", 0) or 0)
@@ -348,7 +367,7 @@ def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start:
 
 def _train_single(config: Config, state: dict[str, Any], trainer_name: str, fold: int, device: torch.device,
                   checkpoint: Path | None, log_file: Path, reporter: EpochReporter | None,
-                  fold_result: FoldResult, trust: bool) -> None:
+                  fold_result: FoldResult, trust: bool, pretrained: tuple[str, dict[str, Any]] | None = None) -> None:
     import torch
 
     with redirect_output(log_file) as terminal, nnunet_worker_pools(config.plan.num_processes):
@@ -358,6 +377,11 @@ def _train_single(config: Config, state: dict[str, Any], trainer_name: str, fold
             if checkpoint is not None:
                 trainer.load_checkpoint(str(checkpoint))
                 fold_result.resumed_from = trainer.current_epoch
+            elif pretrained is not None:
+                trainer.initialize()  # builds the network (nnU-Net's load_checkpoint does the same)
+                fold_result.pretrained = load_matching(trainer.network, pretrained[1], pretrained[0])
+                for line in fold_result.pretrained.lines():
+                    trainer.print_to_log_file(line)
             if reporter is not None:
                 reporter.start_fold(fold, trainer.current_epoch, trainer.num_epochs, terminal)
                 trainer.epoch_callback = reporter.epoch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,19 @@ def test_version(runner: CliRunner) -> None:
 def test_python_m_entry_point() -> None:
     done = subprocess.run([sys.executable, "-m", "pancreas_cli", "--version"], capture_output=True, text=True, encoding="utf-8")
     assert done.returncode == 0 and done.stdout.strip() == f"pancseg {__version__}"
+
+
+def test_shell_completion_script_and_completions() -> None:
+    """Typer's completion: the script for bash names pancseg, and the script's call completes commands.
+    (Typer detects the shell that runs pancseg; its test switch lets the shell be named instead.)"""
+    detect = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    done = subprocess.run([sys.executable, "-m", "pancreas_cli", "--show-completion", "bash"], capture_output=True,
+                          text=True, encoding="utf-8", env=detect)
+    assert done.returncode == 0 and "complete -o default -F _pancseg_completion pancseg" in done.stdout
+    env = {**os.environ, "_PANCSEG_COMPLETE": "complete_bash", "COMP_WORDS": "pancseg ev", "COMP_CWORD": "1"}
+    done = subprocess.run([sys.executable, "-m", "pancreas_cli"], capture_output=True, text=True, encoding="utf-8",
+                          env=env)
+    assert done.stdout.split() == ["evaluate"]
 
 
 def test_help_lists_commands_without_importing_torch_or_nnunet() -> None:

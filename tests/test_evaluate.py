@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +240,56 @@ def test_no_matching_names_is_an_error_even_with_allow_missing(config, tmp_path:
     (tmp_path / "truth.csv").write_text("case_id,subtype\nquiz_009,1\nquiz_999,2\n")
     result = evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir, subtypes_csv=tmp_path / "truth.csv")
     assert f"1 case(s) of {tmp_path / 'truth.csv'} have no ground-truth mask, e.g. quiz_999" in result.notes
+
+
+@pytest.fixture
+def fold_project(trained_project: Path, tmp_path: Path) -> Path:
+    """A copy of the trained smoke project (fold 4 trained and validated), free to evaluate into."""
+    shutil.copytree(trained_project / "work", tmp_path / "work", ignore=shutil.ignore_patterns(".locks", "logs"))
+    shutil.copy(trained_project / "pancseg.yaml", tmp_path / "pancseg.yaml")
+    return tmp_path / "pancseg.yaml"
+
+
+@pytest.mark.slow
+def test_a_folds_validation_is_evaluated_and_reported_without_folders(fold_project: Path, runner: CliRunner) -> None:
+    """`evaluate --fold 4` scores the fold's validation masks on its own cases and subtypes; `report --fold 4`
+    then has the curves, the metrics and the overlays; `--fold all` pools the folds, one row each."""
+    cfg = str(fold_project)
+    work = fold_project.parent / "work"
+    cases = json.loads((work / "nnUNet_raw" / "Dataset001_PancreasCancer" / "splits_final.json").read_text())[4]["val"]
+    result = runner.invoke(app, ["evaluate", "-c", cfg, "--fold", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["cases"] == len(cases) and summary["classification"]["cases"] == len(cases)
+    validation = next(work.glob("nnUNet_results/*/*/fold_4/validation"))
+    assert (validation / "metrics_summary.json").is_file()
+    assert sorted(line.split(",")[0] for line in (validation / "metrics_per_case.csv").read_text().splitlines()[1:]) \
+        == sorted(cases)
+
+    report = runner.invoke(app, ["report", "-c", cfg, "--fold", "4"])
+    assert report.exit_code == 0, report.output
+    page = (work / "report" / "report_fold4.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "id='overlays'" in page  # curves, metrics, overlays
+    assert "dice_pancreas:" in report.stdout
+
+    pooled = runner.invoke(app, ["evaluate", "-c", cfg, "--fold", "all", "--json"])
+    assert pooled.exit_code == 0, pooled.output
+    rows = json.loads(pooled.stdout)["folds"]
+    assert [r["fold"] for r in rows] == [4, "pooled"] and rows[0]["dice_pancreas"] == rows[1]["dice_pancreas"]
+    assert next(work.glob("nnUNet_results/*/*/crossval/metrics_summary.json")).is_file()
+    crossval = runner.invoke(app, ["report", "-c", cfg, "--fold", "all"])
+    assert crossval.exit_code == 0, crossval.output
+    page = (work / "report" / "report_crossval.html").read_text()
+    assert "<h3>Cross-validation</h3>" in page and "id='overlays'" in page and "cross-validation" in page
+    assert page.count("data:image/png;base64,") == 4 and "fold 4 training" not in crossval.stdout  # one fold
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("args", "message"), [
+    (["--fold", "3"], "fold 3 has no validation"),
+    (["--fold", "x"], "a fold number or 'all'"),
+    (["--fold", "4", "--gt", "."], "leave out --pred, --gt"),
+])
+def test_fold_errors(fold_project: Path, runner: CliRunner, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["evaluate", "-c", str(fold_project), *args])
+    assert result.exit_code in (1, 2) and message in result.output

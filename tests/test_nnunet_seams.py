@@ -404,3 +404,20 @@ def test_ddp_launcher_resumes_from_checkpoint_final_first(tmp_path: Path) -> Non
     assert Trainer.loaded == ["checkpoint_latest.pth", "checkpoint_final.pth"], _seam(
         "nnunetv2.run.run_training.maybe_load_checkpoint", f"loaded {Trainer.loaded}; pancseg's _resume_from "
         "expects checkpoint_final.pth first, else checkpoint_latest.pth")
+
+
+def test_a_trainer_initialised_before_training_keeps_its_network() -> None:
+    """``train --pretrained`` (pancreas_cli/train.py ``_train_single``) calls ``initialize()`` and loads
+    weights before ``run_training``: nnU-Net's ``on_train_start`` must build the network only when the
+    trainer was not initialised yet, as its ``load_checkpoint`` relies on too."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    start = _function(nnUNetTrainer.on_train_start)
+    guarded = [n for n in ast.walk(start) if isinstance(n, ast.If) and ".was_initialized" in {
+        f".{a.attr}" for a in ast.walk(n.test) if isinstance(a, ast.Attribute)}]
+    assert guarded and "initialize" in {c.func.attr for c in ast.walk(guarded[0]) if isinstance(c, ast.Call)
+                                        and isinstance(c.func, ast.Attribute)}, _seam(
+        "nnUNetTrainer.on_train_start", "no longer initialises only an uninitialised trainer; --pretrained weights "
+        "would be replaced by a fresh network")
+    assert ".was_initialized" in _uses(nnUNetTrainer.initialize), _seam(
+        "nnUNetTrainer.initialize", "no longer records was_initialized")

@@ -1,0 +1,47 @@
+"""The Dockerfile: built and run only where docker is usable (a daemon that answers); CI does not need it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _docker_problem() -> str | None:
+    """Why docker cannot build here (None: it can)."""
+    docker = shutil.which("docker")
+    if docker is None:
+        return "docker is not installed"
+    try:
+        done = subprocess.run([docker, "info"], capture_output=True, text=True, encoding="utf-8", timeout=30)
+    except subprocess.TimeoutExpired:
+        return "docker info did not answer within 30 s"
+    return None if done.returncode == 0 else f"docker has no usable daemon ({done.stderr.strip()[-200:]})"
+
+
+DOCKER_PROBLEM = _docker_problem()
+
+
+def test_the_image_gets_only_the_package_and_runs_the_demo() -> None:
+    """What goes into the build context, and what the image runs by default."""
+    ignore = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    assert ignore[1:4] == ["*", "!pyproject.toml", "!README.md"] and "!pancreas_cli" in ignore
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert 'CMD ["demo"]' in dockerfile and 'ENTRYPOINT ["pancseg"]' in dockerfile
+    assert "ARG BASE_IMAGE=python:3.11-slim" in dockerfile
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in dockerfile
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DOCKER_PROBLEM is not None, reason=str(DOCKER_PROBLEM))
+def test_the_cpu_image_builds_and_runs_pancseg() -> None:
+    build = subprocess.run(["docker", "build", "-t", "pancseg-test", str(ROOT)], capture_output=True, text=True,
+                           encoding="utf-8", timeout=1200)
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run(["docker", "run", "--rm", "pancseg-test", "demo", "--help"], capture_output=True, text=True,
+                         encoding="utf-8", timeout=300)
+    assert run.returncode == 0 and "synthetic data" in run.stdout, run.stdout + run.stderr
