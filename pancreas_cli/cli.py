@@ -48,6 +48,11 @@ SetOption = Annotated[
                  metavar="KEY=VALUE"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+WaitOption = Annotated[bool, typer.Option("--wait", help="Wait for another pancseg command that holds the project, "
+                                          "fold or output folder instead of failing (locks.wait).")]
+WaitSecondsOption = Annotated[float | None, typer.Option(
+    "--wait-seconds", min=0.001, help="Wait as --wait, failing after this many seconds (locks.wait_seconds).",
+    metavar="SECONDS", show_default=False)]
 # Not a config key: a config shipped with a model could otherwise switch the check off.
 TrustModelOption = Annotated[bool, typer.Option(
     "--trust-model", help="Load checkpoints in full even if they hold more than nnU-Net's (a model file can then run "
@@ -91,14 +96,21 @@ def handle_errors(func: F) -> F:
 
 
 def _config(path: Path | None, overrides: list[str] | None, *, check_source: bool = False, optional: bool = False,
-            **flags: Any) -> Config:
-    """The layered config; ``./pancseg.yaml`` when no path is given (defaults if ``optional``)."""
+            wait: bool = False, wait_seconds: float | None = None, **flags: Any) -> Config:
+    """The layered config; ``./pancseg.yaml`` when no path is given (defaults if ``optional``). Its
+    ``locks`` settings (with ``--wait``, ``--wait-seconds``) apply to every lock the command takes."""
+    from pancreas_cli import locks
+
     if path is None:
         if DEFAULT_CONFIG.is_file():
             path = DEFAULT_CONFIG
         elif not optional:
             raise ConfigError(["no config given: pass -c CONFIG, or create pancseg.yaml with `pancseg init`"])
-    return load_config(path, overrides or [], flags, check_source=check_source)
+    flags.update({"locks.wait": True if wait or wait_seconds is not None else None,
+                  "locks.wait_seconds": wait_seconds})
+    config = load_config(path, overrides or [], flags, check_source=check_source)
+    locks.wait_for_locks(config.locks.wait, config.locks.wait_seconds)
+    return config
 
 
 def _version(value: bool) -> None:
@@ -181,12 +193,14 @@ def prepare(
     config: ConfigOption = None,
     set_: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a different existing dataset.")] = False,
+    wait: WaitOption = False,
+    wait_seconds: WaitSecondsOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Build the nnU-Net raw dataset (imagesTr, labelsTr, dataset.json, splits, subtypes)."""
     from pancreas_cli.prepare import prepare as run_prepare
 
-    result = run_prepare(_config(config, set_, check_source=True), force=force)
+    result = run_prepare(_config(config, set_, check_source=True, wait=wait, wait_seconds=wait_seconds), force=force)
     for note in result.notes:
         output.warn(note)
     if json_:
@@ -207,12 +221,14 @@ def clean(
     config: ConfigOption = None,
     set_: SetOption = None,
     check: Annotated[bool, typer.Option("--check", help="Change nothing; exit 1 if anything needs fixing.")] = False,
+    wait: WaitOption = False,
+    wait_seconds: WaitSecondsOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Audit every prepared case and fix what is safe to fix (originals are kept)."""
     from pancreas_cli.clean import clean as run_clean
 
-    result = run_clean(_config(config, set_), check=check)
+    result = run_clean(_config(config, set_, wait=wait, wait_seconds=wait_seconds), check=check)
     if json_:
         output.json(result.to_dict())
     else:
@@ -232,12 +248,14 @@ def preprocess(
     config: ConfigOption = None,
     set_: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Re-run even if up to date.")] = False,
+    wait: WaitOption = False,
+    wait_seconds: WaitSecondsOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Fingerprint, plan (ResEnc-M) and preprocess with nnU-Net, with its integrity check."""
     from pancreas_cli.preprocess import preprocess as run_preprocess
 
-    result = run_preprocess(_config(config, set_), force=force, on_start=lambda: output.info(
+    result = run_preprocess(_config(config, set_, wait=wait, wait_seconds=wait_seconds), force=force, on_start=lambda: output.info(
         "running nnU-Net fingerprinting, planning and preprocessing ..."))
     if json_:
         output.json(result.to_dict())
@@ -316,6 +334,8 @@ def predict(
     series: Annotated[str | None, typer.Option("--series", help="The series of a DICOM folder to segment (default: "
                                                "the one with the most slices).", metavar="UID")] = None,
     trust_model: TrustModelOption = False,
+    wait: WaitOption = False,
+    wait_seconds: WaitSecondsOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Predict masks (labels 0/1/2) and lesion subtypes (subtype_results.csv) for new CT scans."""
@@ -324,7 +344,8 @@ def predict(
 
     if checkpoint not in (None, "best", "final"):
         raise typer.BadParameter(f"must be best or final, got {checkpoint!r}", param_hint="--checkpoint")
-    cfg = _config(config, set_, **{"predict.device": device, "predict.checkpoint": checkpoint})
+    cfg = _config(config, set_, wait=wait, wait_seconds=wait_seconds,
+                  **{"predict.device": device, "predict.checkpoint": checkpoint})
     result = run_predict(cfg, input_path=input_, out_dir=out, folds=fold, fast=fast, overwrite=force, series=series,
                          reporter=CasePrinter(quiet=output.verbosity < 0), warn=output.warn, trust_model=trust_model)
     if json_:
@@ -450,9 +471,11 @@ def run(
     set_: SetOption = None,
     fold: Annotated[int, typer.Option("--fold", "-f", help="Fold to train and evaluate.")] = 0,
     trust_model: TrustModelOption = False,
+    wait: WaitOption = False,
+    wait_seconds: WaitSecondsOption = None,
 ) -> None:
     """prepare -> clean -> preprocess -> train -> predict -> evaluate -> report, skipping what is up to date."""
-    _run(_config(config, set_, check_source=True), fold, trust_model)
+    _run(_config(config, set_, check_source=True, wait=wait, wait_seconds=wait_seconds), fold, trust_model)
 
 
 @app.command()
