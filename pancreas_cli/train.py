@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO
 from pancreas_cli import layout, locks
 from pancreas_cli.checkpoints import TRUST_ENV, read_checkpoint
 from pancreas_cli.config import Config, load_config
-from pancreas_cli.devices import training_device
+from pancreas_cli.devices import ddp_backend, training_device
 from pancreas_cli.exceptions import (CheckpointError, PancsegError, TableError, TrainError,
                                      TrainingInterrupted, UntrustedCheckpointError)
 from pancreas_cli.imageio import sweep_partials
@@ -192,8 +192,8 @@ def train(
         state = _preprocessed_state(config)
         folds = _check_folds(config, folds)
         device = training_device(config.train.device)
-        if config.train.num_gpus > 1 and device.type != "cuda":
-            raise TrainError("train.num_gpus > 1 needs CUDA GPUs")
+        if config.train.num_gpus > 1:
+            _check_ddp(config, state, device)
         setup_nnunet_env(config, device_type=device.type)
         trainer_name = layout.TRAINERS[config.train.task]
         for fold in folds:  # other folds may train meanwhile, but not these
@@ -214,6 +214,27 @@ def train(
             result.folds.append(_train_fold(config, state, trainer_name, start, device, reporter=reporter,
                                             trust=trust_model))
         return result
+
+
+def _check_ddp(config: Config, state: dict[str, Any], device: torch.device) -> None:
+    """What nnU-Net's DDP needs, checked before anything starts: as many GPUs (or, for tests, CPU
+    processes), and no more of them than samples in a batch (nnU-Net splits each batch over them and
+    would stop with an assertion in every process)."""
+    import torch
+
+    count = config.train.num_gpus
+    if device.type == "mps":
+        raise TrainError("train.num_gpus > 1 (DDP) runs on CUDA GPUs (or CPU processes), not on mps")
+    if device.type == "cuda" and torch.cuda.device_count() < count:
+        raise TrainError(f"train.num_gpus = {count} but {torch.cuda.device_count()} CUDA device(s) are "
+                         "available; see `pancseg doctor`")
+    plans_file = config.dataset_preprocessed_dir / f"{state['plans_identifier']}.json"
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
+    batch = config.train.batch_size or int(plans["configurations"][config.plan.configuration]["batch_size"])
+    if count > batch:
+        raise TrainError(f"train.num_gpus = {count} is more than the batch size {batch} (train.batch_size, or the "
+                         f"plans' in {plans_file}): nnU-Net splits each batch over the GPUs; use at most {batch} "
+                         "GPUs, or raise train.batch_size")
 
 
 def _check_folds(config: Config, folds: list[int] | None) -> list[int]:
@@ -335,8 +356,8 @@ def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start:
     write_settings(config.train, output_folder)
     began = time.perf_counter()
     if config.train.num_gpus > 1:
-        with scoped_env(TRUST_ENV, "1" if trust else "0"):  # read by the trainers in nnU-Net's GPU processes
-            _train_ddp(config, state, trainer_name, fold, start.checkpoint, log_file)
+        with scoped_env(TRUST_ENV, "1" if trust else "0"):  # read by the trainers in the DDP processes
+            _train_ddp(config, state, trainer_name, fold, start.checkpoint, log_file, device.type)
     else:
         _train_single(config, state, trainer_name, fold, device, start.checkpoint, log_file, reporter, fold_result,
                       trust)
@@ -455,19 +476,16 @@ def _save_on_interrupt(trainer: Any) -> None:
 
 
 def _train_ddp(config: Config, state: dict[str, Any], trainer_name: str, fold: int, checkpoint: Path | None,
-               log_file: Path) -> None:
-    """Several GPUs: nnU-Net's own DDP launcher (one process per GPU, found by ``nnUNet_extTrainer``)."""
-    import torch
-    from nnunetv2.run.run_training import run_training
+               log_file: Path, device_type: str = "cuda") -> None:
+    """Several GPUs (or CPU processes): one DDP process each, running nnU-Net's trainer as its own
+    launcher does (:func:`_ddp_process`)."""
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
     if checkpoint is not None:
         _resume_from(checkpoint, trust=os.environ.get(TRUST_ENV) == "1")
     with redirect_output(log_file):
         try:
-            run_training(str(config.dataset.id), config.plan.configuration, fold, trainer_name,
-                         state["plans_identifier"], num_gpus=config.train.num_gpus,
-                         continue_training=checkpoint is not None, device=torch.device("cuda"))
+            launch_ddp(config, state, trainer_name, fold, device_type, continue_training=checkpoint is not None)
         except KeyboardInterrupt:
             # A SIGTERM reaches only this process (kill PID, docker stop), and the exit would wait
             # for the GPU processes, which are no daemons: stop them.
@@ -481,6 +499,48 @@ def _train_ddp(config: Config, state: dict[str, Any], trainer_name: str, fold: i
         except (ProcessRaisedException, ProcessExitedException, RuntimeError, ValueError, OSError) as exc:
             # A worker's error (a DataError too) arrives as ProcessRaisedException with its traceback.
             raise _training_failed(exc, log_file) from exc
+
+
+def launch_ddp(config: Config, state: dict[str, Any], trainer_name: str, fold: int, device_type: str, *,
+               continue_training: bool) -> None:
+    """Start ``train.num_gpus`` DDP processes on this machine and wait for them (nnU-Net's
+    ``run_training`` does the same, but only with NCCL on CUDA). A MASTER_PORT that is set (torchrun,
+    a SLURM script) is kept, as nnU-Net keeps it."""
+    import torch.multiprocessing as mp
+    from nnunetv2.run.run_training import find_free_network_port
+
+    port = os.environ.get("MASTER_PORT") or str(find_free_network_port())
+    with scoped_env("MASTER_ADDR", "localhost"), scoped_env("MASTER_PORT", port):
+        mp.spawn(_ddp_process, nprocs=config.train.num_gpus, join=True,
+                 args=(config.train.num_gpus, device_type, str(config.dataset.id), config.plan.configuration, fold,
+                       trainer_name, state["plans_identifier"], continue_training, config.plan.num_processes))
+
+
+def _ddp_process(rank: int, world_size: int, device_type: str, dataset: str, configuration: str, fold: int,
+                 trainer_name: str, plans_identifier: str, continue_training: bool, num_processes: int) -> None:
+    """One DDP process: the steps of nnU-Net's ``run_ddp`` (trainer by name, resume, train, validate),
+    with the process group's backend and the device from :func:`ddp_backend` (``run_ddp`` hard-codes
+    NCCL and CUDA). The trainer finds the fold's settings in its fold folder."""
+    import torch
+    import torch.distributed as dist
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+
+    dist.init_process_group(ddp_backend(device_type), rank=rank, world_size=world_size)
+    try:
+        if device_type == "cuda":
+            torch.cuda.set_device(rank)
+            device = torch.device("cuda", rank)
+        else:  # the cores shared between the processes
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+            device = torch.device("cpu")
+        trainer = get_trainer_from_args(dataset, configuration, fold, trainer_name, plans_identifier,
+                                        continue_training, device=device)
+        maybe_load_checkpoint(trainer, continue_training, False)
+        with nnunet_worker_pools(num_processes):
+            trainer.run_training()
+            trainer.perform_actual_validation(False)
+    finally:
+        dist.destroy_process_group()
 
 
 def _resume_from(checkpoint: Path, *, trust: bool) -> None:
