@@ -293,29 +293,49 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     task: Annotated[str | None, typer.Option(help="multitask or segmentation (stock nnU-Net).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs (overrides train.epochs).")] = None,
-    num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="GPUs for nnU-Net's DDP training.")] = None,
+    num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="GPUs for nnU-Net's DDP training of each fold "
+                                                 "(with --device cpu: CPU processes, for tests).")] = None,
+    devices: Annotated[str | None, typer.Option("--devices", help="Train the folds side by side, one process per "
+                                                "device, e.g. cuda:0,cuda:1.", metavar="DEV,DEV,...")] = None,
     trust_model: TrustModelOption = False,
+    wait: WaitOption = False,
+    wait_seconds: WaitSecondsOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Train the multi-task model (or stock nnU-Net) with nnU-Net v2's machinery."""
+    from pancreas_cli.devices import device_list
     from pancreas_cli.progress import EpochPrinter
     from pancreas_cli.train import train as run_train
+    from pancreas_cli.train import train_on_devices
 
-    cfg = _config(config, set_, **{"train.device": device, "train.task": task, "train.epochs": epochs,
-                                   "train.num_gpus": num_gpus})
-    if cfg.train.device == "cpu":
+    cfg = _config(config, set_, wait=wait, wait_seconds=wait_seconds, **{
+        "train.device": device, "train.task": task, "train.epochs": epochs, "train.num_gpus": num_gpus})
+    if "cpu" in (devices or cfg.train.device).split(","):
         output.warn("training on the CPU is very slow; use it for smoke runs only")
-    result = run_train(cfg, folds=_folds(fold, cfg.dataset.num_folds), resume=resume, force=force,
-                       reporter=EpochPrinter(quiet=output.verbosity < 0), trust_model=trust_model, warn=output.warn)
+    folds = _folds(fold, cfg.dataset.num_folds)
+    result = (train_on_devices(cfg, folds=folds, devices=device_list(devices), resume=resume, force=force,
+                               trust_model=trust_model) if devices else
+              run_train(cfg, folds=folds, resume=resume, force=force, reporter=EpochPrinter(quiet=output.verbosity < 0),
+                        trust_model=trust_model, warn=output.warn))
+    _print_training(result, json_)
+
+
+def _print_training(result: Any, json_: bool) -> None:
+    """The trained folds' table (or JSON); each fold that failed under --devices as an error, exit 1."""
     for done in (f for f in result.folds if f.up_to_date):
         output.info(f"fold {done.fold} up to date: trained to epoch {done.epochs_done} and validated")
     if json_:
         output.json(result.to_dict())
-        return
-    rows = [(f.fold, f.epochs_done, f.last.get("dice_pancreas"), f.last.get("dice_lesion"),
-             f.last.get("val_macro_f1"), f"{f.seconds:.0f}s", str(f.output_folder)) for f in result.folds]
-    output.table(f"{result.trainer} on {result.device}",
-                 ["fold", "epochs", "dice pancreas", "dice lesion", "macro-F1", "time", "folder"], rows)
+    else:
+        rows = [(f.fold, f.epochs_done, f.last.get("dice_pancreas"), f.last.get("dice_lesion"),
+                 f.last.get("val_macro_f1"), f"{f.seconds:.0f}s", str(f.output_folder)) for f in result.folds]
+        output.table(f"{result.trainer} on {result.device}",
+                     ["fold", "epochs", "dice pancreas", "dice lesion", "macro-F1", "time", "folder"], rows)
+    for failure in result.failed:
+        output.error(f"fold {failure.fold} on {failure.device}: {failure.error}")
+    if result.failed:
+        output.error(f"{count(len(result.failed), 'fold')} of {len(result.failed) + len(result.folds)} failed")
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -68,15 +68,28 @@ class FoldResult:
 
 
 @dataclass
+class FoldFailure:
+    """A fold that ``train --devices`` could not train (the others went on)."""
+
+    fold: int
+    device: str
+    error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fold": self.fold, "device": self.device, "error": self.error}
+
+
+@dataclass
 class TrainResult:
     task: str
     device: str
     trainer: str
     folds: list[FoldResult] = field(default_factory=list)
+    failed: list[FoldFailure] = field(default_factory=list)  # train --devices only: the others raise
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "device": self.device, "trainer": self.trainer,
-                "folds": [f.to_dict() for f in self.folds]}
+                "folds": [f.to_dict() for f in self.folds], "failed": [f.to_dict() for f in self.failed]}
 
 
 def _preprocessed_state(config: Config) -> dict[str, Any]:
@@ -214,6 +227,88 @@ def train(
             result.folds.append(_train_fold(config, state, trainer_name, start, device, reporter=reporter,
                                             trust=trust_model))
         return result
+
+
+def train_on_devices(config: Config, *, folds: list[int] | None, devices: list[str], resume: bool = False,
+                     force: bool = False, trust_model: bool = False) -> TrainResult:
+    """``train --devices``: the folds side by side, one process per device (folds dealt out in turn,
+    each process training its share one after another); every fold takes its own lock and log as in
+    :func:`train`. A failed fold does not stop the others: it is in ``failed``. SIGTERM (a scheduler's
+    stop) is passed on to the processes, which save a checkpoint as a single ``train`` does."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pancreas_cli.signals import Terminated
+
+    if config.train.num_gpus > 1:
+        raise TrainError("--devices trains one fold per device; train.num_gpus > 1 (DDP) trains one fold on several: "
+                         "use one or the other")
+    with locks.project(config.project_dir, shared=True):
+        _preprocessed_state(config)
+        folds = _check_folds(config, folds)
+    shares = [(device, folds[i::len(devices)]) for i, device in enumerate(devices) if folds[i::len(devices)]]
+    result = TrainResult(config.train.task, ",".join(devices), layout.TRAINERS[config.train.task])
+    with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
+        cpu_threads = max(1, (os.cpu_count() or 1) // sum(device == "cpu" for device, _ in shares))
+        jobs = [(device, share, pool.submit(_train_share, config, device, share, resume, force, trust_model,
+                                            cpu_threads)) for device, share in shares]
+        try:
+            _collect(jobs, result)
+        except Terminated:  # only this process got it (kill PID, a scheduler's batch-shell signal)
+            for child in multiprocessing.active_children():
+                child.terminate()  # they save a checkpoint and say how to resume
+            _collect(jobs, result)
+            raise TrainingInterrupted("training interrupted: " + "; ".join(
+                f"fold {f.fold} on {f.device}: {f.error}" for f in result.failed)) from None
+    result.folds.sort(key=lambda f: f.fold)
+    return result
+
+
+def _collect(jobs: list[tuple[str, list[int], Any]], result: TrainResult) -> None:
+    """The outcomes of the ``--devices`` processes into ``result`` (each job once, removed when read)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    while jobs:
+        device, share, job = jobs[0]
+        try:
+            outcomes = job.result()
+        except BrokenProcessPool as exc:
+            outcomes = [FoldFailure(fold, device, f"its process ended unexpectedly ({exc})") for fold in share]
+        jobs.pop(0)
+        for outcome in outcomes:
+            (result.failed if isinstance(outcome, FoldFailure) else result.folds).append(outcome)
+
+
+def _train_share(config: Config, device: str, folds: list[int], resume: bool, force: bool, trust: bool,
+                 cpu_threads: int) -> list[FoldResult | FoldFailure]:
+    """One ``--devices`` process: train ``folds`` on ``device`` one after another (on the CPU with
+    its share of the cores: processes that each use them all slow each other down)."""
+    import torch
+
+    from pancreas_cli.signals import sigterm_as_interrupt
+
+    if device == "cpu":
+        torch.set_num_threads(cpu_threads)
+
+    locks.wait_for_locks(config.locks.wait, config.locks.wait_seconds)  # the command's --wait
+    config = config.model_copy(deep=True)
+    config.train.device = device
+    outcomes: list[FoldResult | FoldFailure] = []
+    with sigterm_as_interrupt():
+        for fold in folds:
+            print(f"pancseg: fold {fold} training on {device} (log: "
+                  f"{layout.log_file(config.project_dir, f'train_{config.train.task}_fold{fold}.log')})",
+                  file=sys.stderr, flush=True)
+            try:
+                outcomes += train(config, folds=[fold], resume=resume, force=force, trust_model=trust,
+                                  warn=lambda text: print(f"pancseg: warning: {text}", file=sys.stderr)).folds
+            except PancsegError as exc:
+                outcomes.append(FoldFailure(fold, device, str(exc)))
+                if isinstance(exc, TrainingInterrupted):
+                    break  # stopped: the folds after it are not started
+            except KeyboardInterrupt:  # Ctrl-C before nnU-Net's loop: nothing to save
+                outcomes.append(FoldFailure(fold, device, "interrupted"))
+                break
+    return outcomes
 
 
 def _check_ddp(config: Config, state: dict[str, Any], device: torch.device) -> None:
