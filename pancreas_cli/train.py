@@ -352,8 +352,9 @@ def write_training_inputs(config: Config) -> None:
     """Put what the trainers read beside the preprocessed data: subtypes.csv (the settings are the
     fold's own: :func:`build_trainer` hands them, the fold record holds them for nnU-Net's processes)."""
     pre = config.dataset_preprocessed_dir
-    # Under a temporary name: a fold training in another process may be reading the file.
-    partial = pre / f".{CASE_SUBTYPES_NAME}.partial"
+    # Under a temporary name: a fold training in another process may be reading the file; this process's
+    # own, as folds that start together (train --devices, a SLURM array) write it at the same time.
+    partial = pre / f".{CASE_SUBTYPES_NAME}.{os.getpid()}.partial"
     shutil.copyfile(config.dataset_raw_dir / CASE_SUBTYPES_NAME, partial)
     os.replace(partial, pre / CASE_SUBTYPES_NAME)
     settings_path(pre).unlink(missing_ok=True)  # an earlier pancseg's settings for all folds: read by nothing now
