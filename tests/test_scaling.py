@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -11,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
+from pancreas_cli.checkpoints import read_checkpoint
 from pancreas_cli.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ def _epochs(fold_dir: Path) -> list[str]:
 
 
 def _saved_epoch(path: Path) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=True)["current_epoch"])
+    return int(read_checkpoint(path, trust=False, required=("current_epoch",))["current_epoch"])
 
 
 @pytest.mark.slow
@@ -84,7 +85,7 @@ def test_devices_train_folds_side_by_side_and_summarise_failures(project: Path, 
     result = runner.invoke(app, ["train", "-c", str(project / "pancseg.yaml"), "--fold", "0", "--fold", "1",
                                  "--fold", "4", "--devices", "cpu,cpu", "--json"])
     assert result.exit_code == 1, result.output
-    assert [fold["fold"] for fold in __import__("json").loads(result.stdout)["folds"]] == [0, 1]
+    assert [fold["fold"] for fold in json.loads(result.stdout)["folds"]] == [0, 1]
     assert "fold 4 on cpu: fold 4 already has a training" in result.stderr
     assert "1 fold of 3 failed" in result.stderr
     for fold in (0, 1):
