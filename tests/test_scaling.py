@@ -53,10 +53,10 @@ def test_ddp_on_two_cpu_processes_checkpoints_and_resumes(project: Path, runner:
     first = runner.invoke(app, [*args, "--epochs", "1"])
     assert first.exit_code == 0, first.output
     assert log.read_text(encoding="utf-8").count("The world size is 2") == 2  # both ranks ran
-    assert _saved_epoch(fold_dir / "checkpoint_final.pth") == 1 and _epochs(fold_dir) == ["0"]
+    assert _saved_epoch(fold_dir / "checkpoint_final.pth") == 1 and _epochs(fold_dir) == ["1"]
     resumed = runner.invoke(app, [*args, "--epochs", "2", "--resume"])
     assert resumed.exit_code == 0, resumed.output
-    assert _saved_epoch(fold_dir / "checkpoint_final.pth") == 2 and _epochs(fold_dir) == ["0", "1"]
+    assert _saved_epoch(fold_dir / "checkpoint_final.pth") == 2 and _epochs(fold_dir) == ["1", "2"]
     assert (fold_dir / "validation" / "summary.json").is_file()
     assert (fold_dir / "validation" / "subtype_results.csv").is_file()  # gathered from both ranks
 
