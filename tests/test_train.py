@@ -160,7 +160,7 @@ def test_fold_must_be_in_the_splits(runner: CliRunner, project: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--set", "plan.preset=default"], "the data was preprocessed for 3d_smoke but plan.preset asks for 3d_fullres; "
                                        "re-run `pancseg preprocess` with the same preset"),
-    (["--num-gpus", "2"], "train.num_gpus > 1 needs CUDA GPUs"),
+    (["--num-gpus", "3"], "train.num_gpus = 3 is more than the batch size 2"),
     (["--device", "cuda:99"], "cuda:99 requested but "),
 ])
 def test_train_errors(runner: CliRunner, project: Path, args: list[str], message: str) -> None:
