@@ -7,8 +7,10 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,31 @@ def test_slurm_predict_parts_and_submit_chain(tmp_path: Path) -> None:
                          f"sbatch --parsable --dependency=afterok:1003 {SLURM}/train_array.sbatch",
                          f"sbatch --parsable --dependency=afterok:1004 {SLURM}/predict_array.sbatch",
                          f"sbatch --parsable --dependency=afterok:1005 {SLURM}/evaluate.sbatch"]
+
+
+def test_slurm_train_task_passes_sigterm_on_and_requeues(tmp_path: Path) -> None:
+    """`--signal=B:TERM@120` reaches only the batch shell: the template passes it on to pancseg (which
+    saves a checkpoint and exits 143), then requeues the task; the requeued run resumes."""
+    calls = tmp_path / "calls.txt"
+    started = tmp_path / "started"
+    (tmp_path / "fake-pancseg").write_text(
+        '#!/bin/bash\necho "pancseg $*" >> "$CALLS"\nsleep 60 &\n'
+        "trap 'echo \"pancseg got TERM\" >> \"$CALLS\"; kill $!; exit 143' TERM\n"
+        f'touch "{started}"\nwait $!\n', encoding="utf-8")
+    (tmp_path / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$CALLS"\n', encoding="utf-8")
+    for name in ("fake-pancseg", "scontrol"):
+        (tmp_path / name).chmod(0o755)
+    env = {**os.environ, "CALLS": str(calls), "PANCSEG": str(tmp_path / "fake-pancseg"),
+           "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "77",
+           "SLURM_RESTART_COUNT": "1"}
+    task = subprocess.Popen(["bash", str(SLURM / "train_array.sbatch")], env=env, encoding="utf-8",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(600):
+        if started.exists():
+            break
+        time.sleep(0.05)
+    task.send_signal(signal.SIGTERM)
+    task.communicate(timeout=60)
+    assert task.returncode == 143
+    assert calls.read_text(encoding="utf-8").splitlines() == [
+        "pancseg train -c pancseg.yaml --fold 3 --wait --resume", "pancseg got TERM", "scontrol requeue 77"]
