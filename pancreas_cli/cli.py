@@ -48,6 +48,11 @@ SetOption = Annotated[
                  metavar="KEY=VALUE"),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+WaitOption = Annotated[bool, typer.Option("--wait", help="Wait for another pancseg command that holds the project, "
+                                          "fold or output folder instead of failing (locks.wait).")]
+WaitSecondsOption = Annotated[float | None, typer.Option(
+    "--wait-seconds", min=0.001, help="Wait as --wait, failing after this many seconds (locks.wait_seconds).",
+    metavar="SECONDS", show_default=False)]
 # Not a config key: a config shipped with a model could otherwise switch the check off.
 TrustModelOption = Annotated[bool, typer.Option(
     "--trust-model", help="Load checkpoints in full even if they hold more than nnU-Net's (a model file can then run "
@@ -91,14 +96,21 @@ def handle_errors(func: F) -> F:
 
 
 def _config(path: Path | None, overrides: list[str] | None, *, check_source: bool = False, optional: bool = False,
-            **flags: Any) -> Config:
-    """The layered config; ``./pancseg.yaml`` when no path is given (defaults if ``optional``)."""
+            wait: bool = False, wait_seconds: float | None = None, **flags: Any) -> Config:
+    """The layered config; ``./pancseg.yaml`` when no path is given (defaults if ``optional``). Its
+    ``locks`` settings (with ``--wait``, ``--wait-seconds``) apply to every lock the command takes."""
+    from pancreas_cli import locks
+
     if path is None:
         if DEFAULT_CONFIG.is_file():
             path = DEFAULT_CONFIG
         elif not optional:
             raise ConfigError(["no config given: pass -c CONFIG, or create pancseg.yaml with `pancseg init`"])
-    return load_config(path, overrides or [], flags, check_source=check_source)
+    flags.update({"locks.wait": True if wait or wait_seconds is not None else None,
+                  "locks.wait_seconds": wait_seconds})
+    config = load_config(path, overrides or [], flags, check_source=check_source)
+    locks.wait_for_locks(config.locks.wait, config.locks.wait_seconds)
+    return config
 
 
 def _version(value: bool) -> None:
@@ -181,12 +193,14 @@ def prepare(
     config: ConfigOption = None,
     set_: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a different existing dataset.")] = False,
+    wait: WaitOption = False,
+    wait_seconds: WaitSecondsOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Build the nnU-Net raw dataset (imagesTr, labelsTr, dataset.json, splits, subtypes)."""
     from pancreas_cli.prepare import prepare as run_prepare
 
-    result = run_prepare(_config(config, set_, check_source=True), force=force)
+    result = run_prepare(_config(config, set_, check_source=True, wait=wait, wait_seconds=wait_seconds), force=force)
     for note in result.notes:
         output.warn(note)
     if json_:
@@ -207,12 +221,14 @@ def clean(
     config: ConfigOption = None,
     set_: SetOption = None,
     check: Annotated[bool, typer.Option("--check", help="Change nothing; exit 1 if anything needs fixing.")] = False,
+    wait: WaitOption = False,
+    wait_seconds: WaitSecondsOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Audit every prepared case and fix what is safe to fix (originals are kept)."""
     from pancreas_cli.clean import clean as run_clean
 
-    result = run_clean(_config(config, set_), check=check)
+    result = run_clean(_config(config, set_, wait=wait, wait_seconds=wait_seconds), check=check)
     if json_:
         output.json(result.to_dict())
     else:
@@ -232,12 +248,14 @@ def preprocess(
     config: ConfigOption = None,
     set_: SetOption = None,
     force: Annotated[bool, typer.Option("--force", help="Re-run even if up to date.")] = False,
+    wait: WaitOption = False,
+    wait_seconds: WaitSecondsOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Fingerprint, plan (ResEnc-M) and preprocess with nnU-Net, with its integrity check."""
     from pancreas_cli.preprocess import preprocess as run_preprocess
 
-    result = run_preprocess(_config(config, set_), force=force, on_start=lambda: output.info(
+    result = run_preprocess(_config(config, set_, wait=wait, wait_seconds=wait_seconds), force=force, on_start=lambda: output.info(
         "running nnU-Net fingerprinting, planning and preprocessing ..."))
     if json_:
         output.json(result.to_dict())
@@ -275,24 +293,38 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
     task: Annotated[str | None, typer.Option(help="multitask or segmentation (stock nnU-Net).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs (overrides train.epochs).")] = None,
-    num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="GPUs for nnU-Net's DDP training.")] = None,
+    num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="GPUs for nnU-Net's DDP training of each fold "
+                                                 "(with --device cpu: CPU processes, for tests).")] = None,
+    devices: Annotated[str | None, typer.Option("--devices", help="Train the folds side by side, one process per "
+                                                "device, e.g. cuda:0,cuda:1.", metavar="DEV,DEV,...")] = None,
     trust_model: TrustModelOption = False,
     pretrained: Annotated[Path | None, typer.Option("--pretrained", help="Start from this model archive or checkpoint "
                                                     "(weights whose shapes match), e.g. to fine-tune.",
                                                     metavar="ZIP|PTH")] = None,
+    wait: WaitOption = False,
+    wait_seconds: WaitSecondsOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Train the multi-task model (or stock nnU-Net) with nnU-Net v2's machinery."""
+    from pancreas_cli.devices import device_list
     from pancreas_cli.progress import EpochPrinter
     from pancreas_cli.train import train as run_train
+    from pancreas_cli.train import train_on_devices
 
-    cfg = _config(config, set_, **{"train.device": device, "train.task": task, "train.epochs": epochs,
-                                   "train.num_gpus": num_gpus})
-    if cfg.train.device == "cpu":
+    cfg = _config(config, set_, wait=wait, wait_seconds=wait_seconds, **{
+        "train.device": device, "train.task": task, "train.epochs": epochs, "train.num_gpus": num_gpus})
+    if "cpu" in (devices or cfg.train.device).split(","):
         output.warn("training on the CPU is very slow; use it for smoke runs only")
-    result = run_train(cfg, folds=_folds(fold, cfg.dataset.num_folds), resume=resume, force=force,
-                       reporter=EpochPrinter(quiet=output.verbosity < 0), trust_model=trust_model, warn=output.warn,
-                       pretrained=pretrained)
+    folds = _folds(fold, cfg.dataset.num_folds)
+    result = (train_on_devices(cfg, folds=folds, devices=device_list(devices), resume=resume, force=force,
+                               trust_model=trust_model, pretrained=pretrained) if devices else
+              run_train(cfg, folds=folds, resume=resume, force=force, reporter=EpochPrinter(quiet=output.verbosity < 0),
+                        trust_model=trust_model, warn=output.warn, pretrained=pretrained))
+    _print_training(result, json_)
+
+
+def _print_training(result: Any, json_: bool) -> None:
+    """The trained folds' table (or JSON); each fold that failed under --devices as an error, exit 1."""
     for done in result.folds:
         if done.up_to_date:
             output.info(f"fold {done.fold} up to date: trained to epoch {done.epochs_done} and validated")
@@ -300,11 +332,16 @@ def train(
             output.info(f"fold {done.fold}: {line}")
     if json_:
         output.json(result.to_dict())
-        return
-    rows = [(f.fold, f.epochs_done, f.last.get("dice_pancreas"), f.last.get("dice_lesion"),
-             f.last.get("val_macro_f1"), f"{f.seconds:.0f}s", str(f.output_folder)) for f in result.folds]
-    output.table(f"{result.trainer} on {result.device}",
-                 ["fold", "epochs", "dice pancreas", "dice lesion", "macro-F1", "time", "folder"], rows)
+    else:
+        rows = [(f.fold, f.epochs_done, f.last.get("dice_pancreas"), f.last.get("dice_lesion"),
+                 f.last.get("val_macro_f1"), f"{f.seconds:.0f}s", str(f.output_folder)) for f in result.folds]
+        output.table(f"{result.trainer} on {result.device}",
+                     ["fold", "epochs", "dice pancreas", "dice lesion", "macro-F1", "time", "folder"], rows)
+    for failure in result.failed:
+        output.error(f"fold {failure.fold} on {failure.device}: {failure.error}")
+    if result.failed:
+        output.error(f"{count(len(result.failed), 'fold')} of {len(result.failed) + len(result.folds)} failed")
+        raise typer.Exit(1)
 
 
 def _model_flags(model: Path | None, checkpoint: str | None) -> tuple[dict[str, Any], Path | None]:
@@ -346,6 +383,8 @@ def predict(
     model: Annotated[Path | None, typer.Option("--model", help="A model archive (`pancseg export`) or installed model "
                                                "folder, instead of the project's model; no config needed.",
                                                metavar="ZIP|DIR")] = None,
+    wait: WaitOption = False,
+    wait_seconds: WaitSecondsOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Predict masks (labels 0/1/2) and lesion subtypes (subtype_results.csv) for new CT scans."""
@@ -359,7 +398,8 @@ def predict(
         raise typer.BadParameter(f"must be {' or '.join(OUTPUT_FORMATS)}, got {output_format!r}",
                                  param_hint="--output-format")
     flags, model_dir = _model_flags(model, checkpoint)
-    cfg = _config(config, set_, optional=model is not None, **{"predict.device": device, **flags})
+    cfg = _config(config, set_, optional=model is not None, wait=wait, wait_seconds=wait_seconds,
+                  **{"predict.device": device, **flags})
     outputs = Outputs(save_probabilities, statistics, preview, output_format == "dicom-seg")
     result = run_predict(cfg, input_path=input_, out_dir=out, folds=fold, fast=fast, overwrite=force, series=series,
                          reporter=CasePrinter(quiet=output.verbosity < 0), warn=output.warn, trust_model=trust_model,
@@ -547,9 +587,11 @@ def run(
     set_: SetOption = None,
     fold: Annotated[int, typer.Option("--fold", "-f", help="Fold to train and evaluate.")] = 0,
     trust_model: TrustModelOption = False,
+    wait: WaitOption = False,
+    wait_seconds: WaitSecondsOption = None,
 ) -> None:
     """prepare -> clean -> preprocess -> train -> predict -> evaluate -> report, skipping what is up to date."""
-    _run(_config(config, set_, check_source=True), fold, trust_model)
+    _run(_config(config, set_, check_source=True, wait=wait, wait_seconds=wait_seconds), fold, trust_model)
 
 
 @app.command()

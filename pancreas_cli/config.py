@@ -214,6 +214,13 @@ class EvaluateConfig(_Section):
     _label_map = field_validator("label_map")(_targets_are_labels)
 
 
+class LocksConfig(_Section):
+    """What a command does when another holds the project, fold or output folder it needs."""
+
+    wait: bool = False  # False: fail at once ("busy"); True: wait for the holder (--wait)
+    wait_seconds: float | None = Field(None, gt=0)  # None: as long as it takes
+
+
 class Config(_Section):
     project_dir: Path = Path("./pancseg_work")
     dataset: DatasetConfig = Field(default_factory=dict)  # type: ignore[arg-type]
@@ -222,6 +229,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=dict)  # type: ignore[arg-type]
     predict: PredictConfig = Field(default_factory=dict)  # type: ignore[arg-type]
     evaluate: EvaluateConfig = Field(default_factory=dict)  # type: ignore[arg-type]
+    locks: LocksConfig = Field(default_factory=dict)  # type: ignore[arg-type]
 
     _resolve_paths = field_validator("project_dir")(_resolve)
 

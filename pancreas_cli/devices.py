@@ -49,3 +49,22 @@ def training_device(requested: str) -> torch.device:
     if device is None:
         raise DeviceError("no GPU found; training on the CPU is very slow: pass --device cpu to do it anyway")
     return device
+
+
+def ddp_backend(device_type: str) -> str:
+    """torch.distributed's backend for DDP processes on ``device_type``: NCCL between GPUs, gloo between
+    CPU processes (nnU-Net's own launcher knows only NCCL; gloo lets CI run its DDP path on the CPU)."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def device_list(text: str) -> list[str]:
+    """``cuda:0,cuda:1`` (``--devices``) as a list, each a device setting this machine has; a
+    DeviceError naming the first that is not (a device may be named twice: two folds share it)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise DeviceError(f"--devices {text!r} names no device", "; e.g. --devices cuda:0,cuda:1")
+    for name in names:
+        if name == "auto" or not (name in ("cpu", "mps", "cuda") or name.startswith("cuda:")):
+            raise DeviceError(f"--devices: {name!r} is not a device", "; use cpu, cuda, cuda:N or mps")
+        training_device(name)
+    return names

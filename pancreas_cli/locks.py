@@ -11,6 +11,10 @@ Every lock lives on the file system of what it guards (not in a temporary folder
 between cluster jobs), and each holder leaves a note with its host, pid and command. Some network
 file systems keep ``flock`` locks per machine: a note of another machine's holder that conflicts
 is therefore refused as well, and reported, never removed (its process cannot be seen from here).
+
+By default a busy lock fails at once (:class:`BusyError`); :func:`wait_for_locks` (``--wait``,
+``locks.wait``) makes every lock this process takes wait for its holders instead, saying once on
+stderr whom it waits for, and fail only after ``locks.wait_seconds``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import re
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ LOCK_DIR = ".locks"
 OUTPUT_LOCK_DIR = ".pancseg-locks"  # beside an output folder
 PROJECT = "project"
 HOST = socket.gethostname()
+POLL_SECONDS = 0.5  # how often a waiting command tries the lock again
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,8 +67,20 @@ class _Note:
     def here(self) -> bool:
         return self.host == HOST
 
-    def describe(self) -> str:
-        return f"pid {self.pid}{'' if self.here else f' on host {self.host}'} (`{self.command}`)"
+    def describe(self, *, host: bool = False) -> str:
+        """``pid N (`command`)``, with the host when it is another machine's (or ``host``)."""
+        return f"pid {self.pid}{f' on host {self.host}' if host or not self.here else ''} (`{self.command}`)"
+
+
+@dataclass
+class _Waiting:
+    """Whether and how long a busy lock is waited for (see :func:`wait_for_locks`)."""
+
+    enabled: bool = False
+    seconds: float | None = None  # None: as long as it takes
+
+
+_waiting = _Waiting()
 
 
 _held: dict[Path, _Held] = {}  # by lock file: a stage inside another (pancseg run) holds it once
@@ -129,30 +147,73 @@ def _holders(lock_file: Path) -> list[str]:
     return [note.describe() for note in _notes(lock_file)]
 
 
-def _busy(what: str, notes: list[_Note]) -> BusyError:
-    holders = ", ".join(note.describe() for note in notes) or "another pancseg command"
+def _away_hint(notes: list[_Note]) -> str:
     away = [note for note in notes if not note.here]
-    hint = (f" (pancseg cannot see processes on {away[0].host}: if that command has ended, delete {away[0].path})"
+    return (f" (pancseg cannot see processes on {away[0].host}: if that command has ended, delete {away[0].path})"
             if away else "")
-    return BusyError(f"{what} is in use by {holders}; wait until it ends, or stop it{hint}")
 
 
-def _flock(held: _Held, lock_file: Path, *, shared: bool) -> None:
+def _holders_text(notes: list[_Note], *, host: bool = False) -> str:
+    return ", ".join(note.describe(host=host) for note in notes) or "another pancseg command"
+
+
+def _busy(what: str, notes: list[_Note]) -> BusyError:
+    hint = _away_hint(notes)
+    return BusyError(f"{what} is in use by {_holders_text(notes)}; wait until it ends, or stop it{hint} "
+                     "(--wait waits for it)")
+
+
+def wait_for_locks(enabled: bool, seconds: float | None = None) -> None:
+    """Make the locks this process takes from now on wait for a busy holder (``enabled``), for at most
+    ``seconds`` (None: as long as it takes), instead of failing at once. Jobs of a scheduler that start
+    together (a SLURM array running ``pancseg run``) then take turns instead of failing "busy"."""
+    _waiting.enabled, _waiting.seconds = enabled, seconds
+
+
+def _try_flock(held: _Held, lock_file: Path, *, shared: bool) -> list[_Note] | None:
+    """Take the lock if no one else holds it in a conflicting way; else the conflicting holders (an
+    empty list when flock refused and they left no note yet), holding nothing new."""
     import fcntl
 
     locked = True
     try:
         fcntl.flock(held.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise _busy(held.what, _notes(lock_file)) from None
+        return _notes(lock_file)
     except OSError:
         locked = False  # a file system without locks (some network and FUSE mounts): only the notes guard it
     # Where flock is per machine, another machine's holder shows only by its note.
     conflicts = [note for note in _notes(lock_file)
                  if (not note.here or not locked) and not (shared and note.shared)]
     if conflicts:
+        if locked:  # not held while another machine's holder is waited for
+            fcntl.flock(held.fd, fcntl.LOCK_UN)
+        return conflicts
+    return None
+
+
+def _flock(held: _Held, lock_file: Path, *, shared: bool) -> bool:
+    """Take the lock, waiting for its holders if :func:`wait_for_locks` says so; True when it had to
+    wait (what the caller decided before may be out of date); BusyError naming the holders."""
+    conflicts = _try_flock(held, lock_file, shared=shared)
+    if conflicts is None:
+        held.shared = shared
+        return False
+    if not _waiting.enabled:
         raise _busy(held.what, conflicts)
+    began = time.monotonic()
+    limit = "" if _waiting.seconds is None else f" (at most {_waiting.seconds:g} s)"
+    print(f"pancseg: waiting for {held.what}{limit}: in use by {_holders_text(conflicts, host=True)}"
+          f"{_away_hint(conflicts)}", file=sys.stderr, flush=True)
+    while (conflicts := _try_flock(held, lock_file, shared=shared)) is not None:
+        waited = time.monotonic() - began
+        if _waiting.seconds is not None and waited >= _waiting.seconds:
+            raise BusyError(f"{held.what} is still in use by {_holders_text(conflicts, host=True)} after waiting "
+                            f"{_waiting.seconds:g} s (locks.wait_seconds); try again later, or stop that command"
+                            f"{_away_hint(conflicts)}")
+        time.sleep(POLL_SECONDS)
     held.shared = shared
+    return True
 
 
 @contextmanager
@@ -189,14 +250,22 @@ def project(project_dir: Path, *, shared: bool = True) -> Any:
     return hold(project_dir / LOCK_DIR, PROJECT, f"the project {project_dir}", shared=shared)
 
 
+class _Waited(Exception):  # noqa: N818 - not an error: the stage decides again
+    """:func:`writing` had to wait: another command may have changed the project meanwhile."""
+
+
 def writing(project_dir: Path) -> None:
     """Turn this command's shared hold of the project into an exclusive one, before changing what
-    other stages read; BusyError if another command holds it."""
+    other stages read; BusyError if another command holds it. A stage under :func:`project_stage`
+    that had to wait runs again from the start, now exclusive (the other command may have done the
+    work it was about to do)."""
     lock_file = project_dir / LOCK_DIR / f"{PROJECT}.lock"
     held = _held.get(lock_file)
     if held is not None and held.shared:
-        _flock(held, lock_file, shared=False)
+        waited = _flock(held, lock_file, shared=False)
         _write_note(held)  # now exclusive: another machine's holders must see it
+        if waited:
+            raise _Waited()
 
 
 def fold(project_dir: Path, trainer: str, fold_index: int) -> Any:
@@ -236,7 +305,10 @@ def project_stage(*, creates: bool = False) -> Callable[[F], F]:
             if creates:
                 config.project_dir.mkdir(parents=True, exist_ok=True)
             with project(config.project_dir):
-                return func(config, *args, **kwargs)
+                try:
+                    return func(config, *args, **kwargs)
+                except _Waited:  # now exclusive: decide again what is up to date
+                    return func(config, *args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO
 from pancreas_cli import layout, locks
 from pancreas_cli.checkpoints import TRUST_ENV, read_checkpoint
 from pancreas_cli.config import Config, load_config
-from pancreas_cli.devices import training_device
+from pancreas_cli.devices import ddp_backend, training_device
 from pancreas_cli.exceptions import (CheckpointError, PancsegError, TableError, TrainError,
                                      TrainingInterrupted, UntrustedCheckpointError)
 from pancreas_cli.imageio import sweep_partials
@@ -71,15 +71,28 @@ class FoldResult:
 
 
 @dataclass
+class FoldFailure:
+    """A fold that ``train --devices`` could not train (the others went on)."""
+
+    fold: int
+    device: str
+    error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fold": self.fold, "device": self.device, "error": self.error}
+
+
+@dataclass
 class TrainResult:
     task: str
     device: str
     trainer: str
     folds: list[FoldResult] = field(default_factory=list)
+    failed: list[FoldFailure] = field(default_factory=list)  # train --devices only: the others raise
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "device": self.device, "trainer": self.trainer,
-                "folds": [f.to_dict() for f in self.folds]}
+                "folds": [f.to_dict() for f in self.folds], "failed": [f.to_dict() for f in self.failed]}
 
 
 def _preprocessed_state(config: Config) -> dict[str, Any]:
@@ -198,8 +211,8 @@ def train(
         folds = _check_folds(config, folds)
         source = _pretrained_source(config, pretrained, resume=resume, trust=trust_model)
         device = training_device(config.train.device)
-        if config.train.num_gpus > 1 and device.type != "cuda":
-            raise TrainError("train.num_gpus > 1 needs CUDA GPUs")
+        if config.train.num_gpus > 1:
+            _check_ddp(config, state, device)
         setup_nnunet_env(config, device_type=device.type)
         trainer_name = layout.TRAINERS[config.train.task]
         for fold in folds:  # other folds may train meanwhile, but not these
@@ -232,6 +245,108 @@ def _pretrained_source(config: Config, path: Path | None, *, resume: bool,
     if config.train.num_gpus > 1:
         raise TrainError("--pretrained trains on one device; leave out --num-gpus (or start from one GPU's run)")
     return read_pretrained(path, trust=trust)
+def train_on_devices(config: Config, *, folds: list[int] | None, devices: list[str], resume: bool = False,
+                     force: bool = False, trust_model: bool = False, pretrained: Path | None = None) -> TrainResult:
+    """``train --devices``: the folds side by side, one process per device (folds dealt out in turn,
+    each process training its share one after another); every fold takes its own lock and log as in
+    :func:`train`. A failed fold does not stop the others: it is in ``failed``. SIGTERM (a scheduler's
+    stop) is passed on to the processes, which save a checkpoint as a single ``train`` does."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pancreas_cli.signals import Terminated
+
+    if config.train.num_gpus > 1:
+        raise TrainError("--devices trains one fold per device; train.num_gpus > 1 (DDP) trains one fold on several: "
+                         "use one or the other")
+    with locks.project(config.project_dir, shared=True):
+        _preprocessed_state(config)
+        folds = _check_folds(config, folds)
+    shares = [(device, folds[i::len(devices)]) for i, device in enumerate(devices) if folds[i::len(devices)]]
+    result = TrainResult(config.train.task, ",".join(devices), layout.TRAINERS[config.train.task])
+    with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
+        cpu_threads = max(1, (os.cpu_count() or 1) // sum(device == "cpu" for device, _ in shares))
+        jobs = [(device, share, pool.submit(_train_share, config, device, share, resume, force, trust_model,
+                                            cpu_threads, pretrained)) for device, share in shares]
+        try:
+            _collect(jobs, result)
+        except Terminated:  # only this process got it (kill PID, a scheduler's batch-shell signal)
+            for child in multiprocessing.active_children():
+                child.terminate()  # they save a checkpoint and say how to resume
+            _collect(jobs, result)
+            raise TrainingInterrupted("training interrupted: " + "; ".join(
+                f"fold {f.fold} on {f.device}: {f.error}" for f in result.failed)) from None
+    result.folds.sort(key=lambda f: f.fold)
+    return result
+
+
+def _collect(jobs: list[tuple[str, list[int], Any]], result: TrainResult) -> None:
+    """The outcomes of the ``--devices`` processes into ``result`` (each job once, removed when read)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    while jobs:
+        device, share, job = jobs[0]
+        try:
+            outcomes = job.result()
+        except BrokenProcessPool as exc:
+            outcomes = [FoldFailure(fold, device, f"its process ended unexpectedly ({exc})") for fold in share]
+        jobs.pop(0)
+        for outcome in outcomes:
+            (result.failed if isinstance(outcome, FoldFailure) else result.folds).append(outcome)
+
+
+def _train_share(config: Config, device: str, folds: list[int], resume: bool, force: bool, trust: bool,
+                 cpu_threads: int, pretrained: Path | None = None) -> list[FoldResult | FoldFailure]:
+    """One ``--devices`` process: train ``folds`` on ``device`` one after another (on the CPU with
+    its share of the cores: processes that each use them all slow each other down)."""
+    import torch
+
+    from pancreas_cli.signals import sigterm_as_interrupt
+
+    if device == "cpu":
+        torch.set_num_threads(cpu_threads)
+
+    locks.wait_for_locks(config.locks.wait, config.locks.wait_seconds)  # the command's --wait
+    config = config.model_copy(deep=True)
+    config.train.device = device
+    outcomes: list[FoldResult | FoldFailure] = []
+    with sigterm_as_interrupt():
+        for fold in folds:
+            print(f"pancseg: fold {fold} training on {device} (log: "
+                  f"{layout.log_file(config.project_dir, f'train_{config.train.task}_fold{fold}.log')})",
+                  file=sys.stderr, flush=True)
+            try:
+                outcomes += train(config, folds=[fold], resume=resume, force=force, trust_model=trust,
+                                  warn=lambda text: print(f"pancseg: warning: {text}", file=sys.stderr),
+                                  pretrained=pretrained).folds
+            except PancsegError as exc:
+                outcomes.append(FoldFailure(fold, device, str(exc)))
+                if isinstance(exc, TrainingInterrupted):
+                    break  # stopped: the folds after it are not started
+            except KeyboardInterrupt:  # Ctrl-C before nnU-Net's loop: nothing to save
+                outcomes.append(FoldFailure(fold, device, "interrupted"))
+                break
+    return outcomes
+
+
+def _check_ddp(config: Config, state: dict[str, Any], device: torch.device) -> None:
+    """What nnU-Net's DDP needs, checked before anything starts: as many GPUs (or, for tests, CPU
+    processes), and no more of them than samples in a batch (nnU-Net splits each batch over them and
+    would stop with an assertion in every process)."""
+    import torch
+
+    count = config.train.num_gpus
+    if device.type == "mps":
+        raise TrainError("train.num_gpus > 1 (DDP) runs on CUDA GPUs (or CPU processes), not on mps")
+    if device.type == "cuda" and torch.cuda.device_count() < count:
+        raise TrainError(f"train.num_gpus = {count} but {torch.cuda.device_count()} CUDA device(s) are "
+                         "available; see `pancseg doctor`")
+    plans_file = config.dataset_preprocessed_dir / f"{state['plans_identifier']}.json"
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
+    batch = config.train.batch_size or int(plans["configurations"][config.plan.configuration]["batch_size"])
+    if count > batch:
+        raise TrainError(f"train.num_gpus = {count} is more than the batch size {batch} (train.batch_size, or the "
+                         f"plans' in {plans_file}): nnU-Net splits each batch over the GPUs; use at most {batch} "
+                         "GPUs, or raise train.batch_size")
 
 
 def _check_folds(config: Config, folds: list[int] | None) -> list[int]:
@@ -254,8 +369,9 @@ def write_training_inputs(config: Config) -> None:
     """Put what the trainers read beside the preprocessed data: subtypes.csv (the settings are the
     fold's own: :func:`build_trainer` hands them, the fold record holds them for nnU-Net's processes)."""
     pre = config.dataset_preprocessed_dir
-    # Under a temporary name: a fold training in another process may be reading the file.
-    partial = pre / f".{CASE_SUBTYPES_NAME}.partial"
+    # Under a temporary name: a fold training in another process may be reading the file; this process's
+    # own, as folds that start together (train --devices, a SLURM array) write it at the same time.
+    partial = pre / f".{CASE_SUBTYPES_NAME}.{os.getpid()}.partial"
     shutil.copyfile(config.dataset_raw_dir / CASE_SUBTYPES_NAME, partial)
     os.replace(partial, pre / CASE_SUBTYPES_NAME)
     settings_path(pre).unlink(missing_ok=True)  # an earlier pancseg's settings for all folds: read by nothing now
@@ -354,8 +470,8 @@ def _train_fold(config: Config, state: dict[str, Any], trainer_name: str, start:
     write_settings(config.train, output_folder)
     began = time.perf_counter()
     if config.train.num_gpus > 1:
-        with scoped_env(TRUST_ENV, "1" if trust else "0"):  # read by the trainers in nnU-Net's GPU processes
-            _train_ddp(config, state, trainer_name, fold, start.checkpoint, log_file)
+        with scoped_env(TRUST_ENV, "1" if trust else "0"):  # read by the trainers in the DDP processes
+            _train_ddp(config, state, trainer_name, fold, start.checkpoint, log_file, device.type)
     else:
         _train_single(config, state, trainer_name, fold, device, start.checkpoint, log_file, reporter, fold_result,
                       trust, None if start.checkpoint is not None else pretrained)
@@ -479,19 +595,16 @@ def _save_on_interrupt(trainer: Any) -> None:
 
 
 def _train_ddp(config: Config, state: dict[str, Any], trainer_name: str, fold: int, checkpoint: Path | None,
-               log_file: Path) -> None:
-    """Several GPUs: nnU-Net's own DDP launcher (one process per GPU, found by ``nnUNet_extTrainer``)."""
-    import torch
-    from nnunetv2.run.run_training import run_training
+               log_file: Path, device_type: str = "cuda") -> None:
+    """Several GPUs (or CPU processes): one DDP process each, running nnU-Net's trainer as its own
+    launcher does (:func:`_ddp_process`)."""
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
     if checkpoint is not None:
         _resume_from(checkpoint, trust=os.environ.get(TRUST_ENV) == "1")
     with redirect_output(log_file):
         try:
-            run_training(str(config.dataset.id), config.plan.configuration, fold, trainer_name,
-                         state["plans_identifier"], num_gpus=config.train.num_gpus,
-                         continue_training=checkpoint is not None, device=torch.device("cuda"))
+            launch_ddp(config, state, trainer_name, fold, device_type, continue_training=checkpoint is not None)
         except KeyboardInterrupt:
             # A SIGTERM reaches only this process (kill PID, docker stop), and the exit would wait
             # for the GPU processes, which are no daemons: stop them.
@@ -505,6 +618,48 @@ def _train_ddp(config: Config, state: dict[str, Any], trainer_name: str, fold: i
         except (ProcessRaisedException, ProcessExitedException, RuntimeError, ValueError, OSError) as exc:
             # A worker's error (a DataError too) arrives as ProcessRaisedException with its traceback.
             raise _training_failed(exc, log_file) from exc
+
+
+def launch_ddp(config: Config, state: dict[str, Any], trainer_name: str, fold: int, device_type: str, *,
+               continue_training: bool) -> None:
+    """Start ``train.num_gpus`` DDP processes on this machine and wait for them (nnU-Net's
+    ``run_training`` does the same, but only with NCCL on CUDA). A MASTER_PORT that is set (torchrun,
+    a SLURM script) is kept, as nnU-Net keeps it."""
+    import torch.multiprocessing as mp
+    from nnunetv2.run.run_training import find_free_network_port
+
+    port = os.environ.get("MASTER_PORT") or str(find_free_network_port())
+    with scoped_env("MASTER_ADDR", "localhost"), scoped_env("MASTER_PORT", port):
+        mp.spawn(_ddp_process, nprocs=config.train.num_gpus, join=True,
+                 args=(config.train.num_gpus, device_type, str(config.dataset.id), config.plan.configuration, fold,
+                       trainer_name, state["plans_identifier"], continue_training, config.plan.num_processes))
+
+
+def _ddp_process(rank: int, world_size: int, device_type: str, dataset: str, configuration: str, fold: int,
+                 trainer_name: str, plans_identifier: str, continue_training: bool, num_processes: int) -> None:
+    """One DDP process: the steps of nnU-Net's ``run_ddp`` (trainer by name, resume, train, validate),
+    with the process group's backend and the device from :func:`ddp_backend` (``run_ddp`` hard-codes
+    NCCL and CUDA). The trainer finds the fold's settings in its fold folder."""
+    import torch
+    import torch.distributed as dist
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+
+    dist.init_process_group(ddp_backend(device_type), rank=rank, world_size=world_size)
+    try:
+        if device_type == "cuda":
+            torch.cuda.set_device(rank)
+            device = torch.device("cuda", rank)
+        else:  # the cores shared between the processes
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+            device = torch.device("cpu")
+        trainer = get_trainer_from_args(dataset, configuration, fold, trainer_name, plans_identifier,
+                                        continue_training, device=device)
+        maybe_load_checkpoint(trainer, continue_training, False)
+        with nnunet_worker_pools(num_processes):
+            trainer.run_training()
+            trainer.perform_actual_validation(False)
+    finally:
+        dist.destroy_process_group()
 
 
 def _resume_from(checkpoint: Path, *, trust: bool) -> None:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import signal
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -107,3 +113,99 @@ def test_up_to_date_stages_pass_a_reader(runner: CliRunner, tmp_path: Path) -> N
         assert again.exit_code == 0 and "up to date" in again.stdout
         forced = runner.invoke(app, ["prepare", "-c", str(cfg), "--force"])
         assert forced.exit_code == 1 and "is in use by" in forced.stderr
+
+
+@pytest.fixture
+def waiting() -> Iterator[None]:
+    """This test's locks wait for their holders (as under --wait); afterwards they fail at once again."""
+    locks.wait_for_locks(True)
+    yield
+    locks.wait_for_locks(False)
+
+
+def _held_for(seconds: float, lock: Callable[[], Any]) -> int:
+    """Hold ``lock()`` in another process for ``seconds``, then end it; its pid once it holds the lock."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ready_r)
+            with lock():
+                os.write(ready_w, b"x")
+                time.sleep(seconds)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"x"
+    os.close(ready_r)
+    return pid
+
+
+def test_a_waiting_command_proceeds_when_the_holder_ends(tmp_path: Path, waiting: None,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    pid = _held_for(1.0, lambda: locks.fold(tmp_path, "T", 1))
+    try:
+        with locks.fold(tmp_path, "T", 1):
+            assert not list(tmp_path.glob(f"*.{pid}.holder"))  # it got the lock only when the holder let go
+    finally:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pancseg: waiting for fold 1 of T: in use by pid {pid} on host "
+                                                   f"{locks.HOST} (`pancseg ")
+
+
+def test_waiting_with_a_limit_fails_naming_the_holder_and_host(tmp_path: Path) -> None:
+    locks.wait_for_locks(True, 0.3)
+    try:
+        with held_elsewhere(lambda: locks.output_folder(tmp_path / "out")) as pid:
+            with pytest.raises(BusyError, match=rf"the output folder {tmp_path / 'out'} is still in use by pid {pid} "
+                                                rf"on host {re.escape(locks.HOST)} .* after waiting 0.3 s"):
+                with locks.output_folder(tmp_path / "out"):
+                    pass
+    finally:
+        locks.wait_for_locks(False)
+
+
+def test_another_hosts_holder_is_waited_for_and_reported_never_removed(tmp_path: Path, waiting: None,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """flock may be per machine on a network file system: a note of another host's holder is the lock."""
+    note = tmp_path / locks.LOCK_DIR / "project.lock.node7.4242.holder"
+    note.parent.mkdir()
+    note.write_text(json.dumps({"pid": 4242, "host": "node7", "shared": False, "command": "pancseg run"}))
+    locks.wait_for_locks(True, 0.2)
+    with pytest.raises(BusyError, match=r"pid 4242 on host node7 .*delete .*node7\.4242\.holder"):
+        with locks.project(tmp_path):
+            pass
+    assert note.is_file()
+    assert "pancseg: waiting for the project" in capsys.readouterr().err
+
+
+def test_a_stage_that_waited_to_write_decides_again(tmp_path: Path, waiting: None) -> None:
+    """While it waited, the other command may have done the work: the stage starts over, exclusive."""
+    calls = []
+
+    @locks.project_stage()
+    def stage(config: Any) -> None:
+        calls.append(len(calls))
+        locks.writing(config.project_dir)
+
+    (tmp_path / "work").mkdir()
+    pid = _held_for(0.6, lambda: locks.project(tmp_path / "work"))  # e.g. another `pancseg run` passing by
+    stage(SimpleNamespace(project_dir=tmp_path / "work"))
+    os.waitpid(pid, 0)
+    assert calls == [0, 1]
+
+
+def test_prepare_with_wait_passes_a_busy_project(runner: CliRunner, tmp_path: Path) -> None:
+    make_quiz(tmp_path / "data", per_subtype=1, validation=0, test=1)
+    cfg = write_config(tmp_path, "project_dir: ./work\n")
+    assert runner.invoke(app, ["prepare", "-c", str(cfg)]).exit_code == 0
+    pid = _held_for(1.0, lambda: locks.project(tmp_path / "work"))
+    try:
+        result = runner.invoke(app, ["prepare", "-c", str(cfg), "--force", "--wait-seconds", "60"])
+    finally:
+        locks.wait_for_locks(False)
+        os.waitpid(pid, 0)
+    assert result.exit_code == 0, result.output
+    assert f"waiting for the project {tmp_path / 'work'} (at most 60 s): in use by pid {pid}" in result.stderr

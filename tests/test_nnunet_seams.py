@@ -188,8 +188,11 @@ def test_validation_builds_its_predictor_by_its_module_name() -> None:
      ["dataset_ids", "experiment_planner_class_name"]),
     ("nnunetv2.experiment_planning.plan_and_preprocess_api", "preprocess",
      ["dataset_ids", "plans_identifier", "configurations", "num_processes", "verbose", "show_progress_bar"]),
-    ("nnunetv2.run.run_training", "run_training",
-     ["dataset_name_or_id", "configuration", "fold", "trainer_class_name", "plans_identifier"]),
+    ("nnunetv2.run.run_training", "get_trainer_from_args",
+     ["dataset_name_or_id", "configuration", "fold", "trainer_name", "plans_identifier", "continue_training",
+      "device"]),
+    ("nnunetv2.run.run_training", "maybe_load_checkpoint", ["nnunet_trainer", "continue_training", "validation_only"]),
+    ("nnunetv2.run.run_training", "find_free_network_port", []),
 ])
 def test_nnunet_functions_pancseg_calls_keep_their_parameters(path: str, name: str, leading: list[str]) -> None:
     import importlib
@@ -421,3 +424,35 @@ def test_a_trainer_initialised_before_training_keeps_its_network() -> None:
         "would be replaced by a fresh network")
     assert ".was_initialized" in _uses(nnUNetTrainer.initialize), _seam(
         "nnUNetTrainer.initialize", "no longer records was_initialized")
+def _called_names(fn: Any) -> list[str]:
+    """The functions and methods a function calls, by name, in order."""
+    calls = [n.func for n in ast.walk(_function(fn)) if isinstance(n, ast.Call)]
+    return [c.attr if isinstance(c, ast.Attribute) else c.id for c in calls if isinstance(c, ast.Attribute | ast.Name)]
+
+
+def test_pancseg_ddp_process_does_what_nnunets_run_ddp_does() -> None:
+    """``_ddp_process`` (pancreas_cli/train.py) repeats nnU-Net's ``run_ddp`` with the backend and device
+    chosen by devices.py (``run_ddp`` hard-codes NCCL and CUDA): a step nnU-Net adds must be added there."""
+    from nnunetv2.run import run_training as module
+
+    steps = set(_called_names(module.run_ddp)) - {"join", "device", "get_rank", "is_available"}
+    assert steps == {"setup_ddp", "set_device", "get_trainer_from_args", "maybe_load_checkpoint", "run_training",
+                     "load_checkpoint", "perform_actual_validation", "cleanup_ddp"}, _seam(
+        "nnunetv2.run.run_training.run_ddp", f"now calls {sorted(steps)}; compare pancseg's _ddp_process")
+    assert "init_process_group" in _called_names(module.setup_ddp), _seam(
+        "nnunetv2.run.run_training.setup_ddp", "no longer just starts the process group")
+
+
+def test_ddp_wrapping_is_looked_up_by_its_module_name() -> None:
+    """On the CPU (gloo) the trainer's ``initialize`` swaps ``DDP`` in nnU-Net's trainer module for a
+    wrapper without ``device_ids`` (which a CPU module refuses); that works only while nnU-Net wraps the
+    network through that global name, and sets a CUDA device under DDP (which pancseg puts back)."""
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as module
+
+    wraps = [n for n in ast.walk(_function(module.nnUNetTrainer.initialize)) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Name) and n.func.id == "DDP"]
+    assert hasattr(module, "DDP") and wraps and [k.arg for k in wraps[0].keywords] == ["device_ids"], _seam(
+        "nnUNetTrainer.initialize", "no longer wraps the network as DDP(network, device_ids=...) through its "
+        "module's global name; see nnUNetTrainerPancseg.initialize (multitask/trainer.py)")
+    assert "'cuda'" in _uses(module.nnUNetTrainer.__init__) and ".is_ddp" in _uses(module.nnUNetTrainer.__init__), \
+        _seam("nnUNetTrainer.__init__", "no longer chooses the device under DDP; see nnUNetTrainerPancseg.__init__")

@@ -160,7 +160,7 @@ def test_fold_must_be_in_the_splits(runner: CliRunner, project: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--set", "plan.preset=default"], "the data was preprocessed for 3d_smoke but plan.preset asks for 3d_fullres; "
                                        "re-run `pancseg preprocess` with the same preset"),
-    (["--num-gpus", "2"], "train.num_gpus > 1 needs CUDA GPUs"),
+    (["--num-gpus", "3"], "train.num_gpus = 3 is more than the batch size 2"),
     (["--device", "cuda:99"], "cuda:99 requested but "),
 ])
 def test_train_errors(runner: CliRunner, project: Path, args: list[str], message: str) -> None:
@@ -495,13 +495,13 @@ def _ddp_config(project: Path) -> Any:
 ])
 def test_ddp_errors(project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, error: BaseException,
                     expected: type, message: str) -> None:
-    """Several GPUs go through nnU-Net's launcher; its failures and Ctrl-C still become pancseg errors."""
-    import nnunetv2.run.run_training as nnunet_run
+    """Several GPUs go through the DDP launcher; its failures and Ctrl-C still become pancseg errors."""
+    import pancreas_cli.train as train_module
 
     def launch(*args: Any, **kwargs: Any) -> None:
         raise error
 
-    monkeypatch.setattr(nnunet_run, "run_training", launch)
+    monkeypatch.setattr(train_module, "launch_ddp", launch)
     with pytest.raises(expected, match=re.escape(message)):
         _train_ddp(_ddp_config(project), {"plans_identifier": "nnUNetResEncUNetMPlans"}, "nnUNetTrainerMultiTask",
                    2, None, tmp_path / "train.log")
@@ -509,10 +509,12 @@ def test_ddp_errors(project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 def test_ddp_resumes_from_the_newest_checkpoint(project: Path, monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: Path) -> None:
-    """nnU-Net's launcher resumes from checkpoint_final.pth when there is one; after an extended run was
-    interrupted the newer checkpoint_latest.pth must win, and the old final is kept aside."""
-    import nnunetv2.run.run_training as nnunet_run
+    """nnU-Net's checkpoint choice in DDP processes resumes from checkpoint_final.pth when there is one;
+    after an extended run was interrupted the newer checkpoint_latest.pth must win, and the old final
+    is kept aside."""
     import torch
+
+    import pancreas_cli.train as train_module
 
     folder = tmp_path / "fold_2"
     folder.mkdir()
@@ -520,10 +522,10 @@ def test_ddp_resumes_from_the_newest_checkpoint(project: Path, monkeypatch: pyte
     torch.save({"current_epoch": 8}, folder / "checkpoint_latest.pth")
     os.utime(folder / "checkpoint_final.pth", ns=(1, 1))
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(nnunet_run, "run_training", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(train_module, "launch_ddp", lambda *args, **kwargs: calls.append(kwargs))
     _train_ddp(_ddp_config(project), {"plans_identifier": "nnUNetResEncUNetMPlans"}, "nnUNetTrainerMultiTask", 2,
                newest_checkpoint(folder), tmp_path / "train.log")
-    assert calls[0]["continue_training"] and calls[0]["num_gpus"] == 2
+    assert calls[0]["continue_training"]
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_final_epoch5.pth", "checkpoint_latest.pth"]
 
 

@@ -78,6 +78,9 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
             # The current device decides where the data loader pins batches and cudnn.benchmark runs.
             self.device = device
             torch.cuda.set_device(device)
+        if self.is_ddp and device.type == "cpu":
+            # nnU-Net's DDP assumes one GPU per process and takes cuda:RANK; CPU processes (gloo) keep the CPU.
+            self.device = device
         settings = self.pancseg_settings
         self.num_epochs = settings.epochs
         self.num_iterations_per_epoch = settings.iterations_per_epoch
@@ -90,6 +93,20 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
         #: nnU-Net's DDP processes, which pancseg does not build, from the environment).
         self.trust_model = os.environ.get(TRUST_ENV) == "1"
         self._register_log_keys(_LOG_KEYS)
+
+    def initialize(self) -> None:
+        """nnU-Net's, with one change in DDP processes on the CPU (gloo): nnU-Net wraps the network as
+        ``DDP(network, device_ids=[rank])``, which only a GPU module accepts; a CPU module gets none."""
+        if not (self.is_ddp and self.device.type == "cpu"):
+            super().initialize()
+            return
+        module = sys.modules[nnUNetTrainer.__module__]
+        original = module.DDP  # type: ignore[attr-defined]
+        module.DDP = lambda network, device_ids=None, **kwargs: original(network, **kwargs)  # type: ignore[attr-defined]
+        try:
+            super().initialize()
+        finally:
+            module.DDP = original  # type: ignore[attr-defined]
 
     def _recorded_settings(self, plans: dict, configuration: str, fold: int) -> TrainingSettings:
         """The fold record's settings, for a trainer that nnU-Net builds (``nnUNetv2_train``, DDP): the
