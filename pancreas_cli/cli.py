@@ -316,22 +316,35 @@ def predict(
     series: Annotated[str | None, typer.Option("--series", help="The series of a DICOM folder to segment (default: "
                                                "the one with the most slices).", metavar="UID")] = None,
     trust_model: TrustModelOption = False,
+    part: Annotated[str | None, typer.Option("--part", help="Predict only part I of N (I from 0), split by size: N "
+                                             "such commands (terminals, a SLURM array) fill one -o.",
+                                             metavar="I/N")] = None,
+    num_parts: Annotated[int | None, typer.Option("--num-parts", help="With --part-id: --part ID/N (nnU-Net's "
+                                                  "spelling).", metavar="N")] = None,
+    part_id: Annotated[int | None, typer.Option("--part-id", metavar="I", help="See --num-parts.")] = None,
+    devices: Annotated[str | None, typer.Option("--devices", help="One worker process per device, each a part, "
+                                                "e.g. cuda:0,cuda:1 or cpu,cpu.", metavar="LIST")] = None,
+    num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="--devices cuda:0,...,cuda:N-1.",
+                                                 metavar="N")] = None,
     json_: JsonOption = False,
 ) -> None:
     """Predict masks (labels 0/1/2) and lesion subtypes (subtype_results.csv) for new CT scans."""
     from pancreas_cli.predict import predict as run_predict
+    from pancreas_cli.predict import predict_on_devices
     from pancreas_cli.progress import CasePrinter
 
     if checkpoint not in (None, "best", "final"):
         raise typer.BadParameter(f"must be best or final, got {checkpoint!r}", param_hint="--checkpoint")
+    chosen, workers = _predict_split(part, num_parts, part_id, devices, num_gpus, device)
     cfg = _config(config, set_, **{"predict.device": device, "predict.checkpoint": checkpoint})
-    result = run_predict(cfg, input_path=input_, out_dir=out, folds=fold, fast=fast, overwrite=force, series=series,
-                         reporter=CasePrinter(quiet=output.verbosity < 0), warn=output.warn, trust_model=trust_model)
+    options = {"input_path": input_, "out_dir": out, "folds": fold, "fast": fast, "overwrite": force, "series": series,
+               "reporter": CasePrinter(quiet=output.verbosity < 0), "warn": output.warn, "trust_model": trust_model}
+    result = (predict_on_devices(cfg, workers, **options) if workers else run_predict(cfg, part=chosen, **options))
     if json_:
         output.json(result.to_dict())
     else:
         speed = result.cases_per_minute()
-        output.result(f"{result.count('predicted')} predicted"
+        output.result((f"part {result.part}: " if result.part else "") + f"{result.count('predicted')} predicted"
                       + (f" in {result.seconds:.1f}s ({speed:.1f} cases/min)" if speed else "")
                       + f", {result.count('skipped')} skipped (already done), "
                       f"{len(result.failed)} failed -> {result.out_dir}"
@@ -341,6 +354,28 @@ def predict(
     if result.failed:
         output.info(f"full errors: {result.log_file}")
         raise typer.Exit(1)
+
+
+def _predict_split(part: str | None, num_parts: int | None, part_id: int | None, devices: str | None,
+                   num_gpus: int | None, device: str | None) -> tuple[Any, list[str] | None]:
+    """The part of ``--part`` or ``--num-parts``/``--part-id`` (None: every case), and the devices of
+    ``--devices``/``--num-gpus`` (None: one process)."""
+    from pancreas_cli.devices import device_list
+    from pancreas_cli.parts import Part
+
+    if part is not None and (num_parts is not None or part_id is not None):
+        raise typer.BadParameter("give --part I/N or --num-parts N --part-id I, not both", param_hint="--part")
+    if (num_parts is None) != (part_id is None):
+        raise typer.BadParameter("--num-parts and --part-id go together", param_hint="--part-id")
+    try:
+        chosen = Part.parse(part) if part is not None else Part(part_id, num_parts) if num_parts is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--part") from None
+    workers = device_list(devices, num_gpus)
+    if workers is not None and (chosen is not None or device is not None):
+        raise typer.BadParameter("--devices splits the cases into parts and sets each worker's device itself: "
+                                 "drop --part and --device", param_hint="--devices")
+    return chosen, workers
 
 
 @app.command()

@@ -7,6 +7,7 @@ GPU is each command's choice (training refuses the CPU unless asked; predict fal
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from pancreas_cli.exceptions import DeviceError
@@ -49,3 +50,24 @@ def training_device(requested: str) -> torch.device:
     if device is None:
         raise DeviceError("no GPU found; training on the CPU is very slow: pass --device cpu to do it anyway")
     return device
+
+
+def device_list(devices: str | None, num_gpus: int | None) -> list[str] | None:
+    """The devices of ``--devices cuda:0,cuda:1`` (a device may repeat: two processes share a GPU) or
+    ``--num-gpus N`` (``cuda:0`` to ``cuda:N-1``), each checked here; None when neither is given."""
+    if devices is not None and num_gpus is not None:
+        raise DeviceError("--devices and --num-gpus both name the devices", ": give one of them")
+    if num_gpus is not None:
+        if num_gpus < 1:
+            raise DeviceError(f"--num-gpus {num_gpus}: give 1 or more")
+        names = [f"cuda:{i}" for i in range(num_gpus)]
+    elif devices is not None:
+        names = [name.strip() for name in devices.split(",")]
+    else:
+        return None
+    for name in names:
+        if name not in ("cpu", "mps", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+            raise DeviceError(f"--devices {devices}: {name!r} is not a device",
+                              ": list cpu, mps, cuda or cuda:N, separated by commas (auto is not one)")
+        find_device(name)  # DeviceError if it is not here
+    return names
