@@ -3,6 +3,7 @@
 One rule for ``train``, ``predict`` and ``doctor``: ``auto`` is the first GPU (CUDA, then Apple MPS); a
 named device that is not here is a :class:`~pancreas_cli.exceptions.DeviceError`. What to do without a
 GPU is each command's choice (training refuses the CPU unless asked; predict falls back to it).
+``predict --devices`` lists devices, one worker process each (:func:`device_list`).
 """
 
 from __future__ import annotations

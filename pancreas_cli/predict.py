@@ -396,8 +396,8 @@ def rebuild_csvs(out_dir: Path, model: dict[str, Any] | None = None) -> Path:
 
 def sweep_leftovers(out_dir: Path) -> None:
     """Remove what a killed predict left in ``out_dir``: scratch folders, partial masks and the temporary
-    files of atomic writes (older pancseg's names too). Called with the folder's lock held: no living
-    predict owns them then."""
+    files of atomic writes (older pancseg's names too). Called with the folder's lock held and no other
+    part in the folder: no living predict owns them then."""
     if not out_dir.is_dir():
         return
     for folder in (out_dir, out_dir / SIDECAR_DIR):
