@@ -118,7 +118,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         (args.workdir / "predict_parts.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     for n in (1, 2):
         walls = [r["wall_s"] for r in report["runs"] if r["n"] == n]
-        report[f"n{n}"] = {"median_wall_s": statistics.median(walls),
+        report[f"n{n}"] = {"median_wall_s": round(statistics.median(walls), 2),
                            "cases_per_min": round(60 * cases / statistics.median(walls), 2)}
     report["speedup_n2"] = round(report["n1"]["median_wall_s"] / report["n2"]["median_wall_s"], 3)
     (args.workdir / "predict_parts.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
