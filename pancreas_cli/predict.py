@@ -10,6 +10,8 @@ which keeps up-to-date cases). A mask that is not a complete image (cut short) i
 The CSVs are rebuilt from the records (:func:`rebuild_csvs`) before the first case, after each and at
 the end, so they never disagree with the masks. A case that fails is reported and the others go on.
 A project on read-only storage is used as it is: no project lock, nnU-Net's log in the output folder.
+With ``part``, predict takes one part of the cases (:mod:`pancreas_cli.parts`) and shares the output
+folder with the other parts of the same prediction; :func:`predict_on_devices` runs one part per device.
 """
 
 from __future__ import annotations

@@ -60,6 +60,18 @@ def test_part_numbers_and_devices_are_checked() -> None:
         device_list(None, 0)
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    (["--part", "2/2"], "parts are numbered 0 to N-1"),
+    (["--part", "0/2", "--num-parts", "2", "--part-id", "0"], "not both"),
+    (["--part-id", "1"], "--num-parts and --part-id go together"),
+    (["--devices", "cpu,cpu", "--part", "0/2"], "drop --part and --device"),
+])
+def test_part_options_that_do_not_go_together(runner: CliRunner, tmp_path: Path, options: list[str],
+                                              message: str) -> None:
+    result = runner.invoke(app, ["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), *options])
+    assert result.exit_code == 2 and message in result.output
+
+
 def test_sizes_come_from_the_header(tmp_path: Path) -> None:
     image = write(np.zeros((5, 6, 7), np.int16), tmp_path / "a.nii.gz")
     assert voxels(image) == 5 * 6 * 7
@@ -222,7 +234,8 @@ def test_a_killed_part_resumes(trained_project: Path, one_run: tuple[Path, dict[
     resumed = json.loads(runner.invoke(app, _args(trained_project, source, out, "--part", "0/2", "--json")).stdout)
     assert resumed["skipped"] == 1 and resumed["predicted"] >= 1 and not resumed["failed"]
     assert not list(out.rglob(".pancseg.tmp-*"))  # alone in the folder: what the killed part left is swept
-    assert runner.invoke(app, _args(trained_project, source, out, "--part", "1/2")).exit_code == 0
+    other = runner.invoke(app, _args(trained_project, source, out, "--num-parts", "2", "--part-id", "1"))  # nnU-Net's way
+    assert other.exit_code == 0 and "part 1/2: 3 predicted" in other.stdout
     assert _outputs(out) == expected
 
 
