@@ -243,10 +243,11 @@ def output_part(folder: Path, prediction: str, when_alone: Callable[[], None]) -
         yield
         return
     where, name = _output_place(folder)
-    lock_file, key_file = where / f"{name}.lock", where / f"{name}.prediction"
+    lock_file = where / f"{name}.lock"
+    key_file = lock_file.with_name(f"{lock_file.name}.prediction")  # no folder's lock has this name
     what = f"the output folder {folder}"
     with contextlib.ExitStack() as stack:
-        with _moment(where / f"{name}.join.lock"):
+        with _moment(lock_file.with_name(f"{lock_file.name}.join")):
             alone = _free(lock_file)
             stack.enter_context(hold(where, name, what, shared=True))
             if alone:
@@ -264,11 +265,12 @@ def output_moment(folder: Path, purpose: str) -> Any:
     """An exclusive lock of an output folder for a moment, waited for (its holders keep it for
     milliseconds): the parts of a prediction rebuild its CSVs one at a time (``purpose`` "csv")."""
     where, name = _output_place(folder)
-    return _moment(where / f"{name}.{purpose}.lock")
+    return _moment(where / f"{name}.lock.{purpose}")
 
 
 @contextmanager
 def _moment(lock_file: Path) -> Iterator[None]:
+    """Hold ``lock_file`` exclusively, waiting for it: only for locks that are held for moments."""
     if sys.platform == "win32":
         yield
         return
