@@ -13,6 +13,7 @@ not forked (CUDA cannot be forked), each sending its progress to the parent, whi
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import queue as queues
 import traceback
@@ -52,7 +53,8 @@ class Part:
 def split(sizes: Mapping[str, int], total: int) -> list[list[str]]:
     """The cases (by name, with their sizes) of each of ``total`` parts, balanced by size; each part's
     cases in name order. Deterministic: the same sizes give the same parts on every machine."""
-    loads, parts = [0] * total, [[] for _ in range(total)]  # type: list[int], list[list[str]]
+    loads: list[int] = [0] * total
+    parts: list[list[str]] = [[] for _ in range(total)]
     for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
         lightest = min(range(total), key=lambda i: (loads[i], i))
         parts[lightest].append(name)
@@ -71,10 +73,7 @@ def voxels(path: Path) -> int:
         reader.ReadImageInformation()
     except RuntimeError:
         return 0
-    count = 1
-    for length in reader.GetSize():
-        count *= length
-    return count
+    return math.prod(reader.GetSize())
 
 
 def _worker_main(target: Callable[..., Any], messages: Any, index: int, job: tuple[Any, ...]) -> None:
