@@ -10,7 +10,11 @@
 #  3. benchmarks/step_timing.py on the same data and plans: the two trainers' train_step side by side
 #     in one process on cached batches, how fast the data-augmentation workers deliver, real iterations
 #     (loader + step) in blocks as epochs run them, the operators one step of each dispatches, and
-#     torch.profiler tables of each trainer's steps (profile_*.txt).
+#     torch.profiler tables of each trainer's steps (profile_*.txt);
+#  5. benchmarks/predict_parts.py: one prediction by 1 and by 2 worker processes on the one GPU
+#     (`predict --devices DEVICE` against `--devices DEVICE,DEVICE`), smoke model, mirroring on
+#     (PP_MODE=parts: two `--part` commands instead; PP_CASES, PP_SHAPE, PP_REPEATS size it; not yet run
+#     on a GPU: expect a few minutes).
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR [DEVICE]   (env: PARTS="1 2", PYTHON, LC_EPOCHS, LC_ITERS,
 #        LC_CASES, DA_WORKERS, TIMING_REPEATS, TIMING_ITERS, STEPS, LIVE_BLOCKS, COMPILE_HEAD=1: part 3 also
 #        times the multi-task trainer with its head compiled, PART2_SECONDS: part 2's time limit,
@@ -104,6 +108,15 @@ part4() {
     cp "$work"/ps/project/work/nnUNet_results/*/nnUNetTrainerMultiTask__*/fold_0/metrics.csv "$out/part4_metrics.csv" \
         2>/dev/null || true
     if ((status)); then tail -n 40 "$out/part4_stderr.txt"; exit "$status"; fi
+}
+
+part5() {
+    stamp "part 5: predict in parts, 1 and 2 processes on $device"
+    cd "$repo"
+    "$py" benchmarks/predict_parts.py --workdir "$work/pp" --mode "${PP_MODE:-devices}" --device "$device" \
+        --cases "${PP_CASES:-16}" --shape "${PP_SHAPE:-64x128x176}" --repeats "${PP_REPEATS:-1}" --mirroring \
+        >"$out/part5_summary.json" 2>"$out/part5_stderr.txt" || { tail -n 40 "$out/part5_stderr.txt"; exit 1; }
+    cp "$work/pp/predict_parts.json" "$out/part5_predict_parts.json"
 }
 
 for part in ${PARTS:-1 2}; do "part$part"; done

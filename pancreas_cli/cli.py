@@ -385,30 +385,50 @@ def predict(
                                                metavar="ZIP|DIR")] = None,
     wait: WaitOption = False,
     wait_seconds: WaitSecondsOption = None,
+    part: Annotated[str | None, typer.Option("--part", help="Predict only part I of N (I from 0), split by size: N "
+                                             "such commands (terminals, a SLURM array) fill one -o.",
+                                             metavar="I/N")] = None,
+    num_parts: Annotated[int | None, typer.Option("--num-parts", help="With --part-id: --part ID/N (nnU-Net's "
+                                                  "spelling).", metavar="N")] = None,
+    part_id: Annotated[int | None, typer.Option("--part-id", metavar="I", help="See --num-parts.")] = None,
+    devices: Annotated[str | None, typer.Option("--devices", help="One worker process per device, each a part, "
+                                                "e.g. cuda:0,cuda:1 or cpu,cpu.", metavar="LIST")] = None,
+    num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="--devices cuda:0,...,cuda:N-1.",
+                                                 metavar="N")] = None,
     json_: JsonOption = False,
 ) -> None:
     """Predict masks (labels 0/1/2) and lesion subtypes (subtype_results.csv) for new CT scans."""
     from pancreas_cli.outputs import OUTPUT_FORMATS, Outputs
     from pancreas_cli.predict import predict as run_predict
+    from pancreas_cli.predict import predict_on_devices
     from pancreas_cli.progress import CasePrinter
 
-    if checkpoint not in (None, "best", "final"):
-        raise typer.BadParameter(f"must be best or final, got {checkpoint!r}", param_hint="--checkpoint")
-    if output_format not in OUTPUT_FORMATS:
-        raise typer.BadParameter(f"must be {' or '.join(OUTPUT_FORMATS)}, got {output_format!r}",
-                                 param_hint="--output-format")
+    _check_choice(checkpoint, ("best", "final"), "--checkpoint")
+    _check_choice(output_format, OUTPUT_FORMATS, "--output-format")
+    chosen, workers = _predict_split(part, num_parts, part_id, devices, num_gpus, device)
     flags, model_dir = _model_flags(model, checkpoint)
     cfg = _config(config, set_, optional=model is not None, wait=wait, wait_seconds=wait_seconds,
                   **{"predict.device": device, **flags})
-    outputs = Outputs(save_probabilities, statistics, preview, output_format == "dicom-seg")
-    result = run_predict(cfg, input_path=input_, out_dir=out, folds=fold, fast=fast, overwrite=force, series=series,
-                         reporter=CasePrinter(quiet=output.verbosity < 0), warn=output.warn, trust_model=trust_model,
-                         outputs=outputs, model_dir=model_dir)
+    options = {"input_path": input_, "out_dir": out, "folds": fold, "fast": fast, "overwrite": force, "series": series,
+               "reporter": CasePrinter(quiet=output.verbosity < 0), "warn": output.warn, "trust_model": trust_model,
+               "outputs": Outputs(save_probabilities, statistics, preview, output_format == "dicom-seg"),
+               "model_dir": model_dir}
+    result = (predict_on_devices(cfg, workers, **options) if workers else run_predict(cfg, part=chosen, **options))
+    _print_prediction(result, json_)
+
+
+def _check_choice(value: str | None, choices: tuple[str, ...], option: str) -> None:
+    if value is not None and value not in choices:
+        raise typer.BadParameter(f"must be {' or '.join(choices)}, got {value!r}", param_hint=option)
+
+
+def _print_prediction(result: Any, json_: bool) -> None:
+    """The outcome line (or JSON), the summaries' paths, and each failed case as an error (exit 1)."""
     if json_:
         output.json(result.to_dict())
     else:
         speed = result.cases_per_minute()
-        output.result(f"{result.count('predicted')} predicted"
+        output.result((f"part {result.part}: " if result.part else "") + f"{result.count('predicted')} predicted"
                       + (f" in {result.seconds:.1f}s ({speed:.1f} cases/min)" if speed else "")
                       + f", {result.count('skipped')} skipped (already done), "
                       f"{len(result.failed)} failed -> {result.out_dir}"
@@ -430,6 +450,28 @@ def _one_fold(value: str) -> int | None:
         return int(value)
     except ValueError:
         raise typer.BadParameter(f"a fold number or 'all', got {value!r}", param_hint="--fold") from None
+
+
+def _predict_split(part: str | None, num_parts: int | None, part_id: int | None, devices: str | None,
+                   num_gpus: int | None, device: str | None) -> tuple[Any, list[str] | None]:
+    """The part of ``--part`` or ``--num-parts``/``--part-id`` (None: every case), and the devices of
+    ``--devices``/``--num-gpus`` (None: one process)."""
+    from pancreas_cli.devices import device_list
+    from pancreas_cli.parts import Part
+
+    if part is not None and (num_parts is not None or part_id is not None):
+        raise typer.BadParameter("give --part I/N or --num-parts N --part-id I, not both", param_hint="--part")
+    if (num_parts is None) != (part_id is None):
+        raise typer.BadParameter("--num-parts and --part-id go together", param_hint="--part-id")
+    try:
+        chosen = Part.parse(part) if part is not None else Part(part_id, num_parts) if num_parts is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--part") from None
+    workers = device_list(devices, num_gpus)
+    if workers is not None and (chosen is not None or device is not None):
+        raise typer.BadParameter("--devices splits the cases into parts and sets each worker's device itself: "
+                                 "drop --part and --device", param_hint="--devices")
+    return chosen, workers
 
 
 @app.command()

@@ -3,10 +3,12 @@
 One rule for ``train``, ``predict`` and ``doctor``: ``auto`` is the first GPU (CUDA, then Apple MPS); a
 named device that is not here is a :class:`~pancreas_cli.exceptions.DeviceError`. What to do without a
 GPU is each command's choice (training refuses the CPU unless asked; predict falls back to it).
+``predict --devices`` lists devices, one worker process each (:func:`device_list`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from pancreas_cli.exceptions import DeviceError
@@ -57,14 +59,22 @@ def ddp_backend(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def device_list(text: str) -> list[str]:
-    """``cuda:0,cuda:1`` (``--devices``) as a list, each a device setting this machine has; a
-    DeviceError naming the first that is not (a device may be named twice: two folds share it)."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise DeviceError(f"--devices {text!r} names no device", "; e.g. --devices cuda:0,cuda:1")
+def device_list(devices: str | None, num_gpus: int | None = None) -> list[str] | None:
+    """The devices of ``--devices cuda:0,cuda:1`` (a device may repeat: two processes share a GPU) or
+    ``--num-gpus N`` (``cuda:0`` to ``cuda:N-1``), each checked here; None when neither is given."""
+    if devices is not None and num_gpus is not None:
+        raise DeviceError("--devices and --num-gpus both name the devices", ": give one of them")
+    if num_gpus is not None:
+        if num_gpus < 1:
+            raise DeviceError(f"--num-gpus {num_gpus}: give 1 or more")
+        names = [f"cuda:{i}" for i in range(num_gpus)]
+    elif devices is not None:
+        names = [name.strip() for name in devices.split(",")]
+    else:
+        return None
     for name in names:
-        if name == "auto" or not (name in ("cpu", "mps", "cuda") or name.startswith("cuda:")):
-            raise DeviceError(f"--devices: {name!r} is not a device", "; use cpu, cuda, cuda:N or mps")
-        training_device(name)
+        if name not in ("cpu", "mps", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+            raise DeviceError(f"--devices {devices}: {name!r} is not a device",
+                              ": list cpu, mps, cuda or cuda:N, separated by commas (auto is not one)")
+        find_device(name)  # DeviceError if it is not here
     return names

@@ -288,11 +288,88 @@ def output_folder(folder: Path) -> Any:
     was not seen by a job on another node or with another TMPDIR, which then predicted into the same
     folder. Inside the folder only where its parent cannot be written (a container's mount point).
     predict takes it after its checks of the folder passed, so a refused predict leaves nothing there."""
+    where, name = _output_place(folder)
+    return hold(where, name, f"the output folder {folder}")
+
+
+def _output_place(folder: Path) -> tuple[Path, str]:
+    """The folder holding an output folder's locks (see :func:`output_folder`), and their name."""
     real = folder.resolve()
     where = real.parent / OUTPUT_LOCK_DIR
     if real.is_dir() and not os.access(real.parent, os.W_OK) and not where.is_dir():
         where = real / OUTPUT_LOCK_DIR
-    return hold(where, real.name or "root", f"the output folder {folder}")
+    return where, real.name or "root"
+
+
+@contextmanager
+def output_part(folder: Path, prediction: str, when_alone: Callable[[], None]) -> Iterator[None]:
+    """The output folder's lock for one part of a prediction (``predict --part``): held shared, so that
+    the other parts of the same ``prediction`` (a key of its model, settings, input and number of parts)
+    write into the folder at the same time, while a predict without parts (:func:`output_folder`) or a
+    part of another prediction is refused, naming the holders. Parts join one at a time; one that finds
+    the folder free runs ``when_alone`` (sweeping what killed runs left) before the next may join."""
+    if sys.platform == "win32":  # no flock: not guarded, and nothing swept (another part may own it)
+        yield
+        return
+    where, name = _output_place(folder)
+    lock_file = where / f"{name}.lock"
+    key_file = lock_file.with_name(f"{lock_file.name}.prediction")  # no folder's lock has this name
+    what = f"the output folder {folder}"
+    with contextlib.ExitStack() as stack:
+        with _moment(lock_file.with_name(f"{lock_file.name}.join")):
+            alone = _free(lock_file)
+            stack.enter_context(hold(where, name, what, shared=True))
+            if alone:
+                from pancreas_cli.imageio import write_text
+
+                write_text(prediction, key_file)
+                when_alone()
+            elif not key_file.is_file() or key_file.read_text(encoding="utf-8") != prediction:
+                raise _busy(f"{what} (by parts of another prediction: another model, settings, input or "
+                            "number of parts)", _notes(lock_file))
+        yield
+
+
+def output_moment(folder: Path, purpose: str) -> Any:
+    """An exclusive lock of an output folder for a moment, waited for (its holders keep it for
+    milliseconds): the parts of a prediction rebuild its CSVs one at a time (``purpose`` "csv")."""
+    where, name = _output_place(folder)
+    return _moment(where / f"{name}.lock.{purpose}")
+
+
+@contextmanager
+def _moment(lock_file: Path) -> Iterator[None]:
+    """Hold ``lock_file`` exclusively, waiting for it: only for locks that are held for moments."""
+    if sys.platform == "win32":
+        yield
+        return
+    import fcntl
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        with contextlib.suppress(OSError):  # a file system without locks: unguarded, as in _flock
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _free(lock_file: Path) -> bool:
+    """Whether no command holds ``lock_file`` (by its flock, and by the notes of other machines)."""
+    import fcntl
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass  # no locks there: only the notes tell
+    finally:
+        os.close(fd)
+    return not _notes(lock_file)
 
 
 def project_stage(*, creates: bool = False) -> Callable[[F], F]:

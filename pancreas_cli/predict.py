@@ -10,11 +10,14 @@ which keeps up-to-date cases). A mask that is not a complete image (cut short) i
 The CSVs are rebuilt from the records (:func:`rebuild_csvs`) before the first case, after each and at
 the end, so they never disagree with the masks. A case that fails is reported and the others go on.
 A project on read-only storage is used as it is: no project lock, nnU-Net's log in the output folder.
+With ``part``, predict takes one part of the cases (:mod:`pancreas_cli.parts`) and shares the output
+folder with the other parts of the same prediction; :func:`predict_on_devices` runs one part per device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from pancreas_cli import layout, locks
+from pancreas_cli import layout, locks, parts
 from pancreas_cli.config import Config
 from pancreas_cli.console import count
 from pancreas_cli.devices import find_device
@@ -104,6 +107,7 @@ class PredictResult:
     engine: str = "pancseg"
     seconds: float = 0.0  # wall time of the cases predicted (model loading excluded)
     summaries: dict[str, Path] = field(default_factory=dict)  # statistics.csv, preview/index.html
+    part: str | None = None  # "I/N" of ``predict --part``; None: every case
 
     def cases_per_minute(self) -> float | None:
         done = self.count("predicted")
@@ -125,6 +129,7 @@ class PredictResult:
             "log_file": str(self.log_file) if self.log_file else None,
             "engine": self.engine, "seconds": round(self.seconds, 3), "cases_per_minute": self.cases_per_minute(),
             "summaries": {name: str(path.resolve()) for name, path in self.summaries.items()},
+            "part": self.part,
             "cases": [{"case": o.case, "status": o.status, "seconds": round(o.seconds, 3), "subtype": o.subtype,
                        "probabilities": o.probabilities, "times": {k: round(v, 3) for k, v in o.times.items()},
                        "warnings": o.warnings,
@@ -398,8 +403,8 @@ def rebuild_csvs(out_dir: Path, model: dict[str, Any] | None = None) -> Path:
 
 def sweep_leftovers(out_dir: Path) -> None:
     """Remove what a killed predict left in ``out_dir``: scratch folders, partial masks and the temporary
-    files of atomic writes (older pancseg's names too). Called with the folder's lock held: no living
-    predict owns them then."""
+    files of atomic writes (older pancseg's names too). Called with the folder's lock held and no other
+    part in the folder: no living predict owns them then."""
     if not out_dir.is_dir():
         return
     for folder in (out_dir, out_dir / SIDECAR_DIR, *(out_dir / name for name in FOLDERS)):
@@ -443,8 +448,9 @@ def predict(
     trust_model: bool = False,
     outputs: Outputs = Outputs(),
     model_dir: Path | None = None,
+    part: parts.Part | None = None,
 ) -> PredictResult:
-    """Predict every case under ``input_path`` into ``out_dir``.
+    """Predict every case under ``input_path`` into ``out_dir`` (only those of ``part``, if given).
 
     ``overwrite`` predicts every case again; ``replace_outdated`` only those whose masks another
     model or other settings wrote (``pancseg run`` after more training). Without either, such
@@ -454,11 +460,11 @@ def predict(
     not only what nnU-Net's hold (see :mod:`pancreas_cli.checkpoints`). ``outputs``: the optional
     outputs (:mod:`pancreas_cli.outputs`), added to finished cases too. ``model_dir``: a model from
     elsewhere (``--model``) instead of the project's; without a project folder nothing is written
-    outside ``out_dir``.
+    outside ``out_dir``. ``part``: see :mod:`pancreas_cli.parts`.
     """
     settings = config.predict
     checkpoint_name = layout.checkpoint_name(checkpoint or settings.checkpoint)
-    cases = _checked_inputs(input_path, out_dir, series, warn)
+    cases = _part_cases(_checked_inputs(input_path, out_dir, series, warn), part)
     _check_outputs(cases, outputs)
     writable = project_writable(config.project_dir) and (model_dir is None or config.project_dir.is_dir())
     with contextlib.ExitStack() as held:
@@ -477,30 +483,34 @@ def predict(
         _check_output(out_dir, cases, stamp, multitask, replacing=replacing)  # before anything is written
         # One predict per output folder. Its lock is taken only now (a refused predict leaves nothing
         # beside the folder); another predict may have finished meanwhile, so the checks are repeated.
-        held.enter_context(locks.output_folder(out_dir))
-        sweep_leftovers(out_dir)  # what a killed run left: no living run owns it now
+        _hold_output(held, out_dir, part, stamp, input_path, series)
         records = {c.case: read_record(out_dir, c.case) for c in cases}
         todo = _cases_to_predict(out_dir, cases, records, stamp, multitask, overwrite=overwrite,
                                  replace_outdated=replace_outdated, warn=warn)
         if outputs.probabilities:  # only the network gives them: such cases are predicted again
             todo += [c for c in cases if c not in todo and not probabilities_path(out_dir, c.case).is_file()]
         log_file = predict_log(config.project_dir, out_dir, writable)
-        result = PredictResult(out_dir, model_dir, folds, str(device), log_file, engine=settings.engine)
+        result = PredictResult(out_dir, model_dir, folds, str(device), log_file, engine=settings.engine,
+                               part=str(part) if part else None)
         (out_dir / SIDECAR_DIR).mkdir(parents=True, exist_ok=True)
         _rebuild(out_dir, stamp, multitask)  # a killed run's CSVs may disagree with its masks
-        rebuild_summaries(out_dir)
-        for case in cases:
-            if case not in todo:
-                found = subtype_probabilities(records[case.case])
-                result.outcomes.append(CaseOutcome(case.case, case.source, "skipped", subtype=_subtype(found),
-                                                   probabilities=found))
+        _rebuild_summaries(out_dir)
+        _add_skipped(result, [c for c in cases if c not in todo], records)
         if todo:
             _predict_cases(config, result, todo, stamp, device, log_file, reporter, warn, trust_model,
                            outputs.probabilities)
         result.subtype_csv = _rebuild(out_dir, stamp, multitask)
         _derived_outputs(result, cases, outputs)
-        result.summaries = rebuild_summaries(out_dir)
+        result.summaries = _rebuild_summaries(out_dir)
         return result
+
+
+def _add_skipped(result: PredictResult, skipped: list[InputCase], records: dict[str, dict[str, Any] | None]) -> None:
+    """Finished cases as "skipped" outcomes, with the subtype their records hold."""
+    for case in skipped:
+        found = subtype_probabilities(records[case.case])
+        result.outcomes.append(CaseOutcome(case.case, case.source, "skipped", subtype=_subtype(found),
+                                           probabilities=found))
 
 
 def _check_outputs(cases: list[InputCase], outputs: Outputs) -> None:
@@ -533,6 +543,27 @@ def _derived_outputs(result: PredictResult, cases: list[InputCase], outputs: Out
                 errors.append(f"its {name}: {str(exc).removeprefix(f'{case.source}: ')}")
         if errors:
             outcome.status, outcome.error = "failed", "; ".join(errors)
+def _part_cases(cases: list[InputCase], part: parts.Part | None) -> list[InputCase]:
+    """The cases of ``part`` (every case without one): :func:`~pancreas_cli.parts.split` by voxels."""
+    if part is None:
+        return cases
+    sizes = {c.case: len(c.files) if c.dicom else parts.voxels(c.source) for c in cases}
+    mine = set(parts.split(sizes, part.total)[part.index])
+    return [c for c in cases if c.case in mine]
+
+
+def _hold_output(held: contextlib.ExitStack, out_dir: Path, part: parts.Part | None, stamp: dict[str, Any],
+                 input_path: Path, series: str | None) -> None:
+    """The output folder's lock: this predict's alone, or shared by the parts of one prediction (same
+    model, settings, input and number of parts). What a killed run left is swept when no other run
+    is there (it may be theirs otherwise)."""
+    if part is None:
+        held.enter_context(locks.output_folder(out_dir))
+        sweep_leftovers(out_dir)
+        return
+    key = json.dumps({"model": stamp, "input": str(input_path.resolve()), "series": series, "parts": part.total},
+                     sort_keys=True)
+    held.enter_context(locks.output_part(out_dir, key, lambda: sweep_leftovers(out_dir)))
 
 
 def _checked_inputs(input_path: Path, out_dir: Path, series: str | None,
@@ -569,8 +600,19 @@ def _cases_to_predict(out_dir: Path, cases: list[InputCase], records: dict[str, 
 
 
 def _rebuild(out_dir: Path, stamp: dict[str, Any], multitask: bool) -> Path | None:
-    """The CSVs from this model's records (:func:`rebuild_csvs`); a segmentation-only model writes none."""
-    return rebuild_csvs(out_dir, stamp) if multitask else None
+    """The CSVs from this model's records (:func:`rebuild_csvs`); a segmentation-only model writes none.
+    One part at a time: a part that read the records before another's last case could otherwise
+    write its CSVs after that part's."""
+    if not multitask:
+        return None
+    with locks.output_moment(out_dir, "csv"):
+        return rebuild_csvs(out_dir, stamp)
+
+
+def _rebuild_summaries(out_dir: Path) -> dict[str, Path]:
+    """statistics.csv and preview/index.html (:func:`rebuild_summaries`), one part at a time as the CSVs."""
+    with locks.output_moment(out_dir, "csv"):
+        return rebuild_summaries(out_dir)
 
 
 def _predict_cases(config: Config, result: PredictResult, todo: list[InputCase], stamp: dict[str, Any],
@@ -813,3 +855,93 @@ def _failed(case: InputCase, exc: Exception, start: float) -> CaseOutcome:
     text = str(exc).removeprefix(f"{case.source}: ") if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
     return CaseOutcome(case.case, case.source, "failed", time.perf_counter() - start,
                        error=text.strip().splitlines()[0])
+
+
+def predict_on_devices(config: Config, devices: list[str], *, reporter: CaseReporter | None = None,
+                       warn: Callable[[str], None] = lambda text: None, **options: Any) -> PredictResult:
+    """:func:`predict` (``options`` are its keywords) in one worker process per device, each predicting one
+    part of the cases; their progress reaches ``reporter`` as one display. The files are those of one
+    process; the result's time is the longest worker's."""
+    total = len(devices)
+    threads = max(1, (os.cpu_count() or 1) // max(1, devices.count("cpu")))  # CPU workers share the cores
+    jobs = [(config, parts.Part(i, total), device, threads, options) for i, device in enumerate(devices)]
+    names = [f"part {i}/{total} on {device}" for i, device in enumerate(devices)]
+    results = parts.run_workers(_predict_part, jobs, names, _Relay(reporter, warn, total).handle)
+    first = results[0]
+    merged = PredictResult(first.out_dir, first.model_dir, first.folds, ",".join(devices), first.log_file,
+                           subtype_csv=first.subtype_csv, engine=first.engine,
+                           seconds=max(r.seconds for r in results))
+    merged.outcomes = sorted((o for r in results for o in r.outcomes), key=lambda o: o.case)
+    return merged
+
+
+def _predict_part(send: Callable[[Any], None], config: Config, part: parts.Part, device: str, threads: int,
+                  options: dict[str, Any]) -> PredictResult:
+    """A worker of :func:`predict_on_devices` (a spawned process): ``part`` on ``device``, its progress
+    and warnings sent to the parent (:class:`_Relay`)."""
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    config = config.model_copy(update={"predict": config.predict.model_copy(update={"device": device})})
+    forward = _Forward(send)
+    try:
+        return predict(config, part=part, reporter=forward, warn=forward.warn, **options)
+    finally:
+        send(("end",))
+
+
+class _Forward:
+    """A worker's :class:`CaseReporter`: every call goes to the parent's :class:`_Relay`."""
+
+    def __init__(self, send: Callable[[Any], None]) -> None:
+        self.send = send
+
+    def start(self, total: int, stream: TextIO) -> None:
+        self.send(("start", total))
+
+    def working(self, case: str, detail: str) -> None:
+        self.send(("working", case, detail))
+
+    def case(self, outcome: CaseOutcome, index: int) -> None:
+        self.send(("case", outcome))
+
+    def warn(self, text: str) -> None:
+        self.send(("warn", text))
+
+
+class _Relay:
+    """The workers' progress as one display: ``reporter`` starts once every worker has said how many cases
+    it predicts (or ended), with their sum, and numbers their cases as they come; a warning that several
+    workers give (about the model, say) is shown once."""
+
+    def __init__(self, reporter: CaseReporter | None, warn: Callable[[str], None], workers: int) -> None:
+        self.reporter, self.warn, self.workers = reporter, warn, workers
+        self.totals: dict[int, int] = {}
+        self.waiting: list[tuple[Any, ...]] = []
+        self.warned: set[str] = set()
+        self.done = 0
+
+    def handle(self, worker: int, message: tuple[Any, ...]) -> None:
+        kind, *args = message
+        started = len(self.totals) == self.workers
+        if kind == "warn":
+            if args[0] not in self.warned:
+                self.warned.add(args[0])
+                (self.reporter.warn if started and self.reporter else self.warn)(args[0])
+            return
+        if kind in ("start", "end"):
+            self.totals.setdefault(worker, args[0] if kind == "start" else 0)
+        else:
+            self.waiting.append(message)
+        if len(self.totals) < self.workers or self.reporter is None:
+            return
+        if not started and sum(self.totals.values()):
+            self.reporter.start(sum(self.totals.values()), sys.stderr)
+        for kind, *args in self.waiting:
+            if kind == "working":
+                self.reporter.working(*args)
+            else:
+                self.done += 1
+                self.reporter.case(args[0], self.done)
+        self.waiting.clear()
