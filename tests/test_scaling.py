@@ -127,7 +127,13 @@ def test_slurm_chain_runs_locally_without_a_busy_failure(project: Path, tmp_path
     for task in tasks:
         out, err = task.communicate(timeout=900)
         steps.append(subprocess.CompletedProcess(task.args, task.returncode, out, err))
-    steps.append(_body("predict_array.sbatch", {**env, "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "1"}))
+    parts = [subprocess.Popen(["bash", str(SLURM / "predict_array.sbatch")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, encoding="utf-8",
+                              env={**env, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "2"})
+             for task in (0, 1)]
+    for part in parts:
+        out, err = part.communicate(timeout=900)
+        steps.append(subprocess.CompletedProcess(part.args, part.returncode, out, err))
     steps.append(_body("evaluate.sbatch", env))
     for step in steps:
         assert step.returncode == 0, f"{step.args}:\n{step.stdout}\n{step.stderr}"
@@ -155,7 +161,7 @@ def test_slurm_predict_parts_and_submit_chain(tmp_path: Path) -> None:
                           timeout=60).returncode == 0
     lines = calls.read_text(encoding="utf-8").splitlines()
     assert lines[:2] == [f"fake-pancseg predict -c pancseg.yaml -i scans -o pred --wait --part {part}/2"
-                         for part in (1, 2)]
+                         for part in (0, 1)]
     assert lines[2:] == [f"sbatch --parsable {SLURM}/preprocess.sbatch",
                          f"sbatch --parsable --dependency=afterok:1003 {SLURM}/train_array.sbatch",
                          f"sbatch --parsable --dependency=afterok:1004 {SLURM}/predict_array.sbatch",
