@@ -71,7 +71,7 @@ def test_more_processes_than_the_batch_is_refused_up_front(project: Path, runner
 
 
 @pytest.mark.parametrize(("devices", "message"), [
-    ("cpu,gpu", "--devices: 'gpu' is not a device"),
+    ("cpu,gpu", "'gpu' is not a device"),
     ("cuda:7", "cuda:7 requested but"),
 ])
 def test_devices_are_checked_before_anything_starts(project: Path, runner: CliRunner, devices: str,
