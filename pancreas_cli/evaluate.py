@@ -203,6 +203,35 @@ def _attach_subtypes(results: list[CaseResult], predicted: dict[str, int], truth
         raise DataError(f"{predicted_csv}: no subtype for case {no_pred[0]} ({len(no_pred)} case(s))")
 
 
+def _matched_masks(pred_dir: Path, gt_dir: Path, cases: list[str] | None,
+                   allow_missing: bool) -> tuple[dict[str, Path], dict[str, Path], list[str]]:
+    """Ground-truth and predicted masks by case (ground truth restricted to ``cases``), and notes.
+
+    All predictions missing is not a few missing cases but names that do not match (quiz_9 against
+    quiz_009): that is an error even with ``allow_missing``.
+    """
+    refs = _masks(gt_dir)
+    if cases is not None:
+        unknown = sorted(set(cases) - set(refs))
+        if unknown:
+            raise DataError(f"{gt_dir}: no ground truth for case {unknown[0]}")
+        refs = {c: refs[c] for c in cases}
+    if not refs:
+        raise DataError(f"{gt_dir}: no ground-truth masks ({', '.join(IMAGE_EXTENSIONS)})")
+    preds = _masks(pred_dir)
+    missing = sorted(set(refs) - set(preds))
+    if len(missing) == len(refs):
+        shown = f"e.g. prediction {sorted(preds)[0]} and ground truth {missing[0]}" if preds else "it has no masks"
+        raise DataError(f"{pred_dir}: no prediction matches a ground-truth case of {gt_dir} ({shown}); "
+                        "predictions are matched to ground truth by file name")
+    if missing and not allow_missing:
+        raise DataError(f"{pred_dir}: no prediction for {len(missing)} ground-truth case(s), e.g. {missing[0]}; "
+                        "pass --allow-missing to count them as empty predictions")
+    extra = sorted(set(preds) - set(refs))
+    notes = [f"{len(extra)} prediction(s) without ground truth ignored, e.g. {extra[0]}"] if extra else []
+    return refs, preds, notes
+
+
 def evaluate(
     config: Config,
     *,
@@ -227,27 +256,7 @@ def evaluate(
               "cases": None if cases is None else sorted(cases)}
     if not force:
         _check_earlier_metrics(out / SUMMARY_NAME, inputs)
-    refs = _masks(gt_dir)
-    if cases is not None:
-        unknown = sorted(set(cases) - set(refs))
-        if unknown:
-            raise DataError(f"{gt_dir}: no ground truth for case {unknown[0]}")
-        refs = {c: refs[c] for c in cases}
-    if not refs:
-        raise DataError(f"{gt_dir}: no ground-truth masks ({', '.join(IMAGE_EXTENSIONS)})")
-    preds = _masks(pred_dir)
-    missing = sorted(set(refs) - set(preds))
-    if len(missing) == len(refs):  # not a few missing cases: names that do not match (quiz_9 vs quiz_009)
-        shown = f"e.g. prediction {sorted(preds)[0]} and ground truth {missing[0]}" if preds else "it has no masks"
-        raise DataError(f"{pred_dir}: no prediction matches a ground-truth case of {gt_dir} ({shown}); "
-                        "predictions are matched to ground truth by file name")
-    if missing and not allow_missing:
-        raise DataError(f"{pred_dir}: no prediction for {len(missing)} ground-truth case(s), e.g. {missing[0]}; "
-                        "pass --allow-missing to count them as empty predictions")
-    notes = []
-    extra = sorted(set(preds) - set(refs))
-    if extra:
-        notes.append(f"{len(extra)} prediction(s) without ground truth ignored, e.g. {extra[0]}")
+    refs, preds, notes = _matched_masks(pred_dir, gt_dir, cases, allow_missing)
     # The subtype files first: a bad row is reported before minutes of metrics, not after.
     predicted = _predicted_subtypes(pred_dir, sorted(set(refs) & set(preds)), notes)
     truth = read_subtypes(subtypes_csv) if subtypes_csv is not None else {}

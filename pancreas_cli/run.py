@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pancreas_cli.clean import clean
 from pancreas_cli.config import Config
@@ -42,11 +43,41 @@ def _finished(config: Config, fold: int) -> bool:
     return bool(rows) and int(rows[-1]["epoch"] or 0) >= config.train.epochs
 
 
+_Stage = Callable[[str, str, float], None]
+
+
+def _data_stages(config: Config, stage: _Stage) -> None:
+    """prepare, clean (stopping at errors it cannot fix) and preprocess; each up to date is quick."""
+    start = time.perf_counter()
+    prepared = prepare(config)
+    stage("prepare", "up to date" if prepared.up_to_date else count(len(prepared.cases), "case"), start)
+    start = time.perf_counter()
+    cleaned = clean(config)
+    if cleaned.errors:
+        raise CleanError(f"{len(cleaned.errors)} data error(s) that clean cannot fix, e.g. "
+                         f"{cleaned.errors[0].case}: {cleaned.errors[0].problem} ({cleaned.errors[0].detail}); "
+                         f"see {cleaned.report}")
+    stage("clean", f"{count(len(cleaned.changed_files), 'file')} fixed, {count(len(cleaned.warnings), 'warning')}", start)
+    start = time.perf_counter()
+    pre = preprocess(config)
+    stage("preprocess", "up to date" if pre.up_to_date else pre.plans[0].configuration, start)
+
+
+def _evaluation_inputs(config: Config, fold: int, predicted_test: bool) -> tuple[Any, ...]:
+    """(predictions, ground truth, images, subtypes CSV, cases, label): the test set where it has labels
+    and was predicted, else the fold's validation (predicted by nnU-Net's validation after training)."""
+    if config.dataset.test_labels is not None and predicted_test:
+        return (config.project_dir / "predictions" / "test", config.dataset.test_labels,
+                config.dataset_raw_dir / "imagesTs", config.dataset.test_subtypes_csv, None, "test")
+    val = fold_validation(config, fold)
+    return val.pred_dir, val.gt_dir, val.images_dir, val.subtypes_csv, val.cases, f"validation fold {fold}"
+
+
 def run(
     config: Config,
     *,
     fold: int = 0,
-    on_stage: Callable[[str, str, float], None] = lambda stage, what, seconds: None,
+    on_stage: _Stage = lambda stage, what, seconds: None,
     epoch_reporter: EpochReporter | None = None,
     case_reporter: CaseReporter | None = None,
     warn: Callable[[str], None] = lambda text: None,
@@ -56,22 +87,7 @@ def run(
     def stage(name: str, what: str, start: float) -> None:
         on_stage(name, what, time.perf_counter() - start)
 
-    start = time.perf_counter()
-    prepared = prepare(config)
-    stage("prepare", "up to date" if prepared.up_to_date else count(len(prepared.cases), "case"), start)
-
-    start = time.perf_counter()
-    cleaned = clean(config)
-    if cleaned.errors:
-        raise CleanError(f"{len(cleaned.errors)} data error(s) that clean cannot fix, e.g. "
-                         f"{cleaned.errors[0].case}: {cleaned.errors[0].problem} ({cleaned.errors[0].detail}); "
-                         f"see {cleaned.report}")
-    stage("clean", f"{count(len(cleaned.changed_files), 'file')} fixed, {count(len(cleaned.warnings), 'warning')}", start)
-
-    start = time.perf_counter()
-    pre = preprocess(config)
-    stage("preprocess", "up to date" if pre.up_to_date else pre.plans[0].configuration, start)
-
+    _data_stages(config, stage)
     start = time.perf_counter()
     if _finished(config, fold):
         stage("train", f"fold {fold} up to date", start)
@@ -81,9 +97,8 @@ def run(
                         warn=warn)
         stage("train", f"fold {fold}: {count(trained.folds[0].epochs_done, 'epoch')}", start)
 
-    raw = config.dataset_raw_dir
     start = time.perf_counter()
-    test_images = raw / "imagesTs"
+    test_images = config.dataset_raw_dir / "imagesTs"
     predictions = config.project_dir / "predictions" / "test"
     predicted_test = any(test_images.glob("*.nii.gz"))
     if predicted_test:
@@ -95,20 +110,10 @@ def run(
         stage("predict", "no test images", start)
 
     start = time.perf_counter()
-    if config.dataset.test_labels is not None and predicted_test:
-        pred_dir, gt_dir, images = predictions, config.dataset.test_labels, test_images
-        subtypes = config.dataset.test_subtypes_csv
-        cases = None
-        label = "test"
-    else:  # the validation fold, predicted by nnU-Net's validation after training
-        val = fold_validation(config, fold)
-        pred_dir, gt_dir, images, subtypes = val.pred_dir, val.gt_dir, val.images_dir, val.subtypes_csv
-        cases = val.cases
-        label = f"validation fold {fold}"
+    pred_dir, gt_dir, images, subtypes, cases, label = _evaluation_inputs(config, fold, predicted_test)
     # The metrics are in run's own folders: a changed config (other test labels) replaces them.
     evaluated = evaluate(config, pred_dir=pred_dir, gt_dir=gt_dir, subtypes_csv=subtypes, cases=cases, force=True)
     stage("evaluate", f"{label}: {count(len(evaluated.cases), 'case')}", start)
-
     start = time.perf_counter()
     written = report(config, fold=fold, pred_dir=pred_dir, gt_dir=gt_dir, images_dir=images)
     stage("report", str(written.html), start)
