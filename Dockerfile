@@ -19,8 +19,9 @@ RUN if ! command -v python3 >/dev/null 2>&1; then \
     && python3 -m venv /opt/pancseg
 ENV PATH=/opt/pancseg/bin:$PATH
 
-# torch first, from the chosen index, so that pancseg's dependencies do not pull the CUDA build.
-RUN pip install --index-url "${TORCH_INDEX}" torch
+# torch and torchvision (which nnU-Net's network library pulls in through timm) first, from the chosen
+# index, so that pancseg's dependencies do not pull the CUDA build.
+RUN pip install --index-url "${TORCH_INDEX}" torch torchvision
 WORKDIR /opt/pancseg-src
 COPY pyproject.toml README.md ./
 COPY pancreas_cli ./pancreas_cli

@@ -106,6 +106,19 @@ def _body(name: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", str(SLURM / name)], env=env, capture_output=True, encoding="utf-8", timeout=900)
 
 
+def _array(name: str, env: dict[str, str], tasks: int) -> list[subprocess.CompletedProcess[str]]:
+    """A template's body as the tasks of an array, all started at once."""
+    started = [subprocess.Popen(["bash", str(SLURM / name)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                encoding="utf-8",
+                                env={**env, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": str(tasks)})
+               for task in range(tasks)]
+    done = []
+    for task in started:
+        out, err = task.communicate(timeout=900)
+        done.append(subprocess.CompletedProcess(task.args, task.returncode, out, err))
+    return done
+
+
 @pytest.mark.slow
 def test_slurm_chain_runs_locally_without_a_busy_failure(project: Path, tmp_path: Path) -> None:
     """The templates' bodies with the array variables set: preprocess, two folds at once (as two array
@@ -120,20 +133,8 @@ def test_slurm_chain_runs_locally_without_a_busy_failure(project: Path, tmp_path
     env = _env(project, PANCSEG_INPUT=str(tmp_path / "scans"), PANCSEG_OUTPUT=str(tmp_path / "pred"),
                PANCSEG_GT=str(tmp_path / "gt"))
     steps = [_body("preprocess.sbatch", env)]
-    tasks = [subprocess.Popen(["bash", str(SLURM / "train_array.sbatch")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, encoding="utf-8",
-                              env={**env, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "2"})
-             for task in (0, 1)]
-    for task in tasks:
-        out, err = task.communicate(timeout=900)
-        steps.append(subprocess.CompletedProcess(task.args, task.returncode, out, err))
-    parts = [subprocess.Popen(["bash", str(SLURM / "predict_array.sbatch")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, encoding="utf-8",
-                              env={**env, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "2"})
-             for task in (0, 1)]
-    for part in parts:
-        out, err = part.communicate(timeout=900)
-        steps.append(subprocess.CompletedProcess(part.args, part.returncode, out, err))
+    steps += _array("train_array.sbatch", env, 2)  # two folds at once
+    steps += _array("predict_array.sbatch", env, 2)  # two parts into one folder at once
     steps.append(_body("evaluate.sbatch", env))
     for step in steps:
         assert step.returncode == 0, f"{step.args}:\n{step.stdout}\n{step.stderr}"
