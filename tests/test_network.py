@@ -319,12 +319,15 @@ def test_encoder_runs_once_per_forward(deep_supervision: bool) -> None:
 def test_head_settings_round_trip() -> None:
     settings = HeadSettings(stages=(0, -1), pooling="mean", hidden=32, dropout=0.1, num_classes=3)
     data = settings.to_dict()
-    assert data == {"stages": [0, -1], "pooling": "mean", "hidden": 32, "dropout": 0.1, "num_classes": 3}
+    assert data == {"stages": [0, -1], "pooling": "mean", "hidden": 32, "dropout": 0.1, "pancreas": True,
+                    "num_classes": 3}
     assert HeadSettings.from_dict(data) == settings
-    # JSON gives lists; None and {} give the defaults
+    # JSON gives lists; None and {} give the defaults, except that plans without "pancreas" are older
+    # pancseg's, whose head had no pancreas features (their checkpoints must load)
     assert HeadSettings.from_dict({"stages": [1, 2]}).stages == (1, 2)
-    assert HeadSettings.from_dict(None) == HeadSettings() == HeadSettings.from_dict({})
-    assert HeadSettings().stages == (1, 2, -1) and HeadSettings().pooling == "attention"
+    assert HeadSettings.from_dict(None) == HeadSettings(pancreas=False) == HeadSettings.from_dict({})
+    assert HeadSettings.from_dict({"pancreas": True}) == HeadSettings()
+    assert HeadSettings().stages == (1, 2, -1) and HeadSettings().pooling == "attention" and HeadSettings().pancreas
     with pytest.raises(TypeError):
         HeadSettings.from_dict({"bogus": 1})
 
@@ -357,12 +360,12 @@ def test_head_settings_read_from_configuration() -> None:
     head = {"stages": [0, 3], "pooling": "mean", "hidden": 24, "dropout": 0.0}
     net, cm = make_net(configuration=SMOKE_CONFIGURATION, head=head)
     assert cm.configuration["pancseg_head"] == head
-    assert net.settings == HeadSettings(stages=(0, 3), pooling="mean", hidden=24, dropout=0.0)
+    assert net.settings == HeadSettings(stages=(0, 3), pooling="mean", hidden=24, dropout=0.0, pancreas=False)
     assert net.stage_indices == [0, 3]
     assert net.head.mlp[2].in_features == 8 + 64
     # the 3d_fullres configuration of the same plans inherits nothing from the smoke one
     net_full, _ = make_net(configuration="3d_fullres", head=None)
-    assert net_full.settings == HeadSettings()
+    assert net_full.settings == HeadSettings(pancreas=False)
 
 
 def test_attention_pooling_needs_attention() -> None:
@@ -512,12 +515,13 @@ def test_head_runs_in_float32_under_autocast() -> None:
     head = ClassificationHead([2], HeadSettings(stages=(0,))).eval()
     features = torch.full((1, 2, 16, 16, 16), 1.001)  # bfloat16 rounds it to 1.0
     weights = torch.ones(1, 2, 16, 16, 16)
-    expected = head([features], weights)
+    image = torch.full((1, 1, 16, 16, 16), 0.501)
+    expected = head([features], weights, image)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = head([features.bfloat16()], weights)  # the encoder's output under autocast
+        logits = head([features.bfloat16()], weights, image.bfloat16())  # the encoder's output under autocast
     assert logits.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = head([features], weights)
+        logits = head([features], weights, image)
     torch.testing.assert_close(logits, expected)
 
 
