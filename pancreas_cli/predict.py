@@ -41,7 +41,7 @@ from pancreas_cli.inference.reading import nnunet_input, reads_like_simpleitk
 from pancreas_cli.inference.window import WindowStats
 from pancreas_cli.logcapture import redirect_output
 from pancreas_cli.nnunet_env import setup_nnunet_env
-from pancreas_cli.records import SIDECAR_DIR, read_record, subtype_probabilities, write_record
+from pancreas_cli.records import SIDECAR_DIR, lesion_found, read_record, subtype_probabilities, write_record
 from pancreas_cli.subtypes import case_id, image_name, subtype_of, write_predictions
 
 if TYPE_CHECKING:
@@ -381,14 +381,15 @@ def rebuild_csvs(out_dir: Path, model: dict[str, Any] | None = None) -> Path:
     disagree with the masks. Other commands may call it on an output folder too (cheap: small files).
     """
     rows: dict[str, list[float]] = {}
+    lesions: dict[str, bool | None] = {}
     for path in sorted((out_dir / SIDECAR_DIR).glob("*.json")):
         case = path.stem
         record = read_record(out_dir, case) or {}
         found = subtype_probabilities(record)
         if (found is not None and not record.get("pending") and (out_dir / f"{case}.nii.gz").is_file()
                 and (model is None or record.get("model") == model)):
-            rows[case] = found
-    return write_predictions(out_dir, rows)
+            rows[case], lesions[case] = found, lesion_found(record)
+    return write_predictions(out_dir, rows, lesions)
 
 
 def sweep_leftovers(out_dir: Path) -> None:
@@ -665,6 +666,7 @@ class _CaseRunner:
             ready["window"] = predictor.window_stats if self.fast else None
             ready["probabilities"] = ([float(p) for p in predictor.case_class_probabilities[-1]]
                                       if self.multitask else None)
+            ready["lesion_found"] = predictor.case_lesion_found[-1] if self.multitask else None
             start = time.perf_counter()
             ready["mask"] = self._mask(logits, ready["properties"]) if self.fast else logits.cpu()
             ready["export"] = time.perf_counter() - start
@@ -708,7 +710,7 @@ class _CaseRunner:
     def _replace(self, case: InputCase, done: dict[str, Any], partial: Path) -> None:
         """The mask into place, its record marked pending meanwhile: a run stopped in between redoes the case."""
         record = {"case": case.case, "source": str(case.source), "source_stamp": done["scan"],
-                  "probabilities": done["probabilities"], "model": self.stamp,
+                  "probabilities": done["probabilities"], "lesion_found": done["lesion_found"], "model": self.stamp,
                   **({"series": case.series} if case.dicom else {})}
         write_record(self.out_dir, case.case, {**record, "pending": True})
         os.replace(f"{partial}.nii.gz", self.out_dir / f"{case.case}.nii.gz")

@@ -12,11 +12,15 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
 from pancreas_cli.multitask.network import (
+    HISTOGRAM_CENTRES,
     ClassificationHead,
     HeadSettings,
     MultiTaskNet,
+    PancreasFeatures,
     RunningStandardize,
     build_multitask_network,
+    lesion_found,
+    lesion_gate,
     structure_probabilities,
     tile_weights,
 )
@@ -608,3 +612,95 @@ def test_initialize_without_nnunet_init() -> None:
     for k, v in wrapped.state_dict().items():
         assert torch.equal(v, state[k])
     assert wrapped.settings.pooling == "mean" and wrapped.stage_indices == [0]
+
+
+# ------------------------------------------------------------------ pancreas features and the lesion gate
+
+
+def _maps(lesion: float, shape: tuple[int, ...] = (8, 8, 8)) -> torch.Tensor:
+    """(lesion, pancreas) maps (1,2,*S): the pancreas fills the middle, the lesion (``lesion`` = its
+    probability) a corner of it."""
+    pancreas = torch.zeros(1, 1, *shape)
+    pancreas[..., 2:6, 2:6, 2:6] = 1.0
+    les = torch.zeros_like(pancreas)
+    les[..., 2:4, 2:4, 2:4] = lesion
+    return torch.cat([les, pancreas], dim=1)
+
+
+def test_lesion_gate_follows_the_decoders_confidence() -> None:
+    gate = lesion_gate(torch.stack([_maps(p)[:, :1] for p in (0.0, 0.3, 0.5, 0.75, 1.0)])[:, 0])
+    torch.testing.assert_close(gate, torch.tensor([0.0, 0.0, 0.0, 0.5, 1.0]))
+
+
+def test_pancreas_features_shift_with_an_unsegmented_lesion() -> None:
+    """A dark lesion the decoder missed (lesion map empty, its voxels labelled pancreas) still moves the
+    pancreas-level intensity features; voxels outside the pancreas do not."""
+    features = PancreasFeatures(in_channels=1, first_stage_channels=4)
+    assert features.size == 1 * (2 + len(HISTOGRAM_CENTRES)) + 4 + 2
+    first = torch.ones(1, 4, 4, 4, 4)
+    maps, gate = _maps(0.0), torch.zeros(1)
+    plain = torch.zeros(1, 1, 8, 8, 8)
+    dark = plain.clone()
+    dark[..., 3:5, 3:5, 3:5] = -2.5  # a hypodense lesion inside the pancreas, unsegmented
+    outside = plain.clone()
+    outside[..., :, :, 7] = -2.5  # two voxels away from the pancreas: outside its dilation
+    a, b, c = (features(x, first, maps[:, :1], maps[:, 1:], gate) for x in (plain, dark, outside))
+    assert a.shape == (1, features.size)
+    assert b[0, 0] < a[0, 0] - 0.05  # the weighted mean of the input (8 of 216 voxels at -2.5)
+    assert b[0, 2] > a[0, 2]  # the lowest histogram bin (-3) gains mass
+    torch.testing.assert_close(a, c)
+    assert a[0, -1] == 0 and a[0, -2] == 0  # gate, lesion fraction
+
+
+def test_head_with_pancreas_features_shapes_and_gradient() -> None:
+    net, _ = make_net(configuration="3d_fullres", head={"stages": [1, -1], "hidden": 16, "pancreas": True})
+    head = net.head
+    channels = FEATURES[1] + FEATURES[-1]
+    assert head.mlp[2].in_features == 3 * channels + head.pancreas.size
+    # the gated columns are the lesion-weighted averages, C per stage after the plain ones
+    assert int(head.lesion_columns.sum()) == channels
+    assert head.lesion_columns[FEATURES[1] : 2 * FEATURES[1]].all() and not head.lesion_columns[: FEATURES[1]].any()
+    x = torch.randn(2, 1, *PATCH, requires_grad=True)
+    seg, logits = net.forward_multitask(x)
+    assert logits.shape == (2, 3)
+    logits.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in head.parameters())
+    # legacy head (plans without "pancreas"): no pancreas features, as older checkpoints were saved
+    old, _ = make_net(configuration="3d_fullres", head={"stages": [1, -1], "hidden": 16})
+    assert old.head.pancreas is None and old.head.mlp[2].in_features == 3 * channels
+
+
+def test_gate_closes_the_lesion_features_when_no_lesion_is_segmented() -> None:
+    """Without a confident lesion the lesion-weighted averages (noise of near-zero weights) reach the MLP
+    as zeros (the average case); with one they pass. In training the gate is closed for some items."""
+    torch.manual_seed(0)
+    head = ClassificationHead([4], HeadSettings(stages=(0,), dropout=0.0)).eval()
+    with torch.no_grad():
+        head.mlp[0].mean.normal_()  # standardised features away from zero
+    seen: list[torch.Tensor] = []
+    head.mlp[1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    image, features = torch.zeros(1, 1, 8, 8, 8), torch.randn(1, 4, 8, 8, 8)
+    columns = head.lesion_columns
+    with torch.no_grad():
+        head([features], _maps(0.3), image)  # the decoder's lesion below 0.5 everywhere
+        assert torch.count_nonzero(seen[-1][:, columns]) == 0 and torch.count_nonzero(seen[-1][:, ~columns]) > 0
+        head([features], _maps(1.0), image)  # a confident lesion
+        assert torch.count_nonzero(seen[-1][:, columns]) == int(columns.sum())
+        head.train()
+        head([features.expand(64, -1, -1, -1, -1)], _maps(1.0).expand(64, -1, -1, -1, -1),
+             image.expand(64, -1, -1, -1, -1))
+    closed = (seen[-1][:, columns] == 0).all(1).float().mean().item()
+    assert 0.05 < closed < 0.5  # GATE_DROPOUT of the items learn to do without the lesion
+
+
+def test_lesion_found_labels_and_regions() -> None:
+    labels = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    labels[1, :2] = 1
+    assert not lesion_found(_label_logits(labels)[1], regions=False)
+    labels[1, 0, 0, 0] = 2
+    assert lesion_found(_label_logits(labels)[1], regions=False)
+    regions = torch.full((2, 4, 4, 4), -5.0)
+    assert not lesion_found(regions, regions=True)
+    regions[1, 0, 0, 0] = 5.0
+    assert lesion_found(regions, regions=True)

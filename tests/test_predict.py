@@ -52,8 +52,13 @@ def test_names_geometry_and_csv_format(trained_project: Path, runner: CliRunner,
     assert sorted(line.split(",")[0] for line in lines[1:]) == sorted([first, "other_scan.nii.gz"])
     assert all(line.split(",")[1] in {"0", "1", "2"} for line in lines[1:])
     probs = (out / "subtype_probabilities.csv").read_text().splitlines()
-    assert probs[0] == "Names,p0,p1,p2"
-    assert all(abs(sum(map(float, row.split(",")[1:])) - 1) < 1e-4 for row in probs[1:])
+    assert probs[0] == "Names,p0,p1,p2,subtype_source"
+    assert all(abs(sum(map(float, row.split(",")[1:4])) - 1) < 1e-4 for row in probs[1:])
+    # where each subtype came from: a lesion in the mask, or the pancreas alone (none segmented)
+    for row in probs[1:]:
+        name, source = row.split(",")[0], row.split(",")[4]
+        has_lesion = bool((sitk.GetArrayFromImage(sitk.ReadImage(str(out / name))) == 2).any())
+        assert source == ("lesion" if has_lesion else "pancreas"), row
     data = json.loads(result.stdout)
     assert data["predicted"] == 2 and data["folds"] == [4] and not data["failed"]
     assert not list(out.glob(".partial_*")), "a temporary output was left behind"

@@ -753,15 +753,17 @@ def test_checkpoints_are_written_atomically(preprocessed: Path, monkeypatch: pyt
 def test_write_subtype_results(preprocessed: Path) -> None:
     trainer = make_trainer()
     trainer.subtypes = {"c1": 0, "c2": 1, "c3": 2}
-    results = {"c2": np.array([0.1, 0.7, 0.2]), "c1": np.array([0.6, 0.3, 0.1]),
-               "c3": np.array([0.5, 0.2, 0.3])}
+    results = {"c2": (np.array([0.1, 0.7, 0.2]), False), "c1": (np.array([0.6, 0.3, 0.1]), True),
+               "c3": (np.array([0.5, 0.2, 0.3]), True)}
     trainer._write_subtype_results(results)
     folder = Path(trainer.output_folder) / "validation"
     assert (folder / "subtype_results.csv").read_text(encoding="utf-8") == (
         "Names,Subtype\nc1.nii.gz,0\nc2.nii.gz,1\nc3.nii.gz,0\n"
     )
     probs = (folder / "subtype_probabilities.csv").read_text(encoding="utf-8").splitlines()
-    assert probs[0] == "Names,p0,p1,p2" and probs[2] == "c2.nii.gz,0.100000,0.700000,0.200000"
+    assert probs[0] == "Names,p0,p1,p2,subtype_source"
+    assert probs[1] == "c1.nii.gz,0.600000,0.300000,0.100000,lesion"
+    assert probs[2] == "c2.nii.gz,0.100000,0.700000,0.200000,pancreas"  # no lesion segmented
     summary = json.loads((folder / "classification_summary.json").read_text(encoding="utf-8"))
     assert summary["cases"] == 3 and summary["accuracy"] == pytest.approx(2 / 3)
     assert summary["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [1, 0, 0]]

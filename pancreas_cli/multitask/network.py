@@ -324,6 +324,14 @@ def structure_probabilities(seg_logits: torch.Tensor, regions: bool) -> tuple[to
     return probs[:, 2:3], probs[:, 1:3].sum(1, keepdim=True)
 
 
+def lesion_found(seg_logits: torch.Tensor, regions: bool) -> bool:
+    """Whether a case's segmentation logits (C,*S) predict any lesion voxel (as its mask will, on the
+    network's grid): when none, the subtype came from the pancreas-level features alone."""
+    if regions:
+        return bool((seg_logits[1] > 0).any())
+    return bool((seg_logits.argmax(0) == 2).any())
+
+
 def tile_weights(seg_logits: torch.Tensor, regions: bool) -> torch.Tensor:
     """How much a tile's class logits count when a case's tiles are aggregated, per batch item.
 
