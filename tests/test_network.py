@@ -635,21 +635,26 @@ def test_lesion_gate_follows_the_decoders_confidence() -> None:
 def test_pancreas_features_shift_with_an_unsegmented_lesion() -> None:
     """A dark lesion the decoder missed (lesion map empty, its voxels labelled pancreas) still moves the
     pancreas-level intensity features; voxels outside the pancreas do not."""
+    from pancreas_cli.multitask.network import _stage_maps
+
     features = PancreasFeatures(in_channels=1, first_stage_channels=4)
     assert features.size == 1 * (2 + len(HISTOGRAM_CENTRES)) + 4 + 2
-    first = torch.ones(1, 4, 4, 4, 4)
-    maps, gate = _maps(0.0), torch.zeros(1)
+    first = torch.ones(1, 4, 4, 4, 4)  # the first head stage, at half the input's resolution
+    maps, gate = _stage_maps(_maps(0.0), [first])[0], torch.zeros(1)
     plain = torch.zeros(1, 1, 8, 8, 8)
     dark = plain.clone()
-    dark[..., 3:5, 3:5, 3:5] = -2.5  # a hypodense lesion inside the pancreas, unsegmented
+    dark[..., 2:4, 2:4, 2:4] = -2.5  # a hypodense lesion inside the pancreas, unsegmented
     outside = plain.clone()
-    outside[..., :, :, 7] = -2.5  # two voxels away from the pancreas: outside its dilation
-    a, b, c = (features(x, first, maps[:, :1], maps[:, 1:], gate) for x in (plain, dark, outside))
+    outside[..., :, :, 6:] = -2.5  # outside the pancreas
+    a, b, c = (features(x, first, maps, gate) for x in (plain, dark, outside))
     assert a.shape == (1, features.size)
-    assert b[0, 0] < a[0, 0] - 0.05  # the weighted mean of the input (8 of 216 voxels at -2.5)
-    assert b[0, 2] > a[0, 2]  # the lowest histogram bin (-3) gains mass
+    assert b[0, 0] < a[0, 0] - 0.2  # the weighted mean of the input (1 of 8 coarse voxels at -2.5)
+    assert b[0, 2] > a[0, 2] == 0  # the lowest histogram bin (-3) gains mass
     torch.testing.assert_close(a, c)
     assert a[0, -1] == 0 and a[0, -2] == 0  # gate, lesion fraction
+    # a segmented lesion: its fraction of the pancreas
+    lesion = features(plain, first, _stage_maps(_maps(1.0), [first])[0], torch.ones(1))
+    assert lesion[0, -2] == pytest.approx(1 / (8 + 1)) and lesion[0, -1] == 1  # voxels of the coarse grid
 
 
 def test_head_with_pancreas_features_shapes_and_gradient() -> None:

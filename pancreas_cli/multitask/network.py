@@ -172,31 +172,29 @@ class PancreasFeatures(nn.Module):
     """Features of the predicted whole pancreas that exist before the lesion is segmented.
 
     The decoder finds the pancreas within the first epochs and the lesion much later (BENCHMARKS.md), and
-    a lesion it misses is mostly labelled pancreas: inside the (one voxel dilated) pancreas an unsegmented
-    lesion still shifts the input's mean, second moment and soft histogram, and the second moment of the
-    first head stage's features (texture). The lesion fraction of the pancreas and the gate are features
-    too. Everything is float32, a few maps at full resolution: cheap next to the encoder.
+    a lesion it misses is mostly labelled pancreas: inside the pancreas an unsegmented lesion still
+    shifts the input's mean, second moment and histogram (linear bins at :data:`HISTOGRAM_CENTRES`), and
+    the second moment of the first head stage's features (texture). The lesion fraction of the pancreas
+    and the gate are features too. All of it at the first head stage's resolution, whose pancreas map the
+    attention pooling has already made, in one product: cheap next to the encoder (BENCHMARKS.md).
     """
 
     def __init__(self, in_channels: int, first_stage_channels: int) -> None:
         super().__init__()
         self.register_buffer("centres", torch.tensor(HISTOGRAM_CENTRES), persistent=False)
-        self.width = (HISTOGRAM_CENTRES[1] - HISTOGRAM_CENTRES[0]) * 0.75
+        self.step = HISTOGRAM_CENTRES[1] - HISTOGRAM_CENTRES[0]
         self.size = in_channels * (2 + len(HISTOGRAM_CENTRES)) + first_stage_channels + 2
 
-    def forward(self, image: torch.Tensor, first: torch.Tensor, lesion: torch.Tensor, pancreas: torch.Tensor,
-                gate: torch.Tensor) -> torch.Tensor:
-        """(B, size) from the input (B,Cin,*S), the first head stage (B,C,*s) and the maps (B,1,*S)."""
-        dilate = F.max_pool3d if pancreas.ndim == 5 else F.max_pool2d
-        region = dilate(pancreas, 3, stride=1, padding=1).flatten(2)  # B,1,N
-        x = image.float().flatten(2)  # B,Cin,N
-        bins = torch.exp(-0.5 * ((x.unsqueeze(2) - self.centres.view(1, 1, -1, 1)) / self.width) ** 2)
-        moments = torch.cat([x, x * x, bins.flatten(1, 2)], dim=1)  # B,Cin*(2+K),N
-        shrink = F.adaptive_avg_pool3d if pancreas.ndim == 5 else F.adaptive_avg_pool2d
-        small = shrink(pancreas, first.shape[2:]).flatten(2)
-        fraction = lesion.flatten(1).sum(1) / (pancreas.flatten(1).sum(1) + 1.0)
-        return torch.cat([_pool(moments, region), _pool(first.float() ** 2, small),
-                          fraction.unsqueeze(1), gate.unsqueeze(1)], dim=1)
+    def forward(self, image: torch.Tensor, first: torch.Tensor, maps: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """(B, size) from the input (B,Cin,*S), the first head stage (B,C,*s) and its weight maps (B,3,n)
+        (plain, lesion, pancreas: :func:`_stage_maps`)."""
+        shrink = F.adaptive_avg_pool3d if image.ndim == 5 else F.adaptive_avg_pool2d
+        x = shrink(image.float(), first.shape[2:]).flatten(2)  # B,Cin,n
+        bins = (1 - (x.unsqueeze(2) - self.centres.view(1, 1, -1, 1)).abs() / self.step).clamp_min(0)
+        values = torch.cat([x, x * x, bins.flatten(1, 2), first.float().flatten(2) ** 2], dim=1)
+        totals = maps.sum(2)  # B,3
+        fraction = totals[:, 1] / (totals[:, 2] + 1.0)
+        return torch.cat([_pool(values, maps[:, 2:3]), fraction.unsqueeze(1), gate.unsqueeze(1)], dim=1)
 
 
 class ClassificationHead(nn.Module):
@@ -244,15 +242,14 @@ class ClassificationHead(nn.Module):
             pooled = torch.cat([_pool(f, m) for f, m in zip(features, maps)], dim=1)
             if self.pancreas is None:
                 return self.mlp(pooled)
-            return self._gated(pooled, features[0], image, attention.float())
+            return self._gated(pooled, features[0], maps[0], image, attention)
 
-    def _gated(self, pooled: torch.Tensor, first: torch.Tensor, image: torch.Tensor,
+    def _gated(self, pooled: torch.Tensor, first: torch.Tensor, maps: torch.Tensor, image: torch.Tensor,
                attention: torch.Tensor) -> torch.Tensor:
-        lesion, pancreas = attention[:, :1], attention[:, 1:2]
-        gate = lesion_gate(lesion)
+        gate = lesion_gate(attention[:, :1])
         if self.training:  # see GATE_DROPOUT
             gate = gate * (torch.rand_like(gate) >= GATE_DROPOUT)
-        extra = self.pancreas(image, first, lesion, pancreas, gate)
+        extra = self.pancreas(image, first, maps, gate)
         z = self.mlp[0](torch.cat([pooled, extra], dim=1))
         z = torch.where(self.lesion_columns, z * gate.unsqueeze(1), z)
         return self.mlp[1:](z)
