@@ -220,7 +220,10 @@ def test_fold_record_format(tmp_path: Path) -> None:
     the trainer's ``ema_alpha``, is read; an unknown key or a bad value is named."""
     settings = TrainingSettings(head_stages=[0], head_dropout=0.0, class_weights=[1.0, 2.0, 3.0])
     data = json.loads(write_settings(settings, tmp_path).read_text(encoding="utf-8"))
-    assert data["head"] == {"stages": [0], "pooling": "attention", "hidden": 128, "dropout": 0.0}
+    assert data["head"] == {"stages": [0], "pooling": "attention", "hidden": 128, "dropout": 0.0, "pancreas": True}
+    # an earlier pancseg's record has no "pancreas": its head had none (resume must rebuild that head)
+    old = {**data, "head": {k: v for k, v in data["head"].items() if k != "pancreas"}}
+    assert TrainingSettings.from_record(old) == settings.model_copy(update={"head_pancreas": False})
     assert list(data) == ["epochs", "iterations_per_epoch", "val_iterations", "initial_lr", "batch_size", "save_every",
                           "cls_weight", "head_lr", "cls_warmup_epochs", "class_weights", "label_smoothing", "select_by",
                           "head"]
