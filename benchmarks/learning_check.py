@@ -140,11 +140,18 @@ def main() -> None:
     parser.add_argument("--budget", choices=tuple(BUDGETS), help="short: 24 x 25 = 600 iterations (the lesion "
                         "is usually not found yet); default: 75 x 25 = 1875; sets --epochs and --iterations")
     parser.add_argument("--val-iterations", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); on a CPU shared with other "
+                        "jobs use 1: OpenMP's threads wait for each other there (a smoke step took 7.4 s with 2, 1.1 s "
+                        "with 1 on the 2-core machine under load)")
     parser.add_argument("--timing-repeats", type=int, default=0, help="alternating stock/multi-task timing runs")
     parser.add_argument("--timing-iterations", type=int, default=20)
     args = parser.parse_args()
     if args.budget:
         args.epochs, args.iterations = BUDGETS[args.budget]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with redirect_stdout(sys.stderr):  # nnU-Net's prints; the report alone goes to stdout
         report = _run(args)
     print(json.dumps(report, indent=2))
