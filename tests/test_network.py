@@ -638,7 +638,7 @@ def test_pancreas_features_shift_with_an_unsegmented_lesion() -> None:
     from pancreas_cli.multitask.network import _stage_maps
 
     features = PancreasFeatures(in_channels=1, first_stage_channels=4)
-    assert features.size == 1 * (2 + len(HISTOGRAM_CENTRES)) + 4 + 2
+    assert features.size == 2 * (2 + len(HISTOGRAM_CENTRES)) + 4 + 2  # input over patch and pancreas
     first = torch.ones(1, 4, 4, 4, 4)  # the first head stage, at half the input's resolution
     maps, gate = _stage_maps(_maps(0.0), [first])[0], torch.zeros(1)
     plain = torch.zeros(1, 1, 8, 8, 8)
@@ -648,9 +648,11 @@ def test_pancreas_features_shift_with_an_unsegmented_lesion() -> None:
     outside[..., :, :, 6:] = -2.5  # outside the pancreas
     a, b, c = (features(x, first, maps, gate) for x in (plain, dark, outside))
     assert a.shape == (1, features.size)
-    assert b[0, 0] < a[0, 0] - 0.2  # the weighted mean of the input (1 of 8 coarse voxels at -2.5)
-    assert b[0, 2] > a[0, 2] == 0  # the lowest histogram bin (-3) gains mass
-    torch.testing.assert_close(a, c)
+    n = 2 + len(HISTOGRAM_CENTRES)  # mean, second moment, bins: over the patch, then over the pancreas
+    assert b[0, n] < a[0, n] - 0.2  # the pancreas' mean of the input (1 of its 8 coarse voxels at -2.5)
+    assert b[0, n + 2] > a[0, n + 2] == 0  # its lowest histogram bin (-3) gains mass
+    assert b[0, 0] < a[0, 0] and c[0, 0] < a[0, 0]  # over the whole patch: both move
+    torch.testing.assert_close(a[:, n:], c[:, n:])  # the pancreas' features ignore what lies outside it
     assert a[0, -1] == 0 and a[0, -2] == 0  # gate, lesion fraction
     # a segmented lesion: its fraction of the pancreas
     lesion = features(plain, first, _stage_maps(_maps(1.0), [first])[0], torch.ones(1))

@@ -183,25 +183,29 @@ class PancreasFeatures(nn.Module):
         super().__init__()
         self.register_buffer("centres", torch.tensor(HISTOGRAM_CENTRES), persistent=False)
         self.step = HISTOGRAM_CENTRES[1] - HISTOGRAM_CENTRES[0]
-        self.size = in_channels * (2 + len(HISTOGRAM_CENTRES)) + first_stage_channels + 2
+        self.size = 2 * in_channels * (2 + len(HISTOGRAM_CENTRES)) + first_stage_channels + 2
 
     def forward(self, image: torch.Tensor, first: torch.Tensor, maps: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """(B, size) from the input (B,Cin,*S), the first head stage (B,C,*s) and its weight maps (B,3,n)
-        (plain, lesion, pancreas: :func:`_stage_maps`)."""
+        (plain, lesion, pancreas: :func:`_stage_maps`). The input's statistics are taken over the whole
+        patch too: they exist before the decoder has found even the pancreas."""
         shrink = F.adaptive_avg_pool3d if image.ndim == 5 else F.adaptive_avg_pool2d
         x = shrink(image.float(), first.shape[2:]).flatten(2)  # B,Cin,n
         bins = (1 - (x.unsqueeze(2) - self.centres.view(1, 1, -1, 1)).abs() / self.step).clamp_min(0)
-        values = torch.cat([x, x * x, bins.flatten(1, 2), first.float().flatten(2) ** 2], dim=1)
+        values = torch.cat([x, x * x, bins.flatten(1, 2)], dim=1)
         totals = maps.sum(2)  # B,3
         fraction = totals[:, 1] / (totals[:, 2] + 1.0)
-        return torch.cat([_pool(values, maps[:, 2:3]), fraction.unsqueeze(1), gate.unsqueeze(1)], dim=1)
+        return torch.cat([_pool(values, maps[:, 0::2]), _pool(first.float() ** 2, maps[:, 2:3]),
+                          fraction.unsqueeze(1), gate.unsqueeze(1)], dim=1)
 
 
 class ClassificationHead(nn.Module):
     """Pooled features of several encoder stages -> standardised -> MLP with dropout -> class logits.
 
     With pancreas features the lesion-attention columns are multiplied by the lesion gate after the
-    standardisation (0 = the average case, which the MLP reads as "no lesion evidence").
+    standardisation (0 = the average case, which the MLP reads as "no lesion evidence"), and a linear
+    layer on the standardised pancreas features adds its logits to the MLP's: a few dozen features
+    that a linear model fits in a few hundred steps, where the MLP on all of them needs many more.
     """
 
     def __init__(self, stage_channels: list[int], settings: HeadSettings, in_channels: int = 1) -> None:
@@ -217,6 +221,7 @@ class ClassificationHead(nn.Module):
             self.register_buffer("lesion_columns", torch.cat([columns, torch.zeros(self.pancreas.size, dtype=torch.bool)]),
                                  persistent=False)
             in_features += self.pancreas.size
+            self.shortcut = nn.Linear(self.pancreas.size, settings.num_classes)
         self.mlp = nn.Sequential(
             RunningStandardize(in_features),
             nn.Dropout(settings.dropout),
@@ -251,8 +256,9 @@ class ClassificationHead(nn.Module):
             gate = gate * (torch.rand_like(gate) >= GATE_DROPOUT)
         extra = self.pancreas(image, first, maps, gate)
         z = self.mlp[0](torch.cat([pooled, extra], dim=1))
+        shortcut = self.shortcut(z[:, -extra.shape[1]:])
         z = torch.where(self.lesion_columns, z * gate.unsqueeze(1), z)
-        return self.mlp[1:](z)
+        return self.mlp[1:](z) + shortcut
 
 
 class MultiTaskNet(nn.Module):
