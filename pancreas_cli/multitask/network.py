@@ -157,6 +157,10 @@ class RunningStandardize(nn.Module):
 #: Centres of the soft histogram of the input inside the pancreas, in nnU-Net's normalised CT units
 #: (z-scores of the foreground's HU): the lesion's attenuation shows as mass in the low or high bins.
 HISTOGRAM_CENTRES = tuple(-3.0 + 0.75 * k for k in range(9))
+#: The shortcut's logits are its linear layer's times this (the layer starts at zero): AdamW's step is about
+#: the learning rate whatever the gradient, so this is the shortcut's own, larger learning rate (no
+#: optimizer group of its own): the subtype must be learnt in the few hundred steps after the pancreas is found.
+SHORTCUT_GAIN = 10.0
 #: Share of training items whose lesion gate is closed at random, so the head also learns to classify
 #: from pancreas-level features alone once the decoder finds the lesion (as at test time when it misses it).
 GATE_DROPOUT = 0.25
@@ -222,6 +226,8 @@ class ClassificationHead(nn.Module):
                                  persistent=False)
             in_features += self.pancreas.size
             self.shortcut = nn.Linear(self.pancreas.size, settings.num_classes)
+            nn.init.zeros_(self.shortcut.weight)
+            nn.init.zeros_(self.shortcut.bias)
         self.mlp = nn.Sequential(
             RunningStandardize(in_features),
             nn.Dropout(settings.dropout),
@@ -256,7 +262,7 @@ class ClassificationHead(nn.Module):
             gate = gate * (torch.rand_like(gate) >= GATE_DROPOUT)
         extra = self.pancreas(image, first, maps, gate)
         z = self.mlp[0](torch.cat([pooled, extra], dim=1))
-        shortcut = self.shortcut(z[:, -extra.shape[1]:])
+        shortcut = self.shortcut(z[:, -extra.shape[1]:]) * SHORTCUT_GAIN
         z = torch.where(self.lesion_columns, z * gate.unsqueeze(1), z)
         return self.mlp[1:](z) + shortcut
 
