@@ -710,7 +710,8 @@ class _CaseRunner:
     def _replace(self, case: InputCase, done: dict[str, Any], partial: Path) -> None:
         """The mask into place, its record marked pending meanwhile: a run stopped in between redoes the case."""
         record = {"case": case.case, "source": str(case.source), "source_stamp": done["scan"],
-                  "probabilities": done["probabilities"], "lesion_found": done["lesion_found"], "model": self.stamp,
+                  "probabilities": done["probabilities"], "lesion_found": done["lesion_found"],
+                  "model": self.stamp,
                   **({"series": case.series} if case.dicom else {})}
         write_record(self.out_dir, case.case, {**record, "pending": True})
         os.replace(f"{partial}.nii.gz", self.out_dir / f"{case.case}.nii.gz")

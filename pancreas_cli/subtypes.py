@@ -126,5 +126,6 @@ def write_predictions(folder: Path, probabilities: dict[str, Sequence[float]],
     results = folder / RESULTS_NAME
     write_text(render_table(("Names", "Subtype"), ((name, subtype_of(p)) for _, name, p in rows)), results)
     rounded = ((name, *(f"{v:.6f}" for v in p), SOURCES[found.get(case)]) for case, name, p in rows)
-    write_text(render_table(("Names", "p0", "p1", "p2", "subtype_source"), rounded), folder / PROBABILITIES_NAME)
+    columns = ("Names", "p0", "p1", "p2", "subtype_source")
+    write_text(render_table(columns, rounded), folder / PROBABILITIES_NAME)
     return results

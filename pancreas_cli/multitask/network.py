@@ -157,9 +157,10 @@ class RunningStandardize(nn.Module):
 #: Centres of the soft histogram of the input inside the pancreas, in nnU-Net's normalised CT units
 #: (z-scores of the foreground's HU): the lesion's attenuation shows as mass in the low or high bins.
 HISTOGRAM_CENTRES = tuple(-3.0 + 0.75 * k for k in range(9))
-#: The shortcut's logits are its linear layer's times this (the layer starts at zero): AdamW's step is about
-#: the learning rate whatever the gradient, so this is the shortcut's own, larger learning rate (no
-#: optimizer group of its own): the subtype must be learnt in the few hundred steps after the pancreas is found.
+#: The shortcut's logits are its linear layer's times this (the layer starts at zero): AdamW's step is
+#: about the learning rate whatever the gradient, so this is the shortcut's own, larger learning rate
+#: (no optimizer group of its own): the subtype must be learnt in the few hundred steps after the
+#: pancreas is found.
 SHORTCUT_GAIN = 10.0
 #: Share of training items whose lesion gate is closed at random, so the head also learns to classify
 #: from pancreas-level features alone once the decoder finds the lesion (as at test time when it misses it).
@@ -189,7 +190,8 @@ class PancreasFeatures(nn.Module):
         self.step = HISTOGRAM_CENTRES[1] - HISTOGRAM_CENTRES[0]
         self.size = 2 * in_channels * (2 + len(HISTOGRAM_CENTRES)) + first_stage_channels + 2
 
-    def forward(self, image: torch.Tensor, first: torch.Tensor, maps: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, first: torch.Tensor, maps: torch.Tensor,
+                gate: torch.Tensor) -> torch.Tensor:
         """(B, size) from the input (B,Cin,*S), the first head stage (B,C,*s) and its weight maps (B,3,n)
         (plain, lesion, pancreas: :func:`_stage_maps`). The input's statistics are taken over the whole
         patch too: they exist before the decoder has found even the pancreas."""
@@ -222,8 +224,8 @@ class ClassificationHead(nn.Module):
             self.pancreas = PancreasFeatures(in_channels, stage_channels[0])
             # _pool's order per stage: plain, lesion-weighted, pancreas-weighted averages (C each).
             columns = torch.cat([torch.arange(3 * c) // c == 1 for c in stage_channels])
-            self.register_buffer("lesion_columns", torch.cat([columns, torch.zeros(self.pancreas.size, dtype=torch.bool)]),
-                                 persistent=False)
+            columns = torch.cat([columns, torch.zeros(self.pancreas.size, dtype=torch.bool)])
+            self.register_buffer("lesion_columns", columns, persistent=False)
             in_features += self.pancreas.size
             self.shortcut = nn.Linear(self.pancreas.size, settings.num_classes)
             nn.init.zeros_(self.shortcut.weight)

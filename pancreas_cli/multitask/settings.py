@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pancreas_cli.imageio import write_text
 
 SETTINGS_NAME = "pancseg_training.json"
-_HEAD = ("stages", "pooling", "hidden", "dropout", "pancreas")  # the head_* settings, as HeadSettings names them
+_HEAD = ("stages", "pooling", "hidden", "dropout", "pancreas")  # the head_* settings, HeadSettings' names
 Pooling = Literal["attention", "mean"]
 
 

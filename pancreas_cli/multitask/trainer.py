@@ -496,7 +496,8 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
         keys = sorted(val_keys)  # nnU-Net's dataset sorts its identifiers: the prediction order
         probs = created[0].case_class_probabilities if created else []
         found = created[0].case_lesion_found if created else []
-        if len(probs) != len(keys) or len(found) != len(keys):  # the order-based pairing below would silently mislabel cases
+        # the order-based pairing below would silently mislabel cases
+        if len(probs) != len(keys) or len(found) != len(keys):
             raise RuntimeError(f"validation predicted subtypes for {len(probs)} of {len(keys)} cases of fold "
                                f"{self.fold}; the fold's segmentations are in {self.output_folder}/validation")
         results = {k: (p, f) for k, p, f in zip(keys, probs, found)}
