@@ -7,6 +7,9 @@ against the stock trainer on the same configuration (same run, ABBA order, media
 
     python benchmarks/learning_check.py --workdir /tmp/lc
 
+``--cues``/``--cue-overlap`` pick synth's subtype cue profile, ``--budget short`` (600 iterations) checks
+the subtype before the decoder has found the lesion.
+
 The defaults fit the 15-minute budget on a 2-core CPU: 60 cases of 24x48x48 voxels, 75 epochs x 25
 iterations (about 8.7 s per epoch). At 32x64x64 an iteration costs 2.3 times as much, and the 950
 iterations that fit were too few for the lesion in 2 runs of 3 (BENCHMARKS.md).
@@ -35,6 +38,7 @@ from pancreas_cli.synth import synthesize
 from pancreas_cli.train import train
 
 Case = tuple[str, Path, Path, int]  # case id, image, mask, subtype
+BUDGETS = {"short": (24, 25), "default": (75, 25)}  # epochs, iterations per epoch
 
 
 def _subtypes(path: Path) -> dict[str, int]:
@@ -98,6 +102,8 @@ def add_workdir_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=("smoke", "default"), default="smoke")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cues", default="mixed", help="synth's subtype cue profile (pancseg synth --cues)")
+    parser.add_argument("--cue-overlap", type=float, default=0.0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, as pancseg's --set (e.g. train.head_lr=0.003)")
 
@@ -111,7 +117,7 @@ def setup_workdir(args: argparse.Namespace, *, epochs: int, iterations: int, val
     data = work / "data"
     if not data.is_dir():
         synthesize(data, cases=args.cases, shape=tuple(int(s) for s in args.shape.split(",")), seed=args.seed,
-                   quirks=True)
+                   quirks=True, cues=args.cues, cue_overlap=args.cue_overlap)
     cfg_path = work / "pancseg.yaml"
     cfg_path.write_text(
         "project_dir: ./work\ndataset: {source: ./data}\n"
@@ -131,10 +137,21 @@ def main() -> None:
     add_workdir_arguments(parser)
     parser.add_argument("--epochs", type=int, default=75)
     parser.add_argument("--iterations", type=int, default=25)
+    parser.add_argument("--budget", choices=tuple(BUDGETS), help="short: 24 x 25 = 600 iterations (the lesion "
+                        "is usually not found yet); default: 75 x 25 = 1875; sets --epochs and --iterations")
     parser.add_argument("--val-iterations", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); on a CPU shared with other "
+                        "jobs use 1: OpenMP's threads wait for each other there (a smoke step took 7.4 s with 2, 1.1 s "
+                        "with 1 on the 2-core machine under load)")
     parser.add_argument("--timing-repeats", type=int, default=0, help="alternating stock/multi-task timing runs")
     parser.add_argument("--timing-iterations", type=int, default=20)
     args = parser.parse_args()
+    if args.budget:
+        args.epochs, args.iterations = BUDGETS[args.budget]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with redirect_stdout(sys.stderr):  # nnU-Net's prints; the report alone goes to stdout
         report = _run(args)
     print(json.dumps(report, indent=2))
@@ -152,6 +169,7 @@ def _run(args: argparse.Namespace) -> dict:
     report["train_seconds"] = round(time.perf_counter() - t0, 1)
     fold_dir = result.folds[0].output_folder
     report["last_epoch"] = result.folds[0].last
+    report["iterations"] = args.epochs * args.iterations
 
     cases = fold0_cases(config, work / "data")["held-out"]
     report["evaluation"] = _evaluate(config, fold_dir, cases, work / "predictions", args.device)

@@ -168,15 +168,18 @@ def synth(
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 0,
     quirks: Annotated[bool, typer.Option("--quirks", help="Plant real-data problems for `clean`.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier synth dataset in OUT_DIR.")] = False,
+    cues: Annotated[str, typer.Option(help="What tells the subtypes apart: mixed, attenuation, texture, shape "
+                                           "or size.")] = "mixed",
+    cue_overlap: Annotated[float, typer.Option(help="How alike the subtypes' cues are, 0 (as defined) to 1 "
+                                                    "(identical).")] = 0.0,
 ) -> None:
     """Write a tiny deterministic synthetic pancreas CT dataset."""
     from pancreas_cli.synth import synthesize
 
     if layout not in ("quiz", "seed"):
         raise typer.BadParameter(f"must be quiz or seed, got {layout!r}", param_hint="--layout")
-    result = synthesize(
-        out_dir, cases=cases, shape=_shape(shape), layout=layout, seed=seed, quirks=quirks, force=force  # type: ignore[arg-type]
-    )
+    result = synthesize(out_dir, cases=cases, shape=_shape(shape), layout=layout, seed=seed,  # type: ignore[arg-type]
+                        quirks=quirks, force=force, cues=cues, cue_overlap=cue_overlap)
     for quirk in result.quirks:
         output.detail(f"quirk: {quirk}")
     splits = {s: sum(c.split == s for c in result.cases) for s in ("train", "validation", "test")}

@@ -47,7 +47,7 @@ from pancreas_cli.nnunet_env import setup_nnunet_env
 from pancreas_cli.outputs import FOLDERS, Outputs, rebuild_summaries, remove_outputs, write_derived
 from pancreas_cli.outputs.dicomseg import require_highdicom
 from pancreas_cli.outputs.probabilities import probabilities_path, write_probabilities
-from pancreas_cli.records import SIDECAR_DIR, read_record, subtype_probabilities, write_record
+from pancreas_cli.records import SIDECAR_DIR, lesion_found, read_record, subtype_probabilities, write_record
 from pancreas_cli.subtypes import case_id, image_name, subtype_of, write_predictions
 
 if TYPE_CHECKING:
@@ -391,14 +391,15 @@ def rebuild_csvs(out_dir: Path, model: dict[str, Any] | None = None) -> Path:
     disagree with the masks. Other commands may call it on an output folder too (cheap: small files).
     """
     rows: dict[str, list[float]] = {}
+    lesions: dict[str, bool | None] = {}
     for path in sorted((out_dir / SIDECAR_DIR).glob("*.json")):
         case = path.stem
         record = read_record(out_dir, case) or {}
         found = subtype_probabilities(record)
         if (found is not None and not record.get("pending") and (out_dir / f"{case}.nii.gz").is_file()
                 and (model is None or record.get("model") == model)):
-            rows[case] = found
-    return write_predictions(out_dir, rows)
+            rows[case], lesions[case] = found, lesion_found(record)
+    return write_predictions(out_dir, rows, lesions)
 
 
 def sweep_leftovers(out_dir: Path) -> None:
@@ -758,6 +759,7 @@ class _CaseRunner:
             ready["window"] = predictor.window_stats if self.fast else None
             ready["probabilities"] = ([float(p) for p in predictor.case_class_probabilities[-1]]
                                       if self.multitask else None)
+            ready["lesion_found"] = predictor.case_lesion_found[-1] if self.multitask else None
             start = time.perf_counter()
             ready["mask"], ready["maps"] = self._mask(logits, ready["properties"]) if self.fast else (logits.cpu(), None)
             ready["export"] = time.perf_counter() - start
@@ -825,7 +827,8 @@ class _CaseRunner:
         """The mask (and its probabilities) into place, its record marked pending meanwhile and the case's
         older optional outputs removed: a run stopped in between redoes the case."""
         record = {"case": case.case, "source": str(case.source), "source_stamp": done["scan"],
-                  "probabilities": done["probabilities"], "model": self.stamp,
+                  "probabilities": done["probabilities"], "lesion_found": done["lesion_found"],
+                  "model": self.stamp,
                   **({"series": case.series} if case.dicom else {})}
         write_record(self.out_dir, case.case, {**record, "pending": True})
         remove_outputs(self.out_dir, case.case)

@@ -1,7 +1,8 @@
 """``.pancseg/<case>.json``: predict's record of each mask it wrote, and its readers.
 
 A record holds ``case``, ``source`` and ``source_stamp`` (the scan, as it was), ``probabilities`` (the
-three subtype probabilities, or null for a segmentation-only model), ``model`` (what wrote the mask:
+three subtype probabilities, or null for a segmentation-only model), ``lesion_found`` (whether the
+mask has a lesion; older records lack it), ``model`` (what wrote the mask:
 :func:`pancreas_cli.predict.model_stamp`), ``series`` for a DICOM series, and ``pending`` while the mask
 is being replaced. ``pancseg predict`` writes them through :func:`write_record`; ``pancseg evaluate``
 reads them (:func:`read_records`) to know which model wrote which mask.
@@ -49,6 +50,12 @@ def subtype_probabilities(record: dict[str, Any] | None) -> list[float] | None:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
         return None
     return [float(v) for v in values]
+
+
+def lesion_found(record: dict[str, Any] | None) -> bool | None:
+    """Whether the record's mask has a lesion; None where the record does not say (older pancseg)."""
+    value = (record or {}).get("lesion_found")
+    return value if isinstance(value, bool) else None
 
 
 def _problem(record: Any, case: str) -> str | None:

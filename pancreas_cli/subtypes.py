@@ -5,7 +5,8 @@
 * A case's CT is ``<case>_0000.<ext>`` (nnU-Net's first and only channel, :data:`CHANNEL`); its mask
   and its CSV rows name the case, with or without the extension and the channel (:func:`case_id`).
 * Subtype CSVs: ``case_id,subtype`` (the user's truth, and prepare's copy beside the dataset) and
-  ``Names,Subtype`` with ``Names,p0,p1,p2`` (what predict and the validation after training predicted).
+  ``Names,Subtype`` with ``Names,p0,p1,p2,subtype_source`` (what predict and the validation after training
+  predicted).
   :func:`read_subtypes` reads either, with every check in one place (columns, widths, values, one
   subtype per case); :func:`render_case_subtypes` and :func:`write_predictions` write them.
 """
@@ -23,7 +24,10 @@ SUBTYPES = (0, 1, 2)
 CHANNEL = "_0000"  # nnU-Net's suffix of a case's first (here: only) image channel
 CASE_SUBTYPES_NAME = "subtypes.csv"  # prepare's case_id,subtype, beside the dataset and the preprocessed data
 RESULTS_NAME = "subtype_results.csv"  # Names,Subtype
-PROBABILITIES_NAME = "subtype_probabilities.csv"  # Names,p0,p1,p2
+PROBABILITIES_NAME = "subtype_probabilities.csv"  # Names,p0,p1,p2,subtype_source
+#: ``subtype_source`` of a case: its mask has a lesion, or none (the subtype came from pancreas-level
+#: features alone); empty where unknown (a record of an older pancseg).
+SOURCES = {True: "lesion", False: "pancreas", None: ""}
 
 
 def case_id(name: str) -> str:
@@ -112,12 +116,16 @@ def render_case_subtypes(subtypes: Iterable[tuple[str, int | None]]) -> str:
     return render_table(("case_id", "subtype"), subtypes)
 
 
-def write_predictions(folder: Path, probabilities: dict[str, Sequence[float]]) -> Path:
+def write_predictions(folder: Path, probabilities: dict[str, Sequence[float]],
+                      lesion_found: dict[str, bool | None] | None = None) -> Path:
     """Write ``subtype_results.csv`` (``Names,Subtype``) and ``subtype_probabilities.csv``
-    (``Names,p0,p1,p2``) of the cases' masks into ``folder``, in the order given; returns the results CSV."""
-    rows = [(f"{case}.nii.gz", p) for case, p in probabilities.items()]
+    (``Names,p0,p1,p2,subtype_source``, see :data:`SOURCES`; ``lesion_found`` per case, missing =
+    unknown) of the cases' masks into ``folder``, in the order given; returns the results CSV."""
+    found = lesion_found or {}
+    rows = [(case, f"{case}.nii.gz", p) for case, p in probabilities.items()]
     results = folder / RESULTS_NAME
-    write_text(render_table(("Names", "Subtype"), ((name, subtype_of(p)) for name, p in rows)), results)
-    rounded = ((name, *(f"{v:.6f}" for v in p)) for name, p in rows)
-    write_text(render_table(("Names", "p0", "p1", "p2"), rounded), folder / PROBABILITIES_NAME)
+    write_text(render_table(("Names", "Subtype"), ((name, subtype_of(p)) for _, name, p in rows)), results)
+    rounded = ((name, *(f"{v:.6f}" for v in p), SOURCES[found.get(case)]) for case, name, p in rows)
+    columns = ("Names", "p0", "p1", "p2", "subtype_source")
+    write_text(render_table(columns, rounded), folder / PROBABILITIES_NAME)
     return results

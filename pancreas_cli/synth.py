@@ -10,7 +10,7 @@ real files are planted, so the cleaning stage has real work to do.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -80,6 +80,19 @@ class _LesionLook:
     hu: tuple[float, float]  # mean, sd of the lesion's attenuation
     noise_factor: float  # scales the image noise inside the lesion (< 1: smooth)
     texture: tuple[float, float]  # range of the sd (HU) of extra blotchy texture
+    elong: tuple[float, float] = (1.0, 1.4)  # range of the lesion's elongation along the pancreas
+
+    def toward(self, common: _LesionLook, overlap: float) -> _LesionLook:
+        """This look with every cue moved ``overlap`` of the way to ``common`` (the subtypes' average)."""
+        def mix(a: float, b: float) -> float:
+            return a + overlap * (b - a)
+
+        def pair(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+            return mix(a[0], b[0]), mix(a[1], b[1])
+
+        return _LesionLook(pair(self.radius, common.radius), pair(self.hu, common.hu),
+                           mix(self.noise_factor, common.noise_factor), pair(self.texture, common.texture),
+                           pair(self.elong, common.elong))
 
 
 _LOOKS: dict[int, _LesionLook] = {
@@ -87,6 +100,35 @@ _LOOKS: dict[int, _LesionLook] = {
     1: _LesionLook(radius=(1.25, 0.2), hu=(12.0, 8.0), noise_factor=0.5, texture=(0.0, 0.0)),
     2: _LesionLook(radius=(1.0, 0.2), hu=(125.0, 20.0), noise_factor=1.0, texture=(25.0, 40.0)),
 }
+_PLAIN = _LesionLook(radius=(1.0, 0.2), hu=(60.0, 10.0), noise_factor=1.0, texture=(0.0, 8.0))
+
+#: Subtype cue profiles: which property tells the subtypes apart. ``mixed`` (the default, and what synth
+#: always wrote) differs in all of them; the others differ in one and share the rest (``_PLAIN``).
+#: ``shape`` elongates the lesion at about the same volume (the radius shrinks as the cube root).
+CUES: dict[str, dict[int, _LesionLook]] = {
+    "mixed": _LOOKS,
+    "attenuation": {k: replace(_PLAIN, hu=(hu, 10.0)) for k, hu in ((0, 50.0), (1, 15.0), (2, 85.0))},
+    "texture": {0: replace(_PLAIN, noise_factor=1.0, texture=(0.0, 4.0)),
+                1: replace(_PLAIN, noise_factor=0.3, texture=(0.0, 0.0)),
+                2: replace(_PLAIN, noise_factor=1.0, texture=(30.0, 40.0))},
+    "shape": {k: replace(_PLAIN, elong=(e, e + 0.2), radius=(e ** (-1 / 3), 0.1))
+              for k, e in ((0, 1.0), (1, 1.7), (2, 2.6))},
+    "size": {k: replace(_PLAIN, radius=(r, 0.1)) for k, r in ((0, 1.0), (1, 1.5), (2, 0.6))},
+}
+CUE_NAMES: tuple[str, ...] = tuple(CUES)
+
+
+def subtype_looks(cues: str, overlap: float) -> dict[int, _LesionLook]:
+    """The subtypes' looks under a cue profile, their cues ``overlap`` (0: as defined, 1: identical) alike."""
+    looks = CUES[cues]
+    if overlap == 0:
+        return looks
+    values = [looks[k] for k in SUBTYPES]
+    common = _LesionLook(*(tuple(float(np.mean([getattr(v, f)[i] for v in values])) for i in range(2))
+                           if isinstance(getattr(values[0], f), tuple)
+                           else float(np.mean([getattr(v, f) for v in values]))
+                           for f in ("radius", "hu", "noise_factor", "texture", "elong")))
+    return {k: look.toward(common, overlap) for k, look in looks.items()}
 
 
 @dataclass(frozen=True)
@@ -139,6 +181,8 @@ def synthesize(
     quirks: bool = False,
     spacing: tuple[float, float, float] = (2.0, 0.75, 0.75),
     force: bool = False,
+    cues: str = "mixed",
+    cue_overlap: float = 0.0,
 ) -> SynthResult:
     """Write ``cases`` synthetic CT cases in ``layout`` under ``out_dir`` and say what was written.
 
@@ -147,8 +191,15 @@ def synthesize(
     and one test case from 3 cases on, every subtype in train from 5 on); subtypes go round
     robin. ``force`` writes over an earlier synth dataset in ``out_dir``, first removing files
     named like synth's own (its cases) but nothing else; other non-empty folders are refused.
+    ``cues`` picks what tells the subtypes apart (:data:`CUES`), ``cue_overlap`` in [0, 1] how alike
+    they are (1: not at all learnable); the defaults write what synth always wrote.
     """
     _check_arguments(cases, shape, layout, seed, spacing)
+    if cues not in CUES:
+        raise SynthError(f"cues must be one of {', '.join(CUE_NAMES)}, got {cues!r}")
+    if not 0.0 <= cue_overlap <= 1.0:
+        raise SynthError(f"cue overlap must be between 0 and 1, got {cue_overlap!r}")
+    looks = subtype_looks(cues, float(cue_overlap))
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, force)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +217,7 @@ def synthesize(
         split = "train" if index < n_train else "validation" if index < n_labelled else "test"
         case = _case_paths(out_dir, layout, split, subtype, index + 1)
         case_quirks = _quirks_of(index, n_labelled) if quirks else set()
-        ct, labels = _render_case(np.random.default_rng([seed, index]), shape, subtype)
+        ct, labels = _render_case(np.random.default_rng([seed, index]), shape, looks[subtype])
         _write_case(case, ct, labels, case_quirks, origin, spacing)
         planted += [f"{case.case_id}: {_QUIRK_TEXT[q]}" for q in sorted(case_quirks)]
         (test_rows if split == "test" else labelled_rows).append((case.case_id, subtype))
@@ -302,7 +353,7 @@ def _write_case(
 
 
 def _render_case(
-    rng: np.random.Generator, shape: tuple[int, int, int], subtype: int
+    rng: np.random.Generator, shape: tuple[int, int, int], look: _LesionLook
 ) -> tuple[np.ndarray, np.ndarray]:
     """One case as (int16 HU, uint8 labels), both (Z, Y, X).
 
@@ -353,7 +404,7 @@ def _render_case(
         z_ratio=2 * nz / min(ny, nx),
     )
     pancreas = tube.mask(zz, yy, xx)
-    lesion, look = _lesion(rng, tube, zz, yy, xx, subtype)
+    lesion = _lesion(rng, tube, zz, yy, xx, look)
     hu[pancreas] = rng.uniform(110.0, 140.0)
     hu[lesion] = rng.normal(*look.hu)
 
@@ -376,20 +427,19 @@ def _lesion(
     zz: np.ndarray,
     yy: np.ndarray,
     xx: np.ndarray,
-    subtype: int,
-) -> tuple[np.ndarray, _LesionLook]:
+    look: _LesionLook,
+) -> np.ndarray:
     """Lesion mask: an ellipsoid on the pancreas, clipped to the pancreas widened by a voxel.
 
     The clipping keeps the lesion attached; its size grows until it has enough voxels.
     """
-    look = _LOOKS[subtype]
     t = rng.uniform(0.2, 0.8)
     zc, yc, xc = tube.centre(t)
     rz, r = (float(v) for v in tube.radii(t))
     zc = zc + rng.uniform(-0.3, 0.3) * rz
     yc = yc + rng.uniform(-0.3, 0.3) * r
     radius = float(np.clip(rng.normal(*look.radius), 0.3, 2.0)) * r
-    elong = rng.uniform(1.0, 1.4)
+    elong = rng.uniform(*look.elong)
     host = tube.mask(zz, yy, xx, grow=1.0)
     while True:
         ry = max(1.5, radius)
@@ -397,7 +447,7 @@ def _lesion(
         d = ((zz - zc) / zr) ** 2 + ((yy - yc) / ry) ** 2 + ((xx - xc) / (ry * elong)) ** 2
         lesion = (d <= 1.0) & host
         if lesion.sum() >= MIN_LESION_VOXELS:
-            return lesion, look
+            return lesion
         radius = ry + 0.5
 
 

@@ -135,6 +135,9 @@ def test_synth_cli(runner: CliRunner, tmp_path: Path) -> None:
     assert (out / "test").is_dir()
     again = runner.invoke(app, ["synth", str(out), "--cases", "3", "--shape", "16,32,32"])
     assert again.exit_code == 1 and "--force" in again.stderr
+    cues = runner.invoke(app, ["synth", str(tmp_path / "cues"), "--cases", "3", "--shape", "16,32,32",
+                               "--cues", "size", "--cue-overlap", "0.5"])
+    assert cues.exit_code == 0, cues.output
 
 
 def test_synth_usage_errors(runner: CliRunner, tmp_path: Path) -> None:
@@ -143,6 +146,8 @@ def test_synth_usage_errors(runner: CliRunner, tmp_path: Path) -> None:
     assert runner.invoke(app, ["synth", str(tmp_path / "a"), "--cases", "0"]).exit_code == 2
     small = runner.invoke(app, ["synth", str(tmp_path / "a"), "--shape", "4,4,4"])
     assert small.exit_code == 1 and "error:" in small.stderr
+    cues = runner.invoke(app, ["synth", str(tmp_path / "a"), "--cues", "colour"])
+    assert cues.exit_code == 1 and "cues must be one of mixed, attenuation, texture, shape, size" in cues.stderr
 
 
 def test_doctor_json_and_blocking_device(runner: CliRunner, tmp_path: Path) -> None:

@@ -12,11 +12,15 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
 from pancreas_cli.multitask.network import (
+    HISTOGRAM_CENTRES,
     ClassificationHead,
     HeadSettings,
     MultiTaskNet,
+    PancreasFeatures,
     RunningStandardize,
     build_multitask_network,
+    lesion_found,
+    lesion_gate,
     structure_probabilities,
     tile_weights,
 )
@@ -319,12 +323,15 @@ def test_encoder_runs_once_per_forward(deep_supervision: bool) -> None:
 def test_head_settings_round_trip() -> None:
     settings = HeadSettings(stages=(0, -1), pooling="mean", hidden=32, dropout=0.1, num_classes=3)
     data = settings.to_dict()
-    assert data == {"stages": [0, -1], "pooling": "mean", "hidden": 32, "dropout": 0.1, "num_classes": 3}
+    assert data == {"stages": [0, -1], "pooling": "mean", "hidden": 32, "dropout": 0.1, "pancreas": True,
+                    "num_classes": 3}
     assert HeadSettings.from_dict(data) == settings
-    # JSON gives lists; None and {} give the defaults
+    # JSON gives lists; None and {} give the defaults, except that plans without "pancreas" are older
+    # pancseg's, whose head had no pancreas features (their checkpoints must load)
     assert HeadSettings.from_dict({"stages": [1, 2]}).stages == (1, 2)
-    assert HeadSettings.from_dict(None) == HeadSettings() == HeadSettings.from_dict({})
-    assert HeadSettings().stages == (1, 2, -1) and HeadSettings().pooling == "attention"
+    assert HeadSettings.from_dict(None) == HeadSettings(pancreas=False) == HeadSettings.from_dict({})
+    assert HeadSettings.from_dict({"pancreas": True}) == HeadSettings()
+    assert HeadSettings().stages == (1, 2, -1) and HeadSettings().pooling == "attention" and HeadSettings().pancreas
     with pytest.raises(TypeError):
         HeadSettings.from_dict({"bogus": 1})
 
@@ -357,12 +364,12 @@ def test_head_settings_read_from_configuration() -> None:
     head = {"stages": [0, 3], "pooling": "mean", "hidden": 24, "dropout": 0.0}
     net, cm = make_net(configuration=SMOKE_CONFIGURATION, head=head)
     assert cm.configuration["pancseg_head"] == head
-    assert net.settings == HeadSettings(stages=(0, 3), pooling="mean", hidden=24, dropout=0.0)
+    assert net.settings == HeadSettings(stages=(0, 3), pooling="mean", hidden=24, dropout=0.0, pancreas=False)
     assert net.stage_indices == [0, 3]
     assert net.head.mlp[2].in_features == 8 + 64
     # the 3d_fullres configuration of the same plans inherits nothing from the smoke one
     net_full, _ = make_net(configuration="3d_fullres", head=None)
-    assert net_full.settings == HeadSettings()
+    assert net_full.settings == HeadSettings(pancreas=False)
 
 
 def test_attention_pooling_needs_attention() -> None:
@@ -512,12 +519,13 @@ def test_head_runs_in_float32_under_autocast() -> None:
     head = ClassificationHead([2], HeadSettings(stages=(0,))).eval()
     features = torch.full((1, 2, 16, 16, 16), 1.001)  # bfloat16 rounds it to 1.0
     weights = torch.ones(1, 2, 16, 16, 16)
-    expected = head([features], weights)
+    image = torch.full((1, 1, 16, 16, 16), 0.501)
+    expected = head([features], weights, image)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = head([features.bfloat16()], weights)  # the encoder's output under autocast
+        logits = head([features.bfloat16()], weights, image.bfloat16())  # the encoder's output under autocast
     assert logits.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = head([features], weights)
+        logits = head([features], weights, image)
     torch.testing.assert_close(logits, expected)
 
 
@@ -604,3 +612,102 @@ def test_initialize_without_nnunet_init() -> None:
     for k, v in wrapped.state_dict().items():
         assert torch.equal(v, state[k])
     assert wrapped.settings.pooling == "mean" and wrapped.stage_indices == [0]
+
+
+# ------------------------------------------------------------------ pancreas features and the lesion gate
+
+
+def _maps(lesion: float, shape: tuple[int, ...] = (8, 8, 8)) -> torch.Tensor:
+    """(lesion, pancreas) maps (1,2,*S): the pancreas fills the middle, the lesion (``lesion`` = its
+    probability) a corner of it."""
+    pancreas = torch.zeros(1, 1, *shape)
+    pancreas[..., 2:6, 2:6, 2:6] = 1.0
+    les = torch.zeros_like(pancreas)
+    les[..., 2:4, 2:4, 2:4] = lesion
+    return torch.cat([les, pancreas], dim=1)
+
+
+def test_lesion_gate_follows_the_decoders_confidence() -> None:
+    gate = lesion_gate(torch.stack([_maps(p)[:, :1] for p in (0.0, 0.3, 0.5, 0.75, 1.0)])[:, 0])
+    torch.testing.assert_close(gate, torch.tensor([0.0, 0.0, 0.0, 0.5, 1.0]))
+
+
+def test_pancreas_features_shift_with_an_unsegmented_lesion() -> None:
+    """A dark lesion the decoder missed (lesion map empty, its voxels labelled pancreas) still moves the
+    pancreas-level intensity features; voxels outside the pancreas do not."""
+    from pancreas_cli.multitask.network import _stage_maps
+
+    features = PancreasFeatures(in_channels=1, first_stage_channels=4)
+    assert features.size == 2 * (2 + len(HISTOGRAM_CENTRES)) + 4 + 2  # input over patch and pancreas
+    first = torch.ones(1, 4, 4, 4, 4)  # the first head stage, at half the input's resolution
+    maps, gate = _stage_maps(_maps(0.0), [first])[0], torch.zeros(1)
+    plain = torch.zeros(1, 1, 8, 8, 8)
+    dark = plain.clone()
+    dark[..., 2:4, 2:4, 2:4] = -2.5  # a hypodense lesion inside the pancreas, unsegmented
+    outside = plain.clone()
+    outside[..., :, :, 6:] = -2.5  # outside the pancreas
+    a, b, c = (features(x, first, maps, gate) for x in (plain, dark, outside))
+    assert a.shape == (1, features.size)
+    n = 2 + len(HISTOGRAM_CENTRES)  # mean, second moment, bins: over the patch, then over the pancreas
+    assert b[0, n] < a[0, n] - 0.2  # the pancreas' mean of the input (1 of its 8 coarse voxels at -2.5)
+    assert b[0, n + 2] > a[0, n + 2] == 0  # its lowest histogram bin (-3) gains mass
+    assert b[0, 0] < a[0, 0] and c[0, 0] < a[0, 0]  # over the whole patch: both move
+    torch.testing.assert_close(a[:, n:], c[:, n:])  # the pancreas' features ignore what lies outside it
+    assert a[0, -1] == 0 and a[0, -2] == 0  # gate, lesion fraction
+    # a segmented lesion: its fraction of the pancreas
+    lesion = features(plain, first, _stage_maps(_maps(1.0), [first])[0], torch.ones(1))
+    assert lesion[0, -2] == pytest.approx(1 / (8 + 1)) and lesion[0, -1] == 1  # voxels of the coarse grid
+
+
+def test_head_with_pancreas_features_shapes_and_gradient() -> None:
+    net, _ = make_net(configuration="3d_fullres", head={"stages": [1, -1], "hidden": 16, "pancreas": True})
+    head = net.head
+    channels = FEATURES[1] + FEATURES[-1]
+    assert head.mlp[2].in_features == 3 * channels + head.pancreas.size
+    # the gated columns are the lesion-weighted averages, C per stage after the plain ones
+    assert int(head.lesion_columns.sum()) == channels
+    assert head.lesion_columns[FEATURES[1] : 2 * FEATURES[1]].all() and not head.lesion_columns[: FEATURES[1]].any()
+    x = torch.randn(2, 1, *PATCH, requires_grad=True)
+    seg, logits = net.forward_multitask(x)
+    assert logits.shape == (2, 3)
+    logits.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in head.parameters())
+    # legacy head (plans without "pancreas"): no pancreas features, as older checkpoints were saved
+    old, _ = make_net(configuration="3d_fullres", head={"stages": [1, -1], "hidden": 16})
+    assert old.head.pancreas is None and old.head.mlp[2].in_features == 3 * channels
+
+
+def test_gate_closes_the_lesion_features_when_no_lesion_is_segmented() -> None:
+    """Without a confident lesion the lesion-weighted averages (noise of near-zero weights) reach the MLP
+    as zeros (the average case); with one they pass. In training the gate is closed for some items."""
+    torch.manual_seed(0)
+    head = ClassificationHead([4], HeadSettings(stages=(0,), dropout=0.0)).eval()
+    with torch.no_grad():
+        head.mlp[0].mean.normal_()  # standardised features away from zero
+    seen: list[torch.Tensor] = []
+    head.mlp[1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    image, features = torch.zeros(1, 1, 8, 8, 8), torch.randn(1, 4, 8, 8, 8)
+    columns = head.lesion_columns
+    with torch.no_grad():
+        head([features], _maps(0.3), image)  # the decoder's lesion below 0.5 everywhere
+        assert torch.count_nonzero(seen[-1][:, columns]) == 0 and torch.count_nonzero(seen[-1][:, ~columns]) > 0
+        head([features], _maps(1.0), image)  # a confident lesion
+        assert torch.count_nonzero(seen[-1][:, columns]) == int(columns.sum())
+        head.train()
+        head([features.expand(64, -1, -1, -1, -1)], _maps(1.0).expand(64, -1, -1, -1, -1),
+             image.expand(64, -1, -1, -1, -1))
+    closed = (seen[-1][:, columns] == 0).all(1).float().mean().item()
+    assert 0.05 < closed < 0.5  # GATE_DROPOUT of the items learn to do without the lesion
+
+
+def test_lesion_found_labels_and_regions() -> None:
+    labels = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    labels[1, :2] = 1
+    assert not lesion_found(_label_logits(labels)[1], regions=False)
+    labels[1, 0, 0, 0] = 2
+    assert lesion_found(_label_logits(labels)[1], regions=False)
+    regions = torch.full((2, 4, 4, 4), -5.0)
+    assert not lesion_found(regions, regions=True)
+    regions[1, 0, 0, 0] = 5.0
+    assert lesion_found(regions, regions=True)

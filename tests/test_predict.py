@@ -52,8 +52,13 @@ def test_names_geometry_and_csv_format(trained_project: Path, runner: CliRunner,
     assert sorted(line.split(",")[0] for line in lines[1:]) == sorted([first, "other_scan.nii.gz"])
     assert all(line.split(",")[1] in {"0", "1", "2"} for line in lines[1:])
     probs = (out / "subtype_probabilities.csv").read_text().splitlines()
-    assert probs[0] == "Names,p0,p1,p2"
-    assert all(abs(sum(map(float, row.split(",")[1:])) - 1) < 1e-4 for row in probs[1:])
+    assert probs[0] == "Names,p0,p1,p2,subtype_source"
+    assert all(abs(sum(map(float, row.split(",")[1:4])) - 1) < 1e-4 for row in probs[1:])
+    # where each subtype came from: a lesion in the mask, or the pancreas alone (none segmented)
+    for row in probs[1:]:
+        name, source = row.split(",")[0], row.split(",")[4]
+        has_lesion = bool((sitk.GetArrayFromImage(sitk.ReadImage(str(out / name))) == 2).any())
+        assert source == ("lesion" if has_lesion else "pancreas"), row
     data = json.loads(result.stdout)
     assert data["predicted"] == 2 and data["folds"] == [4] and not data["failed"]
     assert not list(out.glob(".partial_*")), "a temporary output was left behind"
@@ -340,3 +345,26 @@ def test_engines_agree_and_the_summary_says_how_fast(trained_project: Path, runn
     assert (tmp_path / "ref" / "subtype_results.csv").read_text() == (tmp_path / "ours" / "subtype_results.csv").read_text()
     other = _predict(runner, trained_project, source, tmp_path / "ours", *mirrored, "--set", "predict.engine=nnunet")
     assert other.exit_code == 1 and "another prediction engine" in other.stderr
+
+
+def test_subtype_source_column_and_older_records(tmp_path: Path) -> None:
+    """``subtype_source`` says whether the case's mask had a lesion; records of a pancseg before the
+    column (no ``lesion_found``) still rebuild the CSVs, with the source left empty."""
+    from pancreas_cli.predict import rebuild_csvs
+    from pancreas_cli.records import write_record
+
+    out = tmp_path / "out"
+    base = {"source": "x", "source_stamp": {}, "model": {"m": 1}}
+    for case, extra in (("a", {"lesion_found": True}), ("b", {"lesion_found": False}), ("old", {})):
+        (out / f"{case}.nii.gz").parent.mkdir(parents=True, exist_ok=True)
+        (out / f"{case}.nii.gz").write_bytes(b"mask")
+        write_record(out, case, {**base, "case": case, "probabilities": [0.2, 0.5, 0.3], **extra})
+    rebuild_csvs(out)
+    assert (out / "subtype_probabilities.csv").read_text(encoding="utf-8").splitlines() == [
+        "Names,p0,p1,p2,subtype_source",
+        "a.nii.gz,0.200000,0.500000,0.300000,lesion",
+        "b.nii.gz,0.200000,0.500000,0.300000,pancreas",
+        "old.nii.gz,0.200000,0.500000,0.300000,",
+    ]
+    assert (out / "subtype_results.csv").read_text(encoding="utf-8").splitlines()[1:] == [
+        "a.nii.gz,1", "b.nii.gz,1", "old.nii.gz,1"]

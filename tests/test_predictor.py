@@ -100,6 +100,8 @@ def test_sliding_window_case_probabilities(mirroring: bool) -> None:
     np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-6)
     assert net.class_logits_sink is None  # restored after the pass
     assert not net.training  # dropout in the head is off at inference
+    # whether the case's segmentation holds a lesion (subtype_source), from the same logits
+    assert predictor.case_lesion_found == [bool((logits.argmax(0) == 2).any())]
 
 
 def test_mirroring_changes_the_average() -> None:
@@ -120,7 +122,7 @@ def test_one_entry_per_call_in_order() -> None:
     first, second = _image(1), _image(2) * 3
     predictor.predict_sliding_window_return_logits(first)
     predictor.predict_sliding_window_return_logits(second)
-    assert len(predictor.case_class_probabilities) == 2
+    assert len(predictor.case_class_probabilities) == 2 == len(predictor.case_lesion_found)
     for probs in predictor.case_class_probabilities:
         assert probs.sum() == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_allclose(predictor.case_class_probabilities[1],

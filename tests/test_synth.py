@@ -284,3 +284,60 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     target.write_text("")
     with pytest.raises(SynthError, match="not a folder"):
         synthesize(target, cases=1, shape=TINY)
+
+
+# ------------------------------------------------------------------ subtype cue profiles
+
+
+def _lesion_stats(result: SynthResult) -> dict[int, tuple[float, float, float]]:
+    """Per subtype: mean lesion HU, mean lesion volume (voxels), mean lesion sd (HU)."""
+    found: dict[int, list[tuple[float, float, float]]] = {0: [], 1: [], 2: []}
+    for case in result.cases:
+        ct, labels = _array(case.image).astype(float), _array(case.mask)
+        lesion = ct[labels == 2]
+        found[case.subtype].append((lesion.mean(), lesion.size, lesion.std()))
+    return {k: tuple(np.mean(v, axis=0)) for k, v in found.items()}
+
+
+@pytest.fixture(scope="module")
+def profiles(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, float], SynthResult]:
+    """9 cases (3 per subtype) of some cue profiles, on the small grid."""
+    return {(cues, overlap): synthesize(tmp_path_factory.mktemp(f"{cues}{overlap}"), cases=9, shape=(16, 32, 32),
+                                        seed=5, cues=cues, cue_overlap=overlap)
+            for cues, overlap in (("attenuation", 0.0), ("attenuation", 1.0), ("size", 0.0), ("texture", 0.0))}
+
+
+def test_attenuation_profile_orders_the_subtypes_by_hu_alone(profiles: dict) -> None:
+    hu = {k: v[0] for k, v in _lesion_stats(profiles["attenuation", 0.0]).items()}
+    assert hu[1] + 10 < hu[0] and hu[0] + 10 < hu[2]  # cystic < hypodense < the brightest (blurred: small grid)
+    # full overlap: the cue is gone (the same draw, the same looks)
+    same = {k: v[0] for k, v in _lesion_stats(profiles["attenuation", 1.0]).items()}
+    assert max(same.values()) - min(same.values()) < 15
+
+
+def test_size_profile_orders_the_subtypes_by_volume(profiles: dict) -> None:
+    stats = _lesion_stats(profiles["size", 0.0])
+    assert stats[2][1] < stats[0][1] < stats[1][1]
+    assert max(v[0] for v in stats.values()) - min(v[0] for v in stats.values()) < 20  # no HU cue
+
+
+def test_texture_profile_differs_in_the_lesions_sd(profiles: dict) -> None:
+    sd = {k: v[2] for k, v in _lesion_stats(profiles["texture", 0.0]).items()}
+    assert sd[1] < sd[0] < sd[2]
+
+
+def test_default_cues_are_what_synth_always_wrote(tmp_path: Path) -> None:
+    """``mixed`` at overlap 0 is the default: existing seeds keep their data."""
+    a = synthesize(tmp_path / "a", cases=3, shape=TINY, seed=2)
+    b = synthesize(tmp_path / "b", cases=3, shape=TINY, seed=2, cues="mixed", cue_overlap=0.0)
+    c = synthesize(tmp_path / "c", cases=3, shape=TINY, seed=2, cues="size")
+    for x, y, z in zip(a.cases, b.cases, c.cases):
+        assert np.array_equal(_array(x.image), _array(y.image))
+        assert not np.array_equal(_array(x.image), _array(z.image))
+
+
+@pytest.mark.parametrize("kwargs", [{"cues": "colour"}, {"cue_overlap": 1.5}, {"cue_overlap": -0.1}])
+def test_bad_cues_raise_synth_error(tmp_path: Path, kwargs: dict) -> None:
+    with pytest.raises(SynthError, match="cue"):
+        synthesize(tmp_path / "out", cases=2, shape=TINY, **kwargs)
+    assert not (tmp_path / "out").exists()

@@ -68,8 +68,9 @@ def test_train_resume_and_nnunet_commands(project: Path, runner: CliRunner) -> N
     name, subtype = lines[1].split(",")
     assert name.endswith(".nii.gz") and not name.endswith("_0000.nii.gz") and subtype in {"0", "1", "2"}
     probabilities = (fold_dir / "validation" / "subtype_probabilities.csv").read_text().splitlines()
-    assert probabilities[0] == "Names,p0,p1,p2"
-    assert abs(sum(float(p) for p in probabilities[1].split(",")[1:]) - 1) < 1e-4
+    assert probabilities[0] == "Names,p0,p1,p2,subtype_source"
+    assert abs(sum(float(p) for p in probabilities[1].split(",")[1:4]) - 1) < 1e-4
+    assert probabilities[1].split(",")[4] in {"lesion", "pancreas"}
     assert (fold_dir / "validation" / f"{name}").is_file()  # nnU-Net's own validation segmentation
 
     again = runner.invoke(app, ["train", "-c", str(cfg), "--epochs", "2", *FAST])

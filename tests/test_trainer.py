@@ -220,7 +220,10 @@ def test_fold_record_format(tmp_path: Path) -> None:
     the trainer's ``ema_alpha``, is read; an unknown key or a bad value is named."""
     settings = TrainingSettings(head_stages=[0], head_dropout=0.0, class_weights=[1.0, 2.0, 3.0])
     data = json.loads(write_settings(settings, tmp_path).read_text(encoding="utf-8"))
-    assert data["head"] == {"stages": [0], "pooling": "attention", "hidden": 128, "dropout": 0.0}
+    assert data["head"] == {"stages": [0], "pooling": "attention", "hidden": 128, "dropout": 0.0, "pancreas": True}
+    # an earlier pancseg's record has no "pancreas": its head had none (resume must rebuild that head)
+    old = {**data, "head": {k: v for k, v in data["head"].items() if k != "pancreas"}}
+    assert TrainingSettings.from_record(old) == settings.model_copy(update={"head_pancreas": False})
     assert list(data) == ["epochs", "iterations_per_epoch", "val_iterations", "initial_lr", "batch_size", "save_every",
                           "cls_weight", "head_lr", "cls_warmup_epochs", "class_weights", "label_smoothing", "select_by",
                           "head"]
@@ -424,6 +427,7 @@ def test_train_step_with_grad_scaler_makes_the_unscaled_update(initialized: Any)
     scaled.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     batch = _batch(scaled, _labels(2, scaled.configuration_manager.patch_size), ["case_a", "case_b"])
     for trainer in (scaled, plain):
+        torch.manual_seed(0)  # the same random gate dropout (the head's) for both
         for _ in range(2):
             trainer.train_step(batch)
     for (name, a), b in zip(scaled.network.named_parameters(), plain.network.parameters()):
@@ -753,15 +757,17 @@ def test_checkpoints_are_written_atomically(preprocessed: Path, monkeypatch: pyt
 def test_write_subtype_results(preprocessed: Path) -> None:
     trainer = make_trainer()
     trainer.subtypes = {"c1": 0, "c2": 1, "c3": 2}
-    results = {"c2": np.array([0.1, 0.7, 0.2]), "c1": np.array([0.6, 0.3, 0.1]),
-               "c3": np.array([0.5, 0.2, 0.3])}
+    results = {"c2": (np.array([0.1, 0.7, 0.2]), False), "c1": (np.array([0.6, 0.3, 0.1]), True),
+               "c3": (np.array([0.5, 0.2, 0.3]), True)}
     trainer._write_subtype_results(results)
     folder = Path(trainer.output_folder) / "validation"
     assert (folder / "subtype_results.csv").read_text(encoding="utf-8") == (
         "Names,Subtype\nc1.nii.gz,0\nc2.nii.gz,1\nc3.nii.gz,0\n"
     )
     probs = (folder / "subtype_probabilities.csv").read_text(encoding="utf-8").splitlines()
-    assert probs[0] == "Names,p0,p1,p2" and probs[2] == "c2.nii.gz,0.100000,0.700000,0.200000"
+    assert probs[0] == "Names,p0,p1,p2,subtype_source"
+    assert probs[1] == "c1.nii.gz,0.600000,0.300000,0.100000,lesion"
+    assert probs[2] == "c2.nii.gz,0.100000,0.700000,0.200000,pancreas"  # no lesion segmented
     summary = json.loads((folder / "classification_summary.json").read_text(encoding="utf-8"))
     assert summary["cases"] == 3 and summary["accuracy"] == pytest.approx(2 / 3)
     assert summary["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [1, 0, 0]]

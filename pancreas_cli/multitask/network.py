@@ -32,17 +32,23 @@ class HeadSettings:
     bottleneck. Shallow stages carry subtype texture, so the default mixes shallow and deep ones.
     ``pooling="attention"`` adds lesion- and pancreas-weighted averages (weights = the decoder's
     probabilities) to the plain global average, so a small lesion is not diluted by the patch.
+    ``pancreas`` (with attention pooling) adds pancreas-level features and the lesion gate
+    (:class:`PancreasFeatures`), so the subtype does not wait for the decoder to find the lesion.
     """
 
     stages: tuple[int, ...] = tuple(_DEFAULTS.head_stages)
     pooling: Pooling = _DEFAULTS.head_pooling
     hidden: int = _DEFAULTS.head_hidden
     dropout: float = _DEFAULTS.head_dropout
+    pancreas: bool = _DEFAULTS.head_pancreas
     num_classes: int = 3
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> HeadSettings:
+        """From the plans' ``pancseg_head``; plans without ``pancreas`` are older pancseg's, whose head
+        had no pancreas-level features (so their checkpoints load into the network they were saved from)."""
         data = dict(data or {})
+        data.setdefault("pancreas", False)
         if "stages" in data:
             data["stages"] = tuple(int(s) for s in data["stages"])
         return cls(**data)
@@ -148,14 +154,82 @@ class RunningStandardize(nn.Module):
         return F.batch_norm(x, self.mean, variance, training=False, eps=self.eps)
 
 
-class ClassificationHead(nn.Module):
-    """Pooled features of several encoder stages -> standardised -> MLP with dropout -> class logits."""
+#: Centres of the soft histogram of the input inside the pancreas, in nnU-Net's normalised CT units
+#: (z-scores of the foreground's HU): the lesion's attenuation shows as mass in the low or high bins.
+HISTOGRAM_CENTRES = tuple(-3.0 + 0.75 * k for k in range(9))
+#: The shortcut's logits are its linear layer's times this (the layer starts at zero): AdamW's step is
+#: about the learning rate whatever the gradient, so this is the shortcut's own, larger learning rate
+#: (no optimizer group of its own): the subtype must be learnt in the few hundred steps after the
+#: pancreas is found.
+SHORTCUT_GAIN = 10.0
+#: Share of training items whose lesion gate is closed at random, so the head also learns to classify
+#: from pancreas-level features alone once the decoder finds the lesion (as at test time when it misses it).
+GATE_DROPOUT = 0.25
 
-    def __init__(self, stage_channels: list[int], settings: HeadSettings) -> None:
+
+def lesion_gate(lesion: torch.Tensor) -> torch.Tensor:
+    """How much the lesion-attention features count, per item (B,): 0 while no voxel of the lesion map
+    (B,1,*S) reaches probability 0.5 (no confident lesion: they average noise), rising to 1 at 1."""
+    return (lesion.flatten(1).amax(1) * 2 - 1).clamp(0, 1)
+
+
+class PancreasFeatures(nn.Module):
+    """Features of the predicted whole pancreas that exist before the lesion is segmented.
+
+    The decoder finds the pancreas within the first epochs and the lesion much later (BENCHMARKS.md), and
+    a lesion it misses is mostly labelled pancreas: inside the pancreas an unsegmented lesion still
+    shifts the input's mean, second moment and histogram (linear bins at :data:`HISTOGRAM_CENTRES`), and
+    the second moment of the first head stage's features (texture). The lesion fraction of the pancreas
+    and the gate are features too. All of it at the first head stage's resolution, whose pancreas map the
+    attention pooling has already made, in one product: cheap next to the encoder (BENCHMARKS.md).
+    """
+
+    def __init__(self, in_channels: int, first_stage_channels: int) -> None:
+        super().__init__()
+        self.register_buffer("centres", torch.tensor(HISTOGRAM_CENTRES), persistent=False)
+        self.step = HISTOGRAM_CENTRES[1] - HISTOGRAM_CENTRES[0]
+        self.size = 2 * in_channels * (2 + len(HISTOGRAM_CENTRES)) + first_stage_channels + 2
+
+    def forward(self, image: torch.Tensor, first: torch.Tensor, maps: torch.Tensor,
+                gate: torch.Tensor) -> torch.Tensor:
+        """(B, size) from the input (B,Cin,*S), the first head stage (B,C,*s) and its weight maps (B,3,n)
+        (plain, lesion, pancreas: :func:`_stage_maps`). The input's statistics are taken over the whole
+        patch too: they exist before the decoder has found even the pancreas."""
+        shrink = F.adaptive_avg_pool3d if image.ndim == 5 else F.adaptive_avg_pool2d
+        x = shrink(image.float(), first.shape[2:]).flatten(2)  # B,Cin,n
+        bins = (1 - (x.unsqueeze(2) - self.centres.view(1, 1, -1, 1)).abs() / self.step).clamp_min(0)
+        values = torch.cat([x, x * x, bins.flatten(1, 2)], dim=1)
+        totals = maps.sum(2)  # B,3
+        fraction = totals[:, 1] / (totals[:, 2] + 1.0)
+        return torch.cat([_pool(values, maps[:, 0::2]), _pool(first.float() ** 2, maps[:, 2:3]),
+                          fraction.unsqueeze(1), gate.unsqueeze(1)], dim=1)
+
+
+class ClassificationHead(nn.Module):
+    """Pooled features of several encoder stages -> standardised -> MLP with dropout -> class logits.
+
+    With pancreas features the lesion-attention columns are multiplied by the lesion gate after the
+    standardisation (0 = the average case, which the MLP reads as "no lesion evidence"), and a linear
+    layer on the standardised pancreas features adds its logits to the MLP's: a few dozen features
+    that a linear model fits in a few hundred steps, where the MLP on all of them needs many more.
+    """
+
+    def __init__(self, stage_channels: list[int], settings: HeadSettings, in_channels: int = 1) -> None:
         super().__init__()
         self.settings = settings
         poolings = 3 if settings.pooling == "attention" else 1
         in_features = sum(stage_channels) * poolings
+        self.pancreas: PancreasFeatures | None = None
+        if settings.pancreas and settings.pooling == "attention":
+            self.pancreas = PancreasFeatures(in_channels, stage_channels[0])
+            # _pool's order per stage: plain, lesion-weighted, pancreas-weighted averages (C each).
+            columns = torch.cat([torch.arange(3 * c) // c == 1 for c in stage_channels])
+            columns = torch.cat([columns, torch.zeros(self.pancreas.size, dtype=torch.bool)])
+            self.register_buffer("lesion_columns", columns, persistent=False)
+            in_features += self.pancreas.size
+            self.shortcut = nn.Linear(self.pancreas.size, settings.num_classes)
+            nn.init.zeros_(self.shortcut.weight)
+            nn.init.zeros_(self.shortcut.bias)
         self.mlp = nn.Sequential(
             RunningStandardize(in_features),
             nn.Dropout(settings.dropout),
@@ -165,16 +239,34 @@ class ClassificationHead(nn.Module):
             nn.Linear(settings.hidden, settings.num_classes),
         )
 
-    def forward(self, features: list[torch.Tensor], attention: torch.Tensor | None) -> torch.Tensor:
-        """Class logits from encoder stage outputs; ``attention``: (lesion, pancreas) maps as (B,2,*S)."""
+    def forward(self, features: list[torch.Tensor], attention: torch.Tensor | None,
+                image: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits from encoder stage outputs; ``attention``: (lesion, pancreas) maps as (B,2,*S);
+        ``image``: the network's input (B,Cin,*S), needed for the pancreas features."""
         if self.settings.pooling == "attention" and attention is None:
             raise ValueError("attention pooling needs the segmentation probabilities")
+        if self.pancreas is not None and image is None:
+            raise ValueError("pancreas features need the network's input image")
         weights = attention if self.settings.pooling == "attention" else None
         # Autocast off: the pooling sums in float32 (see _pool), and the MLP is too small for half
         # precision to gain anything but the casts of its inputs, weights and gradients (launches).
         with torch.autocast(features[0].device.type, enabled=False):
             maps = _stage_maps(weights, features)
-            return self.mlp(torch.cat([_pool(f, m) for f, m in zip(features, maps)], dim=1))
+            pooled = torch.cat([_pool(f, m) for f, m in zip(features, maps)], dim=1)
+            if self.pancreas is None:
+                return self.mlp(pooled)
+            return self._gated(pooled, features[0], maps[0], image, attention)
+
+    def _gated(self, pooled: torch.Tensor, first: torch.Tensor, maps: torch.Tensor, image: torch.Tensor,
+               attention: torch.Tensor) -> torch.Tensor:
+        gate = lesion_gate(attention[:, :1])
+        if self.training:  # see GATE_DROPOUT
+            gate = gate * (torch.rand_like(gate) >= GATE_DROPOUT)
+        extra = self.pancreas(image, first, maps, gate)
+        z = self.mlp[0](torch.cat([pooled, extra], dim=1))
+        shortcut = self.shortcut(z[:, -extra.shape[1]:]) * SHORTCUT_GAIN
+        z = torch.where(self.lesion_columns, z * gate.unsqueeze(1), z)
+        return self.mlp[1:](z) + shortcut
 
 
 class MultiTaskNet(nn.Module):
@@ -184,7 +276,8 @@ class MultiTaskNet(nn.Module):
     softmax labels; this decides how the attention weights are read from its output.
     """
 
-    def __init__(self, seg_network: nn.Module, settings: HeadSettings, regions: bool = False) -> None:
+    def __init__(self, seg_network: nn.Module, settings: HeadSettings, regions: bool = False,
+                 in_channels: int = 1) -> None:
         super().__init__()
         self.encoder = seg_network.encoder
         self.decoder = seg_network.decoder
@@ -195,7 +288,7 @@ class MultiTaskNet(nn.Module):
         self.stage_indices = sorted({s % n for s in settings.stages})
         if any(not -n <= s < n for s in settings.stages):
             raise ValueError(f"head stages {settings.stages} out of range for {n} encoder stages")
-        self.head = ClassificationHead([channels[i] for i in self.stage_indices], settings)
+        self.head = ClassificationHead([channels[i] for i in self.stage_indices], settings, in_channels)
         self.return_class_logits = False
         self.class_logits_sink: list[torch.Tensor] | None = None
         self._initialize = getattr(seg_network, "initialize", None)
@@ -215,7 +308,7 @@ class MultiTaskNet(nn.Module):
         seg = self.decoder(skips)
         full_res = seg[0] if isinstance(seg, (list, tuple)) else seg
         attention = self._attention(full_res) if self.settings.pooling == "attention" else None
-        logits = self.head([skips[i] for i in self.stage_indices], attention)
+        logits = self.head([skips[i] for i in self.stage_indices], attention, x)
         return seg, logits
 
     def forward(self, x: torch.Tensor) -> Any:
@@ -240,6 +333,14 @@ def structure_probabilities(seg_logits: torch.Tensor, regions: bool) -> tuple[to
         return probs[:, 1:2], probs[:, 0:1]
     probs = torch.softmax(seg_logits, dim=1, dtype=torch.float32)  # the cast inside: one full-size pass less
     return probs[:, 2:3], probs[:, 1:3].sum(1, keepdim=True)
+
+
+def lesion_found(seg_logits: torch.Tensor, regions: bool) -> bool:
+    """Whether a case's segmentation logits (C,*S) predict any lesion voxel (as its mask will, on the
+    network's grid): when none, the subtype came from the pancreas-level features alone."""
+    if regions:
+        return bool((seg_logits[1] > 0).any())
+    return bool((seg_logits.argmax(0) == 2).any())
 
 
 def tile_weights(seg_logits: torch.Tensor, regions: bool) -> torch.Tensor:
@@ -276,4 +377,4 @@ def build_multitask_network(
     )
     settings = HeadSettings.from_dict(configuration_manager.configuration.get("pancseg_head"))
     # Labels need background + pancreas + lesion outputs; regions (pancreas=[1,2], lesion=[2]) two.
-    return MultiTaskNet(seg, settings, regions=num_output_channels == 2)
+    return MultiTaskNet(seg, settings, regions=num_output_channels == 2, in_channels=num_input_channels)

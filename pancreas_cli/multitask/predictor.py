@@ -26,7 +26,7 @@ from pancreas_cli.exceptions import CheckpointError
 from pancreas_cli.inference.window import (AT_BORDER, NOTHING_FOUND, WindowStats, foreground, mirror_combinations,
                                            tiles_near, touches_border)
 from pancreas_cli.layout import CHECKPOINT_FINAL, fold_folder
-from pancreas_cli.multitask.network import MultiTaskNet, tile_weights
+from pancreas_cli.multitask.network import MultiTaskNet, lesion_found, tile_weights
 
 
 @dataclass
@@ -327,12 +327,15 @@ class MultiTaskPredictor(ProgressPredictor):
 
     Class probabilities are averaged over test-time mirrors per tile, then over tiles weighted by
     :func:`~pancreas_cli.multitask.network.tile_weights`, then over the folds of an ensemble.
-    ``case_class_probabilities`` holds one vector per predicted case, in prediction order.
+    ``case_class_probabilities`` holds one vector per predicted case, in prediction order, and
+    ``case_lesion_found`` whether the case's (ensembled) segmentation has a lesion
+    (:func:`~pancreas_cli.multitask.network.lesion_found`).
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.case_class_probabilities: list[np.ndarray] = []
+        self.case_lesion_found: list[bool] = []
         self._weighted_sum: torch.Tensor | None = None
         self._weight_total: torch.Tensor | None = None
 
@@ -372,8 +375,9 @@ class MultiTaskPredictor(ProgressPredictor):
         before = len(self.case_class_probabilities)
         logits = super().predict_logits_from_preprocessed_data(data)
         per_fold = self.case_class_probabilities[before:]
-        del self.case_class_probabilities[before:]
+        del self.case_class_probabilities[before:], self.case_lesion_found[before:]
         self.case_class_probabilities.append(np.mean(per_fold, axis=0))
+        self.case_lesion_found.append(lesion_found(logits, self._multitask_net().regions))
         return logits
 
     def _internal_predict_sliding_window_return_logits(self, data, slicers, do_on_device: bool = True):  # type: ignore[no-untyped-def]
@@ -383,4 +387,5 @@ class MultiTaskPredictor(ProgressPredictor):
         if self._weighted_sum is None or self._weight_total is None:
             raise RuntimeError("no tile was predicted")
         self.case_class_probabilities.append((self._weighted_sum / self._weight_total).float().cpu().numpy())
+        self.case_lesion_found.append(lesion_found(logits, self._multitask_net().regions))
         return logits

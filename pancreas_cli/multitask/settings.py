@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pancreas_cli.imageio import write_text
 
 SETTINGS_NAME = "pancseg_training.json"
-_HEAD = ("stages", "pooling", "hidden", "dropout")  # the head_* settings, as HeadSettings names them
+_HEAD = ("stages", "pooling", "hidden", "dropout", "pancreas")  # the head_* settings, HeadSettings' names
 Pooling = Literal["attention", "mean"]
 
 
@@ -50,6 +50,7 @@ class TrainingSettings(BaseModel):
     head_pooling: Pooling = "attention"
     head_hidden: int = Field(128, gt=0)
     head_dropout: float = Field(0.3, ge=0, lt=1)
+    head_pancreas: bool = True  # pancreas-level features + lesion gate (with attention pooling; README)
 
     #: What a resumed run may change: more epochs extend it; the checkpoint interval and the number of
     #: validation batches do not change what is learned. The rest must stay as the run began.
@@ -84,11 +85,12 @@ class TrainingSettings(BaseModel):
     @classmethod
     def from_record(cls, data: Any) -> TrainingSettings:
         """Settings from a fold record; ValueError (pydantic's, naming the key) for a value or key that is
-        not one. ``ema_alpha``, a constant of the trainer that older records carry, is dropped."""
+        not one. ``ema_alpha``, a constant of the trainer that older records carry, is dropped; a head
+        without ``pancreas`` is an older pancseg's, which had no pancreas-level features."""
         if not isinstance(data, dict) or not isinstance(data.get("head", {}), dict):
             raise ValueError("not a mapping of training settings with a 'head' mapping")
         fields = {key: value for key, value in data.items() if key not in ("head", "ema_alpha")}
-        head = {f"head_{key}": value for key, value in data.get("head", {}).items()}
+        head = {f"head_{key}": value for key, value in {"pancreas": False, **data.get("head", {})}.items()}
         return cls.model_validate({**fields, **head})
 
 

@@ -512,10 +512,12 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
             val_keys = val_keys[self.local_rank :: torch.distributed.get_world_size()]
         keys = sorted(val_keys)  # nnU-Net's dataset sorts its identifiers: the prediction order
         probs = created[0].case_class_probabilities if created else []
-        if len(probs) != len(keys):  # the order-based pairing below would silently mislabel cases
+        found = created[0].case_lesion_found if created else []
+        # the order-based pairing below would silently mislabel cases
+        if len(probs) != len(keys) or len(found) != len(keys):
             raise RuntimeError(f"validation predicted subtypes for {len(probs)} of {len(keys)} cases of fold "
                                f"{self.fold}; the fold's segmentations are in {self.output_folder}/validation")
-        results = dict(zip(keys, probs))
+        results = {k: (p, f) for k, p, f in zip(keys, probs, found)}
         if self.is_ddp:
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, results)
@@ -524,11 +526,12 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
             self._write_subtype_results(results)
         unwrap(self.network).return_class_logits = True
 
-    def _write_subtype_results(self, results: dict[str, np.ndarray]) -> None:
+    def _write_subtype_results(self, results: dict[str, tuple[np.ndarray, bool]]) -> None:
+        """``results``: case -> (subtype probabilities, whether its segmentation has a lesion)."""
         folder = Path(self.output_folder) / VALIDATION_DIR
         cases = sorted(results)
-        predicted = {k: subtype_of(results[k]) for k in cases}
-        write_predictions(folder, {k: results[k] for k in cases})
+        predicted = {k: subtype_of(results[k][0]) for k in cases}
+        write_predictions(folder, {k: results[k][0] for k in cases}, {k: results[k][1] for k in cases})
         subtypes = self.subtypes or self.load_subtypes()
         metrics = classification_metrics([subtypes[k] for k in cases], [predicted[k] for k in cases], labels=SUBTYPES)
         summary = {"cases": len(cases), "accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1,

@@ -250,7 +250,7 @@ def test_records_without_probabilities(trained_project: Path, runner: CliRunner,
     assert "its record is unreadable or from an older pancseg" in refused.stderr
     rebuild_csvs(out)
     assert _csv_rows(out) == {}  # no row for either: not "None"
-    assert (out / "subtype_probabilities.csv").read_text() == "Names,p0,p1,p2\n"
+    assert (out / "subtype_probabilities.csv").read_text() == "Names,p0,p1,p2,subtype_source\n"
     forced = _predict(runner, trained_project, source, out, "--force", "--json")
     assert forced.exit_code == 0 and json.loads(forced.stdout)["predicted"] == 2
     assert set(_csv_rows(out).values()) <= {"0", "1", "2"} and len(_csv_rows(out)) == 2
