@@ -471,15 +471,8 @@ def predict(
     with contextlib.ExitStack() as held:
         if writable:  # no preprocess meanwhile (a read-only project cannot be preprocessed by us anyway)
             held.enter_context(locks.project(config.project_dir, shared=True))
-        model_dir = model_dir or layout.model_folder(config)
-        trainer = layout.TRAINERS[config.train.task]
-        folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn,
-                               lambda fold: locks.fold_holders(config.project_dir, trainer, fold))
-        device = _device(settings.device, warn)
-        setup_nnunet_env(config, device_type=device.type, create=writable)
+        model_dir, folds, device, stamp = _model(config, model_dir, folds, checkpoint_name, fast, writable, warn)
         multitask = config.train.task == "multitask"
-        stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size,
-                            settings.mirroring and not fast, engine_stamp(settings))
         replacing = overwrite or replace_outdated
         _check_output(out_dir, cases, stamp, multitask, replacing=replacing)  # before anything is written
         # One predict per output folder. Its lock is taken only now (a refused predict leaves nothing
@@ -512,6 +505,22 @@ def _add_skipped(result: PredictResult, skipped: list[InputCase], records: dict[
         found = subtype_probabilities(records[case.case])
         result.outcomes.append(CaseOutcome(case.case, case.source, "skipped", subtype=_subtype(found),
                                            probabilities=found))
+
+
+def _model(config: Config, model_dir: Path | None, folds: list[int] | None, checkpoint_name: str, fast: bool,
+           writable: bool, warn: Callable[[str], None]) -> tuple[Path, list[int], torch.device, dict[str, Any]]:
+    """The model folder, its usable folds, the device (nnU-Net's environment set for it) and the stamp
+    that says which model and settings wrote a mask."""
+    settings = config.predict
+    model_dir = model_dir or layout.model_folder(config)
+    trainer = layout.TRAINERS[config.train.task]
+    folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn,
+                           lambda fold: locks.fold_holders(config.project_dir, trainer, fold))
+    device = _device(settings.device, warn)
+    setup_nnunet_env(config, device_type=device.type, create=writable)
+    stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size,
+                        settings.mirroring and not fast, engine_stamp(settings))
+    return model_dir, folds, device, stamp
 
 
 def _check_outputs(cases: list[InputCase], outputs: Outputs) -> None:

@@ -194,11 +194,7 @@ def synthesize(
     ``cues`` picks what tells the subtypes apart (:data:`CUES`), ``cue_overlap`` in [0, 1] how alike
     they are (1: not at all learnable); the defaults write what synth always wrote.
     """
-    _check_arguments(cases, shape, layout, seed, spacing)
-    if cues not in CUES:
-        raise SynthError(f"cues must be one of {', '.join(CUE_NAMES)}, got {cues!r}")
-    if not 0.0 <= cue_overlap <= 1.0:
-        raise SynthError(f"cue overlap must be between 0 and 1, got {cue_overlap!r}")
+    _check_arguments(cases, shape, layout, seed, spacing, cues, cue_overlap)
     looks = subtype_looks(cues, float(cue_overlap))
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, force)
@@ -235,8 +231,14 @@ def _check_arguments(
     layout: str,
     seed: int,
     spacing: tuple[float, float, float],
+    cues: str = "mixed",
+    cue_overlap: float = 0.0,
 ) -> None:
     """Reject arguments that cannot make a dataset, before anything is written."""
+    if cues not in CUES:
+        raise SynthError(f"cues must be one of {', '.join(CUE_NAMES)}, got {cues!r}")
+    if not 0.0 <= cue_overlap <= 1.0:
+        raise SynthError(f"cue overlap must be between 0 and 1, got {cue_overlap!r}")
     if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
         raise SynthError(f"cases must be a whole number >= 1, got {cases!r}")
     if len(shape) != 3 or any(isinstance(n, bool) or not isinstance(n, int) for n in shape):
@@ -352,20 +354,22 @@ def _write_case(
     write_image(mask, case.mask)
 
 
-def _render_case(
-    rng: np.random.Generator, shape: tuple[int, int, int], look: _LesionLook
-) -> tuple[np.ndarray, np.ndarray]:
-    """One case as (int16 HU, uint8 labels), both (Z, Y, X).
+@dataclass(frozen=True)
+class _Body:
+    """The body ellipse of a case: its centre and half-axes (voxels), and its soft tissue inside the fat rim."""
+    cy: float
+    cx: float
+    ay: float
+    ax: float
+    inner: np.ndarray
 
-    Axial slices show a body ellipse (fat rim, soft tissue, liver, kidneys, aorta, spine) with the
-    pancreas across its middle; label 1 is pancreas, 2 the lesion.
-    """
+
+def _render_body(rng: np.random.Generator, shape: tuple[int, int, int], zz: np.ndarray, yy: np.ndarray,
+                 xx: np.ndarray) -> tuple[np.ndarray, _Body]:
+    """HU of the body without the pancreas: a fat rim, soft tissue and the distractors of a
+    pancreatic-phase scan (liver darker than the enhancing pancreas, kidney cortex and aorta brighter,
+    the spine). Anterior is small y, posterior (spine) large y; slightly narrower at the z ends."""
     nz, ny, nx = shape
-    zz = np.arange(nz, dtype=np.float32)[:, None, None]
-    yy = np.arange(ny, dtype=np.float32)[None, :, None]
-    xx = np.arange(nx, dtype=np.float32)[None, None, :]
-
-    # Body: anterior is small y, posterior (spine) large y; slightly narrower at the z ends.
     cy = ny / 2 + rng.uniform(-0.03, 0.03) * ny
     cx = nx / 2 + rng.uniform(-0.03, 0.03) * nx
     ay = rng.uniform(0.36, 0.42) * ny
@@ -381,8 +385,6 @@ def _render_case(
         """An elliptic cylinder along z, clipped to the body's soft tissue."""
         return (((yy - y) / ry) ** 2 + ((xx - x) / rx) ** 2 <= 1.0) & inner
 
-    # Distractors, as in a pancreatic-phase scan: liver (upper slices) darker than the enhancing
-    # pancreas, kidney cortex and aorta brighter than it, and the spine.
     liver = column(cy - 0.1 * ay, cx - 0.6 * ax, 0.55 * ay, 0.35 * ax)
     hu[liver & (zz >= rng.uniform(0.2, 0.4) * nz)] = rng.uniform(60.0, 75.0)
     kidneys = column(cy + 0.4 * ay, cx - 0.5 * ax, 0.16 * ay, 0.12 * ax)
@@ -390,19 +392,40 @@ def _render_case(
     hu[kidneys & (zz < rng.uniform(0.6, 0.8) * nz)] = rng.uniform(190.0, 240.0)
     hu[column(cy + 0.38 * ay, cx + 0.1 * ax, 0.09 * ay, 0.09 * ay)] = rng.uniform(240.0, 300.0)
     hu[column(cy + 0.68 * ay, cx, 0.17 * ay, 0.2 * ay)] = rng.uniform(650.0, 750.0)
+    return hu, _Body(cy, cx, ay, ax, inner)
 
+
+def _pancreas_tube(rng: np.random.Generator, shape: tuple[int, int, int], body: _Body) -> _Tube:
+    """The pancreas across the body's middle, head to tail, rising along z."""
+    nz, ny, nx = shape
     scale = min(ny, nx) / 64
-    tube = _Tube(
-        x_head=cx - rng.uniform(0.45, 0.55) * ax,
-        x_tail=cx + rng.uniform(0.4, 0.55) * ax,
-        y_mid=cy - rng.uniform(0.0, 0.12) * ay,
-        drift=rng.uniform(-0.12, 0.12) * ay,
-        bend=rng.uniform(-0.2, 0.2) * ay,
+    return _Tube(
+        x_head=body.cx - rng.uniform(0.45, 0.55) * body.ax,
+        x_tail=body.cx + rng.uniform(0.4, 0.55) * body.ax,
+        y_mid=body.cy - rng.uniform(0.0, 0.12) * body.ay,
+        drift=rng.uniform(-0.12, 0.12) * body.ay,
+        bend=rng.uniform(-0.2, 0.2) * body.ay,
         z_mid=nz / 2 + rng.uniform(-0.05, 0.05) * nz,
         rise=rng.uniform(0.3, 0.45) * nz,
         radius=max(2.0, rng.uniform(5.0, 7.0) * scale),
         z_ratio=2 * nz / min(ny, nx),
     )
+
+
+def _render_case(
+    rng: np.random.Generator, shape: tuple[int, int, int], look: _LesionLook
+) -> tuple[np.ndarray, np.ndarray]:
+    """One case as (int16 HU, uint8 labels), both (Z, Y, X).
+
+    Axial slices show a body ellipse (fat rim, soft tissue, liver, kidneys, aorta, spine) with the
+    pancreas across its middle; label 1 is pancreas, 2 the lesion.
+    """
+    nz, ny, nx = shape
+    zz = np.arange(nz, dtype=np.float32)[:, None, None]
+    yy = np.arange(ny, dtype=np.float32)[None, :, None]
+    xx = np.arange(nx, dtype=np.float32)[None, None, :]
+    hu, body = _render_body(rng, shape, zz, yy, xx)
+    tube = _pancreas_tube(rng, shape, body)
     pancreas = tube.mask(zz, yy, xx)
     lesion = _lesion(rng, tube, zz, yy, xx, look)
     hu[pancreas] = rng.uniform(110.0, 140.0)
