@@ -209,6 +209,26 @@ def test_two_parts_at_once_fill_the_folder_of_one_run(trained_project: Path, one
 
 
 @pytest.mark.slow
+def test_parts_with_statistics_and_previews_summarise_every_case(trained_project: Path,
+                                                                 one_run: tuple[Path, dict[str, bytes]],
+                                                                 tmp_path: Path) -> None:
+    """statistics.csv and preview/index.html are rebuilt one part at a time, as the subtype CSVs: after
+    two parts started at once they list the cases of both."""
+    source, _ = one_run
+    out = tmp_path / "out"
+    parts = [subprocess.Popen(_command(_args(trained_project, source, out, "--part", f"{i}/2", "--statistics",
+                                             "--preview")), env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, encoding="utf-8") for i in range(2)]
+    done = [(*p.communicate(timeout=600), p.returncode) for p in parts]
+    assert all(code == 0 for _, _, code in done), [err for _, err, _ in done]
+    cases = [f"scan{i}" for i in range(5)]
+    statistics = (out / "statistics.csv").read_text(encoding="utf-8").splitlines()
+    assert sorted(line.split(",")[0] for line in statistics[1:]) == cases
+    index = (out / "preview" / "index.html").read_text(encoding="utf-8")
+    assert all(f"{case}.png" in index for case in cases)
+
+
+@pytest.mark.slow
 def test_a_killed_part_resumes(trained_project: Path, one_run: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
     """SIGKILL while the part replaces its second mask; the same command finishes the part, the other
     part completes the folder."""
