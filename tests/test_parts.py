@@ -188,17 +188,24 @@ def one_run(trained_project: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return source, _outputs(root / "out")
 
 
+def _two_parts_at_once(project: Path, source: Path, out: Path, *extra: str) -> list[tuple[int, str, str]]:
+    """``--part 0/2`` and ``--part 1/2`` as two commands started together; (exit code, stdout, stderr)
+    of each, both checked to have succeeded."""
+    parts = [subprocess.Popen(_command(_args(project, source, out, "--part", f"{i}/2", *extra)), env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8")
+             for i in range(2)]
+    done = [(code, stdout, stderr) for stdout, stderr, code in
+            ((*p.communicate(timeout=600), p.returncode) for p in parts)]
+    assert all(code == 0 for code, _, _ in done), [err for _, _, err in done]
+    return done
+
+
 @pytest.mark.slow
 def test_two_parts_at_once_fill_the_folder_of_one_run(trained_project: Path, one_run: tuple[Path, dict[str, bytes]],
                                                       tmp_path: Path) -> None:
     source, expected = one_run
     out = tmp_path / "out"
-    parts = [subprocess.Popen(_command(_args(trained_project, source, out, "--part", f"{i}/2", "--json")), env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
-             for i in range(2)]
-    done = [(*p.communicate(timeout=600), p.returncode) for p in parts]
-    done = [(code, out, err) for out, err, code in done]
-    assert all(code == 0 for code, _, _ in done), [err for _, _, err in done]
+    done = _two_parts_at_once(trained_project, source, out, "--json")
     results = [json.loads(stdout) for _, stdout, _ in done]
     cases = [[c["case"] for c in r["cases"]] for r in results]
     assert sorted(cases[0] + cases[1]) == [f"scan{i}" for i in range(5)] and not set(cases[0]) & set(cases[1])
@@ -216,11 +223,7 @@ def test_parts_with_statistics_and_previews_summarise_every_case(trained_project
     two parts started at once they list the cases of both."""
     source, _ = one_run
     out = tmp_path / "out"
-    parts = [subprocess.Popen(_command(_args(trained_project, source, out, "--part", f"{i}/2", "--statistics",
-                                             "--preview")), env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, encoding="utf-8") for i in range(2)]
-    done = [(*p.communicate(timeout=600), p.returncode) for p in parts]
-    assert all(code == 0 for _, _, code in done), [err for _, err, _ in done]
+    _two_parts_at_once(trained_project, source, out, "--statistics", "--preview")
     cases = [f"scan{i}" for i in range(5)]
     statistics = (out / "statistics.csv").read_text(encoding="utf-8").splitlines()
     assert sorted(line.split(",")[0] for line in statistics[1:]) == cases
