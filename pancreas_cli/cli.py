@@ -355,8 +355,7 @@ def _model_flags(model: Path | None, checkpoint: str | None) -> tuple[dict[str, 
 
     opened = open_model(model)
     output.detail(f"model {opened.manifest['model']} (pancseg {opened.manifest['pancseg_version']}) in {opened.model_dir}")
-    default = opened.manifest["checkpoint"].removeprefix("checkpoint_").removesuffix(".pth")
-    return {"train.task": opened.task, "predict.checkpoint": checkpoint or default}, opened.model_dir
+    return {"train.task": opened.task, "predict.checkpoint": checkpoint or opened.checkpoint}, opened.model_dir
 
 
 @app.command()
@@ -583,8 +582,7 @@ def export(
     """Write the trained model to one zip (plans, checkpoints, settings, version, checksums)."""
     from pancreas_cli.modelzip import export_model
 
-    if checkpoint not in ("best", "final"):
-        raise typer.BadParameter(f"must be best or final, got {checkpoint!r}", param_hint="--checkpoint")
+    _check_choice(checkpoint, ("best", "final"), "--checkpoint")
     model = export_model(_config(config, set_), out, folds=fold, checkpoint=checkpoint, force=force)
     output.result(f"exported {model.manifest['model']} (folds {model.manifest['folds']}, "
                   f"{model.manifest['checkpoint']}) -> {out}")

@@ -8,6 +8,7 @@ GPU is each command's choice (training refuses the CPU unless asked; predict fal
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,12 @@ def training_device(requested: str) -> torch.device:
     if device is None:
         raise DeviceError("no GPU found; training on the CPU is very slow: pass --device cpu to do it anyway")
     return device
+
+
+def cpu_share(processes: int) -> int:
+    """Torch threads for each of ``processes`` CPU processes on this machine (at least 1): processes
+    that each use every core slow each other down."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
 def ddp_backend(device_type: str) -> str:

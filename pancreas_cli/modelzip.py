@@ -55,6 +55,11 @@ class Model:
         """``multitask`` or ``segmentation``: which pancseg trainer trained it."""
         return next(task for task, trainer in TRAINERS.items() if trainer == self.manifest["trainer"])
 
+    @property
+    def checkpoint(self) -> str:
+        """Which checkpoint it holds (``best`` or ``final``), as ``predict.checkpoint`` names it."""
+        return self.manifest["checkpoint"].removeprefix("checkpoint_").removesuffix(".pth")
+
 
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) if p.isdigit() else 0 for p in text.split(".")[:3])

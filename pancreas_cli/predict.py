@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from pancreas_cli import layout, locks, parts
 from pancreas_cli.config import Config
 from pancreas_cli.console import count
-from pancreas_cli.devices import find_device
+from pancreas_cli.devices import cpu_share, find_device
 from pancreas_cli.dicom import choose_series, series_ids
 from pancreas_cli.exceptions import DataError, OutputExistsError, PredictError
 from pancreas_cli.imageio import (PARTIAL_PREFIX, ct_value_problem, image_extension, read_image,
@@ -875,7 +875,7 @@ def predict_on_devices(config: Config, devices: list[str], *, reporter: CaseRepo
     part of the cases; their progress reaches ``reporter`` as one display. The files are those of one
     process; the result's time is the longest worker's."""
     total = len(devices)
-    threads = max(1, (os.cpu_count() or 1) // max(1, devices.count("cpu")))  # CPU workers share the cores
+    threads = cpu_share(devices.count("cpu"))
     jobs = [(config, parts.Part(i, total), device, threads, options) for i, device in enumerate(devices)]
     names = [f"part {i}/{total} on {device}" for i, device in enumerate(devices)]
     results = parts.run_workers(_predict_part, jobs, names, _Relay(reporter, warn, total).handle)
@@ -895,6 +895,7 @@ def _predict_part(send: Callable[[Any], None], config: Config, part: parts.Part,
 
     if device == "cpu":
         torch.set_num_threads(threads)
+    locks.wait_for_locks(config.locks.wait, config.locks.wait_seconds)  # the command's --wait
     config = config.model_copy(update={"predict": config.predict.model_copy(update={"device": device})})
     forward = _Forward(send)
     try:

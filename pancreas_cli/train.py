@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO
 from pancreas_cli import layout, locks
 from pancreas_cli.checkpoints import TRUST_ENV, read_checkpoint
 from pancreas_cli.config import Config, load_config
-from pancreas_cli.devices import ddp_backend, training_device
+from pancreas_cli.devices import cpu_share, ddp_backend, training_device
 from pancreas_cli.exceptions import (CheckpointError, PancsegError, TableError, TrainError,
                                      TrainingInterrupted, UntrustedCheckpointError)
 from pancreas_cli.imageio import sweep_partials
@@ -264,7 +264,7 @@ def train_on_devices(config: Config, *, folds: list[int] | None, devices: list[s
     shares = [(device, folds[i::len(devices)]) for i, device in enumerate(devices) if folds[i::len(devices)]]
     result = TrainResult(config.train.task, ",".join(devices), layout.TRAINERS[config.train.task])
     with ProcessPoolExecutor(len(shares), mp_context=multiprocessing.get_context("spawn")) as pool:
-        cpu_threads = max(1, (os.cpu_count() or 1) // sum(device == "cpu" for device, _ in shares))
+        cpu_threads = cpu_share(sum(device == "cpu" for device, _ in shares))
         jobs = [(device, share, pool.submit(_train_share, config, device, share, resume, force, trust_model,
                                             cpu_threads, pretrained)) for device, share in shares]
         try:
@@ -650,7 +650,7 @@ def _ddp_process(rank: int, world_size: int, device_type: str, dataset: str, con
             torch.cuda.set_device(rank)
             device = torch.device("cuda", rank)
         else:  # the cores shared between the processes
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+            torch.set_num_threads(cpu_share(world_size))
             device = torch.device("cpu")
         trainer = get_trainer_from_args(dataset, configuration, fold, trainer_name, plans_identifier,
                                         continue_training, device=device)

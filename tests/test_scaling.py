@@ -195,3 +195,12 @@ def test_slurm_train_task_passes_sigterm_on_and_requeues(tmp_path: Path) -> None
     assert task.returncode == 143
     assert calls.read_text(encoding="utf-8").splitlines() == [
         "pancseg train -c pancseg.yaml --fold 3 --wait --resume", "pancseg got TERM", "scontrol requeue 77"]
+
+
+def test_cpu_share_splits_the_cores_and_never_divides_by_zero() -> None:
+    """``train --devices cuda:0,cuda:1`` has no CPU process: the share must still be a thread count."""
+    from pancreas_cli.devices import cpu_share
+
+    cores = os.cpu_count() or 1
+    assert cpu_share(0) == cpu_share(1) == cores
+    assert cpu_share(2) == max(1, cores // 2) and cpu_share(10 * cores) == 1

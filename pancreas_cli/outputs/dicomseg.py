@@ -76,7 +76,6 @@ def write_dicom_seg(labels: np.ndarray, files: Sequence[str], target: Path) -> P
         seg = _segmentation(hd, sources, labels)
     except (ValueError, TypeError, AttributeError) as exc:  # highdicom's checks of the source headers
         raise DataError(f"{folder}: cannot make a DICOM SEG referencing this series ({exc})") from exc
-    target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_target(target) as tmp, naming_full_disk(target):
         seg.save_as(tmp)
         publish(tmp, target)

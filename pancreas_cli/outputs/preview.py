@@ -81,7 +81,6 @@ def render_preview(case: str, ct: sitk.Image, mask: sitk.Image, target: Path) ->
         fig.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.1, wspace=0.04)
         fig.canvas.draw()
         panels = [_panel(ax, fig) for ax in axes]
-        target.parent.mkdir(parents=True, exist_ok=True)
         save_figure(fig, target, dpi=_DPI, bbox_inches=None)
     return Preview(target, (z, y, x), panels)
 

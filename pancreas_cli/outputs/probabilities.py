@@ -41,7 +41,6 @@ def write_probabilities(probabilities: np.ndarray, mask_file: Path, target: Path
     direction = np.eye(4)
     direction[:3, :3] = np.reshape(reader.GetDirection(), (3, 3))
     image.SetDirection(direction.ravel().tolist())
-    target.parent.mkdir(parents=True, exist_ok=True)
     write_image(image, target)
     return target
 
