@@ -59,7 +59,7 @@ class DatasetConfig(_Section):
     layout: Literal["quiz", "seed", "manifest"] = "quiz"
     subtypes_csv: Path | None = None
     manifest: Path | None = None
-    region_based: bool = False
+    region_based: bool = True  # regions: see config_template.yaml and README's subtype section
     split_seed: int = 12345
     num_folds: int = Field(5, ge=2, le=10)
     test_labels: Path | None = None

@@ -363,7 +363,7 @@ def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     parts = []
     for key in ("layout", "source", "region_based", "num_folds", "split_seed"):
         if old.get(key) != new[key]:
-            parts.append(f"{key} {old.get(key)!r} -> {new[key]!r}")
+            parts.append(f"dataset.{key} {old.get(key)!r} -> {new[key]!r}")
     added, removed = new_cases.keys() - old_cases.keys(), old_cases.keys() - new_cases.keys()
     changed = [k for k in new_cases.keys() & old_cases.keys() if new_cases[k] != old_cases[k]]
     for label, ids in (("added", added), ("removed", removed), ("changed", changed)):
@@ -457,7 +457,7 @@ def prepare(config: Config, *, force: bool = False) -> PrepareResult:
                    if (target / RECORD_NAME).exists() else "it was not made by pancseg prepare")
             raise OutputExistsError(
                 f"{target} exists and differs from the source ({why}); pass --force to rebuild it "
-                "(cleaning will have to be re-run)"
+                "(cleaning will have to be re-run), or set changed dataset.* keys back to keep it"
             )
         # Same source, but prepared images are missing: rebuilding loses nothing of the user's.
         notes.append(f"{target} was incomplete and has been rebuilt; re-run `pancseg clean`")

@@ -33,7 +33,7 @@ def test_example_config_is_the_template_and_validates(project: Path) -> None:
     config = load_config(cfg_path)
     assert config.dataset.id == 1 and config.dataset.layout == "quiz"
     assert config.train.epochs == 1000 and config.train.iterations_per_epoch == 250
-    assert config.plan.preset == "default" and config.dataset.region_based is False
+    assert config.plan.preset == "default" and config.dataset.region_based is True
 
 
 def test_example_config_documents_every_key() -> None:
@@ -73,8 +73,8 @@ def test_layering_defaults_file_set_flags(project: Path) -> None:
 
 def test_set_parses_yaml_scalars_and_lists(project: Path) -> None:
     path = write_config(project, "")
-    config = load_config(path, ["dataset.region_based=true", "clean.hu_range=[-1000, 3000]", "dataset.id=12"])
-    assert config.dataset.region_based is True
+    config = load_config(path, ["dataset.region_based=false", "clean.hu_range=[-1000, 3000]", "dataset.id=12"])
+    assert config.dataset.region_based is False
     assert config.clean.hu_range == (-1000.0, 3000.0)
     assert config.dataset.folder_name == "Dataset012_PancreasCancer"
     assert parse_override("clean.label_map={7: 1}") == (["clean", "label_map"], {7: 1})

@@ -13,6 +13,7 @@ from torch import nn
 
 from pancreas_cli.multitask.network import (
     HISTOGRAM_CENTRES,
+    RELATIVE_CENTRES,
     ClassificationHead,
     HeadSettings,
     MultiTaskNet,
@@ -324,13 +325,18 @@ def test_head_settings_round_trip() -> None:
     settings = HeadSettings(stages=(0, -1), pooling="mean", hidden=32, dropout=0.1, num_classes=3)
     data = settings.to_dict()
     assert data == {"stages": [0, -1], "pooling": "mean", "hidden": 32, "dropout": 0.1, "pancreas": True,
-                    "num_classes": 3}
+                    "num_classes": 3, "pancreas_version": 2}
     assert HeadSettings.from_dict(data) == settings
     # JSON gives lists; None and {} give the defaults, except that plans without "pancreas" are older
-    # pancseg's, whose head had no pancreas features (their checkpoints must load)
+    # pancseg's, whose head had no pancreas features, and plans without "pancreas_version" had the
+    # first pancreas features (their checkpoints must load)
     assert HeadSettings.from_dict({"stages": [1, 2]}).stages == (1, 2)
-    assert HeadSettings.from_dict(None) == HeadSettings(pancreas=False) == HeadSettings.from_dict({})
-    assert HeadSettings.from_dict({"pancreas": True}) == HeadSettings()
+    old = HeadSettings(pancreas=False, pancreas_version=1)
+    assert HeadSettings.from_dict(None) == old == HeadSettings.from_dict({})
+    assert HeadSettings.from_dict({"pancreas": True}) == HeadSettings(pancreas_version=1)
+    assert HeadSettings.from_dict({"pancreas": True, "pancreas_version": 2}) == HeadSettings()
+    head = {"stages": [1, 2, -1], "pooling": "attention", "hidden": 128, "dropout": 0.3, "pancreas": True}
+    assert HeadSettings.for_training(head) == HeadSettings()  # a new head has this pancseg's features
     assert HeadSettings().stages == (1, 2, -1) and HeadSettings().pooling == "attention" and HeadSettings().pancreas
     with pytest.raises(TypeError):
         HeadSettings.from_dict({"bogus": 1})
@@ -364,12 +370,13 @@ def test_head_settings_read_from_configuration() -> None:
     head = {"stages": [0, 3], "pooling": "mean", "hidden": 24, "dropout": 0.0}
     net, cm = make_net(configuration=SMOKE_CONFIGURATION, head=head)
     assert cm.configuration["pancseg_head"] == head
-    assert net.settings == HeadSettings(stages=(0, 3), pooling="mean", hidden=24, dropout=0.0, pancreas=False)
+    assert net.settings == HeadSettings(stages=(0, 3), pooling="mean", hidden=24, dropout=0.0, pancreas=False,
+                                        pancreas_version=1)
     assert net.stage_indices == [0, 3]
     assert net.head.mlp[2].in_features == 8 + 64
     # the 3d_fullres configuration of the same plans inherits nothing from the smoke one
     net_full, _ = make_net(configuration="3d_fullres", head=None)
-    assert net_full.settings == HeadSettings(pancreas=False)
+    assert net_full.settings == HeadSettings(pancreas=False, pancreas_version=1)
 
 
 def test_attention_pooling_needs_attention() -> None:
@@ -638,7 +645,9 @@ def test_pancreas_features_shift_with_an_unsegmented_lesion() -> None:
     from pancreas_cli.multitask.network import _stage_maps
 
     features = PancreasFeatures(in_channels=1, first_stage_channels=4)
-    assert features.size == 2 * (2 + len(HISTOGRAM_CENTRES)) + 4 + 2  # input over patch and pancreas
+    # input over patch and pancreas, shallow features, input relative to the pancreas' mean, fraction, gate
+    assert features.size == 2 * (2 + len(HISTOGRAM_CENTRES)) + 4 + len(RELATIVE_CENTRES) + 2
+    assert PancreasFeatures(1, 4, version=1).size == features.size - len(RELATIVE_CENTRES)
     first = torch.ones(1, 4, 4, 4, 4)  # the first head stage, at half the input's resolution
     maps, gate = _stage_maps(_maps(0.0), [first])[0], torch.zeros(1)
     plain = torch.zeros(1, 1, 8, 8, 8)
@@ -654,6 +663,11 @@ def test_pancreas_features_shift_with_an_unsegmented_lesion() -> None:
     assert b[0, 0] < a[0, 0] and c[0, 0] < a[0, 0]  # over the whole patch: both move
     torch.testing.assert_close(a[:, n:], c[:, n:])  # the pancreas' features ignore what lies outside it
     assert a[0, -1] == 0 and a[0, -2] == 0  # gate, lesion fraction
+    relative = slice(2 * n + 4, 2 * n + 4 + len(RELATIVE_CENTRES))
+    zero = RELATIVE_CENTRES.index(0.0)
+    assert a[0, relative][zero] == pytest.approx(1, abs=1e-3) and b[0, relative][:zero].sum() > 0  # the lesion: below the pancreas' mean
+    brighter = features(dark + 1.0, first, maps, gate)  # the whole patch 1 unit brighter: the same relative bins
+    torch.testing.assert_close(brighter[:, relative], b[:, relative], atol=1e-4, rtol=0)
     # a segmented lesion: its fraction of the pancreas
     lesion = features(plain, first, _stage_maps(_maps(1.0), [first])[0], torch.ones(1))
     assert lesion[0, -2] == pytest.approx(1 / (8 + 1)) and lesion[0, -1] == 1  # voxels of the coarse grid

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from conftest import write_dicom_series
 from pancreas_cli.cli import app
 from pancreas_cli.outputs.dicomseg import read_dicom_seg
-from pancreas_cli.outputs.probabilities import read_probabilities
+from pancreas_cli.outputs.probabilities import read_probabilities, segmentation_of
 from pancreas_cli.outputs.preview import PREVIEW_SIZE
 from pancreas_cli.tables import read_table
 
@@ -46,7 +46,7 @@ def test_every_output_of_a_dicom_series_and_reruns(trained_project: Path, runner
     assert summary["predicted"] == 1 and set(summary["summaries"]) == {"statistics", "preview"}
     mask = _mask(out, "exam")
     probabilities = read_probabilities(out / "probabilities" / "exam.nii.gz")
-    assert np.array_equal(probabilities.argmax(0), mask) and np.allclose(probabilities.sum(0), 1, atol=1e-4)
+    assert len(probabilities) == 2 and np.array_equal(segmentation_of(probabilities), mask)  # regions (the default)
     stats = json.loads((out / "statistics" / "exam.json").read_text(encoding="utf-8"))
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000
     assert stats["pancreas_volume_ml"] == pytest.approx((mask > 0).sum() * voxel_ml, rel=1e-3)
@@ -95,7 +95,7 @@ def test_nnunets_engine_saves_probabilities_without_pickles(trained_project: Pat
     assert with_maps.exit_code == 0 and summary["predicted"] == 1, with_maps.output
     mask = _mask(out, case)
     assert np.array_equal(mask, before)
-    assert np.array_equal(read_probabilities(out / "probabilities" / f"{case}.nii.gz").argmax(0), mask)
+    assert np.array_equal(segmentation_of(read_probabilities(out / "probabilities" / f"{case}.nii.gz")), mask)
     assert not [p for p in out.rglob("*") if p.suffix in (".pkl", ".npz")]
 
     refused, _ = _predict(runner, trained_project, source, tmp_path / "seg", *nnunet, "--output-format", "dicom-seg")

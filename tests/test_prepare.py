@@ -118,22 +118,22 @@ def test_quiz_layout_builds_the_nnunet_dataset(tmp_path: Path) -> None:
 
     data = json.loads((out / "dataset.json").read_text())
     assert data["channel_names"] == {"0": "CT"}
-    assert data["labels"] == {"background": 0, "pancreas": 1, "lesion": 2}
+    assert data["labels"] == {"background": 0, "pancreas": [1, 2], "lesion": 2}  # regions, the default
+    assert data["regions_class_order"] == [1, 2]
     assert data["numTraining"] == 9
     assert data["file_ending"] == ".nii.gz"
     assert data["name"] == "PancreasCancer"
-    assert "regions_class_order" not in data
 
     assert _subtypes(out) == {c: int(c.split("_")[1]) for c in labelled}
     assert (out / "subtypes.csv").read_text().splitlines()[0] == "case_id,subtype"
 
 
-def test_region_based_dataset_json(tmp_path: Path) -> None:
-    config = _quiz_config(tmp_path, extra="  region_based: true\n")
+def test_label_dataset_json(tmp_path: Path) -> None:
+    config = _quiz_config(tmp_path, extra="  region_based: false\n")
     prepare(config)
     data = json.loads((_out(tmp_path) / "dataset.json").read_text())
-    assert data["labels"] == {"background": 0, "pancreas": [1, 2], "lesion": 2}
-    assert data["regions_class_order"] == [1, 2]
+    assert data["labels"] == {"background": 0, "pancreas": 1, "lesion": 2}
+    assert "regions_class_order" not in data
     assert data["numTraining"] == 9
 
 
@@ -533,6 +533,10 @@ def test_changed_settings_are_named(quiz_project: Path) -> None:
     changed = load_config(quiz_project / "pancseg.yaml", ["dataset.split_seed=7"])
     with pytest.raises(OutputExistsError, match=r"split_seed 12345 -> 7.*--force"):
         prepare(changed)
+    # a project prepared with labels, before regions became the default: the key and the way back are named
+    labels = load_config(quiz_project / "pancseg.yaml", ["dataset.region_based=false"])
+    with pytest.raises(OutputExistsError, match=r"dataset\.region_based True -> False.*set changed dataset"):
+        prepare(labels)
     (quiz_project / "data" / "test" / "quiz_002_0000.nii.gz").unlink()
     with pytest.raises(OutputExistsError, match=r"1 case\(s\) removed \(e\.g\. quiz_002\)"):
         prepare(load_config(quiz_project / "pancseg.yaml"))

@@ -15,7 +15,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from pancreas_cli.exceptions import DataError
 from pancreas_cli.inference.export import segmentation_and_probabilities, segmentation_from_logits
 from pancreas_cli.inference.resample import DeviceResampling
-from pancreas_cli.outputs.probabilities import read_probabilities, write_probabilities
+from pancreas_cli.outputs.probabilities import read_probabilities, segmentation_of, write_probabilities
 from test_network import DATASET_JSON, make_plans
 
 
@@ -51,22 +51,45 @@ def test_a_shape_other_than_the_masks_is_refused(tmp_path: Path) -> None:
 def test_device_export_gives_nnunets_probabilities_whose_argmax_is_the_mask() -> None:
     """The same resampled logits give the mask and the probabilities: their argmax is the mask, they sum to
     one, background is certain outside the cropped region, and they are nnU-Net's export's probabilities."""
+    mask, probabilities, expected = _export(DATASET_JSON, channels=3)
+    assert probabilities.dtype == np.float32 and probabilities.shape == (3, *mask.shape)
+    assert np.array_equal(probabilities.argmax(0), mask) and np.array_equal(segmentation_of(probabilities), mask)
+    assert np.allclose(probabilities.sum(0), 1, atol=1e-5)
+    assert (probabilities[0, :2] == 1).all() and (probabilities[1:, :2] == 0).all()  # outside the crop
+    assert np.allclose(probabilities, expected, atol=1e-4)
+
+
+def test_region_models_probabilities_give_the_mask_by_nnunets_region_rule() -> None:
+    """A region-based model (the default) writes the whole pancreas' and the lesion's sigmoids: no
+    background channel, 0 outside the crop, and the mask is nnU-Net's region order over them."""
+    regions = {**DATASET_JSON, "labels": {"background": 0, "pancreas": [1, 2], "lesion": 2},
+               "regions_class_order": [1, 2]}
+    mask, probabilities, expected = _export(regions, channels=2)
+    assert probabilities.shape == (2, *mask.shape) and set(np.unique(mask)) == {0, 1, 2}
+    assert np.array_equal(segmentation_of(probabilities), mask)
+    assert (probabilities[:, :2] == 0).all()  # outside the crop
+    assert np.allclose(probabilities, expected, atol=1e-4)
+
+
+def test_segmentation_of_refuses_other_channel_counts() -> None:
+    with pytest.raises(DataError, match="4 probability channels"):
+        segmentation_of(np.zeros((4, 2, 2, 2), np.float32))
+
+
+def _export(dataset_json: dict, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """pancseg's device export of random logits: (mask, probabilities, nnU-Net's export's probabilities)."""
     plans = PlansManager(make_plans())
     manager = plans.get_configuration("3d_fullres")
-    labels = plans.get_label_manager(DATASET_JSON)
+    labels = plans.get_label_manager(dataset_json)
     cropped = (18, 40, 44)
     properties = {"spacing": [2.0, 0.66, 0.7], "shape_before_cropping": (22, 48, 50),
                   "bbox_used_for_cropping": [[2, 20], [3, 43], [4, 48]],
                   "shape_after_cropping_and_before_resampling": cropped}
     shape = compute_new_shape(cropped, properties["spacing"], manager.spacing)
-    logits = torch.from_numpy(np.random.default_rng(1).normal(size=(3, *shape)).astype(np.float32) * 3)
+    logits = torch.from_numpy(np.random.default_rng(1).normal(size=(channels, *shape)).astype(np.float32) * 3)
     device = DeviceResampling(manager, torch.device("cpu"))
     mask, probabilities = segmentation_and_probabilities(logits, properties, plans, device, labels)
     assert np.array_equal(mask, segmentation_from_logits(logits, properties, plans, device, labels))
-    assert probabilities.dtype == np.float32 and probabilities.shape == (3, *mask.shape)
-    assert np.array_equal(probabilities.argmax(0), mask)
-    assert np.allclose(probabilities.sum(0), 1, atol=1e-5)
-    assert (probabilities[0, :2] == 1).all() and (probabilities[1:, :2] == 0).all()  # outside the crop
     _, expected = convert_predicted_logits_to_segmentation_with_correct_shape(
         logits.numpy(), plans, manager, labels, properties, return_probabilities=True)
-    assert np.allclose(probabilities, expected, atol=1e-4)
+    return mask, probabilities, expected

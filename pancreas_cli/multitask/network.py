@@ -34,6 +34,8 @@ class HeadSettings:
     probabilities) to the plain global average, so a small lesion is not diluted by the patch.
     ``pancreas`` (with attention pooling) adds pancreas-level features and the lesion gate
     (:class:`PancreasFeatures`), so the subtype does not wait for the decoder to find the lesion.
+    ``pancreas_version`` says which of those features: 1 (the first), 2 (with the input
+    relative to the pancreas' own mean); a checkpoint must be read with the features it was trained on.
     """
 
     stages: tuple[int, ...] = tuple(_DEFAULTS.head_stages)
@@ -42,16 +44,24 @@ class HeadSettings:
     dropout: float = _DEFAULTS.head_dropout
     pancreas: bool = _DEFAULTS.head_pancreas
     num_classes: int = 3
+    pancreas_version: int = 2
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> HeadSettings:
         """From the plans' ``pancseg_head``; plans without ``pancreas`` are older pancseg's, whose head
-        had no pancreas-level features (so their checkpoints load into the network they were saved from)."""
+        had no pancreas-level features, and plans without ``pancreas_version`` had the first ones (so
+        their checkpoints load into the network they were saved from)."""
         data = dict(data or {})
         data.setdefault("pancreas", False)
+        data.setdefault("pancreas_version", 1)
         if "stages" in data:
             data["stages"] = tuple(int(s) for s in data["stages"])
         return cls(**data)
+
+    @classmethod
+    def for_training(cls, head: dict[str, Any]) -> HeadSettings:
+        """A new head from the ``train.head_*`` settings (``TrainingSettings.head()``): this pancseg's features."""
+        return cls(**{**head, "stages": tuple(int(s) for s in head["stages"])})
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "stages": list(self.stages)}
@@ -157,6 +167,11 @@ class RunningStandardize(nn.Module):
 #: Centres of the soft histogram of the input inside the pancreas, in nnU-Net's normalised CT units
 #: (z-scores of the foreground's HU): the lesion's attenuation shows as mass in the low or high bins.
 HISTOGRAM_CENTRES = tuple(-3.0 + 0.75 * k for k in range(9))
+#: Centres of the soft histogram of the input minus the pancreas' own mean, inside the pancreas (features
+#: version 2): a lesion shows as mass below 0 whatever the pancreas' attenuation (which varies with the
+#: contrast phase and the scanner, and with nnU-Net's brightness augmentation); finer than the absolute
+#: bins, since subtypes differ by tens of HU (a z-unit of the foreground is ~35 HU).
+RELATIVE_CENTRES = tuple(-4.0 + 0.5 * k for k in range(11))
 #: The shortcut's logits are its linear layer's times this (the layer starts at zero): AdamW's step is
 #: about the learning rate whatever the gradient, so this is the shortcut's own, larger learning rate
 #: (no optimizer group of its own): the subtype must be learnt in the few hundred steps after the
@@ -184,11 +199,13 @@ class PancreasFeatures(nn.Module):
     attention pooling has already made, in one product: cheap next to the encoder (BENCHMARKS.md).
     """
 
-    def __init__(self, in_channels: int, first_stage_channels: int) -> None:
+    def __init__(self, in_channels: int, first_stage_channels: int, version: int = 2) -> None:
         super().__init__()
         self.register_buffer("centres", torch.tensor(HISTOGRAM_CENTRES), persistent=False)
-        self.step = HISTOGRAM_CENTRES[1] - HISTOGRAM_CENTRES[0]
+        self.register_buffer("relative_centres", torch.tensor(RELATIVE_CENTRES), persistent=False)
+        self.relative = version >= 2
         self.size = 2 * in_channels * (2 + len(HISTOGRAM_CENTRES)) + first_stage_channels + 2
+        self.size += in_channels * len(RELATIVE_CENTRES) if self.relative else 0
 
     def forward(self, image: torch.Tensor, first: torch.Tensor, maps: torch.Tensor,
                 gate: torch.Tensor) -> torch.Tensor:
@@ -197,12 +214,21 @@ class PancreasFeatures(nn.Module):
         patch too: they exist before the decoder has found even the pancreas."""
         shrink = F.adaptive_avg_pool3d if image.ndim == 5 else F.adaptive_avg_pool2d
         x = shrink(image.float(), first.shape[2:]).flatten(2)  # B,Cin,n
-        bins = (1 - (x.unsqueeze(2) - self.centres.view(1, 1, -1, 1)).abs() / self.step).clamp_min(0)
-        values = torch.cat([x, x * x, bins.flatten(1, 2)], dim=1)
+        values = torch.cat([x, x * x, _soft_bins(x, self.centres)], dim=1)
+        pooled = _pool(values, maps[:, 0::2])  # over the patch, then over the pancreas (values.shape[1] each)
         totals = maps.sum(2)  # B,3
         fraction = totals[:, 1] / (totals[:, 2] + 1.0)
-        return torch.cat([_pool(values, maps[:, 0::2]), _pool(first.float() ** 2, maps[:, 2:3]),
-                          fraction.unsqueeze(1), gate.unsqueeze(1)], dim=1)
+        parts = [pooled, _pool(first.float() ** 2, maps[:, 2:3])]
+        if self.relative:
+            mean = pooled[:, values.shape[1] : values.shape[1] + x.shape[1]]  # the input's mean in the pancreas
+            parts.append(_pool(_soft_bins(x - mean.unsqueeze(2), self.relative_centres), maps[:, 2:3]))
+        return torch.cat([*parts, fraction.unsqueeze(1), gate.unsqueeze(1)], dim=1)
+
+
+def _soft_bins(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Linear (triangle) histogram memberships of ``x`` (B,C,n) in equally spaced bins, as (B,C*K,n)."""
+    step = centres[1] - centres[0]
+    return (1 - (x.unsqueeze(2) - centres.view(1, 1, -1, 1)).abs() / step).clamp_min(0).flatten(1, 2)
 
 
 class ClassificationHead(nn.Module):
@@ -221,7 +247,7 @@ class ClassificationHead(nn.Module):
         in_features = sum(stage_channels) * poolings
         self.pancreas: PancreasFeatures | None = None
         if settings.pancreas and settings.pooling == "attention":
-            self.pancreas = PancreasFeatures(in_channels, stage_channels[0])
+            self.pancreas = PancreasFeatures(in_channels, stage_channels[0], settings.pancreas_version)
             # _pool's order per stage: plain, lesion-weighted, pancreas-weighted averages (C each).
             columns = torch.cat([torch.arange(3 * c) // c == 1 for c in stage_channels])
             columns = torch.cat([columns, torch.zeros(self.pancreas.size, dtype=torch.bool)])

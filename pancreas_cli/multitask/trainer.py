@@ -316,7 +316,7 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
 
     def _prepare_plans(self, plans: dict, configuration: str) -> None:
         super()._prepare_plans(plans, configuration)
-        head = HeadSettings.from_dict(self.pancseg_settings.head())
+        head = HeadSettings.for_training(self.pancseg_settings.head())
         plans["configurations"][configuration]["pancseg_head"] = head.to_dict()
 
     @staticmethod

@@ -1,9 +1,12 @@
 """``--save-probabilities``: each case's class probabilities as one 4D NIfTI, ``probabilities/<case>.nii.gz``.
 
-The probabilities are the softmax of the segmentation logits (a sigmoid per region for region-based
-models), resampled to the input grid exactly as the mask is, so their argmax is the saved mask. One
-float32 4D image per case, on the mask's grid: axes x, y, z of the scan, then the class (0 background,
-1 pancreas, 2 lesion), which ITK-SNAP, 3D Slicer and nibabel open as a multi-component volume. NIfTI,
+The probabilities are those of the segmentation logits resampled to the input grid exactly as the mask
+is: for a label model the softmax (channels 0 background, 1 pancreas, 2 lesion), whose argmax is the
+saved mask; for a region-based model (``dataset.region_based``, the default) a sigmoid per region
+(channels 0 whole pancreas = labels 1+2, 1 lesion), whose mask is the lesion where its probability
+exceeds 0.5, else pancreas where the whole pancreas' does (:func:`segmentation_of`). One float32 4D
+image per case, on the mask's grid: axes x, y, z of the scan, then the channel, which ITK-SNAP,
+3D Slicer and nibabel open as a multi-component volume. NIfTI,
 not nnU-Net's ``.npz``: nnU-Net writes the case's properties beside it as a pickle, which runs code when
 read, and a NIfTI carries its geometry itself.
 """
@@ -53,3 +56,17 @@ def read_probabilities(path: Path) -> np.ndarray:
     if image.GetDimension() != 4:
         raise DataError(f"{path}: not a 4D probability image ({image.GetDimension()}D)")
     return sitk.GetArrayFromImage(image)
+
+
+def segmentation_of(probabilities: np.ndarray) -> np.ndarray:
+    """The mask (0, 1, 2) that (C, *S) ``probabilities`` as written give: the argmax of a label model's
+    three, or from a region-based model's two (whole pancreas, lesion) nnU-Net's rule for the regions
+    (``regions_class_order`` [1, 2]: each region's label where its probability exceeds 0.5, the lesion last)."""
+    if len(probabilities) == 3:
+        return probabilities.argmax(0).astype(np.uint8)
+    if len(probabilities) != 2:
+        raise DataError(f"{len(probabilities)} probability channels: expected 3 (labels) or 2 (regions)")
+    mask = np.zeros(probabilities.shape[1:], dtype=np.uint8)
+    mask[probabilities[0] > 0.5] = 1
+    mask[probabilities[1] > 0.5] = 2
+    return mask
