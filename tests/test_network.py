@@ -645,9 +645,11 @@ def test_pancreas_features_shift_with_an_unsegmented_lesion() -> None:
     from pancreas_cli.multitask.network import _stage_maps
 
     features = PancreasFeatures(in_channels=1, first_stage_channels=4)
-    # input over patch and pancreas, shallow features, input relative to the pancreas' mean, fraction, gate
-    assert features.size == 2 * (2 + len(HISTOGRAM_CENTRES)) + 4 + len(RELATIVE_CENTRES) + 2
-    assert PancreasFeatures(1, 4, version=1).size == features.size - len(RELATIVE_CENTRES)
+    # input over patch and pancreas, shallow features, input relative to the pancreas' mean, input where a
+    # lesion is suspected and that map's share of the pancreas, lesion fraction, gate
+    n = 2 + len(HISTOGRAM_CENTRES)  # mean, second moment, bins
+    assert features.size == 2 * n + 4 + len(RELATIVE_CENTRES) + n + 1 + 2
+    assert PancreasFeatures(1, 4, version=1).size == 2 * n + 4 + 2
     first = torch.ones(1, 4, 4, 4, 4)  # the first head stage, at half the input's resolution
     maps, gate = _stage_maps(_maps(0.0), [first])[0], torch.zeros(1)
     plain = torch.zeros(1, 1, 8, 8, 8)
@@ -657,7 +659,6 @@ def test_pancreas_features_shift_with_an_unsegmented_lesion() -> None:
     outside[..., :, :, 6:] = -2.5  # outside the pancreas
     a, b, c = (features(x, first, maps, gate) for x in (plain, dark, outside))
     assert a.shape == (1, features.size)
-    n = 2 + len(HISTOGRAM_CENTRES)  # mean, second moment, bins: over the patch, then over the pancreas
     assert b[0, n] < a[0, n] - 0.2  # the pancreas' mean of the input (1 of its 8 coarse voxels at -2.5)
     assert b[0, n + 2] > a[0, n + 2] == 0  # its lowest histogram bin (-3) gains mass
     assert b[0, 0] < a[0, 0] and c[0, 0] < a[0, 0]  # over the whole patch: both move
@@ -671,6 +672,39 @@ def test_pancreas_features_shift_with_an_unsegmented_lesion() -> None:
     # a segmented lesion: its fraction of the pancreas
     lesion = features(plain, first, _stage_maps(_maps(1.0), [first])[0], torch.ones(1))
     assert lesion[0, -2] == pytest.approx(1 / (8 + 1)) and lesion[0, -1] == 1  # voxels of the coarse grid
+
+
+def test_a_faint_lesion_map_still_locates_the_lesion() -> None:
+    """Long before any voxel's lesion probability reaches 0.5 (gate closed), the decoder's faint
+    lesion map already peaks in the lesion: the suspected-lesion features read the input there, at
+    any scale of the map."""
+    from pancreas_cli.multitask.network import _stage_maps
+
+    features = PancreasFeatures(in_channels=1, first_stage_channels=4)
+    n = 2 + len(HISTOGRAM_CENTRES)
+    suspected = slice(2 * n + 4 + len(RELATIVE_CENTRES), 2 * n + 4 + len(RELATIVE_CENTRES) + n)
+    first = torch.ones(1, 4, 4, 4, 4)
+    image = torch.zeros(1, 1, 8, 8, 8)
+    image[..., 2:4, 2:4, 2:4] = -2.5  # the lesion's corner of the pancreas (_maps), dark
+    read = []
+    for peak in (0.05, 0.2):
+        attention = _maps(peak) + torch.cat([torch.full((1, 1, 8, 8, 8), peak / 40), torch.zeros(1, 1, 8, 8, 8)], 1)
+        assert lesion_gate(attention[:, :1]).item() == 0
+        read.append(features(image, first, _stage_maps(attention, [first])[0], torch.zeros(1))[0, suspected])
+    assert read[0][0] < -2.0  # the input's mean where the lesion is suspected: the lesion's -2.5, nearly
+    torch.testing.assert_close(read[0], read[1])  # the map's scale does not matter
+
+
+@pytest.mark.parametrize(("version", "gain"), [(1, 10.0), (2, 30.0)])
+def test_shortcut_gain_follows_the_features_version(version: int, gain: float) -> None:
+    """A checkpoint's shortcut was trained with its version's gain: an older model's logits must not change."""
+    head = ClassificationHead([4], HeadSettings(stages=(0,), dropout=0.0, pancreas_version=version)).eval()
+    with torch.no_grad():
+        head.mlp[-1].weight.zero_()
+        head.mlp[-1].bias.zero_()
+        head.shortcut.bias.fill_(1.0)
+        logits = head([torch.randn(1, 4, 8, 8, 8)], _maps(0.0), torch.zeros(1, 1, 8, 8, 8))
+    torch.testing.assert_close(logits, torch.full((1, 3), gain))
 
 
 def test_head_with_pancreas_features_shapes_and_gradient() -> None:
