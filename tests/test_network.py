@@ -645,10 +645,9 @@ def test_pancreas_features_shift_with_an_unsegmented_lesion() -> None:
     from pancreas_cli.multitask.network import _stage_maps
 
     features = PancreasFeatures(in_channels=1, first_stage_channels=4)
-    # input over patch and pancreas, shallow features, input relative to the pancreas' mean, input where a
-    # lesion is suspected and that map's share of the pancreas, lesion fraction, gate
+    # input over patch and pancreas, shallow features, input relative to the pancreas' mean, lesion fraction, gate
     n = 2 + len(HISTOGRAM_CENTRES)  # mean, second moment, bins
-    assert features.size == 2 * n + 4 + len(RELATIVE_CENTRES) + n + 1 + 2
+    assert features.size == 2 * n + 4 + len(RELATIVE_CENTRES) + 2
     assert PancreasFeatures(1, 4, version=1).size == 2 * n + 4 + 2
     first = torch.ones(1, 4, 4, 4, 4)  # the first head stage, at half the input's resolution
     maps, gate = _stage_maps(_maps(0.0), [first])[0], torch.zeros(1)
@@ -672,27 +671,6 @@ def test_pancreas_features_shift_with_an_unsegmented_lesion() -> None:
     # a segmented lesion: its fraction of the pancreas
     lesion = features(plain, first, _stage_maps(_maps(1.0), [first])[0], torch.ones(1))
     assert lesion[0, -2] == pytest.approx(1 / (8 + 1)) and lesion[0, -1] == 1  # voxels of the coarse grid
-
-
-def test_a_faint_lesion_map_still_locates_the_lesion() -> None:
-    """Long before any voxel's lesion probability reaches 0.5 (gate closed), the decoder's faint
-    lesion map already peaks in the lesion: the suspected-lesion features read the input there, at
-    any scale of the map."""
-    from pancreas_cli.multitask.network import _stage_maps
-
-    features = PancreasFeatures(in_channels=1, first_stage_channels=4)
-    n = 2 + len(HISTOGRAM_CENTRES)
-    suspected = slice(2 * n + 4 + len(RELATIVE_CENTRES), 2 * n + 4 + len(RELATIVE_CENTRES) + n)
-    first = torch.ones(1, 4, 4, 4, 4)
-    image = torch.zeros(1, 1, 8, 8, 8)
-    image[..., 2:4, 2:4, 2:4] = -2.5  # the lesion's corner of the pancreas (_maps), dark
-    read = []
-    for peak in (0.05, 0.2):
-        attention = _maps(peak) + torch.cat([torch.full((1, 1, 8, 8, 8), peak / 40), torch.zeros(1, 1, 8, 8, 8)], 1)
-        assert lesion_gate(attention[:, :1]).item() == 0
-        read.append(features(image, first, _stage_maps(attention, [first])[0], torch.zeros(1))[0, suspected])
-    assert read[0][0] < -2.0  # the input's mean where the lesion is suspected: the lesion's -2.5, nearly
-    torch.testing.assert_close(read[0], read[1])  # the map's scale does not matter
 
 
 @pytest.mark.parametrize(("version", "gain"), [(1, 10.0), (2, 30.0)])

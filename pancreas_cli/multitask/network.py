@@ -35,7 +35,7 @@ class HeadSettings:
     ``pancreas`` (with attention pooling) adds pancreas-level features and the lesion gate
     (:class:`PancreasFeatures`), so the subtype does not wait for the decoder to find the lesion.
     ``pancreas_version`` says which of those features: 1 (the first), 2 (with the input relative
-    to the pancreas' own mean, and where a lesion is suspected); a checkpoint must be read with the
+    to the pancreas' own mean, and a larger shortcut gain); a checkpoint must be read with the
     features it was trained on.
     """
 
@@ -177,8 +177,7 @@ RELATIVE_CENTRES = tuple(-4.0 + 0.5 * k for k in range(11))
 #: about the learning rate whatever the gradient, so this is the shortcut's own, larger learning rate
 #: (no optimizer group of its own): the subtype must be learnt in the few hundred steps after the
 #: pancreas is found. By features version (a checkpoint's shortcut was trained with its version's gain):
-#: 30 since version 2 (600 iterations, size profile: macro-F1 0.84 and 0.69 against 0.78 and 0.40 with 10,
-#: BENCHMARKS.md).
+#: 30 since version 2 (BENCHMARKS.md: at 600 iterations it did better in 3 of 4 paired runs).
 SHORTCUT_GAINS = {1: 10.0, 2: 30.0}
 #: Share of training items whose lesion gate is closed at random, so the head also learns to classify
 #: from pancreas-level features alone once the decoder finds the lesion (as at test time when it misses it).
@@ -199,12 +198,8 @@ class PancreasFeatures(nn.Module):
     shifts the input's mean, second moment and histogram (linear bins at :data:`HISTOGRAM_CENTRES`), and
     the second moment of the first head stage's features (texture). The lesion fraction of the pancreas
     and the gate are features too. Version 2 adds the input's histogram relative to the pancreas' own
-    mean (:data:`RELATIVE_CENTRES`), and the input's statistics where the decoder suspects a lesion most:
-    weighted by its lesion map divided by the map's own maximum, squared. Long before any voxel reaches
-    0.5 the lesion probability is tens of times higher inside the lesion than outside (BENCHMARKS.md),
-    which this scale-free weighting reads where the gate (and the lesion-weighted averages) cannot.
-    All of it at the first head stage's resolution, whose maps the attention pooling has already made:
-    cheap next to the encoder (BENCHMARKS.md).
+    mean (:data:`RELATIVE_CENTRES`). All of it at the first head stage's resolution, whose pancreas map
+    the attention pooling has already made: cheap next to the encoder (BENCHMARKS.md).
     """
 
     def __init__(self, in_channels: int, first_stage_channels: int, version: int = 2) -> None:
@@ -213,8 +208,7 @@ class PancreasFeatures(nn.Module):
         self.register_buffer("relative_centres", torch.tensor(RELATIVE_CENTRES), persistent=False)
         self.relative = version >= 2
         self.size = 2 * in_channels * (2 + len(HISTOGRAM_CENTRES)) + first_stage_channels + 2
-        if self.relative:  # relative histogram; suspected lesion: input statistics, its share of the pancreas
-            self.size += in_channels * (len(RELATIVE_CENTRES) + 2 + len(HISTOGRAM_CENTRES)) + 1
+        self.size += in_channels * len(RELATIVE_CENTRES) if self.relative else 0
 
     def forward(self, image: torch.Tensor, first: torch.Tensor, maps: torch.Tensor,
                 gate: torch.Tensor) -> torch.Tensor:
@@ -231,8 +225,6 @@ class PancreasFeatures(nn.Module):
         if self.relative:
             mean = pooled[:, values.shape[1] : values.shape[1] + x.shape[1]]  # the input's mean in the pancreas
             parts.append(_pool(_soft_bins(x - mean.unsqueeze(2), self.relative_centres), maps[:, 2:3]))
-            suspected = (maps[:, 1:2] / maps[:, 1:2].amax(2, keepdim=True).clamp_min(1e-6)) ** 2
-            parts += [_pool(values, suspected), suspected.sum(2) / (totals[:, 2:3] + 1.0)]
         return torch.cat([*parts, fraction.unsqueeze(1), gate.unsqueeze(1)], dim=1)
 
 
