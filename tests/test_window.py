@@ -13,11 +13,18 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from pancreas_cli.inference.window import AT_BORDER, NOTHING_FOUND, mirror_combinations, tiles_near, touches_border
+from pancreas_cli.inference.window import (
+    AT_BORDER,
+    NOTHING_FOUND,
+    foreground,
+    mirror_combinations,
+    tiles_near,
+    touches_border,
+)
 from pancreas_cli.multitask.predictor import ProgressPredictor, WindowSettings
 from pancreas_cli.preprocess import SMOKE_CONFIGURATION
 from test_network import DATASET_JSON, make_plans
-from test_predictor import PATCH, _image, make_predictor
+from test_predictor import PATCH, REGIONS_JSON, _image, make_predictor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,26 +38,31 @@ class PhantomNet(nn.Module):
     a lesion at the edge of the first pass's foreground.
     """
 
-    def __init__(self, bias: float = 3.0) -> None:
+    def __init__(self, bias: float = 3.0, regions: bool = False) -> None:
         super().__init__()
         self.bias = bias
+        self.regions = regions
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         step = torch.zeros_like(x)
         step[..., :-1] = x[..., 1:] - x[..., :-1]
         background = torch.where(x > 0.5, -4.0, 4.0) - self.bias * step
-        pancreas = torch.where(x > 0.5, 0.0, -4.0)
         lesion = torch.where(x > 1.5, 4.0, -4.0) + self.bias * step
+        if self.regions:  # a region model's sigmoid logits: whole pancreas, lesion
+            return torch.cat([-background, lesion], dim=1)
+        pancreas = torch.where(x > 0.5, 0.0, -4.0)
         return torch.cat([background, pancreas, lesion], dim=1)
 
 
-def phantom_predictor(window: WindowSettings | None, mirroring: bool = True) -> ProgressPredictor:
+def phantom_predictor(window: WindowSettings | None, mirroring: bool = True, regions: bool = False
+                      ) -> ProgressPredictor:
     manager = PlansManager(make_plans(patch=PATCH))
     cm = manager.get_configuration(SMOKE_CONFIGURATION)
     predictor = ProgressPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                   perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
                                   allow_tqdm=False, window=window)
-    predictor.manual_initialization(PhantomNet(), manager, cm, None, DATASET_JSON, "nnUNetTrainerMultiTask",
+    predictor.manual_initialization(PhantomNet(regions=regions), manager, cm, None,
+                                    REGIONS_JSON if regions else DATASET_JSON, "nnUNetTrainerMultiTask",
                                     inference_allowed_mirroring_axes=(0, 1, 2))
     return predictor
 
@@ -65,12 +77,24 @@ def phantom(shape: tuple[int, int, int] = (24, 48, 64), lesion: bool = True) -> 
 
 
 def labels(logits: torch.Tensor) -> torch.Tensor:
+    """Labels from label logits (argmax), or from region logits (whole pancreas, lesion) by nnU-Net's rule."""
+    if len(logits) == 2:
+        return torch.where(logits[1] > 0, 2, torch.where(logits[0] > 0, 1, 0))
     return logits.float().argmax(0)
 
 
 def test_mirror_combinations_in_nnunets_order() -> None:
     assert mirror_combinations((0, 1, 2)) == [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
     assert mirror_combinations(None) == [()]
+
+
+def test_foreground_of_label_and_region_logits() -> None:
+    """A label model's foreground is argmax != background; a region model's (the default: whole
+    pancreas, lesion) any region's sigmoid above 0.5, so a lesion outside the whole region counts too."""
+    labels = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])[..., None, None]  # C=3, 3 voxels
+    assert foreground(labels, regions=False).flatten().tolist() == [False, True, True]
+    regions = torch.tensor([[-1.0, 0.5, -2.0], [-3.0, -1.0, 0.2]])[..., None, None]  # whole, lesion
+    assert foreground(regions, regions=True).flatten().tolist() == [False, True, True]
 
 
 def test_tiles_near_and_border() -> None:
@@ -111,13 +135,15 @@ def test_batch_one_is_bitwise_nnunet() -> None:
     assert torch.equal(fast.predict_sliding_window_return_logits(image), expected)
 
 
-def test_lesion_at_the_region_edge_is_fully_segmented() -> None:
+@pytest.mark.parametrize("regions", [False, True])
+def test_lesion_at_the_region_edge_is_fully_segmented(regions: bool) -> None:
     image = phantom()
-    expected = labels(phantom_predictor(None).predict_sliding_window_return_logits(image))
-    unmirrored = labels(phantom_predictor(None, mirroring=False).predict_sliding_window_return_logits(image))
+    expected = labels(phantom_predictor(None, regions=regions).predict_sliding_window_return_logits(image))
+    unmirrored = labels(phantom_predictor(None, mirroring=False, regions=regions)
+                        .predict_sliding_window_return_logits(image))
     assert (unmirrored[..., 37] == 0).any() and (unmirrored > 0).sum() < (expected > 0).sum()  # first pass: missed
     assert torch.equal(expected == 2, image[0] == 2)  # nnU-Net's mirrored average finds the whole lesion
-    predictor = phantom_predictor(WindowSettings(batch_size=4, region=True, margin_mm=0.0))
+    predictor = phantom_predictor(WindowSettings(batch_size=4, region=True, margin_mm=0.0), regions=regions)
     result = labels(predictor.predict_sliding_window_return_logits(image))
     stats = predictor.window_stats
     assert stats.fallback is None and 0 < stats.full < stats.tiles  # restricted, and tiles were skipped
