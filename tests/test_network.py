@@ -685,6 +685,11 @@ def test_shortcut_gain_follows_the_features_version(version: int, gain: float) -
     torch.testing.assert_close(logits, torch.full((1, 3), gain))
 
 
+def test_unknown_features_version_is_refused() -> None:
+    with pytest.raises(ValueError, match="version 9 .* newer pancseg"):
+        ClassificationHead([4], HeadSettings(stages=(0,), pancreas_version=9))
+
+
 def test_head_with_pancreas_features_shapes_and_gradient() -> None:
     net, _ = make_net(configuration="3d_fullres", head={"stages": [1, -1], "hidden": 16, "pancreas": True})
     head = net.head

@@ -194,7 +194,8 @@ class PancreasFeatures(nn.Module):
     """Features of the predicted whole pancreas that exist before the lesion is segmented.
 
     The decoder finds the pancreas within the first epochs and the lesion much later (BENCHMARKS.md), and
-    a lesion it misses is mostly labelled pancreas: inside the pancreas an unsegmented lesion still
+    a region model (the default) keeps a lesion it misses mostly inside the predicted whole pancreas (a
+    label model calls much of it background): there an unsegmented lesion still
     shifts the input's mean, second moment and histogram (linear bins at :data:`HISTOGRAM_CENTRES`), and
     the second moment of the first head stage's features (texture). The lesion fraction of the pancreas
     and the gate are features too. Version 2 adds the input's histogram relative to the pancreas' own
@@ -250,6 +251,9 @@ class ClassificationHead(nn.Module):
         in_features = sum(stage_channels) * poolings
         self.pancreas: PancreasFeatures | None = None
         if settings.pancreas and settings.pooling == "attention":
+            if settings.pancreas_version not in SHORTCUT_GAINS:
+                raise ValueError(f"head features version {settings.pancreas_version} is not one this pancseg knows "
+                                 f"({', '.join(map(str, SHORTCUT_GAINS))}): the model needs a newer pancseg")
             self.pancreas = PancreasFeatures(in_channels, stage_channels[0], settings.pancreas_version)
             # _pool's order per stage: plain, lesion-weighted, pancreas-weighted averages (C each).
             columns = torch.cat([torch.arange(3 * c) // c == 1 for c in stage_channels])
