@@ -299,7 +299,9 @@ class ClassificationHead(nn.Module):
         z = self.mlp[0](torch.cat([pooled, extra], dim=1))
         shortcut = self.shortcut(z[:, -extra.shape[1]:]) * SHORTCUT_GAINS[self.settings.pancreas_version]
         z = torch.where(self.lesion_columns, z * gate.unsqueeze(1), z)
-        return self.mlp[1:](z) + shortcut
+        for layer in list(self.mlp)[1:]:  # not self.mlp[1:]: that builds a new Sequential every step
+            z = layer(z)
+        return z + shortcut
 
 
 class MultiTaskNet(nn.Module):

@@ -374,10 +374,12 @@ class MultiTaskPredictor(ProgressPredictor):
         """One case through every fold: nnU-Net averages the logits, this averages the fold probabilities."""
         before = len(self.case_class_probabilities)
         logits = super().predict_logits_from_preprocessed_data(data)
-        per_fold = self.case_class_probabilities[before:]
+        per_fold, found = self.case_class_probabilities[before:], self.case_lesion_found[before:]
         del self.case_class_probabilities[before:], self.case_lesion_found[before:]
         self.case_class_probabilities.append(np.mean(per_fold, axis=0))
-        self.case_lesion_found.append(lesion_found(logits, self._multitask_net().regions))
+        # One fold: its own answer (the same logits); an ensemble: the averaged logits' (one full-size argmax).
+        ensemble = len(found) != 1
+        self.case_lesion_found.append(lesion_found(logits, self._multitask_net().regions) if ensemble else found[0])
         return logits
 
     def _internal_predict_sliding_window_return_logits(self, data, slicers, do_on_device: bool = True):  # type: ignore[no-untyped-def]
