@@ -10,7 +10,8 @@ real files are planted, so the cleaning stage has real work to do.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -84,15 +85,7 @@ class _LesionLook:
 
     def toward(self, common: _LesionLook, overlap: float) -> _LesionLook:
         """This look with every cue moved ``overlap`` of the way to ``common`` (the subtypes' average)."""
-        def mix(a: float, b: float) -> float:
-            return a + overlap * (b - a)
-
-        def pair(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
-            return mix(a[0], b[0]), mix(a[1], b[1])
-
-        return _LesionLook(pair(self.radius, common.radius), pair(self.hu, common.hu),
-                           mix(self.noise_factor, common.noise_factor), pair(self.texture, common.texture),
-                           pair(self.elong, common.elong))
+        return _map_cues(lambda a, b: a + overlap * (b - a), self, common)
 
 
 _LOOKS: dict[int, _LesionLook] = {
@@ -123,12 +116,19 @@ def subtype_looks(cues: str, overlap: float) -> dict[int, _LesionLook]:
     looks = CUES[cues]
     if overlap == 0:
         return looks
-    values = [looks[k] for k in SUBTYPES]
-    common = _LesionLook(*(tuple(float(np.mean([getattr(v, f)[i] for v in values])) for i in range(2))
-                           if isinstance(getattr(values[0], f), tuple)
-                           else float(np.mean([getattr(v, f) for v in values]))
-                           for f in ("radius", "hu", "noise_factor", "texture", "elong")))
+    common = _map_cues(lambda *values: float(np.mean(values)), *(looks[k] for k in SUBTYPES))
     return {k: look.toward(common, overlap) for k, look in looks.items()}
+
+
+def _map_cues(combine: Callable[..., float], *looks: _LesionLook) -> _LesionLook:
+    """A look whose every number is ``combine`` of the same number in ``looks`` (pairs element-wise)."""
+    def each(name: str) -> float | tuple[float, ...]:
+        values = [getattr(look, name) for look in looks]
+        if isinstance(values[0], tuple):
+            return tuple(combine(*parts) for parts in zip(*values))
+        return combine(*values)
+
+    return _LesionLook(**{f.name: each(f.name) for f in fields(_LesionLook)})
 
 
 @dataclass(frozen=True)
