@@ -363,7 +363,9 @@ def _describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     parts = []
     for key in ("layout", "source", "region_based", "num_folds", "split_seed"):
         if old.get(key) != new[key]:
-            parts.append(f"dataset.{key} {old.get(key)!r} -> {new[key]!r}")
+            # The record's source is the manifest's path for a manifest layout: name the key that was set.
+            name = "manifest" if key == "source" and new["layout"] == "manifest" else key
+            parts.append(f"dataset.{name} {old.get(key)!r} -> {new[key]!r}")
     added, removed = new_cases.keys() - old_cases.keys(), old_cases.keys() - new_cases.keys()
     changed = [k for k in new_cases.keys() & old_cases.keys() if new_cases[k] != old_cases[k]]
     for label, ids in (("added", added), ("removed", removed), ("changed", changed)):

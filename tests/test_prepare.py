@@ -307,6 +307,18 @@ def test_manifest_layout(tmp_path: Path) -> None:
     assert splits[0] == {"train": ["a1", "a3"], "val": ["a2"]}
 
 
+def test_moved_manifest_names_dataset_manifest(tmp_path: Path) -> None:
+    """The record's source of a manifest layout is the manifest: the refusal names the key the user set."""
+    rows = ["a1,../files/ct1.nii.gz,../files/seg1.nii.gz,0,train", "a2,../files/ct2.nii.gz,../files/seg2.nii.gz,1,train"]
+    prepare(_manifest(tmp_path, rows))
+    shutil.copy(tmp_path / "lists" / "cases.csv", tmp_path / "lists" / "other.csv")
+    moved = _config(tmp_path, "  layout: manifest\n  manifest: ./lists/other.csv\n")
+    with pytest.raises(OutputExistsError) as excinfo:
+        prepare(moved)
+    msg = _error(excinfo)
+    assert "dataset.manifest" in msg and "other.csv" in msg and "dataset.source" not in msg
+
+
 @pytest.mark.parametrize(
     "row, expected",
     [
