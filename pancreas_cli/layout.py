@@ -94,16 +94,27 @@ def folds_with(model_dir: Path, checkpoint: str) -> list[int]:
 def read_prepared(dataset_dir: Path) -> dict[str, Any]:
     """``dataset.json``, after checking that it and ``splits_final.json`` are what prepare writes (a
     truncated file would otherwise surface as nnU-Net's JSONDecodeError)."""
+    data = _dataset_json(dataset_dir)
+    read_splits(dataset_dir)
+    return data
+
+
+def _dataset_json(dataset_dir: Path) -> dict[str, Any]:
     data = _read_json(dataset_dir / "dataset.json")
     required = {"channel_names", "labels", "numTraining", "file_ending"}
     if not isinstance(data, dict) or not required <= data.keys():
         raise PrepareError(_damaged(dataset_dir / "dataset.json", "not an nnU-Net dataset.json"))
+    return data
+
+
+def read_splits(dataset_dir: Path) -> list[dict[str, list[Any]]]:
+    """``splits_final.json``, checked to be what prepare writes: a non-empty list of train/val folds."""
     splits = _read_json(dataset_dir / "splits_final.json")
     folds_ok = all(isinstance(f, dict) and isinstance(f.get("train"), list) and isinstance(f.get("val"), list)
                    for f in splits) if isinstance(splits, list) else False
     if not splits or not folds_ok:
         raise PrepareError(_damaged(dataset_dir / "splits_final.json", "not a list of train/val folds"))
-    return data
+    return splits
 
 
 def _read_json(path: Path) -> Any:
@@ -137,8 +148,8 @@ class FoldValidation:
 def fold_validation(config: Config, fold: int) -> FoldValidation:
     """The validation of ``fold`` of the configured model; DataError when it was never validated."""
     raw = config.dataset_raw_dir
-    read_prepared(raw)
-    splits = _read_json(raw / "splits_final.json")
+    _dataset_json(raw)  # read_prepared's checks, with the splits read once
+    splits = read_splits(raw)
     if not 0 <= fold < len(splits):
         raise DataError(f"{raw / 'splits_final.json'}: no fold {fold} (folds 0..{len(splits) - 1})")
     pred_dir = fold_folder(model_folder(config), fold) / VALIDATION_DIR

@@ -293,3 +293,12 @@ def test_a_folds_validation_is_evaluated_and_reported_without_folders(fold_proje
 def test_fold_errors(fold_project: Path, runner: CliRunner, args: list[str], message: str) -> None:
     result = runner.invoke(app, ["evaluate", "-c", str(fold_project), *args])
     assert result.exit_code in (1, 2) and message in result.output
+
+
+@pytest.mark.slow
+def test_fold_evaluation_names_a_damaged_splits_file(fold_project: Path, runner: CliRunner) -> None:
+    splits = fold_project.parent / "work" / "nnUNet_raw" / "Dataset001_PancreasCancer" / "splits_final.json"
+    splits.write_text('[{"train": []}]')
+    result = runner.invoke(app, ["evaluate", "-c", str(fold_project), "--fold", "4"])
+    assert result.exit_code != 0 and "splits_final.json: damaged" in result.output
+    assert "pancseg prepare" in result.output and "Traceback" not in result.output
