@@ -212,7 +212,8 @@ def _unpack(archive: zipfile.ZipFile, zip_path: Path, manifest: dict[str, Any], 
                                     "tampered or damaged archive); export the model again")
 
 
-def _open(zip_path: Path) -> tuple[zipfile.ZipFile, dict[str, Any], str, list[zipfile.ZipInfo]]:
+def _open(zip_path: Path) -> tuple[zipfile.ZipFile, dict[str, Any], str]:
+    """The archive, opened once, its names, manifest and listing checked; its manifest and identity."""
     if not zip_path.is_file():
         raise ModelArchiveError(f"{zip_path}: model archive not found")
     try:
@@ -222,38 +223,36 @@ def _open(zip_path: Path) -> tuple[zipfile.ZipFile, dict[str, Any], str, list[zi
     model, infos = _checked_names(archive, zip_path)
     manifest, identity = _read_manifest(archive, zip_path, model)
     _check_listing(manifest, infos, zip_path)
-    return archive, manifest, identity, infos
+    return archive, manifest, identity
 
 
-def _unpacked(zip_path: Path, dest_parent: Path) -> tuple[Path, dict[str, Any], str]:
-    """The archive checked and unpacked into a new temporary folder in ``dest_parent``."""
-    archive, manifest, identity, _ = _open(zip_path)
+def _unpacked(archive: zipfile.ZipFile, zip_path: Path, manifest: dict[str, Any], dest_parent: Path) -> Path:
+    """The opened and checked archive unpacked (each file checked) into a new temporary folder in ``dest_parent``."""
     dest_parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=dest_parent))
     try:
-        with archive:
-            _unpack(archive, zip_path, manifest, tmp)
+        _unpack(archive, zip_path, manifest, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return tmp, manifest, identity
+    return tmp
 
 
 def open_model(path: Path) -> Model:
     """The model of an archive (unpacked into the cache once) or of a model folder (``install-model``'s)."""
     if path.is_dir():
         return _installed(path)
-    archive, manifest, identity, _ = _open(path)
-    archive.close()
+    archive, manifest, identity = _open(path)
     final = cache_dir() / identity[:32]
-    if not final.is_dir():
-        tmp, manifest, _ = _unpacked(path, final.parent)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another command unpacked it meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not final.is_dir():
-                raise
+    with archive:
+        if not final.is_dir():
+            tmp = _unpacked(archive, path, manifest, final.parent)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another command unpacked it meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not final.is_dir():
+                    raise
     return Model(final / manifest["model"], manifest)
 
 
@@ -277,18 +276,18 @@ def install_model(config: Config, zip_path: Path, *, force: bool = False) -> tup
     """Unpack the archive into the project's ``nnUNet_results`` (where nnU-Net's own commands find it);
     returns the model and whether it was there already. Another model, or a changed one, in its place
     needs ``force``."""
-    archive, manifest, _, _ = _open(zip_path)
-    archive.close()
-    target = config.results_dir / manifest["model"]
-    if not force and target.exists():
-        try:
-            if _installed(target).manifest["files"] == manifest["files"]:
-                return Model(target, manifest), True
-        except ModelArchiveError:  # a model trained here, or an installed one changed since
-            pass
-        raise OutputExistsError(f"{target} holds another model (or one changed since it was installed); pass "
-                                "--force to replace it")
-    tmp, manifest, _ = _unpacked(zip_path, config.results_dir)
+    archive, manifest, _ = _open(zip_path)
+    with archive:
+        target = config.results_dir / manifest["model"]
+        if not force and target.exists():
+            try:
+                if _installed(target).manifest["files"] == manifest["files"]:
+                    return Model(target, manifest), True
+            except ModelArchiveError:  # a model trained here, or an installed one changed since
+                pass
+            raise OutputExistsError(f"{target} holds another model (or one changed since it was installed); pass "
+                                    "--force to replace it")
+        tmp = _unpacked(archive, zip_path, manifest, config.results_dir)
     try:
         if target.exists():
             shutil.rmtree(target)
