@@ -72,7 +72,8 @@ def rebuild_summaries(out_dir: Path) -> dict[str, Path]:
     """``statistics.csv`` and ``preview/index.html`` from the cases' files (derived data, like the subtype
     CSVs: also when not asked for this time, so that they never list a replaced mask); those that exist."""
     from pancreas_cli.outputs.preview import rebuild_index
-    from pancreas_cli.outputs.statistics import rebuild_statistics_csv
+    from pancreas_cli.outputs.statistics import finished_statistics, rebuild_statistics_csv
 
-    found = {"statistics": rebuild_statistics_csv(out_dir), "preview": rebuild_index(out_dir)}
+    statistics = finished_statistics(out_dir)  # read once for both
+    found = {"statistics": rebuild_statistics_csv(out_dir, statistics), "preview": rebuild_index(out_dir, statistics)}
     return {name: path for name, path in found.items() if path is not None}

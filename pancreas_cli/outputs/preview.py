@@ -18,7 +18,7 @@ import numpy as np
 
 from pancreas_cli.figures import default_style, fill_labels, save_figure, show_ct
 from pancreas_cli.imageio import write_text
-from pancreas_cli.outputs.statistics import read_statistics
+from pancreas_cli.outputs.statistics import finished_statistics
 from pancreas_cli.records import finished
 
 if TYPE_CHECKING:
@@ -92,9 +92,10 @@ def _panel(ax: Any, fig: Any) -> tuple[float, float, float, float]:
     return box.x0, height - box.y1, box.x1, height - box.y0
 
 
-def rebuild_index(out_dir: Path) -> Path | None:
-    """``preview/index.html``: the previews of the finished masks, each with its statistics if any; None
-    (and no page) when there are none."""
+def rebuild_index(out_dir: Path, statistics: dict[str, dict[str, Any]] | None = None) -> Path | None:
+    """``preview/index.html``: the previews of the finished masks, each with its ``statistics`` if any (the
+    finished masks', by case: read when not given); None (and no page) when there are none."""
+    statistics = finished_statistics(out_dir) if statistics is None else statistics
     shown = [p.stem for p in sorted((out_dir / PREVIEW_DIR).glob("*.png")) if finished(out_dir, p.stem)]
     target = out_dir / PREVIEW_DIR / "index.html"
     if not shown:
@@ -105,7 +106,7 @@ def rebuild_index(out_dir: Path) -> Path | None:
              f"<h1>pancseg previews ({len(shown)} cases)</h1>"]
     for case in shown:
         parts.append(f"<h2 id='{html.escape(case)}'>{html.escape(case)}</h2>")
-        stats = read_statistics(out_dir, case)
+        stats = statistics.get(case)
         if stats:
             cells = "".join(f"<td>{html.escape(k)}: {html.escape(str(v))}</td>" for k, v in stats.items() if k != "case")
             parts.append(f"<table><tr>{cells}</tr></table>")

@@ -95,14 +95,17 @@ def read_statistics(out_dir: Path, case: str) -> dict[str, Any] | None:
     return found if isinstance(found, dict) and set(COLUMNS) <= found.keys() else None
 
 
-def rebuild_statistics_csv(out_dir: Path) -> Path | None:
-    """``statistics.csv`` from the statistics of the finished masks (a mask and a record that is not
-    pending); None when there are none (and no CSV: an old one would name masks that are gone)."""
-    rows = []
-    for path in sorted((out_dir / STATISTICS_DIR).glob("*.json")):
-        found = read_statistics(out_dir, path.stem)
-        if found and finished(out_dir, path.stem):
-            rows.append(["" if found[c] is None else found[c] for c in COLUMNS])
+def finished_statistics(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The statistics of the finished masks (a mask and a record that is not pending), by case, in order."""
+    found = {path.stem: read_statistics(out_dir, path.stem) for path in sorted((out_dir / STATISTICS_DIR).glob("*.json"))}
+    return {case: stats for case, stats in found.items() if stats and finished(out_dir, case)}
+
+
+def rebuild_statistics_csv(out_dir: Path, statistics: dict[str, dict[str, Any]] | None = None) -> Path | None:
+    """``statistics.csv`` from the finished masks' ``statistics`` (:func:`finished_statistics`, read when not
+    given); None when there are none (and no CSV: an old one would name masks that are gone)."""
+    statistics = finished_statistics(out_dir) if statistics is None else statistics
+    rows = [["" if found[c] is None else found[c] for c in COLUMNS] for found in statistics.values()]
     target = out_dir / STATISTICS_NAME
     if not rows:
         target.unlink(missing_ok=True)
