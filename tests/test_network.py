@@ -325,7 +325,7 @@ def test_head_settings_round_trip() -> None:
     settings = HeadSettings(stages=(0, -1), pooling="mean", hidden=32, dropout=0.1, num_classes=3)
     data = settings.to_dict()
     assert data == {"stages": [0, -1], "pooling": "mean", "hidden": 32, "dropout": 0.1, "pancreas": True,
-                    "num_classes": 3, "pancreas_version": 2}
+                    "num_classes": 3, "pancreas_version": 3}
     assert HeadSettings.from_dict(data) == settings
     # JSON gives lists; None and {} give the defaults, except that plans without "pancreas" are older
     # pancseg's, whose head had no pancreas features, and plans without "pancreas_version" had the
@@ -334,7 +334,8 @@ def test_head_settings_round_trip() -> None:
     old = HeadSettings(pancreas=False, pancreas_version=1)
     assert HeadSettings.from_dict(None) == old == HeadSettings.from_dict({})
     assert HeadSettings.from_dict({"pancreas": True}) == HeadSettings(pancreas_version=1)
-    assert HeadSettings.from_dict({"pancreas": True, "pancreas_version": 2}) == HeadSettings()
+    assert HeadSettings.from_dict({"pancreas": True, "pancreas_version": 2}) == HeadSettings(pancreas_version=2)
+    assert HeadSettings.from_dict({"pancreas": True, "pancreas_version": 3}) == HeadSettings()
     head = {"stages": [1, 2, -1], "pooling": "attention", "hidden": 128, "dropout": 0.3, "pancreas": True}
     assert HeadSettings.for_training(head) == HeadSettings()  # a new head has this pancseg's features
     assert HeadSettings().stages == (1, 2, -1) and HeadSettings().pooling == "attention" and HeadSettings().pancreas
@@ -647,7 +648,8 @@ def test_pancreas_features_shift_with_an_unsegmented_lesion() -> None:
     features = PancreasFeatures(in_channels=1, first_stage_channels=4)
     # input over patch and pancreas, shallow features, input relative to the pancreas' mean, lesion fraction, gate
     n = 2 + len(HISTOGRAM_CENTRES)  # mean, second moment, bins
-    assert features.size == 2 * n + 4 + len(RELATIVE_CENTRES) + 2
+    assert features.size == 2 * n + 4 + len(RELATIVE_CENTRES) + 1 + len(RELATIVE_CENTRES) + 2
+    assert PancreasFeatures(1, 4, version=2).size == 2 * n + 4 + len(RELATIVE_CENTRES) + 2
     assert PancreasFeatures(1, 4, version=1).size == 2 * n + 4 + 2
     first = torch.ones(1, 4, 4, 4, 4)  # the first head stage, at half the input's resolution
     maps, gate = _stage_maps(_maps(0.0), [first])[0], torch.zeros(1)
@@ -673,7 +675,30 @@ def test_pancreas_features_shift_with_an_unsegmented_lesion() -> None:
     assert lesion[0, -2] == pytest.approx(1 / (8 + 1)) and lesion[0, -1] == 1  # voxels of the coarse grid
 
 
-@pytest.mark.parametrize(("version", "gain"), [(1, 10.0), (2, 30.0)])
+def test_texture_features_see_a_rough_unsegmented_lesion() -> None:
+    """Version 3: the input's variance inside each coarse voxel, over the pancreas and by relative intensity:
+    a rough lesion shows in its intensity's bins, a smooth one with the same means does not."""
+    from pancreas_cli.multitask.network import _stage_maps
+
+    features = PancreasFeatures(in_channels=1, first_stage_channels=4)
+    first = torch.ones(1, 4, 4, 4, 4)
+    maps, gate = _stage_maps(_maps(0.0), [first])[0], torch.zeros(1)
+    smooth = torch.zeros(1, 1, 8, 8, 8)
+    smooth[..., 2:4, 2:4, 2:4] = -2.5  # one coarse voxel of the pancreas' 8: mean -0.3125, the lesion at -2.19
+    rough = smooth.clone()
+    i, j, k = torch.meshgrid(*[torch.arange(2)] * 3, indexing="ij")
+    rough[..., 2:4, 2:4, 2:4] += 0.5 * ((i + j + k) % 2 * 2 - 1)  # a checkerboard of +-0.5: the same mean
+    a, b = features(smooth, first, maps, gate), features(rough, first, maps, gate)
+    texture = slice(features.size - 2 - (1 + len(RELATIVE_CENTRES)), features.size - 2)
+    torch.testing.assert_close(a[:, : texture.start], b[:, : texture.start])  # the same means and histograms
+    assert torch.count_nonzero(a[0, texture]) == 0
+    assert b[0, texture][0] == pytest.approx(0.25 / 8, rel=1e-3)  # over the pancreas
+    by_bin = b[0, texture][1:]
+    assert by_bin[RELATIVE_CENTRES.index(-2.0)] == pytest.approx(0.25, rel=0.02)  # the lesion's own roughness
+    assert by_bin[RELATIVE_CENTRES.index(0.0)] == 0 and by_bin[RELATIVE_CENTRES.index(0.5)] == 0  # the pancreas
+
+
+@pytest.mark.parametrize(("version", "gain"), [(1, 10.0), (2, 30.0), (3, 30.0)])
 def test_shortcut_gain_follows_the_features_version(version: int, gain: float) -> None:
     """A checkpoint's shortcut was trained with its version's gain: an older model's logits must not change."""
     head = ClassificationHead([4], HeadSettings(stages=(0,), dropout=0.0, pancreas_version=version)).eval()

@@ -35,8 +35,8 @@ class HeadSettings:
     ``pancreas`` (with attention pooling) adds pancreas-level features and the lesion gate
     (:class:`PancreasFeatures`), so the subtype does not wait for the decoder to find the lesion.
     ``pancreas_version`` says which of those features: 1 (the first), 2 (with the input relative
-    to the pancreas' own mean, and a larger shortcut gain); a checkpoint must be read with the
-    features it was trained on.
+    to the pancreas' own mean, and a larger shortcut gain), 3 (with the input's fine texture by
+    relative intensity); a checkpoint must be read with the features it was trained on.
     """
 
     stages: tuple[int, ...] = tuple(_DEFAULTS.head_stages)
@@ -45,7 +45,7 @@ class HeadSettings:
     dropout: float = _DEFAULTS.head_dropout
     pancreas: bool = _DEFAULTS.head_pancreas
     num_classes: int = 3
-    pancreas_version: int = 2
+    pancreas_version: int = 3
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> HeadSettings:
@@ -178,7 +178,7 @@ RELATIVE_CENTRES = tuple(-4.0 + 0.5 * k for k in range(11))
 #: (no optimizer group of its own): the subtype must be learnt in the few hundred steps after the
 #: pancreas is found. By features version (a checkpoint's shortcut was trained with its version's gain):
 #: 30 since version 2 (BENCHMARKS.md: at 600 iterations it did better in 3 of 4 paired runs).
-SHORTCUT_GAINS = {1: 10.0, 2: 30.0}
+SHORTCUT_GAINS = {1: 10.0, 2: 30.0, 3: 30.0}
 #: Share of training items whose lesion gate is closed at random, so the head also learns to classify
 #: from pancreas-level features alone once the decoder finds the lesion (as at test time when it misses it).
 GATE_DROPOUT = 0.25
@@ -199,17 +199,22 @@ class PancreasFeatures(nn.Module):
     shifts the input's mean, second moment and histogram (linear bins at :data:`HISTOGRAM_CENTRES`), and
     the second moment of the first head stage's features (texture). The lesion fraction of the pancreas
     and the gate are features too. Version 2 adds the input's histogram relative to the pancreas' own
-    mean (:data:`RELATIVE_CENTRES`). All of it at the first head stage's resolution, whose pancreas map
-    the attention pooling has already made: cheap next to the encoder (BENCHMARKS.md).
+    mean (:data:`RELATIVE_CENTRES`). Version 3 adds the input's fine texture (its variance within each
+    voxel of the first head stage's grid, which the pooling to that grid averages away) over the pancreas
+    and per relative-intensity bin: a lesion's texture and its border show in the bins of its intensity
+    (zero when the first head stage is the full resolution: the head's stages should not start at 0).
+    All of it at the first head stage's resolution, whose pancreas map the attention pooling has already
+    made: cheap next to the encoder (BENCHMARKS.md).
     """
 
-    def __init__(self, in_channels: int, first_stage_channels: int, version: int = 2) -> None:
+    def __init__(self, in_channels: int, first_stage_channels: int, version: int = 3) -> None:
         super().__init__()
         self.register_buffer("centres", torch.tensor(HISTOGRAM_CENTRES), persistent=False)
         self.register_buffer("relative_centres", torch.tensor(RELATIVE_CENTRES), persistent=False)
-        self.relative = version >= 2
+        self.relative, self.texture = version >= 2, version >= 3
         self.size = 2 * in_channels * (2 + len(HISTOGRAM_CENTRES)) + first_stage_channels + 2
         self.size += in_channels * len(RELATIVE_CENTRES) if self.relative else 0
+        self.size += in_channels * (1 + len(RELATIVE_CENTRES)) if self.texture else 0
 
     def forward(self, image: torch.Tensor, first: torch.Tensor, maps: torch.Tensor,
                 gate: torch.Tensor) -> torch.Tensor:
@@ -217,7 +222,8 @@ class PancreasFeatures(nn.Module):
         (plain, lesion, pancreas: :func:`_stage_maps`). The input's statistics are taken over the whole
         patch too: they exist before the decoder has found even the pancreas."""
         shrink = F.adaptive_avg_pool3d if image.ndim == 5 else F.adaptive_avg_pool2d
-        x = shrink(image.float(), first.shape[2:]).flatten(2)  # B,Cin,n
+        image = image.float()
+        x = shrink(image, first.shape[2:]).flatten(2)  # B,Cin,n
         values = torch.cat([x, x * x, _soft_bins(x, self.centres)], dim=1)
         pooled = _pool(values, maps[:, 0::2])  # over the patch, then over the pancreas (values.shape[1] each)
         totals = maps.sum(2)  # B,3
@@ -225,8 +231,22 @@ class PancreasFeatures(nn.Module):
         parts = [pooled, _pool(first.float() ** 2, maps[:, 2:3])]
         if self.relative:
             mean = pooled[:, values.shape[1] : values.shape[1] + x.shape[1]]  # the input's mean in the pancreas
-            parts.append(_pool(_soft_bins(x - mean.unsqueeze(2), self.relative_centres), maps[:, 2:3]))
+            bins = _soft_bins(x - mean.unsqueeze(2), self.relative_centres)  # B,Cin*K,n
+            histogram = _pool(bins, maps[:, 2:3])
+            parts.append(histogram)
+            if self.texture:
+                parts += self._texture(shrink(image * image, first.shape[2:]).flatten(2) - x * x, bins, histogram,
+                                       maps[:, 2:3])
         return torch.cat([*parts, fraction.unsqueeze(1), gate.unsqueeze(1)], dim=1)
+
+    def _texture(self, variance: torch.Tensor, bins: torch.Tensor, histogram: torch.Tensor,
+                 pancreas: torch.Tensor) -> list[torch.Tensor]:
+        """From the input's variance within each coarse voxel (B,Cin,n: the pooled square minus the pooled
+        value's square), its average over the pancreas (B,Cin) and per relative-intensity bin (B,Cin*K; the
+        bin's share of the pancreas, ``histogram``, divided out)."""
+        variance = variance.clamp_min(0)  # rounding
+        by_bin = _pool(bins * variance.repeat_interleave(len(self.relative_centres), dim=1), pancreas)
+        return [_pool(variance, pancreas), by_bin / (histogram + 1e-3)]
 
 
 def _soft_bins(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
