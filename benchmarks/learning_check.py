@@ -30,10 +30,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from pancreas_cli.clean import clean
-from pancreas_cli.config import Config, load_config
+from pancreas_cli.config import Config, DatasetConfig, load_config
 from pancreas_cli.layout import CHECKPOINT_BEST, fold_folder, model_folder
 from pancreas_cli.metrics import classification_metrics, dice
-from pancreas_cli.prepare import prepare
+from pancreas_cli.prepare import discover_cases, prepare
 from pancreas_cli.preprocess import preprocess
 from pancreas_cli.synth import synthesize
 from pancreas_cli.train import train
@@ -70,15 +70,11 @@ def extra_cases(args: argparse.Namespace, work: Path) -> list[Case]:
     if not data.is_dir():
         synthesize(data, cases=args.extra_held_out, shape=tuple(int(s) for s in args.shape.split(",")),
                    seed=EXTRA_SEED_OFFSET + args.seed, cues=args.cues, cue_overlap=args.cue_overlap)
-    subtypes = _subtypes(data / "test_ground_truth" / "subtypes.csv")
-    cases = []
-    for image in sorted(data.glob("*/subtype*/*_0000.nii.gz")) + sorted((data / "test").glob("*_0000.nii.gz")):
-        case = image.name[: -len("_0000.nii.gz")]
-        labelled = image.parent.name.startswith("subtype")
-        mask = image.with_name(f"{case}.nii.gz") if labelled else data / "test_ground_truth" / f"{case}.nii.gz"
-        subtype = int(image.parent.name[len("subtype"):]) if labelled else subtypes[case]
-        cases.append((f"extra_{case}", image, mask, subtype))
-    return cases
+    truth = data / "test_ground_truth"
+    subtypes = _subtypes(truth / "subtypes.csv")
+    return [(f"extra_{c.case_id}", c.image, c.mask or truth / f"{c.case_id}.nii.gz",
+             subtypes[c.case_id] if c.subtype is None else c.subtype)
+            for c in discover_cases(DatasetConfig(source=data))]
 
 
 def _predict(fold_dir: Path, cases: list[Case], out: Path, device: str) -> tuple[list[dict], float]:
