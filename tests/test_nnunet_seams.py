@@ -456,3 +456,26 @@ def test_ddp_wrapping_is_looked_up_by_its_module_name() -> None:
         "module's global name; see nnUNetTrainerPancseg.initialize (multitask/trainer.py)")
     assert "'cuda'" in _uses(module.nnUNetTrainer.__init__) and ".is_ddp" in _uses(module.nnUNetTrainer.__init__), \
         _seam("nnUNetTrainer.__init__", "no longer chooses the device under DDP; see nnUNetTrainerPancseg.__init__")
+
+
+def test_training_ends_where_pancseg_refits_the_shortcut() -> None:
+    """The subtype shortcut's refit (``nnUNetTrainerMultiTask.on_train_end``, before nnU-Net's) must run before
+    checkpoint_final.pth is written from the network, once after the last epoch; it reads the training cases
+    as nnU-Net's validation reads its own: ``dataset_class(folder, identifiers)``, then ``load_case(key)``'s
+    first item (the preprocessed image)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    assert "on_train_end" in _self_calls(nnUNetTrainer.run_training), _seam(
+        "nnUNetTrainer.run_training", "no longer calls on_train_end, where pancseg refits the subtype shortcut")
+    assert {".save_checkpoint", "'checkpoint_final.pth'"} <= _uses(nnUNetTrainer.on_train_end), _seam(
+        "nnUNetTrainer.on_train_end", "no longer writes checkpoint_final.pth: the refitted shortcut may not reach it")
+    validation = _function(nnUNetTrainer.perform_actual_validation)
+    reads = [n for n in ast.walk(validation) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+             and isinstance(n.value.func, ast.Attribute) and n.value.func.attr == "load_case"]
+    assert reads and isinstance(reads[0].targets[0], ast.Tuple) and len(reads[0].targets[0].elts) == 4, _seam(
+        "nnUNetBaseDataset.load_case", "validation no longer reads (data, seg, seg_prev, properties): check what "
+        "multitask/trainer.py _refit_shortcut takes as the image")
+    assert ".dataset_class" in _uses(nnUNetTrainer.perform_actual_validation)
+    assert _parameters(nnUNetBaseDataset.__init__)[:3] == ["self", "folder", "identifiers"], _seam(
+        "nnUNetBaseDataset.__init__", "no longer takes (folder, identifiers)")

@@ -26,6 +26,7 @@ from pancreas_cli.exceptions import DataError, DiskFullError
 from pancreas_cli.multitask import trainer as trainer_module
 from pancreas_cli.multitask.network import HeadSettings, MultiTaskNet, tile_weights
 from pancreas_cli.multitask.predictor import unwrap
+from pancreas_cli.multitask.refit import RefitResult
 from pancreas_cli.multitask.settings import SETTINGS_NAME, TrainingSettings, handed, handing, write_settings
 from pancreas_cli.multitask.trainer import (
     METRICS_COLUMNS,
@@ -226,7 +227,9 @@ def test_fold_record_format(tmp_path: Path) -> None:
     assert TrainingSettings.from_record(old) == settings.model_copy(update={"head_pancreas": False})
     assert list(data) == ["epochs", "iterations_per_epoch", "val_iterations", "initial_lr", "batch_size", "save_every",
                           "cls_weight", "head_lr", "cls_warmup_epochs", "class_weights", "label_smoothing", "select_by",
-                          "head"]
+                          "refit_subtype", "head"]
+    # an earlier pancseg's record has no "refit_subtype": resuming it refits at the end, as new runs do
+    assert TrainingSettings.from_record({k: v for k, v in data.items() if k != "refit_subtype"}) == settings
     assert TrainingSettings.from_record({**data, "ema_alpha": 0.9}) == settings
     for bad, named in ((dict(data, bogus=1), "bogus"), (dict(data, head={"bogus": 1}), "head_bogus"),
                        (dict(data, head_lr=-1), "head_lr"), (dict(data, head=[1]), "head")):
@@ -802,3 +805,76 @@ def test_validation_refuses_to_pair_subtypes_it_did_not_predict(preprocessed: Pa
     with pytest.raises(RuntimeError, match="validation predicted subtypes for 0 of 2 cases of fold 0"):
         trainer.perform_actual_validation(False)
     assert not (Path(trainer.output_folder) / "validation" / "subtype_results.csv").exists()
+
+
+# ------------------------------------------------------------------ end of training: the shortcut refit
+
+
+def _fingerprint(network: nn.Module) -> float:
+    """The weights outside the shortcut, as one number: which checkpoint's weights the network holds."""
+    return float(sum(p.detach().double().sum() for n, p in unwrap(network).named_parameters() if "shortcut" not in n))
+
+
+def _refit_setup(preprocessed: Path, monkeypatch: pytest.MonkeyPatch, **settings: Any) -> tuple[Any, list]:
+    """A trainer whose checkpoint_best.pth holds other weights than the network's (the final ones), with
+    ``refit`` recording what it was given and writing the network's fingerprint into the shortcut."""
+    keys = [f"case_{i}" for i in range(7)]
+    (preprocessed / "splits_final.json").write_text(json.dumps([{"train": keys[:6], "val": keys[6:]}] * 5))
+    trainer = with_settings(make_trainer(), **settings)
+    trainer.initialize()
+    trainer.subtypes = {k: i % 3 for i, k in enumerate(keys)}
+    network = unwrap(trainer.network)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(0.01)
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_best.pth"))
+    with torch.no_grad():
+        for p in network.parameters():
+            p.sub_(0.01)
+    calls: list = []
+
+    def collect(predictor: Any, cases: Any) -> list:
+        assert unwrap(predictor.network) is network and not network.training
+        return ["tiles"] * 6
+
+    def refit(head: Any, tiles: list, labels: list[int], class_weights: list[float] | None) -> Any:
+        calls.append((_fingerprint(network), labels, class_weights))
+        with torch.no_grad():
+            head.shortcut.weight.fill_(len(calls))
+        return RefitResult(cases=6, accuracy_before=0.5, accuracy_after=0.8)
+
+    monkeypatch.setattr(trainer_module, "collect", collect)
+    monkeypatch.setattr(trainer_module, "refit", refit)
+    return trainer, calls
+
+
+def test_training_ends_with_the_shortcut_refitted_in_best_and_final(preprocessed: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer, calls = _refit_setup(preprocessed, monkeypatch)
+    network = unwrap(trainer.network)
+    folder = Path(trainer.output_folder)
+    best_before = torch.load(folder / "checkpoint_best.pth", weights_only=False)["network_weights"]
+    final_before = {k: v.clone() for k, v in network.state_dict().items()}
+    trainer.on_train_end()
+
+    # best's weights were refitted first (then the final ones), each on the fold's 6 training cases
+    assert [c[0] for c in calls] == pytest.approx([_fingerprint(network) + 0.01 * sum(
+        p.numel() for n, p in network.named_parameters() if "shortcut" not in n), _fingerprint(network)])
+    assert calls[0][1] == [0, 1, 2, 0, 1, 2] and calls[0][2] == pytest.approx([1.0, 1.0, 1.0])
+    best = torch.load(folder / "checkpoint_best.pth", weights_only=False)["network_weights"]
+    final = torch.load(folder / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    for weights, before, refit_number in ((best, best_before, 1), (final, final_before, 2)):
+        assert (weights["head.shortcut.weight"] == refit_number).all()
+        assert all(torch.equal(weights[k].cpu(), before[k].cpu()) for k in before if "shortcut.weight" not in k)
+    assert (network.head.shortcut.weight == 2).all()  # the network goes on (validation) with the final refit
+    assert network.return_class_logits and network.training
+    log = Path(trainer.log_file).read_text()
+    assert "subtype shortcut of checkpoint_best.pth refitted on 6 training cases: their accuracy 0.500 -> 0.800" in log
+    assert "subtype shortcut of the final weights refitted" in log
+
+
+def test_refit_can_be_switched_off(preprocessed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer, calls = _refit_setup(preprocessed, monkeypatch, refit_subtype=False)
+    trainer.on_train_end()
+    assert calls == []
+    assert "subtype shortcut" not in Path(trainer.log_file).read_text()

@@ -51,6 +51,7 @@ class TrainingSettings(BaseModel):
     head_hidden: int = Field(128, gt=0)
     head_dropout: float = Field(0.3, ge=0, lt=1)
     head_pancreas: bool = True  # pancreas-level features + lesion gate (with attention pooling; README)
+    refit_subtype: bool = True  # refit the head's linear shortcut on the training cases after training (refit.py)
 
     #: What a resumed run may change: more epochs extend it; the checkpoint interval and the number of
     #: validation batches do not change what is learned. The rest must stay as the run began.

@@ -39,6 +39,7 @@ from pancreas_cli.multitask.history import METRICS_COLUMNS, render_metrics
 from pancreas_cli.multitask.network import HeadSettings, build_multitask_network, tile_weights
 from pancreas_cli.multitask.optim import MultiTaskOptimizer, MultiTaskPolyLR, build_optimizer
 from pancreas_cli.multitask.predictor import MultiTaskPredictor, unwrap
+from pancreas_cli.multitask.refit import collect, recorder, refit, shortcut_of
 from pancreas_cli.multitask.settings import TrainingSettings, handed, read_settings
 from pancreas_cli.subtypes import CASE_SUBTYPES_NAME, SUBTYPES, read_subtypes, subtype_of, write_predictions
 
@@ -444,6 +445,69 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
                 value = float(np.mean(gathered))
             self.logger.log(f"pancseg_{key}", value, self.current_epoch)
 
+    # ---------------------------------------------------------------- end of training
+
+    def on_train_end(self) -> None:
+        """nnU-Net's end of training (the final checkpoint), after the subtype head's shortcut is refitted
+        on the training cases (:mod:`~pancreas_cli.multitask.refit`) in checkpoint_best.pth and in the
+        final weights: before the final checkpoint is written, so a run stopped in between refits again
+        on resuming (the fit is deterministic)."""
+        if self.pancseg_settings.refit_subtype and shortcut_of(self.network) is not None:
+            if self.is_cascaded:
+                self.print_to_log_file("subtype shortcut not refitted: a cascade's inputs need the previous stage")
+            else:
+                self._refit_checkpoints()
+        super().on_train_end()
+
+    def _refit_checkpoints(self) -> None:
+        network = unwrap(self.network)
+        self.set_deep_supervision_enabled(False)
+        network.eval()
+        network.return_class_logits = False
+        try:
+            best = Path(self.output_folder) / CHECKPOINT_BEST
+            if best.is_file():
+                final = {k: v.clone() for k, v in network.state_dict().items()}
+                checkpoint = read_checkpoint(best, trust=self.trust_model, map_location=self.device)
+                network.load_state_dict(checkpoint["network_weights"])
+                self._refit_shortcut(CHECKPOINT_BEST)
+                checkpoint["network_weights"] = {**checkpoint["network_weights"], **_shortcut_state(network)}
+                if self.local_rank == 0:
+                    with atomic_target(best) as partial, naming_full_disk(best):
+                        torch.save(checkpoint, partial)
+                        publish(partial, best)
+                network.load_state_dict(final)
+            self._refit_shortcut("the final weights")
+        finally:
+            network.return_class_logits = True
+            network.train()
+            self.set_deep_supervision_enabled(True)
+
+    def _refit_shortcut(self, what: str) -> None:
+        """Refit the shortcut of the weights now in the network on this fold's training cases (in DDP each
+        process predicts its share, and every process fits on all of them: the same result)."""
+        start = time()
+        train_keys, _ = self.do_split()
+        mine = train_keys[self.local_rank :: torch.distributed.get_world_size()] if self.is_ddp else train_keys
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, mine)
+        keys = list(dataset.identifiers)
+        predictor = recorder(unwrap(self.network), self.plans_manager, self.configuration_manager, self.dataset_json,
+                             self.__class__.__name__, self.device)
+        tiles = collect(predictor, (torch.from_numpy(np.asarray(dataset.load_case(k)[0][:])) for k in keys))
+        if self.is_ddp:
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, dict(zip(keys, tiles)))
+            found = {k: v for g in gathered for k, v in g.items()}
+            keys, tiles = sorted(found), [found[k] for k in sorted(found)]
+        weights = self.class_weights(keys)
+        head = shortcut_of(self.network)
+        assert head is not None  # on_train_end checked
+        result = refit(head, tiles, [self.subtypes[k] for k in keys], None if weights is None else weights.tolist())
+        done = f"kept: {result.skipped}" if result.skipped else \
+            f"refitted on {result.cases} training cases: their accuracy {result.accuracy_before:.3f} -> " \
+            f"{result.accuracy_after:.3f}"
+        self.print_to_log_file(f"subtype shortcut of {what} {done} ({time() - start:.1f} s)", also_print_to_console=True)
+
     # ---------------------------------------------------------------- validation
 
     def _validation_classification(self, seg: torch.Tensor, logits: torch.Tensor | None, keys: Any) -> dict:
@@ -539,6 +603,14 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
         write_text(json.dumps(summary, indent=2), folder / "classification_summary.json")
         self.print_to_log_file(f"Validation subtype accuracy {metrics.accuracy:.4f}, macro-F1 {metrics.macro_f1:.4f}",
                                also_print_to_console=True)
+
+
+def _shortcut_state(network: nn.Module) -> dict[str, torch.Tensor]:
+    """The shortcut's entries of ``network``'s state dict (a checkpoint's ``network_weights`` keys)."""
+    head = shortcut_of(network)
+    assert head is not None
+    name = next(n for n, m in unwrap(network).named_modules() if m is head.shortcut)
+    return {f"{name}.{k}": v.detach().clone() for k, v in head.shortcut.state_dict().items()}
 
 
 @contextmanager
