@@ -878,3 +878,22 @@ def test_refit_can_be_switched_off(preprocessed: Path, monkeypatch: pytest.Monke
     trainer.on_train_end()
     assert calls == []
     assert "subtype shortcut" not in Path(trainer.log_file).read_text()
+
+
+def test_every_ddp_process_refits_the_checkpoints_rank_0_sees(preprocessed: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 writes checkpoint_best.pth at its epoch end, which another process may pass first: had that
+    process skipped the best's refit, its gathers would pair with the wrong ones of rank 0 (a hang)."""
+    trainer = make_trainer()
+    calls: list[str] = []
+
+    def broadcast(objects: list, src: int) -> None:
+        calls.append(f"broadcast from {src}")
+        objects[0] = True  # rank 0 has the file
+
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
+    assert trainer._on_every_rank(False) is False and calls == []  # one process: its own decision
+    trainer.is_ddp = True
+    assert trainer._on_every_rank(False) is True
+    assert calls == ["barrier", "broadcast from 0"]

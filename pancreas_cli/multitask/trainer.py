@@ -466,7 +466,7 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
         network.return_class_logits = False
         try:
             best = Path(self.output_folder) / CHECKPOINT_BEST
-            if best.is_file():
+            if self._on_every_rank(best.is_file()):
                 final = {k: v.clone() for k, v in network.state_dict().items()}
                 checkpoint = read_checkpoint(best, trust=self.trust_model, map_location=self.device)
                 network.load_state_dict(checkpoint["network_weights"])
@@ -482,6 +482,17 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
             network.return_class_logits = True
             network.train()
             self.set_deep_supervision_enabled(True)
+
+    def _on_every_rank(self, decision: bool) -> bool:
+        """``decision`` as rank 0 takes it, once every process got here: each refit gathers from all of
+        them, so all must refit the same checkpoints (rank 0 writes checkpoint_best.pth at its epoch end,
+        which another process may reach first)."""
+        if not self.is_ddp:
+            return decision
+        torch.distributed.barrier()
+        taken = [decision]
+        torch.distributed.broadcast_object_list(taken, src=0)
+        return bool(taken[0])
 
     def _refit_shortcut(self, what: str) -> None:
         """Refit the shortcut of the weights now in the network on this fold's training cases (in DDP each
