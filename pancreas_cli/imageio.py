@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -228,13 +228,19 @@ def _disk_full(path: Path, said: str) -> DiskFullError:
                          "and run the command again")
 
 
+def write_file(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` writes ``path``'s content to a temporary path (:func:`atomic_target`), which is then
+    published: atomic, and a full disk is named (:func:`naming_full_disk`)."""
+    with atomic_target(path) as tmp, naming_full_disk(path):
+        write(tmp)
+        publish(tmp, path)
+
+
 def write_image(image: sitk.Image, path: Path) -> None:
     """Write ``image`` to ``path`` atomically (temporary file, then rename), compressed."""
     import SimpleITK as sitk
 
-    with atomic_target(path) as tmp, naming_full_disk(path):
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-        publish(tmp, path)
+    write_file(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
 
 
 def write_text(text: str, path: Path) -> None:

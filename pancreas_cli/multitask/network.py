@@ -292,6 +292,11 @@ class ClassificationHead(nn.Module):
             nn.Linear(settings.hidden, settings.num_classes),
         )
 
+    @property
+    def shortcut_gain(self) -> float:
+        """What the shortcut layer's output is multiplied by (:data:`SHORTCUT_GAINS`, by features version)."""
+        return SHORTCUT_GAINS[self.settings.pancreas_version]
+
     def forward(self, features: list[torch.Tensor], attention: torch.Tensor | None,
                 image: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits from encoder stage outputs; ``attention``: (lesion, pancreas) maps as (B,2,*S);
@@ -317,7 +322,7 @@ class ClassificationHead(nn.Module):
             gate = gate * (torch.rand_like(gate) >= GATE_DROPOUT)
         extra = self.pancreas(image, first, maps, gate)
         z = self.mlp[0](torch.cat([pooled, extra], dim=1))
-        shortcut = self.shortcut(z[:, -extra.shape[1]:]) * SHORTCUT_GAINS[self.settings.pancreas_version]
+        shortcut = self.shortcut(z[:, -extra.shape[1]:]) * self.shortcut_gain
         z = torch.where(self.lesion_columns, z * gate.unsqueeze(1), z)
         for layer in list(self.mlp)[1:]:  # not self.mlp[1:]: that builds a new Sequential every step
             z = layer(z)

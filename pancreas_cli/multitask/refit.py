@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from pancreas_cli.multitask.network import SHORTCUT_GAINS, ClassificationHead, MultiTaskNet, tile_weights
+from pancreas_cli.multitask.network import ClassificationHead, MultiTaskNet, tile_weights
 from pancreas_cli.multitask.predictor import MultiTaskPredictor, unwrap
 
 #: Inverse L2 strength of the fit, as scikit-learn's ``C`` (penalty ``|W - W_trained|^2 / (2 C n)`` for n
@@ -67,9 +67,9 @@ class _TileRecorder(MultiTaskPredictor):
         super()._tile_done(prediction, class_logits)
         (features, shortcut), = self._shortcut  # un-mirrored: one pass per tile
         self._shortcut.clear()
-        head = self._multitask_net().head
-        offsets = class_logits[0].float() - shortcut * SHORTCUT_GAINS[head.settings.pancreas_version]
-        self.tiles.append((offsets, features, tile_weights(prediction, self._multitask_net().regions)))
+        net = self._multitask_net()
+        offsets = class_logits[0].float() - shortcut * net.head.shortcut_gain
+        self.tiles.append((offsets, features, tile_weights(prediction, net.regions)))
 
 
 def shortcut_of(network: torch.nn.Module) -> ClassificationHead | None:
@@ -154,7 +154,7 @@ def refit(head: ClassificationHead, cases: list[CaseTiles], labels: list[int],
           class_weights: list[float] | None) -> RefitResult:
     """Refit ``head``'s shortcut in place on ``cases`` (from :func:`collect`) and their subtypes, anchored
     at the trained shortcut."""
-    gain = SHORTCUT_GAINS[head.settings.pancreas_version]
+    gain = head.shortcut_gain
     layer = head.shortcut
     trained = (layer.weight.detach().double().cpu() * gain, layer.bias.detach().double().cpu() * gain)
     before = _accuracy(case_probabilities(cases, *trained), labels)

@@ -17,6 +17,7 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from time import time
 from typing import Any
@@ -32,7 +33,7 @@ from torch import autocast, nn
 
 from pancreas_cli.checkpoints import TRUST_ENV, read_checkpoint
 from pancreas_cli.exceptions import DataError
-from pancreas_cli.imageio import atomic_target, naming_full_disk, publish, write_text
+from pancreas_cli.imageio import write_file, write_text
 from pancreas_cli.layout import CHECKPOINT_BEST, CHECKPOINT_LATEST, METRICS_NAME, VALIDATION_DIR
 from pancreas_cli.metrics import classification_metrics
 from pancreas_cli.multitask.history import METRICS_COLUMNS, render_metrics
@@ -242,9 +243,8 @@ class nnUNetTrainerPancseg(nnUNetTrainer):
         if self.local_rank != 0 or self.disable_checkpointing:
             super().save_checkpoint(filename)  # writes nothing (or logs why)
             return
-        with atomic_target(Path(filename)) as partial, naming_full_disk(Path(filename)):
-            super().save_checkpoint(str(partial))  # torch says only "unexpected pos" when the disk is full
-            publish(partial, Path(filename))
+        # torch says only "unexpected pos" when the disk is full: write_file names it
+        write_file(Path(filename), lambda tmp: super(nnUNetTrainerPancseg, self).save_checkpoint(str(tmp)))
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         """nnU-Net 2.8.1's, with a file read by :func:`~pancreas_cli.checkpoints.read_checkpoint`:
@@ -465,19 +465,24 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
         network.eval()
         network.return_class_logits = False
         try:
+            train_keys, _ = self.do_split()
+            # In DDP each process predicts its share; every process fits on all of them (the same result).
+            mine = train_keys[self.local_rank :: torch.distributed.get_world_size()] if self.is_ddp else train_keys
+            dataset = self.dataset_class(self.preprocessed_dataset_folder, mine)
+            predictor = recorder(network, self.plans_manager, self.configuration_manager, self.dataset_json,
+                                 self.__class__.__name__, self.device)
+            refit_weights = partial(self._refit_shortcut, predictor, dataset)
             best = Path(self.output_folder) / CHECKPOINT_BEST
             if self._on_every_rank(best.is_file()):
                 final = {k: v.clone() for k, v in network.state_dict().items()}
                 checkpoint = read_checkpoint(best, trust=self.trust_model, map_location=self.device)
                 network.load_state_dict(checkpoint["network_weights"])
-                self._refit_shortcut(CHECKPOINT_BEST)
+                refit_weights(CHECKPOINT_BEST)
                 checkpoint["network_weights"] = {**checkpoint["network_weights"], **_shortcut_state(network)}
                 if self.local_rank == 0:
-                    with atomic_target(best) as partial, naming_full_disk(best):
-                        torch.save(checkpoint, partial)
-                        publish(partial, best)
+                    write_file(best, lambda tmp: torch.save(checkpoint, tmp))
                 network.load_state_dict(final)
-            self._refit_shortcut("the final weights")
+            refit_weights("the final weights")
         finally:
             network.return_class_logits = True
             network.train()
@@ -494,16 +499,11 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
         torch.distributed.broadcast_object_list(taken, src=0)
         return bool(taken[0])
 
-    def _refit_shortcut(self, what: str) -> None:
-        """Refit the shortcut of the weights now in the network on this fold's training cases (in DDP each
-        process predicts its share, and every process fits on all of them: the same result)."""
+    def _refit_shortcut(self, predictor: MultiTaskPredictor, dataset: Any, what: str) -> None:
+        """Refit the shortcut of the weights now in the network on ``dataset``'s cases (this process' share of
+        the fold's training cases) and the other processes'; ``predictor``: a :func:`recorder` of the network."""
         start = time()
-        train_keys, _ = self.do_split()
-        mine = train_keys[self.local_rank :: torch.distributed.get_world_size()] if self.is_ddp else train_keys
-        dataset = self.dataset_class(self.preprocessed_dataset_folder, mine)
         keys = list(dataset.identifiers)
-        predictor = recorder(unwrap(self.network), self.plans_manager, self.configuration_manager, self.dataset_json,
-                             self.__class__.__name__, self.device)
         tiles = collect(predictor, (torch.from_numpy(np.asarray(dataset.load_case(k)[0][:])) for k in keys))
         if self.is_ddp:
             gathered: list[Any] = [None] * torch.distributed.get_world_size()

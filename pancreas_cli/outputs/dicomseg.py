@@ -18,7 +18,7 @@ import numpy as np
 
 from pancreas_cli import __version__
 from pancreas_cli.exceptions import DataError, MissingDependencyError
-from pancreas_cli.imageio import atomic_target, naming_full_disk, publish
+from pancreas_cli.imageio import write_file
 
 DICOM_SEG_DIR = "dicom_seg"  # in a prediction folder: <case>.dcm
 _REFERENCED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
@@ -76,9 +76,7 @@ def write_dicom_seg(labels: np.ndarray, files: Sequence[str], target: Path) -> P
         seg = _segmentation(hd, sources, labels)
     except (ValueError, TypeError, AttributeError) as exc:  # highdicom's checks of the source headers
         raise DataError(f"{folder}: cannot make a DICOM SEG referencing this series ({exc})") from exc
-    with atomic_target(target) as tmp, naming_full_disk(target):
-        seg.save_as(tmp)
-        publish(tmp, target)
+    write_file(target, seg.save_as)
     return target
 
 
