@@ -25,7 +25,8 @@ RUN pip install --index-url "${TORCH_INDEX}" torch torchvision
 WORKDIR /opt/pancseg-src
 COPY pyproject.toml README.md ./
 COPY pancreas_cli ./pancreas_cli
-RUN pip install . && pancseg --version
+# doctor fails the build on what would only fail later, e.g. a torchvision built for another torch.
+RUN pip install . && pancseg doctor
 
 # Run as any user (`docker run --user "$(id -u):$(id -g)"`): outputs go to the mounted /work.
 WORKDIR /work

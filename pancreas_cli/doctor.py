@@ -75,6 +75,28 @@ def pick_device(requested: str) -> tuple[str | None, str]:
     return "cpu", f"cpu ({platform.processor() or platform.machine()}); training will be slow"
 
 
+def check_torchvision(torch_version: str) -> Check:
+    """Whether torchvision imports next to this torch.
+
+    nnU-Net finds a trained network's class by importing every architecture of
+    dynamic-network-architectures, and some of them import timm and so torchvision: a torchvision
+    built for another torch (say the CUDA wheel from PyPI beside a CPU torch) lets training run
+    and fails at prediction with "operator torchvision::nms does not exist".
+    """
+    version = _version("torchvision")
+    if version is None:
+        return Check("torchvision", "warning",
+                     "not installed; nnU-Net's network library imports it through timm")
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # an ABI mismatch raises RuntimeError or OSError, not ImportError
+        return Check("torchvision", "blocking",
+                     f"torchvision {version} does not load with torch {torch_version} "
+                     f"({type(exc).__name__}: {exc}); install both from the same index, e.g. "
+                     "pip install --force-reinstall torch torchvision --index-url <torch's index>")
+    return Check("torchvision", "ok", version)
+
+
 def doctor(config_path: Path | None = None, overrides: list[str] | None = None) -> DoctorReport:
     """Collect versions, device, disk and shared memory, and validate the config."""
     report = DoctorReport()
@@ -99,6 +121,7 @@ def doctor(config_path: Path | None = None, overrides: list[str] | None = None) 
         torch = None
     if torch is not None:
         add(Check("torch", "ok", torch.__version__))
+        add(check_torchvision(torch.__version__))
         cuda = torch.version.cuda or "none (CPU build)"
         add(Check("cuda", "info", f"CUDA {cuda}; available: {torch.cuda.is_available()}"))
         requested = config.train.device if config else "auto"

@@ -639,7 +639,7 @@ def _predict_cases(config: Config, result: PredictResult, todo: list[InputCase],
                                     stamp["mirroring"], trust_model)
         except (RuntimeError, ValueError, OSError, KeyError) as exc:
             raise PredictError(f"cannot load the model in {result.model_dir}: {type(exc).__name__}: {exc}; "
-                               f"nnU-Net log: {log_file}") from exc
+                               f"nnU-Net log: {log_file} (`pancseg doctor` checks torch and torchvision)") from exc
         notify = reporter.warn if reporter is not None else warn  # the terminal: stderr is the log now
         runner = _CaseRunner(predictor, out_dir, Path(scratch), multitask, stamp, device, reporter, notify,
                              config.clean.hu_range, probabilities)

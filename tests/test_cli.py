@@ -179,6 +179,36 @@ def test_doctor_disk_need_follows_the_preset(tmp_path: Path, monkeypatch) -> Non
         assert disk.status == status and f"the {preset} preset needs about" in disk.detail
 
 
+def test_doctor_blocks_a_torchvision_built_for_another_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen in a container with a CPU torch and PyPI's CUDA torchvision: training ran, prediction
+    failed at loading the model. doctor must say so before the user trains."""
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    from pancreas_cli import doctor as doctor_module
+
+    class BrokenTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            return importlib.util.spec_from_loader(name, self) if name == "torchvision" else None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [BrokenTorchvision(), *sys.meta_path])
+    monkeypatch.setattr(doctor_module, "_version", lambda dist: "0.99.0")
+    check = doctor_module.check_torchvision("2.13.0+cpu")
+    assert check.status == "blocking"
+    assert "torchvision 0.99.0 does not load with torch 2.13.0+cpu" in check.detail
+    assert "torchvision::nms" in check.detail and "--force-reinstall torch torchvision" in check.detail
+    monkeypatch.setattr(doctor_module, "_version", lambda dist: None)
+    assert doctor_module.check_torchvision("2.13.0").status == "warning"
+
+
 def test_doctor_finds_pancseg_yaml_in_the_current_folder(runner: CliRunner, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     write_config(tmp_path, "dataset:\n  source: ./nope\n")  # tmp_path / "pancseg.yaml"
