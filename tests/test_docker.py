@@ -42,16 +42,17 @@ def test_the_image_gets_only_the_package_and_runs_the_demo() -> None:
     assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in dockerfile
 
 
+def _docker(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, encoding="utf-8", timeout=timeout)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(DOCKER_PROBLEM is not None, reason=str(DOCKER_PROBLEM))
 def test_the_cpu_image_builds_and_runs_pancseg() -> None:
-    build = subprocess.run(["docker", "build", *BUILD_ARGS, "-t", "pancseg-test", str(ROOT)], capture_output=True,
-                           text=True, encoding="utf-8", timeout=1800)
+    build = _docker("build", *BUILD_ARGS, "-t", "pancseg-test", str(ROOT), timeout=1800)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    run = subprocess.run(["docker", "run", "--rm", "pancseg-test", "demo", "--help"], capture_output=True, text=True,
-                         encoding="utf-8", timeout=300)
+    run = _docker("run", "--rm", "pancseg-test", "demo", "--help")
     assert run.returncode == 0 and "synthetic data" in run.stdout, run.stdout + run.stderr
-    doctor = subprocess.run(["docker", "run", "--rm", "pancseg-test", "doctor", "--json"], capture_output=True,
-                            text=True, encoding="utf-8", timeout=300)
+    doctor = _docker("run", "--rm", "pancseg-test", "doctor", "--json")
     checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
     assert checks["nnunetv2"]["status"] == "ok" and checks["torchvision"]["status"] == "ok", checks
