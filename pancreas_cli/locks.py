@@ -106,9 +106,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_NOTE_HOST = re.sub(r"[^A-Za-z0-9-]", "_", HOST) or "host"  # the host as a note's file name spells it
+
+
 def _note_path(lock_file: Path) -> Path:
-    host = re.sub(r"[^A-Za-z0-9-]", "_", HOST) or "host"
-    return lock_file.with_name(f"{lock_file.name}.{host}.{os.getpid()}.holder")
+    return lock_file.with_name(f"{lock_file.name}.{_NOTE_HOST}.{os.getpid()}.holder")
+
+
+def _sweep_partial_notes(lock_file: Path) -> None:
+    """Remove the half-written notes of this machine's holders killed while writing them (the
+    temporary file of the atomic write, named after the note and so after its pid)."""
+    from pancreas_cli.imageio import PARTIAL_PREFIX
+
+    prefix = f"{PARTIAL_PREFIX}{lock_file.name}.{_NOTE_HOST}."
+    for path in lock_file.parent.glob(f"{glob.escape(prefix)}*.holder.*.tmp"):
+        pid = path.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
 
 def _write_note(held: _Held) -> None:
@@ -129,6 +144,7 @@ def _read_note(path: Path) -> _Note | None:
 def _notes(lock_file: Path) -> list[_Note]:
     """The other holders of ``lock_file``, from the notes they left beside it. Notes of this machine's
     killed holders are removed; another machine's are kept (its processes cannot be seen)."""
+    _sweep_partial_notes(lock_file)
     found = []
     for path in sorted(lock_file.parent.glob(f"{glob.escape(lock_file.name)}.*.holder")):
         note = _read_note(path)

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from conftest import held_elsewhere, make_quiz, write_config
 from pancreas_cli import locks
 from pancreas_cli.cli import app
+from pancreas_cli.imageio import PARTIAL_PREFIX
 from pancreas_cli.locks import BusyError
 
 
@@ -66,6 +67,26 @@ def test_a_killed_command_leaves_no_lock(tmp_path: Path) -> None:
     os.waitpid(pid, 0)
     _exclusive(tmp_path)  # the orphaned worker still runs, but holds nothing
     assert not list((tmp_path / locks.LOCK_DIR).glob(f"project.lock.*.{pid}.holder"))  # its note is cleared
+
+
+def test_a_note_half_written_by_a_killed_command_is_removed(tmp_path: Path) -> None:
+    """A command killed while writing its note leaves the write's temporary file; the next lock
+    taken removes it when its pid is dead, and keeps a running command's."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)  # a pid that no longer runs
+    folder = tmp_path / locks.LOCK_DIR
+    folder.mkdir()
+    host = locks._NOTE_HOST
+    dead = folder / f"{PARTIAL_PREFIX}project.lock.{host}.{pid}.holder.k3j2h1x9.tmp"
+    running = folder / f"{PARTIAL_PREFIX}project.lock.{host}.{os.getppid()}.holder.a1b2c3d4.tmp"
+    for path in (dead, running):
+        path.write_text('{"pid": ', encoding="utf-8")
+    with locks.project(tmp_path):
+        pass
+    assert not dead.exists()
+    assert running.exists()
 
 
 def test_nested_and_repeated_holds_in_one_process(tmp_path: Path) -> None:
