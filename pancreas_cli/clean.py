@@ -125,16 +125,24 @@ class _CaseAudit:
             self.findings[i] = Finding(f.severity, f.case, f.problem, f.detail, action, pending=pending)
 
 
+def _read_scanned(audit: _CaseAudit, path: Path, what: str) -> tuple[sitk.Image, int] | None:
+    """The image and its count of non-finite voxels (scanned in the file: SimpleITK zeroes them and
+    reads truncated files without complaint), or None with the error recorded."""
+    try:
+        nonfinite = scan_nifti(path)
+        return read_image(path), nonfinite
+    except DataError as exc:
+        audit.error(f"unreadable {what}", str(exc), "replace the file in the source")
+        return None
+
+
 def _audit_image(audit: _CaseAudit, path: Path, hu_range: tuple[float, float]) -> sitk.Image | None:
     """Checks shared by training and test images. Returns the image when it is usable."""
     import SimpleITK as sitk
 
-    try:
-        nonfinite = scan_nifti(path)
-        image = read_image(path)
-    except DataError as exc:
-        audit.error("unreadable image", str(exc), "replace the file in the source")
+    if (read := _read_scanned(audit, path, "image")) is None:
         return None
+    image, nonfinite = read
     if image.GetDimension() != 3:
         audit.error("not a 3D image", f"{path.name} has {image.GetDimension()} dimensions", "provide a 3D CT volume")
         return None
@@ -171,12 +179,9 @@ def _geometry_delta(image: sitk.Image, mask: sitk.Image) -> tuple[float, float, 
 def _read_mask(audit: _CaseAudit, path: Path, image: sitk.Image) -> tuple[sitk.Image, int] | None:
     """The mask and its count of non-finite voxels, or None (with the error recorded) when it cannot be
     used at all: unreadable, not a single-channel 3D map, or on another voxel grid."""
-    try:
-        nonfinite = scan_nifti(path)
-        mask = read_image(path)
-    except DataError as exc:
-        audit.error("unreadable mask", str(exc), "replace the file in the source")
+    if (read := _read_scanned(audit, path, "mask")) is None:
         return None
+    mask, nonfinite = read
     if mask.GetDimension() != 3 or mask.GetNumberOfComponentsPerPixel() != 1:
         audit.error("mask not 3D", f"{path.name}: {mask.GetDimension()}D, {mask.GetNumberOfComponentsPerPixel()} components",
                     "provide a single-channel 3D label map")
