@@ -21,7 +21,7 @@ import numpy as np
 from pancreas_cli.config import CleanConfig, Config, kept_labels
 from pancreas_cli.console import count
 from pancreas_cli.exceptions import CleanError, DataError
-from pancreas_cli.imageio import (PARTIAL_PREFIX, ct_value_problem, partials, read_image, scan_nifti, sweep_partials,
+from pancreas_cli.imageio import (ct_value_problem, partial_name, partials, read_image, scan_nifti, sweep_partials,
                                   write_image, write_text)
 from pancreas_cli.locks import project_stage, writing
 from pancreas_cli.subtypes import case_id, image_name
@@ -290,7 +290,7 @@ def _replace(path: Path, new: sitk.Image) -> None:
     keep = _original(path)
     if not keep.exists():
         keep.parent.mkdir(parents=True, exist_ok=True)
-        tmp = keep.with_name(f"{PARTIAL_PREFIX}{keep.name}.tmp")
+        tmp = keep.with_name(partial_name(f"{keep.name}.tmp"))
         try:
             os.link(path, tmp)
         except OSError:

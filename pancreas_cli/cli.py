@@ -583,9 +583,9 @@ def export(
     from pancreas_cli.modelzip import export_model
 
     _check_choice(checkpoint, ("best", "final"), "--checkpoint")
-    model = export_model(_config(config, set_), out, folds=fold, checkpoint=checkpoint, force=force)
-    output.result(f"exported {model.manifest['model']} (folds {model.manifest['folds']}, "
-                  f"{model.manifest['checkpoint']}) -> {out}")
+    model, present = export_model(_config(config, set_), out, folds=fold, checkpoint=checkpoint, force=force)
+    output.result(f"{'up to date' if present else 'exported'}: {model.manifest['model']} (folds "
+                  f"{model.manifest['folds']}, {model.manifest['checkpoint']}) -> {out}")
 
 
 @app.command("install-model")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pancreas_cli.exceptions import DataError, TableError
-from pancreas_cli.imageio import write_text
+from pancreas_cli.imageio import sweep_dead_partials, write_text
 from pancreas_cli.tables import read_written, render_table
 
 STRUCTURES = ("pancreas", "lesion")
@@ -56,8 +56,10 @@ def _value(text: str) -> float:
 
 
 def write_outputs(out_dir: Path, cases: list[CaseResult], summary: dict[str, Any]) -> tuple[Path, Path]:
-    """Write metrics_per_case.csv and metrics_summary.json into ``out_dir``; returns their paths."""
+    """Write metrics_per_case.csv and metrics_summary.json into ``out_dir`` (first removing what a
+    killed evaluate left there); returns their paths."""
     per_case_csv, summary_json = out_dir / PER_CASE_NAME, out_dir / SUMMARY_NAME
+    sweep_dead_partials(out_dir)
     write_text(render_per_case(cases), per_case_csv)
     write_text(json.dumps(summary, indent=2), summary_json)
     return per_case_csv, summary_json

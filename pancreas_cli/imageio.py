@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pancreas_cli import writers
 from pancreas_cli.exceptions import DataError, DiskFullError
 
 if TYPE_CHECKING:
@@ -171,11 +173,26 @@ def atomic_target(path: Path) -> Iterator[Path]:
     folder's name is no data name (see :data:`PARTIAL_PREFIX`). The folder is removed on leaving.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=path.parent))
+    folder = Path(tempfile.mkdtemp(prefix=partial_name(), dir=path.parent))
     try:
         yield folder / path.name
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def partial_name(name: str = "") -> str:
+    """The start of a temporary name for ``name``: :data:`PARTIAL_PREFIX` and the writer's
+    ``HOST.PID`` (:mod:`pancreas_cli.writers`), so :func:`sweep_dead_partials` needs no lock."""
+    return f"{PARTIAL_PREFIX}{writers.tag()}.{name}"
+
+
+def sweep_dead_partials(folder: Path) -> list[Path]:
+    """Remove the temporary files and folders in ``folder`` of this machine's pancseg processes that no
+    longer run (killed while writing); safe without a lock: a running writer's names are kept."""
+    found = [p for p in partials(folder) if p.name.startswith(PARTIAL_PREFIX)
+             and writers.dead_writer(p.name[len(PARTIAL_PREFIX):])]
+    _remove(found)
+    return found
 
 
 def partials(folder: Path) -> list[Path]:
@@ -190,12 +207,17 @@ def sweep_partials(folder: Path) -> list[Path]:
     """Remove :func:`partials` of ``folder``; only while holding the lock that keeps other pancseg
     commands from writing there (theirs would go too)."""
     found = partials(folder)
-    for entry in found:
+    _remove(found)
+    return found
+
+
+def _remove(entries: list[Path]) -> None:
+    for entry in entries:
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
-            entry.unlink(missing_ok=True)
-    return found
+            with contextlib.suppress(OSError):  # removed meanwhile, or on read-only storage
+                entry.unlink(missing_ok=True)
 
 
 #: torch.save's words for a write that failed (a full disk): they name no file and no reason.
@@ -247,7 +269,7 @@ def write_text(text: str, path: Path) -> None:
     """Write a text file atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with naming_full_disk(path):
-        fd, tmp = tempfile.mkstemp(prefix=f"{PARTIAL_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=partial_name(f"{path.name}."), suffix=".tmp", dir=path.parent)
     try:
         with naming_full_disk(path), os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
@@ -263,7 +285,7 @@ def link_or_copy(src: Path, dst: Path, *, link: bool = True) -> None:
     change the user's source.
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f"{PARTIAL_PREFIX}{dst.name}.tmp")
+    tmp = dst.with_name(partial_name(f"{dst.name}.tmp"))
     tmp.unlink(missing_ok=True)
     try:
         with naming_full_disk(dst):

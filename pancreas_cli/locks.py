@@ -24,8 +24,6 @@ import functools
 import glob
 import json
 import os
-import re
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -34,12 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pancreas_cli import writers
 from pancreas_cli.exceptions import BusyError
 
 LOCK_DIR = ".locks"
 OUTPUT_LOCK_DIR = ".pancseg-locks"  # beside an output folder
 PROJECT = "project"
-HOST = socket.gethostname()
+HOST = writers.HOST
 POLL_SECONDS = 0.5  # how often a waiting command tries the lock again
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -96,34 +95,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_in_child)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-_NOTE_HOST = re.sub(r"[^A-Za-z0-9-]", "_", HOST) or "host"  # the host as a note's file name spells it
-
-
 def _note_path(lock_file: Path) -> Path:
-    return lock_file.with_name(f"{lock_file.name}.{_NOTE_HOST}.{os.getpid()}.holder")
-
-
-def _sweep_partial_notes(lock_file: Path) -> None:
-    """Remove the half-written notes of this machine's holders killed while writing them (the
-    temporary file of the atomic write, named after the note and so after its pid)."""
-    from pancreas_cli.imageio import PARTIAL_PREFIX
-
-    prefix = f"{PARTIAL_PREFIX}{lock_file.name}.{_NOTE_HOST}."
-    for path in lock_file.parent.glob(f"{glob.escape(prefix)}*.holder.*.tmp"):
-        pid = path.name[len(prefix):].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
+    return lock_file.with_name(f"{lock_file.name}.{writers.tag()}.holder")
 
 
 def _write_note(held: _Held) -> None:
@@ -143,14 +116,17 @@ def _read_note(path: Path) -> _Note | None:
 
 def _notes(lock_file: Path) -> list[_Note]:
     """The other holders of ``lock_file``, from the notes they left beside it. Notes of this machine's
-    killed holders are removed; another machine's are kept (its processes cannot be seen)."""
-    _sweep_partial_notes(lock_file)
+    killed holders are removed (and notes they were writing); another machine's are kept (its
+    processes cannot be seen)."""
+    from pancreas_cli.imageio import sweep_dead_partials
+
+    sweep_dead_partials(lock_file.parent)
     found = []
     for path in sorted(lock_file.parent.glob(f"{glob.escape(lock_file.name)}.*.holder")):
         note = _read_note(path)
         if note is None or (note.here and note.pid == os.getpid()):
             continue
-        if note.here and not _alive(note.pid):  # killed before it could remove it (kept on read-only storage)
+        if note.here and not writers.alive(note.pid):  # killed before it could remove it (kept on read-only storage)
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
             continue

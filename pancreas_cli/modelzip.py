@@ -24,12 +24,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from pancreas_cli import __version__
 from pancreas_cli.checkpoints import read_checkpoint
 from pancreas_cli.exceptions import ModelArchiveError, OutputExistsError
-from pancreas_cli.imageio import PARTIAL_PREFIX, atomic_target, publish
+from pancreas_cli.imageio import atomic_target, partial_name, publish, sweep_dead_partials
 from pancreas_cli.layout import TRAINERS, checkpoint_name, fold_folder, folds_with, model_folder
 from pancreas_cli.multitask.settings import SETTINGS_NAME
 
@@ -65,12 +65,19 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) if p.isdigit() else 0 for p in text.split(".")[:3])
 
 
-def _sha256(path: Path) -> str:
+def _stream_sha256(src: IO[bytes], out: IO[bytes] | None = None) -> str:
+    """The sha256 of what ``src`` holds, copied to ``out`` on the way when given."""
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
+    while chunk := src.read(_CHUNK):
+        digest.update(chunk)
+        if out is not None:
+            out.write(chunk)
     return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return _stream_sha256(fh)
 
 
 def _nnunet_version() -> str:
@@ -92,8 +99,10 @@ def _export_files(model_dir: Path, folds: list[int], checkpoint: str) -> list[Pa
 
 
 def export_model(config: Config, out_zip: Path, *, folds: list[int] | None = None, checkpoint: str = "final",
-                 force: bool = False) -> Model:
-    """Write the configured model's ``folds`` (default: every fold with the checkpoint) to ``out_zip``."""
+                 force: bool = False) -> tuple[Model, bool]:
+    """Write the configured model's ``folds`` (default: every fold with the checkpoint) to ``out_zip``;
+    returns the model and whether ``out_zip`` held this very archive already (nothing written: a
+    script run again, or after a kill, goes on). Another archive there needs ``force``."""
     model_dir = model_folder(config)
     name = checkpoint_name(checkpoint)
     available = folds_with(model_dir, name)
@@ -102,8 +111,6 @@ def export_model(config: Config, out_zip: Path, *, folds: list[int] | None = Non
     if missing:
         raise ModelArchiveError(f"{model_dir}: fold {missing[0]} has no {name}; trained folds with it: "
                                 f"{available or 'none'} (train first, or pass --checkpoint)")
-    if out_zip.exists() and not force:
-        raise OutputExistsError(f"{out_zip} exists; pass --force to replace it, or choose another -o")
     files = _export_files(model_dir, folds, name)
     root = model_dir.parent.parent
     manifest = {"format": FORMAT, "pancseg_version": __version__, "nnunetv2_version": _nnunet_version(),
@@ -113,6 +120,12 @@ def export_model(config: Config, out_zip: Path, *, folds: list[int] | None = Non
                 "model": model_dir.relative_to(root).as_posix(), "trainer": model_dir.name.split("__")[0],
                 "folds": folds, "checkpoint": name,
                 "files": {p.relative_to(model_dir).as_posix(): _sha256(p) for p in files}}
+    if out_zip.exists() and not force:
+        if _holds(out_zip, manifest):
+            return Model(model_dir, manifest), True
+        raise OutputExistsError(f"{out_zip} exists and holds another model (or other folds, checkpoint or "
+                                "versions); pass --force to replace it, or choose another -o")
+    sweep_dead_partials(out_zip.parent)  # what a killed export left
     with atomic_target(out_zip) as tmp:
         with zipfile.ZipFile(tmp, "w") as archive:
             for path in files:  # checkpoints are zips already: stored; the JSON files compressed
@@ -121,7 +134,24 @@ def export_model(config: Config, out_zip: Path, *, folds: list[int] | None = Non
             archive.writestr(f"{manifest['model']}/{MANIFEST_NAME}", json.dumps(manifest, indent=2),
                              zipfile.ZIP_DEFLATED)
         publish(tmp, out_zip)
-    return Model(model_dir, manifest)
+    return Model(model_dir, manifest), False
+
+
+def _holds(zip_path: Path, manifest: dict[str, Any]) -> bool:
+    """Whether ``zip_path`` is an intact archive with this ``manifest`` (every file's checksum read)."""
+    try:
+        archive, held, _ = _open(zip_path)
+    except ModelArchiveError:
+        return False
+    with archive:
+        if held != manifest:
+            return False
+        model = manifest["model"]
+        for name, expected in manifest["files"].items():
+            with archive.open(f"{model}/{name}") as src:
+                if _stream_sha256(src) != expected:
+                    return False
+    return True
 
 
 def _next_minor(version: str) -> str:
@@ -202,12 +232,9 @@ def _unpack(archive: zipfile.ZipFile, zip_path: Path, manifest: dict[str, Any], 
     for name, expected in [(MANIFEST_NAME, None), *manifest["files"].items()]:
         target = dest / model / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
         with archive.open(f"{model}/{name}") as src, target.open("wb") as out:
-            while chunk := src.read(_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-        if expected is not None and digest.hexdigest() != expected:
+            digest = _stream_sha256(src, out)
+        if expected is not None and digest != expected:
             raise ModelArchiveError(f"{zip_path}: refused: {name} does not match its checksum in the manifest (a "
                                     "tampered or damaged archive); export the model again")
 
@@ -229,7 +256,8 @@ def _open(zip_path: Path) -> tuple[zipfile.ZipFile, dict[str, Any], str]:
 def _unpacked(archive: zipfile.ZipFile, zip_path: Path, manifest: dict[str, Any], dest_parent: Path) -> Path:
     """The opened and checked archive unpacked (each file checked) into a new temporary folder in ``dest_parent``."""
     dest_parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=dest_parent))
+    sweep_dead_partials(dest_parent)  # what a killed unpacking left
+    tmp = Path(tempfile.mkdtemp(prefix=partial_name(), dir=dest_parent))
     try:
         _unpack(archive, zip_path, manifest, tmp)
     except BaseException:

@@ -37,7 +37,7 @@ from pancreas_cli.console import count
 from pancreas_cli.devices import cpu_share, find_device
 from pancreas_cli.dicom import choose_series, series_ids
 from pancreas_cli.exceptions import DataError, OutputExistsError, PredictError
-from pancreas_cli.imageio import (PARTIAL_PREFIX, ct_value_problem, image_extension, read_image,
+from pancreas_cli.imageio import (ct_value_problem, image_extension, partial_name, read_image,
                                   sweep_partials, verify_image, write_image)
 from pancreas_cli.inference.pipeline import Finished, run_overlapped
 from pancreas_cli.inference.reading import nnunet_input, reads_like_simpleitk
@@ -633,7 +633,7 @@ def _predict_cases(config: Config, result: PredictResult, todo: list[InputCase],
     stopped (the cases finished so far)."""
     out_dir, multitask = result.out_dir, config.train.task == "multitask"
     with redirect_output(log_file) as terminal, \
-            tempfile.TemporaryDirectory(dir=out_dir, prefix=PARTIAL_PREFIX) as scratch:
+            tempfile.TemporaryDirectory(dir=out_dir, prefix=partial_name()) as scratch:
         try:
             predictor = _load_model(config, result.model_dir, result.folds, stamp["checkpoint"], device,
                                     stamp["mirroring"], trust_model)

@@ -24,7 +24,7 @@ from pancreas_cli.evaluation import PER_CASE_NAME, SUMMARY_NAME, load_per_case, 
 from pancreas_cli.exceptions import DataError, OutputExistsError
 from pancreas_cli.figures import contour_labels, default_style, show_ct
 from pancreas_cli.figures import save_figure as _save
-from pancreas_cli.imageio import IMAGE_EXTENSIONS, read_image, write_text
+from pancreas_cli.imageio import IMAGE_EXTENSIONS, read_image, sweep_dead_partials, write_text
 from pancreas_cli.layout import (CROSSVAL_DIR, METRICS_NAME, VALIDATION_DIR, fold_folder, fold_validation,
                                   model_folder, validated_folds)
 from pancreas_cli.multitask.history import REPORTED_COLUMNS, read_metrics
@@ -426,6 +426,7 @@ def _write_report(config: Config, folds: list[int], title: str, out_html: Path, 
         raise OutputExistsError(f"{out_html} exists and is not a pancseg report; choose another --out or move it")
     inputs = _read_inputs(config, folds, pred_dirs, gt_dir, images_dir, metrics_dir)
     png_stem = out_html.parent / out_html.stem
+    sweep_dead_partials(out_html.parent)  # what a killed report left
     result = ReportResult(out_html)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = ["<h2 id='training'>Training</h2>",

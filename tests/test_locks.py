@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import held_elsewhere, make_quiz, write_config
-from pancreas_cli import locks
+from pancreas_cli import locks, writers
 from pancreas_cli.cli import app
 from pancreas_cli.imageio import PARTIAL_PREFIX
 from pancreas_cli.locks import BusyError
@@ -78,9 +78,8 @@ def test_a_note_half_written_by_a_killed_command_is_removed(tmp_path: Path) -> N
     os.waitpid(pid, 0)  # a pid that no longer runs
     folder = tmp_path / locks.LOCK_DIR
     folder.mkdir()
-    host = locks._NOTE_HOST
-    dead = folder / f"{PARTIAL_PREFIX}project.lock.{host}.{pid}.holder.k3j2h1x9.tmp"
-    running = folder / f"{PARTIAL_PREFIX}project.lock.{host}.{os.getppid()}.holder.a1b2c3d4.tmp"
+    dead, running = (folder / f"{PARTIAL_PREFIX}{writers.HOST_TAG}.{p}.project.lock.{writers.HOST_TAG}.{p}.holder.k3.tmp"
+                     for p in (pid, os.getppid()))
     for path in (dead, running):
         path.write_text('{"pid": ', encoding="utf-8")
     with locks.project(tmp_path):

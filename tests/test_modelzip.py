@@ -152,11 +152,23 @@ def test_install_model_and_nnunets_installer(archive: Path, tmp_path: Path, runn
     assert (tmp_path / "nnunet" / installed.relative_to(installed.parents[1]) / "fold_4" / "checkpoint_final.pth").is_file()
 
 
-def test_export_refuses_to_replace_a_file_and_a_missing_fold(trained_project: Path, runner: CliRunner,
+def test_export_keeps_its_own_archive_and_refuses_another_file_and_a_missing_fold(trained_project: Path, runner: CliRunner,
                                                              tmp_path: Path) -> None:
     cfg = str(trained_project / "pancseg.yaml")
     (tmp_path / "m.zip").write_text("mine")
     taken = runner.invoke(app, ["export", "-c", cfg, "-o", str(tmp_path / "m.zip")])
     assert taken.exit_code == 1 and "--force" in taken.stderr and (tmp_path / "m.zip").read_text() == "mine"
+    done = runner.invoke(app, ["export", "-c", cfg, "-o", str(tmp_path / "a.zip")])
+    assert done.exit_code == 0 and done.stdout.startswith("exported: ")
+    written = (tmp_path / "a.zip").stat().st_mtime_ns
+    again = runner.invoke(app, ["export", "-c", cfg, "-o", str(tmp_path / "a.zip")])  # the same archive: nothing to do
+    assert again.exit_code == 0 and again.stdout.startswith("up to date: ")
+    assert (tmp_path / "a.zip").stat().st_mtime_ns == written
+    best = runner.invoke(app, ["export", "-c", cfg, "-o", str(tmp_path / "a.zip"), "--checkpoint", "best"])
+    assert best.exit_code == 1 and "holds another model" in best.stderr  # another archive: refused
+    damaged = _rewrite(tmp_path / "a.zip", tmp_path / "b.zip",
+                       lambda name, data: [(name, data[:-1] + b"x" if name.endswith(".pth") else data)])
+    shutil.copyfile(damaged, tmp_path / "a.zip")
+    assert runner.invoke(app, ["export", "-c", cfg, "-o", str(tmp_path / "a.zip")]).exit_code == 1  # not the same
     missing = runner.invoke(app, ["export", "-c", cfg, "-o", str(tmp_path / "n.zip"), "--fold", "2"])
     assert missing.exit_code == 1 and "fold 2 has no checkpoint_final.pth" in missing.stderr

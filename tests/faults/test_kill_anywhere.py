@@ -1,10 +1,11 @@
 """kill -9 at a random point of every stage, then the same command again: the result of an uninterrupted run.
 
 One chain on a tiny synthetic project: prepare, clean, preprocess, train (continued with
-``--resume``, the documented way on), predict. Each stage is started as its own process and killed
+``--resume``, the documented way on), predict, evaluate, report, export. Each stage is started as its own process and killed
 with SIGKILL after a random delay within the time an uninterrupted run of it took, once per seed (the
-second kill hits what the first left), then run again to the end. The outputs are then compared with an uninterrupted chain (and, for predict, an uninterrupted
-prediction by the same model), and nothing temporary may be left behind.
+second kill hits what the first left), then run again to the end. The outputs are then compared with an uninterrupted chain (and, for the stages after train,
+with an uninterrupted run on the same model, written under ``ref/``), and nothing temporary may be
+left behind.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,7 +30,12 @@ pytestmark = pytest.mark.slow
 CONFIG = ("project_dir: ./work\ndataset: {source: ./data}\nplan: {preset: smoke, num_processes: 1}\n"
           "train: {device: cpu, epochs: 2, iterations_per_epoch: 2, val_iterations: 1, save_every: 1, da_workers: 0}\n"
           "predict: {device: cpu, mirroring: false}\n")
-STAGES = [["prepare"], ["clean"], ["preprocess"], ["train", "--fold", "0"], ["predict", "-i", "data/test", "-o", "pred"]]
+STAGES = [["prepare"], ["clean"], ["preprocess"], ["train", "--fold", "0"], ["predict", "-i", "data/test", "-o", "pred"],
+          ["evaluate", "--fold", "0", "-o", "eval"], ["report", "--fold", "0", "-o", "report/report.html"],
+          ["export", "-o", "model.zip"]]
+#: Stages whose output depends on the model (another training changes it) and is named by their last
+#: argument: compared with an uninterrupted run on the same model.
+MODEL_STAGES = ("predict", "evaluate", "report", "export")
 LEFTOVERS = ("*.tmp*", ".partial_*", ".scratch*")
 
 
@@ -65,8 +73,9 @@ def _raw(root: Path) -> Path:
     return next((root / "work" / "nnUNet_raw").glob("Dataset*"))
 
 
-def _state(root: Path, stage: str) -> dict[str, object]:
-    """What an uninterrupted run of ``stage`` leaves, independent of where the project lies."""
+def _state(root: Path, stage: str, out: str | None = None) -> dict[str, object]:
+    """What an uninterrupted run of ``stage`` leaves (a model stage: in ``out``), independent of where
+    the project lies."""
     if stage in ("prepare", "clean"):
         raw = _raw(root)
         # pancseg's own state files record absolute paths and times: compared by presence only
@@ -80,9 +89,15 @@ def _state(root: Path, stage: str) -> dict[str, object]:
         fold = next((root / "work" / "nnUNet_results").glob("Dataset*/*/fold_0"))
         rows = (fold / "metrics.csv").read_text().splitlines()
         return {"final": (fold / "checkpoint_final.pth").is_file(), "epochs": len(rows) - 1}
-    out = root / "pred"
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.nii.gz"))} | {
-        "csv": (out / "subtype_results.csv").read_text()}
+    path = root / str(out)
+    if stage == "export":  # the zip's times differ: its names and manifest (every file's sha256)
+        with zipfile.ZipFile(path) as archive:
+            manifest = next(n for n in archive.namelist() if n.endswith("/pancseg_model.json"))
+            return {"names": sorted(archive.namelist()), "manifest": json.loads(archive.read(manifest))}
+    if stage == "report":  # the page says when it was written (to the minute)
+        return {p.name: re.sub(rb"\d{4}-\d\d-\d\d \d\d:\d\d UTC", b"TIME", p.read_bytes())
+                for p in sorted(path.parent.iterdir()) if p.is_file()}
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
 
 
 def _leftovers(root: Path) -> list[str]:
@@ -95,7 +110,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, dict]
     states, seconds = {}, {}
     for args in STAGES:
         seconds[args[0]] = _run(root, args)
-        if args[0] != "predict":  # predictions depend on the model, which another training changes
+        if args[0] not in MODEL_STAGES:  # their outputs depend on the model, which another training changes
             states[args[0]] = _state(root, args[0])
     return states, seconds
 
@@ -111,20 +126,21 @@ def test_kill_any_stage_then_run_it_again(reference, tmp_path: Path) -> None:
         stage = args[0]
         delays = [rng.uniform(0.2, seconds[stage]) for rng in rngs]
         what = f"{stage} killed after {', '.join(f'{d:.1f}' for d in delays)} s"
-        if stage == "predict":  # the same model's uninterrupted prediction, to compare with
-            _run(root, [*args[:-1], "pred_ref"])
+        if stage in MODEL_STAGES:  # the same model's uninterrupted run, to compare with
+            _run(root, [*args[:-1], f"ref/{args[-1]}"])
         for delay in delays:
-            again = [*args, "--resume"] if stage == "train" and _has_training(root) else args
-            _killed(root, again, delay)
-        _run(root, [*args, "--resume"] if stage == "train" and _has_training(root) else args)
-        if stage == "predict":
-            expected = _state(root, stage)
-            (root / "pred").rename(root / "pred_killed")
-            (root / "pred_ref").rename(root / "pred")
-            assert _state(root, stage) == expected, what
+            _killed(root, _resumed(root, args), delay)
+        _run(root, _resumed(root, args))
+        if stage in MODEL_STAGES:
+            assert _state(root, stage, args[-1]) == _state(root, stage, f"ref/{args[-1]}"), what
         else:
             assert _state(root, stage) == states[stage], what
         assert not _leftovers(root), f"{what}: left {_leftovers(root)}"
+
+
+def _resumed(root: Path, args: list[str]) -> list[str]:
+    """``args``, with ``--resume`` for a training that has begun (the documented way on)."""
+    return [*args, "--resume"] if args[0] == "train" and _has_training(root) else args
 
 
 def _has_training(root: Path) -> bool:
