@@ -20,6 +20,7 @@ import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
@@ -123,8 +124,8 @@ def export_model(config: Config, out_zip: Path, *, folds: list[int] | None = Non
     if out_zip.exists() and not force:
         if _holds(out_zip, manifest):
             return Model(model_dir, manifest), True
-        raise OutputExistsError(f"{out_zip} exists and holds another model (or other folds, checkpoint or "
-                                "versions); pass --force to replace it, or choose another -o")
+        raise OutputExistsError(f"{out_zip} exists and is not this archive (another model, other folds, checkpoint "
+                                "or versions, or no model archive); pass --force to replace it, or choose another -o")
     sweep_dead_partials(out_zip.parent)  # what a killed export left
     with atomic_target(out_zip) as tmp:
         with zipfile.ZipFile(tmp, "w") as archive:
@@ -147,11 +148,16 @@ def _holds(zip_path: Path, manifest: dict[str, Any]) -> bool:
         if held != manifest:
             return False
         model = manifest["model"]
-        for name, expected in manifest["files"].items():
-            with archive.open(f"{model}/{name}") as src:
-                if _stream_sha256(src) != expected:
-                    return False
-    return True
+        try:
+            return all(_member_sha256(archive, f"{model}/{name}") == expected
+                       for name, expected in manifest["files"].items())
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error):  # damaged: a CRC or a stream that breaks off
+            return False
+
+
+def _member_sha256(archive: zipfile.ZipFile, name: str) -> str:
+    with archive.open(name) as src:
+        return _stream_sha256(src)
 
 
 def _next_minor(version: str) -> str:

@@ -165,10 +165,16 @@ def test_export_keeps_its_own_archive_and_refuses_another_file_and_a_missing_fol
     assert again.exit_code == 0 and again.stdout.startswith("up to date: ")
     assert (tmp_path / "a.zip").stat().st_mtime_ns == written
     best = runner.invoke(app, ["export", "-c", cfg, "-o", str(tmp_path / "a.zip"), "--checkpoint", "best"])
-    assert best.exit_code == 1 and "holds another model" in best.stderr  # another archive: refused
+    assert best.exit_code == 1 and "is not this archive" in best.stderr  # another archive: refused
     damaged = _rewrite(tmp_path / "a.zip", tmp_path / "b.zip",
                        lambda name, data: [(name, data[:-1] + b"x" if name.endswith(".pth") else data)])
     shutil.copyfile(damaged, tmp_path / "a.zip")
     assert runner.invoke(app, ["export", "-c", cfg, "-o", str(tmp_path / "a.zip")]).exit_code == 1  # not the same
+    data = bytearray((tmp_path / "b.zip").read_bytes())  # bytes flipped inside a checkpoint: its CRC fails
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    (tmp_path / "a.zip").write_bytes(bytes(data))
+    flipped = runner.invoke(app, ["export", "-c", cfg, "-o", str(tmp_path / "a.zip")])
+    assert flipped.exit_code == 1 and "is not this archive" in flipped.stderr
     missing = runner.invoke(app, ["export", "-c", cfg, "-o", str(tmp_path / "n.zip"), "--fold", "2"])
     assert missing.exit_code == 1 and "fold 2 has no checkpoint_final.pth" in missing.stderr
