@@ -233,11 +233,14 @@ def contributions(args: argparse.Namespace, project: Path, scans: Path) -> dict:
     if device.type == "cuda":  # tensor cores prefer channels-last activations (not a setting yet: measured first)
         variants[f"batch{auto}+channels_last"] = WindowSettings(batch_size=auto, region=False, keep_on_device=True,
                                                                 pad_batches=pad)
+    for backend in args.backends:  # an inference runtime for the network (CPU); the head stays in torch
+        variants[f"batch{auto}+{backend}"] = WindowSettings(batch_size=auto, region=False, keep_on_device=True,
+                                                            pad_batches=pad, backend=backend)
     if args.compile_variant:  # its first (untimed on CUDA) round includes compiling
         variants[f"batch{auto}+compile"] = WindowSettings(batch_size=auto, region=False, keep_on_device=True,
                                                           pad_batches=pad, compile=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
-    logits = None
+    logits, last = None, {}
     network = unwrap(predictor.network)
     for round_ in range(args.contrib_rounds + (device.type == "cuda")):
         names = list(variants) if round_ % 2 == 0 else list(reversed(variants))
@@ -246,14 +249,20 @@ def contributions(args: argparse.Namespace, project: Path, scans: Path) -> dict:
             predictor._batch_forward = predictor._compiled.get(name)
             network.to(memory_format=torch.channels_last_3d if name.endswith("channels_last")
                        else torch.contiguous_format)
+            predictor._runtimes = predictor._compiled.get(f"{name} runtimes", {})
             logits, seconds = _timed(device, lambda: predictor.predict_logits_from_preprocessed_data(x))
             predictor._compiled[name] = predictor._batch_forward
+            predictor._compiled[f"{name} runtimes"] = predictor._runtimes
+            last[name] = logits.argmax(0)
             if round_ or device.type != "cuda":
                 times[name].append(seconds)
             table[f"window_{name}_stats"] = predictor.window_stats.describe() if variants[name] else "nnU-Net's"
             print(f"  contributions: {name} {seconds:.2f}s", file=sys.stderr, flush=True)
     for name, values in times.items():
         table[f"window_{name}"] = statistics.median(values)
+    for backend in args.backends if f"batch{auto}" in last else ():  # float rounding: voxels whose argmax
+        table[f"window_batch{auto}+{backend}_argmax_differs"] = int(  # differs from torch's (model grid)
+            (last[f"batch{auto}+{backend}"] != last[f"batch{auto}"]).sum())
     with tempfile.TemporaryDirectory() as tmp:
         cpu_logits = logits.cpu()
         table["export_nnunet"] = _timed(device, lambda: export_prediction_from_logits(
@@ -325,6 +334,8 @@ def main() -> None:
     parser.add_argument("--contrib-rounds", type=int, default=2)
     parser.add_argument("--compile-variant", action="store_true", help="also time the window with predict.compile")
     parser.add_argument("--batch-sweep", default="1,2,4,8", help="batch sizes of the window timed in-process")
+    parser.add_argument("--backends", default="", help="also time the window with these predict.backend runtimes "
+                        "(onnxruntime,openvino; CPU)")
     parser.add_argument("--train-cases", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--iterations", type=int, default=25)
@@ -334,6 +345,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     args.batch_sweep = [int(b) for b in args.batch_sweep.split(",")]
+    args.backends = [b for b in args.backends.split(",") if b]
     args.crop = tuple(int(v) for v in args.crop.split("x"))
     args.contributions = args.contributions or args.contributions_only
     report = benchmark(args)

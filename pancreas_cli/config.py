@@ -186,6 +186,14 @@ class PredictConfig(_Section):
     region: bool = True
     region_margin_mm: float = Field(15.0, ge=0)
     compile: bool = False
+    backend: Literal["torch", "onnxruntime", "openvino"] = "torch"
+
+    @model_validator(mode="after")
+    def _backend_of_pancseg_engine(self) -> PredictConfig:
+        if self.backend != "torch" and self.engine != "pancseg":
+            raise ValueError(f"predict.backend: {self.backend} runs pancseg's engine; set predict.engine: pancseg, "
+                             "or predict.backend: torch")
+        return self
 
     @field_validator("batch_size")
     @classmethod

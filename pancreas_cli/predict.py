@@ -39,6 +39,7 @@ from pancreas_cli.dicom import choose_series, series_ids
 from pancreas_cli.exceptions import DataError, OutputExistsError, PredictError
 from pancreas_cli.imageio import (ct_value_problem, image_extension, partial_name, read_image,
                                   sweep_partials, verify_image, write_image)
+from pancreas_cli.inference.backends import check_backend
 from pancreas_cli.inference.pipeline import Finished, run_overlapped
 from pancreas_cli.inference.reading import nnunet_input, reads_like_simpleitk
 from pancreas_cli.inference.window import WindowStats
@@ -517,6 +518,8 @@ def _model(config: Config, model_dir: Path | None, folds: list[int] | None, chec
     folds = _resolve_folds(model_dir, folds or settings.folds, checkpoint_name, warn,
                            lambda fold: locks.fold_holders(config.project_dir, trainer, fold))
     device = _device(settings.device, warn)
+    if settings.engine == "pancseg":
+        check_backend(settings.backend, device)
     setup_nnunet_env(config, device_type=device.type, create=writable)
     stamp = model_stamp(model_dir, folds, checkpoint_name, settings.tile_step_size,
                         settings.mirroring and not fast, engine_stamp(settings))
@@ -669,7 +672,7 @@ def _load_model(config: Config, model_dir: Path, folds: list[int], checkpoint_na
     if settings.engine == "pancseg":
         window = WindowSettings(batch_size=batch_size(settings.batch_size, device), region=settings.region,
                                 margin_mm=settings.region_margin_mm, keep_on_device=True,
-                                pad_batches=device.type == "cuda", compile=settings.compile)
+                                pad_batches=device.type == "cuda", compile=settings.compile, backend=settings.backend)
     cls = MultiTaskPredictor if config.train.task == "multitask" else ProgressPredictor
     predictor = cls(tile_step_size=settings.tile_step_size, use_gaussian=True, use_mirroring=mirroring,
                     perform_everything_on_device=device.type == "cuda", device=device, verbose=False,

@@ -367,9 +367,13 @@ class MultiTaskNet(nn.Module):
         skips = self.encoder(x)
         seg = self.decoder(skips)
         full_res = seg[0] if isinstance(seg, (list, tuple)) else seg
-        attention = self._attention(full_res) if self.settings.pooling == "attention" else None
-        logits = self.head([skips[i] for i in self.stage_indices], attention, x)
-        return seg, logits
+        return seg, self.classify(full_res, [skips[i] for i in self.stage_indices], x)
+
+    def classify(self, seg: torch.Tensor, features: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Class logits from the full-resolution segmentation logits, the encoder features of
+        ``stage_indices`` and the input (so an inference runtime can compute the rest)."""
+        attention = self._attention(seg) if self.settings.pooling == "attention" else None
+        return self.head(features, attention, x)
 
     def forward(self, x: torch.Tensor) -> Any:
         seg, logits = self.forward_multitask(x)

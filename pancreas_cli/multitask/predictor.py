@@ -23,6 +23,7 @@ from torch._dynamo import OptimizedModule
 
 from pancreas_cli.checkpoints import read_checkpoint
 from pancreas_cli.exceptions import CheckpointError
+from pancreas_cli.inference.backends import RuntimeNetwork
 from pancreas_cli.inference.window import (AT_BORDER, NOTHING_FOUND, WindowStats, foreground, mirror_combinations,
                                            tiles_near, touches_border)
 from pancreas_cli.layout import CHECKPOINT_FINAL, fold_folder
@@ -40,6 +41,7 @@ class WindowSettings:
     pad_batches: bool = False  # fill the last batch up to batch_size: cuDNN then tunes one input shape, not one per
     # remainder (each new shape costs ~2 s of tuning on an H200, more than a crop's whole window; BENCHMARKS.md)
     compile: bool = False  # torch.compile the batched forward pass (pays over many cases: compiling takes minutes)
+    backend: str = "torch"  # or a runtime for the CPU (pancreas_cli.inference.backends)
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -76,6 +78,7 @@ class ProgressPredictor(nnUNetPredictor):
         self._tiles = [0, 0]  # done, total of this sliding window
         self._reported = 0.0
         self._batch_forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._runtimes: dict[int, RuntimeNetwork] = {}  # per fold (self._model): its weights in the backend
 
     def initialize_from_trained_model_folder(self, model_training_output_dir: str,
                                              use_folds: tuple[int | str, ...] | str | None,
@@ -162,6 +165,11 @@ class ProgressPredictor(nnUNetPredictor):
 
     def _network_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Segmentation logits (and class logits, for the multi-task network) of a batch of tiles."""
+        if self.window and self.window.backend != "torch":
+            if self._model not in self._runtimes:  # this fold's weights are in the network now
+                self._runtimes[self._model] = RuntimeNetwork(self.window.backend, unwrap(self.network),
+                                                             self._runtime_skips(), x, torch.get_num_threads())
+            return self._runtime_batch(self._runtimes[self._model], x)
         if self._batch_forward is None:
             forward = self._forward_function()
             self._batch_forward = torch.compile(forward, dynamic=False) if self.window and self.window.compile \
@@ -171,6 +179,13 @@ class ProgressPredictor(nnUNetPredictor):
     def _forward_function(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
         network = unwrap(self.network)  # the folds' weights are loaded into this module in place
         return lambda x: (network(x), None)
+
+    def _runtime_skips(self) -> tuple[int, ...]:
+        """The encoder stages the network's torch part needs from a runtime (none: segmentation only)."""
+        return ()
+
+    def _runtime_batch(self, runtime: RuntimeNetwork, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return runtime(x)[0], None
 
     def _tile_done(self, prediction: torch.Tensor, class_logits: list[torch.Tensor]) -> None:
         """Called per tile, in window order, with its averaged logits (1,C,*P) and its passes' class logits."""
@@ -358,6 +373,14 @@ class MultiTaskPredictor(ProgressPredictor):
 
     def _forward_function(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
         return self._multitask_net().forward_multitask  # (segmentation, class logits) from one encoder pass
+
+    def _runtime_skips(self) -> tuple[int, ...]:
+        return tuple(self._multitask_net().stage_indices)
+
+    def _runtime_batch(self, runtime: RuntimeNetwork, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The runtime's segmentation and encoder features; the subtype head on them in torch."""
+        seg, skips = runtime(x)
+        return seg, self._multitask_net().classify(seg, skips, x)
 
     def _tile_done(self, prediction: torch.Tensor, class_logits: list[torch.Tensor]) -> None:
         """Adds a tile's class probabilities (averaged over its passes), weighted by its predicted lesion."""
