@@ -97,6 +97,18 @@ def check_torchvision(torch_version: str) -> Check:
     return Check("torchvision", "ok", version)
 
 
+def check_predict_backend(chosen: str) -> Check:
+    """The chosen ``predict.backend`` is installed (blocking if not); which CPU runtimes are."""
+    from pancreas_cli.inference.backends import BACKENDS, missing_packages
+
+    installed = [name for name in BACKENDS if name != "torch" and not missing_packages(name)]
+    if missing := missing_packages(chosen):
+        return Check("predict backend", "blocking", f"predict.backend: {chosen} needs {' and '.join(missing)}: "
+                     f"pip install \"pancseg[{chosen}]\"")
+    return Check("predict backend", "ok", f"{chosen}; CPU runtimes installed: "
+                 f"{', '.join(installed) or 'none (optional: pancseg[openvino], pancseg[onnxruntime])'}")
+
+
 def doctor(config_path: Path | None = None, overrides: list[str] | None = None) -> DoctorReport:
     """Collect versions, device, disk and shared memory, and validate the config."""
     report = DoctorReport()
@@ -132,6 +144,7 @@ def doctor(config_path: Path | None = None, overrides: list[str] | None = None) 
         else:
             add(Check("device", "ok", f"{requested} -> {detail}"))
 
+    add(check_predict_backend(config.predict.backend if config else "torch"))
     where = _existing_parent(config.project_dir if config else Path.cwd())
     free = shutil.disk_usage(where).free
     preset = config.plan.preset if config else "default"

@@ -164,6 +164,24 @@ def test_doctor_json_and_blocking_device(runner: CliRunner, tmp_path: Path) -> N
     assert cpu.exit_code == (0 if all(c["status"] != "blocking" for c in checks.values()) else 1)
 
 
+def test_doctor_checks_the_chosen_predict_backend(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    from pancreas_cli.inference import backends
+
+    (tmp_path / "data").mkdir()
+    cfg = write_config(tmp_path, "train:\n  device: cpu\npredict:\n  backend: openvino\n")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None if name == "openvino" else real(name))
+    result = runner.invoke(app, ["doctor", "-c", str(cfg), "--json"])
+    check = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "predict backend")
+    assert check["status"] == "blocking" and 'pip install "pancseg[openvino]"' in check["detail"]
+    assert result.exit_code == 1
+    plain = runner.invoke(app, ["doctor", "-c", str(cfg), "--set", "predict.backend=torch", "--json"])
+    check = next(c for c in json.loads(plain.stdout)["checks"] if c["name"] == "predict backend")
+    assert check["status"] == "ok" and check["detail"].startswith("torch; CPU runtimes installed: ")
+
+
 def test_doctor_disk_need_follows_the_preset(tmp_path: Path, monkeypatch) -> None:
     """5 GiB is plenty for the smoke preset, not for a real dataset with ResEnc-M plans."""
     from collections import namedtuple

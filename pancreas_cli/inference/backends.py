@@ -28,13 +28,17 @@ BACKENDS: dict[str, tuple[str, ...]] = {"torch": (), "onnxruntime": ("onnxruntim
                                         "openvino": ("openvino", "onnx")}
 
 
+def missing_packages(backend: str) -> list[str]:
+    """The packages ``backend`` needs that are not installed."""
+    return [name for name in BACKENDS[backend] if importlib.util.find_spec(name) is None]
+
+
 def check_backend(backend: str, device: torch.device) -> None:
     """Refuse a runtime that would run on another device than the CPU, or that is not installed."""
     if backend != "torch" and device.type != "cpu":
         raise PredictError(f"predict.backend: {backend} runs on the CPU, but predict.device is {device}; set "
                            "predict.device: cpu, or predict.backend: torch (on a GPU torch is the fast one)")
-    missing = [name for name in BACKENDS[backend] if importlib.util.find_spec(name) is None]
-    if missing:
+    if missing := missing_packages(backend):
         raise PredictError(f"predict.backend: {backend} needs {' and '.join(missing)}, not installed here: "
                            f"`pip install \"pancseg[{backend}]\"`, or set predict.backend: torch")
 
