@@ -1,7 +1,7 @@
 """Optional inference runtimes for the window's network passes on a CPU: ONNX Runtime and OpenVINO.
 
-On the CPU both run the same network faster than torch (``benchmarks/backend_probe.py``; numbers in
-BENCHMARKS.md), so ``predict.backend`` may choose one. Neither is a dependency (``pip install
+On the CPU both run the window's passes faster than torch, OpenVINO by more (``predict_speed.py
+--backends``; numbers in BENCHMARKS.md), so ``predict.backend`` may choose one. Neither is a dependency (``pip install
 "pancseg[onnxruntime]"`` or ``"pancseg[openvino]"``). The encoder and segmentation decoder are
 exported to ONNX once per fold's weights, in a temporary folder removed once the runtime has loaded
 them; the subtype head stays in torch, on the encoder features the runtime returns (its adaptive
