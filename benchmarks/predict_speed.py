@@ -240,7 +240,7 @@ def contributions(args: argparse.Namespace, project: Path, scans: Path) -> dict:
         variants[f"batch{auto}+compile"] = WindowSettings(batch_size=auto, region=False, keep_on_device=True,
                                                           pad_batches=pad, compile=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
-    logits, last = None, {}
+    logits, last, runtimes = None, {}, {}
     network = unwrap(predictor.network)
     for round_ in range(args.contrib_rounds + (device.type == "cuda")):
         names = list(variants) if round_ % 2 == 0 else list(reversed(variants))
@@ -249,10 +249,9 @@ def contributions(args: argparse.Namespace, project: Path, scans: Path) -> dict:
             predictor._batch_forward = predictor._compiled.get(name)
             network.to(memory_format=torch.channels_last_3d if name.endswith("channels_last")
                        else torch.contiguous_format)
-            predictor._runtimes = predictor._compiled.get(f"{name} runtimes", {})
+            predictor._runtimes = runtimes.setdefault(name, {})  # a backend variant's exported network, kept
             logits, seconds = _timed(device, lambda: predictor.predict_logits_from_preprocessed_data(x))
             predictor._compiled[name] = predictor._batch_forward
-            predictor._compiled[f"{name} runtimes"] = predictor._runtimes
             last[name] = logits.argmax(0)
             if round_ or device.type != "cuda":
                 times[name].append(seconds)

@@ -99,12 +99,11 @@ def check_torchvision(torch_version: str) -> Check:
 
 def check_predict_backend(chosen: str) -> Check:
     """The chosen ``predict.backend`` is installed (blocking if not); which CPU runtimes are."""
-    from pancreas_cli.inference.backends import BACKENDS, missing_packages
+    from pancreas_cli.inference.backends import BACKENDS, missing_packages, missing_text
 
     installed = [name for name in BACKENDS if name != "torch" and not missing_packages(name)]
-    if missing := missing_packages(chosen):
-        return Check("predict backend", "blocking", f"predict.backend: {chosen} needs {' and '.join(missing)}: "
-                     f"pip install \"pancseg[{chosen}]\"")
+    if missing := missing_text(chosen):
+        return Check("predict backend", "blocking", missing)
     return Check("predict backend", "ok", f"{chosen}; CPU runtimes installed: "
                  f"{', '.join(installed) or 'none (optional: pancseg[openvino], pancseg[onnxruntime])'}")
 

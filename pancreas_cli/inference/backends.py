@@ -33,14 +33,20 @@ def missing_packages(backend: str) -> list[str]:
     return [name for name in BACKENDS[backend] if importlib.util.find_spec(name) is None]
 
 
+def missing_text(backend: str) -> str | None:
+    """What ``backend`` lacks and the command that installs it; None when it is installed."""
+    missing = missing_packages(backend)
+    return (f"predict.backend: {backend} needs {' and '.join(missing)}, not installed here: "
+            f"`pip install \"pancseg[{backend}]\"`") if missing else None
+
+
 def check_backend(backend: str, device: torch.device) -> None:
     """Refuse a runtime that would run on another device than the CPU, or that is not installed."""
     if backend != "torch" and device.type != "cpu":
         raise PredictError(f"predict.backend: {backend} runs on the CPU, but predict.device is {device}; set "
                            "predict.device: cpu, or predict.backend: torch (on a GPU torch is the fast one)")
-    if missing := missing_packages(backend):
-        raise PredictError(f"predict.backend: {backend} needs {' and '.join(missing)}, not installed here: "
-                           f"`pip install \"pancseg[{backend}]\"`, or set predict.backend: torch")
+    if missing := missing_text(backend):
+        raise PredictError(f"{missing}, or set predict.backend: torch")
 
 
 def _exported(network: torch.nn.Module, skips: tuple[int, ...]) -> torch.nn.Module:
