@@ -133,6 +133,32 @@ def test_predictor_fields_pancseg_reads_are_set_by_manual_initialization() -> No
     assert not missing, _seam("nnUNetPredictor fields", f"{missing} not set; pancseg's window and predict read them")
 
 
+def test_pancsegs_trainers_networks_are_found_without_nnunets_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The predictor builds a pancseg model's network with what nnU-Net's trainer search would find,
+    without the search (it imports every trainer module nnU-Net ships: seconds of each prediction);
+    other trainers still go through it."""
+    from nnunetv2.utilities import find_objects
+
+    from pancreas_cli.layout import TRAINERS
+    from pancreas_cli.multitask import predictor
+    from pancreas_cli.nnunet_env import TRAINER_DIR
+
+    monkeypatch.setenv("nnUNet_extTrainer", str(TRAINER_DIR))
+    for name in TRAINERS.values():
+        found = find_objects.recursive_find_trainer_class_by_name(name)
+        assert predictor.network_builder(name) == found.build_network_architecture, _seam(
+            f"{name}.build_network_architecture", "the network the trainer builds is not the one "
+            "multitask/predictor.py's network_builder gives for it: make them the same")
+    searched: list[str] = []
+    monkeypatch.setattr(predictor, "recursive_find_trainer_class_by_name", lambda name: searched.append(name))
+    for name in TRAINERS.values():
+        predictor.network_builder(name)
+    assert not searched
+    with pytest.raises(AttributeError):  # the search's None has no builder: it was asked
+        predictor.network_builder("nnUNetTrainer")
+    assert searched == ["nnUNetTrainer"]
+
+
 NNUNET_FOLD_LOOP = {
     ".get_num_threads", ".set_num_threads", ".list_of_parameters", ".network", ".load_state_dict", "._orig_mod",
     ".predict_sliding_window_return_logits", ".to", "'cpu'", ".verbose", "'Prediction done'"}

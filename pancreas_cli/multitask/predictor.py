@@ -26,8 +26,8 @@ from pancreas_cli.exceptions import CheckpointError
 from pancreas_cli.inference.backends import RuntimeNetwork
 from pancreas_cli.inference.window import (AT_BORDER, NOTHING_FOUND, WindowStats, foreground, mirror_combinations,
                                            tiles_near, touches_border)
-from pancreas_cli.layout import CHECKPOINT_FINAL, fold_folder
-from pancreas_cli.multitask.network import MultiTaskNet, lesion_found, tile_weights
+from pancreas_cli.layout import CHECKPOINT_FINAL, TRAINERS, fold_folder
+from pancreas_cli.multitask.network import MultiTaskNet, build_multitask_network, lesion_found, tile_weights
 
 
 @dataclass
@@ -42,6 +42,21 @@ class WindowSettings:
     # remainder (each new shape costs ~2 s of tuning on an H200, more than a crop's whole window; BENCHMARKS.md)
     compile: bool = False  # torch.compile the batched forward pass (pays over many cases: compiling takes minutes)
     backend: str = "torch"  # or a runtime for the CPU (pancreas_cli.inference.backends)
+
+
+def network_builder(trainer_name: str) -> Callable[..., torch.nn.Module]:
+    """The trainer's ``build_network_architecture``, found without nnU-Net's search for pancseg's trainers.
+
+    The search imports every trainer module nnU-Net ships before it looks at ``nnUNet_extTrainer``:
+    about 3 s of each ``pancseg predict`` on 2 cores, more than a crop's window on a GPU. Any other
+    trainer (a model trained by stock nnU-Net) is still found by the search.
+    """
+    if trainer_name == TRAINERS["multitask"]:
+        return build_multitask_network  # nnUNetTrainerMultiTask's own (tests/test_predictor_internals.py)
+    if trainer_name == TRAINERS["segmentation"]:  # nnUNetTrainerPancseg keeps nnU-Net's network
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+        return nnUNetTrainer.build_network_architecture
+    return recursive_find_trainer_class_by_name(trainer_name).build_network_architecture
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -103,7 +118,7 @@ class ProgressPredictor(nnUNetPredictor):
         if first is None:
             raise ValueError(f"no folds to load from {folder}")
         configuration_manager = plans_manager.get_configuration(first["init_args"]["configuration"])
-        network = recursive_find_trainer_class_by_name(first["trainer_name"]).build_network_architecture(
+        network = network_builder(first["trainer_name"])(
             plans_manager, configuration_manager,
             determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
             plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)

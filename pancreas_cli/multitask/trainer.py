@@ -320,11 +320,7 @@ class nnUNetTrainerMultiTask(nnUNetTrainerPancseg):
         head = HeadSettings.for_training(self.pancseg_settings.head())
         plans["configurations"][configuration]["pancseg_head"] = head.to_dict()
 
-    @staticmethod
-    def build_network_architecture(plans_manager: Any, configuration_manager: Any, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return build_multitask_network(plans_manager, configuration_manager, num_input_channels,
-                                       num_output_channels, enable_deep_supervision)
+    build_network_architecture = staticmethod(build_multitask_network)  # the predictor builds it without this class
 
     def configure_optimizers(self) -> tuple[MultiTaskOptimizer, MultiTaskPolyLR]:
         """nnU-Net's SGD and poly schedule for encoder and decoder; AdamW for the head (see optim)."""
