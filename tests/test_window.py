@@ -24,7 +24,7 @@ from pancreas_cli.inference.window import (
 from pancreas_cli.multitask.predictor import ProgressPredictor, WindowSettings
 from pancreas_cli.preprocess import SMOKE_CONFIGURATION
 from test_network import DATASET_JSON, make_plans
-from test_predictor import PATCH, REGIONS_JSON, _image, make_predictor
+from test_predictor import PATCH, REGIONS_JSON, _count_calls, _image, make_predictor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -147,8 +147,40 @@ def test_lesion_at_the_region_edge_is_fully_segmented(regions: bool) -> None:
     result = labels(predictor.predict_sliding_window_return_logits(image))
     stats = predictor.window_stats
     assert stats.fallback is None and 0 < stats.full < stats.tiles  # restricted, and tiles were skipped
-    assert stats.passes == stats.tiles + 7 * stats.full < stats.stock_passes
+    early = stats.passes - (stats.tiles + 7 * stats.full)  # mirrors filling the first pass's last batch
+    assert 0 <= early < 4 and stats.passes < stats.stock_passes
     assert torch.equal(result, expected)
+
+
+def test_mirrors_filling_the_first_pass_change_nothing() -> None:
+    """The first pass's last batch is filled with the first mirrors; the tiles region restriction
+    leaves un-mirrored do not take them, so any batch size gives batch one's answer."""
+    image = phantom()
+    answers, early = [], []
+    for batch in (1, 4, 8):  # 175 tiles: 0, 1 and 1 mirrors computed early
+        predictor = phantom_predictor(WindowSettings(batch_size=batch, region=True, margin_mm=0.0))
+        answers.append(predictor.predict_sliding_window_return_logits(image))
+        stats = predictor.window_stats
+        early.append(stats.passes - (stats.tiles + 7 * stats.full))
+    assert early == [0, 1, 1] and 0 < stats.full < stats.tiles
+    assert all(torch.equal(answer, answers[0]) for answer in answers[1:])
+
+
+def test_two_tiles_take_two_padded_batches_of_eight() -> None:
+    """A quiz-sized crop has 2 ResEnc-M tiles: its 16 passes fill 2 batches of 8 (the first pass's
+    batch carries 6 mirrors), where a separate first pass would take 3."""
+    image = torch.zeros(1, 8, 16, 24)  # 1 x 1 x 2 tiles of 8 x 16 x 16
+    image[0, 2:6, 4:12, 8:16] = 1
+    image[0, 3:5, 6:10, 10:14] = 2
+    expected = phantom_predictor(None).predict_sliding_window_return_logits(image)
+    predictor = phantom_predictor(WindowSettings(batch_size=8, region=True, pad_batches=True))
+    calls = _count_calls(predictor.network)
+    logits = predictor.predict_sliding_window_return_logits(image)
+    stats = predictor.window_stats
+    assert (stats.tiles, stats.full, stats.passes, stats.fallback) == (2, 2, 16, None)
+    assert len(calls) == 2
+    torch.testing.assert_close(logits.float(), expected.float(), atol=2e-3, rtol=0)
+    assert torch.equal(labels(logits), labels(expected))
 
 
 def test_margin_widens_the_region() -> None:

@@ -9,7 +9,8 @@ answer alone (see :class:`~pancreas_cli.multitask.predictor.ProgressPredictor`):
 - a first pass (the un-mirrored one, which is one of the 8) covers every tile; the other 7 mirrors
   run only on tiles within ``margin`` voxels of what that first pass calls foreground. Every voxel
   within the margin is covered only by fully mirrored tiles, so it gets exactly nnU-Net's average;
-  beyond it, tiles keep their un-mirrored prediction.
+  beyond it, tiles keep their un-mirrored prediction. The first pass's last batch is filled up with
+  the first mirrors, which only the tiles that get mirrored keep.
 """
 
 from __future__ import annotations

@@ -216,22 +216,28 @@ class ProgressPredictor(nnUNetPredictor):
         gaussian = (compute_gaussian(tuple(self.configuration_manager.patch_size), sigma_scale=1. / 8,
                                      value_scaling_factor=10, device=results_device) if self.use_gaussian else 1)
         sums = _WindowSums(self, data.shape[1:], slicers, gaussian, combos, results_device)
-        self._passes(data, [(i, ()) for i in range(len(slicers))], slicers, stats, sums.first_pass,
-                     "tiles (first pass)")
-        full = self._tiles_to_mirror(data.shape[1:], sums.first, slicers, gaussian, results_device, stats,
-                                     len(combos))
-        work = [(i, axes) for i in range(len(slicers)) if full[i] for axes in combos[1:]]
-        self._passes(data, work, slicers, stats, sums.mirrored, "mirrored passes")
+        first = [(i, ()) for i in range(len(slicers))]
+        mirrors = [(i, axes) for i in range(len(slicers)) for axes in combos[1:]]
+        if not self.window.region or len(combos) == 1:  # every pass, in one stream of full batches
+            self._passes(data, first + mirrors, slicers, stats, sums.take, "passes" if mirrors else "tiles")
+            full = [True] * len(slicers)
+        else:
+            # The first pass's last batch is filled up with the first mirrors, kept for the tiles that
+            # turn out to need them: a GPU computes a padded batch's places anyway, and a CPU batch of
+            # one is torch's slow path. A quiz-sized crop's 2 ResEnc-M tiles take 2 batches of 8, not 3.
+            early = mirrors[:-len(first) % self.window.batch_size]
+            self._passes(data, first + early, slicers, stats, sums.hold, "tiles (first pass)")
+            full = self._tiles_to_mirror(data.shape[1:], sums.first, slicers, gaussian, results_device, stats)
+            work = [(i, axes) for i, axes in mirrors if full[i]]
+            self._passes(data, work[sums.release(work):], slicers, stats, sums.mirrored, "mirrored passes")
         stats.full = sum(full)
         self.window_stats.add(stats)
         return sums.result()
 
     def _tiles_to_mirror(self, shape: torch.Size, first: dict, slicers: list, gaussian: Any,
-                         device: torch.device, stats: WindowStats, n_combos: int) -> list[bool]:
-        """Per tile: does it get every mirrored pass? All, unless region restriction applies."""
+                         device: torch.device, stats: WindowStats) -> list[bool]:
+        """Per tile: does it get every mirrored pass (region restriction, from the first pass)?"""
         assert self.window is not None
-        if not self.window.region or n_combos == 1:
-            return [True] * len(slicers)
         sums = torch.zeros((self.label_manager.num_segmentation_heads, *shape), dtype=torch.float32, device=device)
         counts = torch.zeros(shape, dtype=torch.float32, device=device)
         for i, sl in enumerate(slicers):
@@ -282,7 +288,8 @@ class _WindowSums:
     """nnU-Net's Gaussian-weighted sums of a window, added in nnU-Net's tile order (float16 sums depend on
     the order): a mirrored tile once its last pass is in, the un-mirrored tiles before it as they come.
 
-    ``first`` holds each tile's un-mirrored pass (segmentation logits, class logits) until it is added.
+    ``first`` holds each tile's un-mirrored pass (segmentation logits, class logits) until it is added;
+    ``held`` the mirrors computed with the first pass until region restriction has chosen the tiles.
     """
 
     def __init__(self, predictor: ProgressPredictor, shape: torch.Size, slicers: list, gaussian: Any,
@@ -293,11 +300,33 @@ class _WindowSums:
                                   device=device)
         self.counts = torch.zeros(shape, dtype=torch.half, device=device)
         self.first: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self.held: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self.mirror_sums: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self.added = 0  # tiles 0 .. added-1 are in the sums
 
+    def take(self, i: int, axes: tuple[int, ...], seg: torch.Tensor, cls: list[torch.Tensor]) -> None:
+        """A pass of a stream in which every tile's first pass comes before any mirror."""
+        (self.mirrored if axes else self.first_pass)(i, axes, seg, cls)
+
     def first_pass(self, i: int, axes: tuple[int, ...], seg: torch.Tensor, cls: list[torch.Tensor]) -> None:
         self.first[i] = (seg, cls)
+
+    def hold(self, i: int, axes: tuple[int, ...], seg: torch.Tensor, cls: list[torch.Tensor]) -> None:
+        """A first pass, or a mirror computed before it is known whether its tile needs it."""
+        if axes:
+            self.held[i, axes] = (seg, cls)
+        else:
+            self.first_pass(i, axes, seg, cls)
+
+    def release(self, work: list[tuple[int, tuple[int, ...]]]) -> int:
+        """Adds the held mirrors that ``work`` (the mirrors still wanted, in order) begins with; drops the
+        others. Returns how many of ``work`` that was (held ones are a prefix of all mirrors)."""
+        done = 0
+        while done < len(work) and work[done] in self.held:
+            self.mirrored(*work[done], *self.held.pop(work[done]))
+            done += 1
+        self.held.clear()
+        return done
 
     def mirrored(self, i: int, axes: tuple[int, ...], seg: torch.Tensor, cls: list[torch.Tensor]) -> None:
         if i not in self.mirror_sums:
