@@ -48,11 +48,11 @@ def network_builder(trainer_name: str) -> Callable[..., torch.nn.Module]:
     """The trainer's ``build_network_architecture``, found without nnU-Net's search for pancseg's trainers.
 
     The search imports every trainer module nnU-Net ships before it looks at ``nnUNet_extTrainer``:
-    about 3 s of each ``pancseg predict`` on 2 cores, more than a crop's window on a GPU. Any other
+    about 2 s of each ``pancseg predict`` on 2 cores, more than a crop's window on a GPU. Any other
     trainer (a model trained by stock nnU-Net) is still found by the search.
     """
     if trainer_name == TRAINERS["multitask"]:
-        return build_multitask_network  # nnUNetTrainerMultiTask's own (tests/test_predictor_internals.py)
+        return build_multitask_network  # nnUNetTrainerMultiTask's own (pinned in tests/test_nnunet_seams.py)
     if trainer_name == TRAINERS["segmentation"]:  # nnUNetTrainerPancseg keeps nnU-Net's network
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
         return nnUNetTrainer.build_network_architecture
