@@ -166,6 +166,22 @@ def test_mirrors_filling_the_first_pass_change_nothing() -> None:
     assert all(torch.equal(answer, answers[0]) for answer in answers[1:])
 
 
+def test_early_mirrors_keep_the_case_probabilities() -> None:
+    """The multi-task network: mirrors computed with the first pass bring their class logits along."""
+    image = _image(3)
+    results = []
+    for batch in (1, 3):  # 8 tiles: a batch of 3 computes one mirror with the first pass
+        predictor = make_predictor()
+        predictor.window = WindowSettings(batch_size=batch, region=True)
+        logits = predictor.predict_sliding_window_return_logits(image)
+        results.append((logits, predictor.case_class_probabilities[-1], predictor.window_stats))
+    (one, probs_one, stats_one), (three, probs_three, stats_three) = results
+    assert stats_one.passes == stats_one.tiles + 7 * stats_one.full
+    assert stats_three.full == stats_one.full and stats_three.passes - stats_one.passes in (0, 1)
+    torch.testing.assert_close(three.float(), one.float(), atol=2e-3, rtol=0)
+    np.testing.assert_allclose(probs_three, probs_one, atol=1e-6)
+
+
 def test_two_tiles_take_two_padded_batches_of_eight() -> None:
     """A quiz-sized crop has 2 ResEnc-M tiles: its 16 passes fill 2 batches of 8 (the first pass's
     batch carries 6 mirrors), where a separate first pass would take 3."""
