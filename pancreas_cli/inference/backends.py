@@ -83,27 +83,30 @@ def _tracing_shape(network: torch.nn.Module, shape: tuple[int, ...]) -> tuple[in
     return (1, shape[1], *spatial)
 
 
+def _export(module: torch.nn.Module, names: list[str], shape: tuple[int, ...], path: Path) -> None:
+    """``module`` to ONNX at ``path``, traced on zeros of ``shape``, every axis but the channels free."""
+    import torch
+
+    free = {name: {0: "batch", **{axis: f"{name}_{axis}" for axis in range(2, len(shape))}} for name in ["x", *names]}
+    # The exporter's warnings (e.g. that instance norm uses the input's statistics, as it must) are
+    # about its own choices, not the user's data or settings.
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():  # plain tensors to trace
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(shape),), str(path), input_names=["x"], output_names=names,
+                          dynamic_axes=free, opset_version=17, dynamo=False, do_constant_folding=False)
+
+
 class RuntimeNetwork:
     """``network``'s current weights in ``backend``: called with a batch of tiles, returns the
     segmentation logits and the encoder features of stages ``skips`` (torch tensors, float32)."""
 
     def __init__(self, backend: str, network: torch.nn.Module, skips: tuple[int, ...], example: torch.Tensor,
                  threads: int) -> None:
-        import torch
-
         self.backend = backend
-        module = _exported(network, skips)
         names = ["seg", *(f"skip{i}" for i in skips)]
         with tempfile.TemporaryDirectory(prefix="pancseg-onnx-") as folder:
             path = Path(folder) / "network.onnx"
-            # The exporter's warnings (e.g. that instance norm uses the input's statistics, as it must) are
-            # about its own choices, not the user's data or settings.
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(module, (torch.zeros(_tracing_shape(network, example.shape)),), str(path),
-                                  input_names=["x"], output_names=names, opset_version=17, dynamo=False,
-                                  dynamic_axes={name: {0: "batch", **{axis: f"{name}_{axis}" for axis in (2, 3, 4)}}
-                                                for name in ["x", *names]}, do_constant_folding=False)
+            _export(_exported(network, skips), names, _tracing_shape(network, example.shape), path)
             tile = tuple(example.shape[1:])
             self._run = _onnxruntime(path, threads) if backend == "onnxruntime" else _openvino(path, threads, tile)
 
@@ -132,9 +135,8 @@ def _openvino(path: Path, threads: int, tile: tuple[int, ...]) -> Any:
     core = ov.Core()
     model = core.read_model(str(path))
     model.reshape({model.inputs[0]: ov.PartialShape([-1, *tile])})  # static tiles: the CPU plugin's fast path
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                          "INFERENCE_PRECISION_HINT": "f32",
-                                                          "PERFORMANCE_HINT": "LATENCY"})
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
+                                                 "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
 
     def run(x: np.ndarray) -> list[np.ndarray]:
