@@ -52,6 +52,7 @@ def read_checkpoint(path: Path, *, trust: bool = False, map_location: Any = "cpu
     file when it is damaged or lacks a ``required`` key, :class:`UntrustedCheckpointError` when it
     holds more than nnU-Net checkpoints do. ``mmap``: tensors are mapped, not read (for a field)."""
     _check_file(path, zip_only=not trust)
+    mmap = mmap and zipfile.is_zipfile(path)  # torch maps only its zip format (a trusted file may be older)
     import torch
 
     try:

