@@ -157,7 +157,7 @@ def test_mirrors_filling_the_first_pass_change_nothing() -> None:
     leaves un-mirrored do not take them, so any batch size gives batch one's answer."""
     image = phantom()
     answers, early = [], []
-    for batch in (1, 4, 8):  # 175 tiles: 0, 1 and 1 mirrors computed early
+    for batch in (1, 4, 8):  # 175 tiles: 0, 1 and 1 mirrors of tile 0 computed early, not kept (tile 0 is air)
         predictor = phantom_predictor(WindowSettings(batch_size=batch, region=True, margin_mm=0.0))
         answers.append(predictor.predict_sliding_window_return_logits(image))
         stats = predictor.window_stats
