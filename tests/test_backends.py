@@ -57,6 +57,14 @@ def test_a_runtime_gives_torchs_logits_and_features(backend: str, strides: list,
     assert all(torch.allclose(s, f, atol=1e-3) for s, f in zip(skips, (features[1], features[2])))
 
 
+def test_tracing_shapes() -> None:
+    """Twice the total stride per axis, at most the tile; a whole tile for an encoder without strides."""
+    assert backends._tracing_shape(_network([[1, 1, 1], [1, 2, 2], [2, 2, 2]]), (2, 1, 2, 64, 32)) == (1, 1, 2, 8, 8)
+    foreign = torch.nn.Module()
+    foreign.encoder = torch.nn.Identity()
+    assert backends._tracing_shape(foreign, (2, 1, 16, 32, 32)) == (1, 1, 16, 32, 32)
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_a_missing_runtime_is_named_with_its_install_command(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
