@@ -431,7 +431,8 @@ def _print_prediction(result: Any, json_: bool) -> None:
     else:
         speed = result.cases_per_minute()
         output.result((f"part {result.part}: " if result.part else "") + f"{result.count('predicted')} predicted"
-                      + (f" in {result.seconds:.1f}s ({speed:.1f} cases/min)" if speed else "")
+                      + (f" in {result.seconds:.1f}s ({speed:.1f} cases/min; the model loaded in "
+                         f"{result.load_seconds:.1f}s before)" if speed else "")
                       + f", {result.count('skipped')} skipped (already done), "
                       f"{len(result.failed)} failed -> {result.out_dir}"
                       + (f"; subtypes: {result.subtype_csv}" if result.subtype_csv else ""))

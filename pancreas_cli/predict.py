@@ -107,6 +107,7 @@ class PredictResult:
     subtype_csv: Path | None = None
     engine: str = "pancseg"
     seconds: float = 0.0  # wall time of the cases predicted (model loading excluded)
+    load_seconds: float = 0.0  # loading the model (nnU-Net's imports, the network, the checkpoints)
     summaries: dict[str, Path] = field(default_factory=dict)  # statistics.csv, preview/index.html
     part: str | None = None  # "I/N" of ``predict --part``; None: every case
 
@@ -129,6 +130,7 @@ class PredictResult:
             "subtype_csv": str(self.subtype_csv.resolve()) if self.subtype_csv else None,
             "log_file": str(self.log_file) if self.log_file else None,
             "engine": self.engine, "seconds": round(self.seconds, 3), "cases_per_minute": self.cases_per_minute(),
+            "load_seconds": round(self.load_seconds, 3),
             "summaries": {name: str(path.resolve()) for name, path in self.summaries.items()},
             "part": self.part,
             "cases": [{"case": o.case, "status": o.status, "seconds": round(o.seconds, 3), "subtype": o.subtype,
@@ -638,8 +640,10 @@ def _predict_cases(config: Config, result: PredictResult, todo: list[InputCase],
     with redirect_output(log_file) as terminal, \
             tempfile.TemporaryDirectory(dir=out_dir, prefix=partial_name()) as scratch:
         try:
+            loading = time.perf_counter()
             predictor = _load_model(config, result.model_dir, result.folds, stamp["checkpoint"], device,
                                     stamp["mirroring"], trust_model)
+            result.load_seconds = time.perf_counter() - loading
         except (RuntimeError, ValueError, OSError, KeyError) as exc:
             raise PredictError(f"cannot load the model in {result.model_dir}: {type(exc).__name__}: {exc}; "
                                f"nnU-Net log: {log_file} (`pancseg doctor` checks torch and torchvision)") from exc
@@ -885,7 +889,7 @@ def predict_on_devices(config: Config, devices: list[str], *, reporter: CaseRepo
     first = results[0]
     merged = PredictResult(first.out_dir, first.model_dir, first.folds, ",".join(devices), first.log_file,
                            subtype_csv=first.subtype_csv, engine=first.engine,
-                           seconds=max(r.seconds for r in results))
+                           seconds=max(r.seconds for r in results), load_seconds=max(r.load_seconds for r in results))
     merged.outcomes = sorted((o for r in results for o in r.outcomes), key=lambda o: o.case)
     return merged
 

@@ -331,13 +331,15 @@ def test_engines_agree_and_the_summary_says_how_fast(trained_project: Path, runn
     mirrored = ("--set", "predict.mirroring=true")
     ours = _predict(runner, trained_project, source, tmp_path / "ours", *mirrored)
     assert ours.exit_code == 0, ours.output
-    assert re.search(r"2 predicted in [\d.]+s \([\d.]+ cases/min\)", ours.stdout)
+    assert re.search(r"2 predicted in [\d.]+s \([\d.]+ cases/min; the model loaded in [\d.]+s before\)",
+                     ours.stdout), ours.stdout
     assert re.search(r"\] \S+ [\d.]+s \(read [\d.]+s, network [\d.]+s, export [\d.]+s\); \d+/\d+ tiles mirrored",
                      ours.stderr), ours.stderr
     reference = _predict(runner, trained_project, source, tmp_path / "ref", *mirrored, "--set",
                          "predict.engine=nnunet", "--json")
     assert reference.exit_code == 0, reference.output
     assert json.loads(reference.stdout)["engine"] == "nnunet"
+    assert json.loads(reference.stdout)["load_seconds"] > 0  # reported apart from the cases' time
     for mask in sorted((tmp_path / "ref").glob("*.nii.gz")):
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(mask)))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ours" / mask.name)))
