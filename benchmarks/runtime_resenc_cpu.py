@@ -1,4 +1,5 @@
-"""The window on the CPU with ResEnc-M plans: torch against the optional inference runtimes.
+"""The window on the CPU with ResEnc-M plans: torch against the optional inference runtimes (and
+torch.compile, ``--compile``).
 
 ``predict_speed.py --backends`` times the runtimes with a trained model; training ResEnc-M on a
 CPU takes days, so this builds the multi-task network of a preprocessed dataset's ResEnc-M plans
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--configuration", default="3d_fullres")
     parser.add_argument("--backends", default="openvino,onnxruntime")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also torch with predict.compile (inductor)")
     parser.add_argument("--out", type=Path, help="write the results here (JSON)")
     args = parser.parse_args()
     from pancreas_cli.multitask.predictor import WindowSettings
@@ -63,16 +65,20 @@ def main() -> None:
     x = torch.from_numpy(data)
     variants = {name: WindowSettings(batch_size=2, region=False, keep_on_device=True, backend=name)
                 for name in ["torch", *filter(None, args.backends.split(","))]}
+    if args.compile:  # its first round compiles
+        variants["torch+compile"] = WindowSettings(batch_size=2, region=False, keep_on_device=True, compile=True)
+    forwards: dict[str, object] = {}  # per variant: its forward function, compiled once for torch+compile
     times: dict[str, list[float]] = {name: [] for name in variants}
     argmax: dict[str, torch.Tensor] = {}
     runtimes: dict[str, dict] = {}
     for round_ in range(args.rounds):
         for name in variants if round_ % 2 == 0 else reversed(variants):
-            predictor.window, predictor._batch_forward = variants[name], None
+            predictor.window, predictor._batch_forward = variants[name], forwards.get(name)
             predictor._runtimes = runtimes.setdefault(name, {})  # exported once, as in one predict command
             start = time.perf_counter()
             logits = predictor.predict_logits_from_preprocessed_data(x)
             times[name].append(time.perf_counter() - start)
+            forwards[name] = predictor._batch_forward
             argmax[name] = logits.argmax(0)
             print(f"round {round_}: {name} {times[name][-1]:.1f}s ({predictor.window_stats.describe()})",
                   file=sys.stderr, flush=True)
