@@ -51,8 +51,7 @@ def read_checkpoint(path: Path, *, trust: bool = False, map_location: Any = "cpu
     """The checkpoint at ``path``, read safely unless ``trust``; :class:`CheckpointError` naming the
     file when it is damaged or lacks a ``required`` key, :class:`UntrustedCheckpointError` when it
     holds more than nnU-Net checkpoints do. ``mmap``: tensors are mapped, not read (for a field)."""
-    _check_file(path, zip_only=not trust)
-    mmap = mmap and zipfile.is_zipfile(path)  # torch maps only its zip format (a trusted file may be older)
+    mmap = _check_file(path, zip_only=not trust) and mmap  # torch maps only its zip format (trusted: maybe older)
     import torch
 
     try:
@@ -78,9 +77,9 @@ def read_checkpoint(path: Path, *, trust: bool = False, map_location: Any = "cpu
     return data
 
 
-def _check_file(path: Path, *, zip_only: bool) -> None:
+def _check_file(path: Path, *, zip_only: bool) -> bool:
     """Refuse what is not a checkpoint before torch reads it (torch's errors say neither which file
-    nor why: an empty file ended a command with a bare ``Aborted!``)."""
+    nor why: an empty file ended a command with a bare ``Aborted!``); whether it is in torch's zip format."""
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     with path.open("rb") as fh:
@@ -90,9 +89,11 @@ def _check_file(path: Path, *, zip_only: bool) -> None:
     if head == LFS_POINTER:
         raise CheckpointError(f"{path}: cannot read this checkpoint: it is a Git LFS pointer, not the model file; "
                               "run `git lfs pull` in the repository it came from")
-    if zip_only and not zipfile.is_zipfile(path):
+    is_zip = zipfile.is_zipfile(path)
+    if zip_only and not is_zip:
         raise CheckpointError(f"{path}: cannot read this checkpoint: it is not a PyTorch checkpoint, or it is damaged "
                               "or cut short (no zip directory as torch.save writes)")
+    return is_zip
 
 
 def _damaged(path: Path, exc: BaseException) -> CheckpointError:

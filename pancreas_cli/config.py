@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from pancreas_cli.exceptions import ConfigError, OverrideSyntaxError
+from pancreas_cli.inference.backends import BACKENDS
 from pancreas_cli.multitask.settings import TrainingSettings
 from pancreas_cli.layout import PREPROCESSED_DIR, RAW_DIR, RESULTS_DIR
 
@@ -186,7 +187,7 @@ class PredictConfig(_Section):
     region: bool = True
     region_margin_mm: float = Field(15.0, ge=0)
     compile: bool = False
-    backend: Literal["torch", "onnxruntime", "openvino"] = "torch"
+    backend: Literal[tuple(BACKENDS)] = "torch"  # type: ignore[valid-type]  # the runtimes' names: one owner
 
     @model_validator(mode="after")
     def _backend_of_pancseg_engine(self) -> PredictConfig:

@@ -36,6 +36,7 @@ OWNED_NAMES = {
     "SIDECAR_DIR": "records", "PER_CASE_COLUMNS": "evaluation", "CT_WINDOW": "figures",
     "PROBABILITIES_DIR": "outputs.probabilities", "STATISTICS_DIR": "outputs.statistics",
     "STATISTICS_NAME": "outputs.statistics", "PREVIEW_DIR": "outputs.preview", "DICOM_SEG_DIR": "outputs.dicomseg",
+    "BACKENDS": "inference.backends",
 }
 #: File names that stages hand to each other, and the one module that may spell them out.
 OWNED_STRINGS = {
